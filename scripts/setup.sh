@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh checkout: kttune in .venv (with test extras) and the real
+# sglang bench_serving client in .venv-bench (scripts/bench-venv.sh). Safe to re-run.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+python="${PYTHON:-python3}"
+if [[ ! -x .venv/bin/python ]]; then
+    "$python" -m venv .venv
+fi
+if ! .venv/bin/python -c 'import tuner, optuna, pytest, tokenizers' >/dev/null 2>&1; then
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e '.[test]'
+fi
+bash scripts/bench-venv.sh .venv-bench

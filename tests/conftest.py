@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spaces name paths relative to the repository root, as a user running from it would."""
+    monkeypatch.chdir(REPO)
+
+
+def bench_python() -> Path | None:
+    p = REPO / ".venv-bench" / "bin" / "python"
+    return p if p.exists() else None
+
+
+requires_bench_client = pytest.mark.skipif(
+    bench_python() is None and not os.environ.get("CI"),
+    reason="bench client venv missing: run scripts/setup.sh",
+)

@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from tuner.errors import ConfigError
+from tuner.space import load_space, parse_space
+
+SIM = Path("search_spaces/sim-kimi-k2-thinking-8xl20.yaml")
+KIMI = Path("search_spaces/kimi-k2-thinking-8xl20.yaml")
+
+
+def raw(path: Path = SIM) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def parse(data: dict):
+    return parse_space(data, check_paths=False)
+
+
+def test_shipped_spaces_load_with_the_five_knobs_and_seed_baseline() -> None:
+    for path in (SIM, KIMI):
+        space = load_space(path, check_paths=False)
+        assert [p.flag for p in space.params] == ["kt-num-gpu-experts", "kt-cpuinfer", "kt-threadpool-count",
+                                                  "chunked-prefill-size", "max-running-requests"]
+        assert space.baseline == {"kt-num-gpu-experts": 200, "kt-cpuinfer": 56, "kt-threadpool-count": 2,
+                                  "chunked-prefill-size": 4096, "max-running-requests": 37}
+        assert [(w.name, w.num_prompts, w.input_len, w.output_len) for w in space.workloads] == [
+            ("prefill", 37, 1024, 1), ("decode", 37, 10, 512)]
+        assert [o.key for o in space.objectives] == ["decode.output_throughput"]
+        assert space.server.host == "127.0.0.1"
+
+
+def test_distributions_follow_ranges_steps_and_choices() -> None:
+    d = load_space(SIM, check_paths=False).distributions()
+    assert d["kt-num-gpu-experts"] == optuna.distributions.IntDistribution(0, 240, step=8)
+    assert d["kt-threadpool-count"] == optuna.distributions.CategoricalDistribution((1, 2))
+
+
+def test_defaults_when_workloads_and_objective_are_omitted() -> None:
+    data = raw()
+    del data["workloads"], data["objective"]
+    space = parse(data)
+    assert {w.name for w in space.workloads} == {"prefill", "decode"}
+    assert space.directions == ["maximize"]
+
+
+def test_multi_objective_directions() -> None:
+    data = raw()
+    data["objective"] = [{"workload": "decode", "metric": "output_throughput"},
+                         {"workload": "prefill", "metric": "input_throughput"}]
+    assert parse(data).directions == ["maximize", "maximize"]
+
+
+def test_launch_flags_substitute_tuned_values() -> None:
+    space = load_space(SIM, check_paths=False)
+    flags = space.launch_flags({"kt-num-gpu-experts": 96})
+    assert flags["kt-num-gpu-experts"] == 96 and flags["tensor-parallel-size"] == 8
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d["params"].update({"kt-cpuinfer": {"low": 64, "high": 16}}), "params.kt-cpuinfer"),
+    (lambda d: d["params"]["kt-cpuinfer"].update({"hgh": 3}), "params.kt-cpuinfer.hgh"),
+    (lambda d: d["params"].update({"kt-cpuinfer": {"low": "a", "high": 16}}), "params.kt-cpuinfer.low"),
+    (lambda d: d["params"].update({"kt_cpuinfer": {"low": 1, "high": 16}}), "params"),
+    (lambda d: d["params"].update({"port": {"low": 1, "high": 16}}), "params.port"),
+    (lambda d: d["params"].update({"kt-threadpool-count": {"choices": []}}), "params.kt-threadpool-count.choices"),
+    (lambda d: d["params"].update({"kt-num-gpu-experts": {"low": 0, "high": 10, "step": 3}}), "params.kt-num-gpu-experts"),
+    (lambda d: d.update({"extra": 1}), "space.extra"),
+    (lambda d: d.pop("params"), "space.params"),
+    (lambda d: d["server"]["args"].pop("model-path"), "server.args.model-path"),
+    (lambda d: d["workloads"]["decode"].update({"num_prompts": 0}), "workloads.decode.num_prompts"),
+    (lambda d: d["objective"][0].update({"workload": "nope"}), "objective[0].workload"),
+    (lambda d: d["objective"][0].update({"direction": "up"}), "objective[0].direction"),
+    (lambda d: d["baseline"].update({"kt-cpuinfer": 999}), "baseline.kt-cpuinfer"),
+    (lambda d: d["baseline"].pop("kt-cpuinfer"), "baseline"),
+    (lambda d: d["server"].update({"python": "/nonexistent/python"}), "server.python"),
+    (lambda d: d["server"].update({"port": 70000}), "server.port"),
+])
+def test_bad_input_names_the_field(mutate, field: str) -> None:
+    data = copy.deepcopy(raw())
+    mutate(data)
+    with pytest.raises(ConfigError) as err:
+        parse_space(data, check_paths=field == "server.python")
+    msg = str(err.value)
+    assert msg.startswith(field), msg
+    assert "\n" not in msg and ";" in msg  # one line: problem; fix
+
+
+def test_missing_model_path_on_disk_is_refused() -> None:
+    data = raw()
+    data["server"]["args"]["model-path"] = "/nonexistent/model"
+    with pytest.raises(ConfigError, match="server.args.model-path"):
+        parse_space(data, check_paths=True)
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_space(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_space(bad)

@@ -1,0 +1,4 @@
+"""kttune: an Optuna-driven configuration tuner for SGLang + KTransformers servers."""
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,154 @@
+"""Run `sglang.bench_serving` as a subprocess and parse the JSON line it appends.
+
+kttune never imports bench_serving: it runs under the configured interpreter (often another
+venv), writes into a fresh per-trial output file, and the last JSON line is the result.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuner.errors import BenchmarkError
+from tuner.server.argv import flag_args
+from tuner.space import BenchSpec, Workload
+
+RESULT_SCHEMA_VERSION = 1
+# Keys whose value is a rate (per second) or a time; used to undo a simulator's time scale.
+_RATE_SUFFIXES = ("_throughput", "_per_s")
+_TIME_KEYS = ("duration",)
+_TIME_SUFFIXES = ("_ms",)
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    workload: str
+    metrics: dict[str, float]
+    output_file: Path
+    wall_s: float
+    completed: int
+    requested: int
+    schema_version: int = RESULT_SCHEMA_VERSION
+
+
+def build_bench_argv(bench: BenchSpec, w: Workload, *, host: str, port: int, output_file: Path,
+                     tokenizer: str | None) -> list[str]:
+    argv = [bench.python, "-m", bench.module, "--backend", bench.backend, "--host", host,
+            "--port", str(port), "--dataset-name", w.dataset_name, "--num-prompts", str(w.num_prompts),
+            "--random-input-len", str(w.input_len), "--random-output-len", str(w.output_len),
+            "--random-range-ratio", str(w.range_ratio), "--seed", str(bench.seed),
+            "--output-file", str(output_file)]
+    if bench.dataset_path:
+        argv += ["--dataset-path", bench.dataset_path]
+    if tokenizer:
+        argv += ["--tokenizer", tokenizer]
+    if bench.model:
+        argv += ["--model", bench.model]
+    if w.max_concurrency:
+        argv += ["--max-concurrency", str(w.max_concurrency)]
+    if w.request_rate:
+        argv += ["--request-rate", str(w.request_rate)]
+    return argv + flag_args(w.extra_args)
+
+
+def rescale_metrics(raw: Mapping[str, Any], time_scale: float) -> dict[str, float]:
+    """Numeric metrics of one JSON line; with a time-scaled server, rates are multiplied by
+    the scale and durations divided by it, so figures read in real-hardware units."""
+    out: dict[str, float] = {}
+    for key, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        v = float(value)
+        if time_scale != 1.0:
+            if key.endswith(_RATE_SUFFIXES):
+                v *= time_scale
+            elif key in _TIME_KEYS or key.endswith(_TIME_SUFFIXES):
+                v /= time_scale
+        out[key] = v
+    return out
+
+
+def read_last_result(path: Path, *, lines_before: int = 0) -> dict[str, Any] | None:
+    """The last JSON line appended after `lines_before` lines, or None if none was written."""
+    if not path.exists():
+        return None
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    for line in reversed(lines[lines_before:]):
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict):
+            return data
+    return None
+
+
+def _tail(path: Path, n: int = 3) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])[-400:]
+
+
+def run_workload(bench: BenchSpec, w: Workload, *, host: str, port: int, trial_dir: Path,
+                 tokenizer: str | None, server_alive: Callable[[], bool] | None = None,
+                 poll_s: float = 0.5) -> BenchResult:
+    """Run one workload; raise BenchmarkError(reason=...) when no usable line is written."""
+    output_file = trial_dir / f"bench-{w.name}.jsonl"
+    log_file = trial_dir / f"bench-{w.name}.log"
+    before = len([ln for ln in output_file.read_text().splitlines() if ln.strip()]) if output_file.exists() else 0
+    argv = build_bench_argv(bench, w, host=host, port=port, output_file=output_file, tokenizer=tokenizer)
+    (trial_dir / f"bench-{w.name}.argv.json").write_text(json.dumps(argv, indent=1))
+    env = {**os.environ, **bench.env}
+    started = time.monotonic()
+    with open(log_file, "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+        try:
+            reason = _watch(proc, bench.timeout_s, server_alive, poll_s)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    wall = time.monotonic() - started
+    if reason == "server_died":
+        raise BenchmarkError(f"server died during workload {w.name}: {_tail(log_file)}", reason="server_died")
+    if reason == "bench_timeout":
+        raise BenchmarkError(f"workload {w.name} ran past bench.timeout_s={bench.timeout_s:g}", reason="bench_timeout")
+    raw = read_last_result(output_file, lines_before=before)
+    if raw is None:
+        raise BenchmarkError(f"bench_serving wrote no result for {w.name} (rc={proc.returncode}): {_tail(log_file)}",
+                             reason="bench_no_result")
+    completed = int(raw.get("completed", 0) or 0)
+    metrics = rescale_metrics(raw, bench.time_scale)
+    result = BenchResult(workload=w.name, metrics=metrics, output_file=output_file, wall_s=wall,
+                         completed=completed, requested=w.num_prompts)
+    if completed < w.num_prompts:
+        raise BenchmarkError(f"workload {w.name} completed {completed} of {w.num_prompts} requests",
+                             reason="bench_incomplete")
+    return result
+
+
+def _watch(proc: subprocess.Popen[bytes], timeout_s: float, server_alive: Callable[[], bool] | None,
+           poll_s: float) -> str | None:
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            return "bench_timeout"
+        if server_alive is not None and not server_alive():
+            # Give the client a moment to write its line for what already finished.
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+            return "server_died"
+        time.sleep(poll_s)
+    return None

@@ -1,0 +1,132 @@
+"""`kttune` command line: parse, build the config, call one library function.
+
+Exit codes: 0 ok, 1 a fault while running, 2 bad input (one line, no traceback), 130 stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tuner.errors import ConfigError, KttuneError
+
+DEFAULT_SPACE = "search_spaces/sim-kimi-k2-thinking-8xl20.yaml"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        self.exit(2, f"kttune: error: {message} (see kttune {self.prog.split()[-1]} --help)\n")
+
+
+def _add_study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", default=DEFAULT_SPACE, help="search-space YAML (default: %(default)s)")
+    p.add_argument("--study", help="study name (default: the space's name)")
+    p.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db)")
+    p.add_argument("--studies-dir", default="studies", help="where trial folders and default databases go")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kttune", description="Tune SGLang + KTransformers launch flags with Optuna.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run (or resume) a study until --budget launches are done")
+    _add_study_args(run)
+    run.add_argument("--budget", type=int, default=20, help="server launches in total (default: %(default)s)")
+    run.add_argument("--seed", type=int, default=None, help="sampler seed")
+    run.add_argument("--dry-run", action="store_true", help="print the argv of the trials; launch nothing")
+    run.add_argument("--no-feasibility", action="store_true", help="launch even configs predicted not to fit")
+    best = sub.add_parser("best", help="show the best trial (the Pareto front for several objectives)")
+    _add_study_args(best)
+    exp = sub.add_parser("export", help="write a trial as a YAML profile for sglang.launch_server --config")
+    _add_study_args(exp)
+    exp.add_argument("--out", required=True, help="output .yaml file")
+    exp.add_argument("--trial", type=int, help="trial number (default: the best)")
+    dash = sub.add_parser("dashboard", help="serve optuna-dashboard on the study's storage")
+    _add_study_args(dash)
+    dash.add_argument("--host", default="127.0.0.1")
+    dash.add_argument("--port", type=int, default=8080)
+    return parser
+
+
+def _resolve(args: argparse.Namespace, *, check_paths: bool = True):  # type: ignore[no-untyped-def]
+    from tuner.space import load_space
+    from tuner.study import default_storage
+
+    space = load_space(args.space, check_paths=check_paths)
+    study_name = args.study or space.name
+    storage = args.storage or default_storage(study_name, Path(args.studies_dir))
+    return space, study_name, storage
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tuner.tuning import RunOptions, dry_run, run_study
+
+    if args.budget < 1:
+        raise ConfigError(f"--budget: must be ≥ 1, got {args.budget}")
+    space, study_name, storage = _resolve(args)
+    if args.dry_run:
+        dry_run(space, budget=args.budget, seed=args.seed)
+        return 0
+    opts = RunOptions(study_name=study_name, storage=storage, budget=args.budget, seed=args.seed,
+                      studies_dir=Path(args.studies_dir), check_feasibility=not args.no_feasibility)
+    summary = run_study(space, opts)
+    print(f"study {study_name}: {summary.launched}/{summary.budget} launches done ({storage})")
+    if summary.stopped_reason:
+        print(f"stopped early: {summary.stopped_reason}", file=sys.stderr)
+        return 1
+    from tuner.report import print_best
+    print_best(space, study_name, storage)
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from tuner.report import print_best
+
+    space, study_name, storage = _resolve(args, check_paths=False)
+    return 0 if print_best(space, study_name, storage) else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tuner.report import export_profile
+
+    space, study_name, storage = _resolve(args, check_paths=False)
+    path = export_profile(space, study_name, storage, Path(args.out), trial_number=args.trial)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import optuna_dashboard
+
+    _space, study_name, storage = _resolve(args, check_paths=False)
+    print(f"optuna-dashboard on http://{args.host}:{args.port} (study {study_name}, {storage})")
+    optuna_dashboard.run_server(storage, host=args.host, port=args.port)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "best": cmd_best, "export": cmd_export, "dashboard": cmd_dashboard}
+
+
+def _sigterm_as_interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"kttune: error: {exc}", file=sys.stderr)
+        return 2
+    except KttuneError as exc:
+        print(f"kttune: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kttune: stopped; the running trial was marked interrupted and its server torn down", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

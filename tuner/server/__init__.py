@@ -1,0 +1,54 @@
+"""Server process management: launch, readiness, log classification, teardown."""
+from __future__ import annotations
+
+from tuner.server.launch import (
+    PID_FILE_NAME,
+    TOKEN_ENV,
+    ServerHandle,
+    client_host,
+    find_free_port,
+    port_is_free,
+    start_server,
+)
+from tuner.server.logscan import (
+    ABORT_REASONS,
+    FATAL_REASONS,
+    HTTP_UP_MARKERS,
+    OOM_REASONS,
+    READY_LINE,
+    WARNING_REASONS,
+    FailureMatch,
+    classify_failure,
+    find_failures,
+    first_failure,
+    parse_memory_lines,
+)
+from tuner.server.readiness import is_alive, wait_ready
+from tuner.server.teardown import GpuMonitor, TeardownReport, kill_orphan, stop_server
+
+__all__ = [
+    "ABORT_REASONS",
+    "FATAL_REASONS",
+    "HTTP_UP_MARKERS",
+    "OOM_REASONS",
+    "PID_FILE_NAME",
+    "READY_LINE",
+    "TOKEN_ENV",
+    "WARNING_REASONS",
+    "FailureMatch",
+    "GpuMonitor",
+    "ServerHandle",
+    "TeardownReport",
+    "classify_failure",
+    "client_host",
+    "find_failures",
+    "find_free_port",
+    "first_failure",
+    "is_alive",
+    "kill_orphan",
+    "parse_memory_lines",
+    "port_is_free",
+    "start_server",
+    "stop_server",
+    "wait_ready",
+]

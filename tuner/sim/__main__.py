@@ -1,0 +1,345 @@
+"""`python -m tuner.sim [launch_server flags]`: a simulated `python -m sglang.launch_server`.
+
+Start-up replays the real order (facts §4.1, §6): server_args line, scheduler child
+`sglang::scheduler_TP0`, weight loading (simulated time), KV / graph / summary lines, then
+uvicorn start, bind, warmup, `The server is fired up and ready to roll!`. Failures print the
+real text and end the way the real launcher does:
+
+| what | exit |
+|---|---|
+| usage error (unrecognized `--kt-amx-*`, bad value) | 2 |
+| scheduler exception at start (CUDA OOM, Not enough memory, graph capture, bad KT args) | -9 (SIGKILL of itself) |
+| native scheduler crash at start (`Rank 0 scheduler is dead`) | 1 |
+| HTTP bind failure | -9 after the warmup poll gives up (120 s x time scale); 1 if another server answers |
+| warmup failure, runtime failure (OOM mid-run, crash_after) | -9 |
+| SIGTERM before warmup / after warmup | -15 / graceful drain, then -9 |
+| SIGINT while serving | 0 |
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+from tuner.sim.args import PROG, ConfigFileError, SimArgs, UsageError, format_server_args, parse_args
+from tuner.sim.server import Log, ProcessTree, ServerInfo, SimServer
+
+_CHILD_FLAG = "--sim-child-of"
+_WARMUP_POLLS = 120
+_CHILD_CODE = """
+import os, signal, sys, time
+ppid, name = int(sys.argv[1]), sys.argv[2]
+try:
+    import setproctitle
+    setproctitle.setproctitle(name)
+except Exception:
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)
+    except Exception:
+        pass
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+while os.getppid() == ppid:
+    time.sleep(0.5)
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+    except UsageError as exc:
+        sys.stderr.write(f"{exc.usage}{PROG}: error: {exc}\n")
+        return 2
+    except ConfigFileError as exc:
+        sys.stderr.write(f"Traceback (most recent call last):\n  File \"{PROG}\", line 1, in <module>\n"
+                         f"ValueError: {exc}\n")
+        return 1
+    return asyncio.run(_Launcher(args).run())
+
+
+class _Launcher:
+    def __init__(self, args: SimArgs) -> None:
+        self.args = args
+        self.log = Log()
+        self.tree = ProcessTree()
+        self.scale = args.sim.time_scale
+        self.faults = args.sim.faults
+        self.seed = args.sim.seed if args.sim.seed is not None else random.SystemRandom().randrange(2**31)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds) * self.scale)
+
+    async def run(self) -> int:
+        from tuner.errors import ConfigError
+        from tuner.sim.args import to_sim_config
+        from tuner.sim.perfmodel import resolve, startup_check
+        from tuner.sim.scenario import load_scenario
+
+        a, log = self.args, self.log
+        try:
+            scn = load_scenario(a.sim.scenario)
+        except ConfigError as exc:
+            log(f"ERROR: simulator scenario: {exc}")
+            return 1
+        cfg = to_sim_config(a)
+        server = dict(a.server)
+        if a.unknown:
+            log(f"WARNING: unrecognized arguments ignored by this server version: {' '.join(a.unknown)}")
+        if a.kt_enabled and not server["disable_shared_experts_fusion"]:
+            server["disable_shared_experts_fusion"] = True
+            log("KTransformers EP is enabled. --disable-shared-experts-fusion is automatically set "
+                "to prevent shared experts from being offloaded to CPU.")
+        if server["attention_backend"] is None:
+            server["attention_backend"] = "flashinfer" if scn.model.attention == "mla" else "fa3"
+            log(f"Attention backend not specified. Use {server['attention_backend']} backend by default.")
+        try:
+            rc = resolve(scn, cfg)
+            server.update(chunked_prefill_size=rc.chunk if rc.chunk > 0 else server["chunked_prefill_size"],
+                          mem_fraction_static=rc.mfs, cuda_graph_max_bs=rc.graph_max_bs or server["cuda_graph_max_bs"])
+        except Exception:  # noqa: BLE001 - invalid combos are reported by startup_check below
+            pass
+        server.update(tokenizer_path=a.tokenizer_path, served_model_name=a.served_model_name,
+                      random_seed=server["random_seed"] if server["random_seed"] is not None else self.seed % 10**9)
+        log(format_server_args(server))
+
+        tokenizer = self._load_tokenizer()
+        if tokenizer is None:
+            return 1
+        self._spawn_children()
+        noisy = a.sim.noise > 0
+        startup = startup_check(scn, cfg, fuzz_seed=self.seed if noisy else None)
+        return await self._load_and_serve(scn, cfg, server, startup, tokenizer)
+
+    # ----------------------------------------------------------------- pieces
+
+    def _load_tokenizer(self) -> Any:
+        from pathlib import Path
+
+        from tuner.sim import offline
+
+        path = Path(self.args.tokenizer_path)
+        local = path if (path / "tokenizer.json").is_file() or path.name == "tokenizer.json" else None
+        try:
+            return offline.load_tokenizer(local)
+        except Exception as exc:  # noqa: BLE001 - shown like the real tokenizer load failure
+            self.log(f"ERROR: could not load the tokenizer: {type(exc).__name__}: {exc}")
+            return None
+
+    def _spawn_children(self) -> None:
+        for name in ("sglang::scheduler_TP0", "sglang::detokenizer"):
+            self.tree.children.append(subprocess.Popen(
+                [sys.executable, "-c", _CHILD_CODE, str(os.getpid()), name],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True,
+            ))
+
+    async def _load_and_serve(self, scn: Any, cfg: Any, server: dict[str, Any], st: Any, tokenizer: Any) -> int:
+        log, m = self.log, scn.model
+        if st.stage == "args":
+            for line in st.error_lines:
+                log(line)
+            self.tree.kill_children()
+            return 1
+        mem = st.mem_per_gpu_gb
+        f0 = mem.get("capacity", scn.gpu.visible_memory_gib) - mem.get("context", 0.5)
+        load_s = st.load_time_s or _load_time(scn, mem, cfg)
+        await self.sleep(2.0)
+        log("Init torch distributed begin.", tp=0)
+        await self.sleep(1.0)
+        log(f"Init torch distributed ends. elapsed={1.0 * self.scale:.2f} s, mem usage=0.09 GB", tp=0)
+        log(f"Load weight begin. avail mem={f0:.2f} GB", tp=0)
+        lines = list(st.log_lines)
+        while lines and not lines[0].startswith("Load weight end"):
+            if lines[0].startswith(("Using kt_", "Either kt_")) or not st.ok or True:
+                log(lines.pop(0), tp=0)
+        if self.faults.hang_at_start:
+            await asyncio.Event().wait()
+        if self.faults.crash_at_start:
+            await self.sleep(0.3 * load_s)
+            return self._native_crash()
+        await self.sleep(load_s + self.faults.slow_start_s if st.ok or st.stage != "cpu" else 1.0)
+        for line in lines:
+            if line.startswith("Capture cuda graph end"):
+                found = re.search(r"Time elapsed: ([0-9.]+) s", line)
+                await self.sleep(float(found.group(1)) if found else 5.0)
+            log(line, tp=0)
+        if not st.ok:
+            if any(e.startswith("Rank 0 scheduler is dead") for e in st.error_lines):
+                return self._native_crash(st.error_lines)
+            if st.stage != "warmup":
+                return self._scheduler_exception(st.error_lines)
+        if self.tree.dead_child() is not None:
+            return self._native_crash()
+        from tuner.sim.engine import Engine
+
+        engine = Engine(scn, cfg, noise_sigma=self.args.sim.noise, seed=self.seed) if st.ok else None
+        info = ServerInfo(
+            server_args=server,
+            served_model_name=self.args.served_model_name,
+            tokenizer_path=self.args.tokenizer_path,
+            context_len=(st.config.context_len if st.config else m.context_len),
+            max_total_num_tokens=st.kv_tokens,
+            memory_usage={"weight": round(mem.get("weights", 0.0), 2), "kvcache": round(mem.get("kv", 0.0), 2),
+                          "token_capacity": int(st.kv_tokens), "graph": round(mem.get("graphs", 0.0), 2)},
+            model_type=None,
+            architectures=(),
+        )
+        return await self._serve(engine, info, tokenizer, st)
+
+    async def _serve(self, engine: Any, info: ServerInfo, tokenizer: Any, st: Any) -> int:
+        from aiohttp import web
+
+        from tuner.sim import offline
+
+        log, host, port = self.log, self.args.server["host"], self.args.server["port"]
+        srv = SimServer(
+            engine=engine, info=info, tokenizer=tokenizer, count_tokens=offline.count_tokens,
+            make_output_text=offline.make_output_text, log=log, tree=self.tree, time_scale=self.scale,
+            faults=self.faults, seed=self.seed, watchdog_timeout_s=float(self.args.server["watchdog_timeout"]),
+        )
+        runner = web.AppRunner(srv.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        log.uvicorn("INFO", f"Started server process [{os.getpid()}]")
+        log.uvicorn("INFO", "Waiting for application startup.")
+        log.uvicorn("INFO", "Application startup complete.")
+        try:
+            if self.faults.port_in_use:
+                raise OSError(98, f"error while attempting to bind on address {(host, port)!r}: address already in use")
+            await web.TCPSite(runner, host, port, backlog=2048).start()
+        except OSError as exc:
+            log.uvicorn("ERROR", str(exc))
+            log.uvicorn("INFO", "Waiting for application shutdown.")
+            return await self._bind_failed(host, port)
+        log.uvicorn("INFO", f"Uvicorn running on http://{host}:{port} (Press CTRL+C to quit)")
+        loop = asyncio.get_running_loop()
+        srv.start_driver()
+        loop.add_signal_handler(signal.SIGINT, srv.request_stop, "sigint")
+        if not st.ok:  # stage "warmup": the first forward fails
+            await self.sleep(1.0)
+            log("Initialization failed. warmup error: " + "\n".join(st.error_lines))
+            self.tree.die(signal.SIGKILL)
+        if not self.args.server["skip_server_warmup"]:
+            ok, err = await self._warmup(f"http://{_connect_host(host)}:{port}", srv)
+            if not ok:
+                log(f"Initialization failed. warmup error: {err}")
+                self.tree.die(signal.SIGKILL)
+        srv.status = "up"
+        log("The server is fired up and ready to roll!")
+        watcher = asyncio.create_task(self._watch_children(srv))
+        reason = await srv.wait_stopped()
+        watcher.cancel()
+        log.uvicorn("INFO", "Shutting down")
+        await runner.cleanup()
+        log.uvicorn("INFO", "Waiting for application shutdown.")
+        log.uvicorn("INFO", "Application shutdown complete.")
+        log.uvicorn("INFO", f"Finished server process [{os.getpid()}]")
+        self.tree.kill_children()
+        return 0 if reason == "sigint" else 1
+
+    async def _warmup(self, url: str, srv: SimServer | None) -> tuple[bool, str]:
+        """The launcher's warmup thread: poll /model_info (1 s apart), then one 8-token /generate."""
+        import aiohttp
+
+        last = ""
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as s:
+            for _ in range(_WARMUP_POLLS):
+                await self.sleep(1.0)
+                try:
+                    async with s.get(url + "/model_info", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                        if r.status == 200:
+                            break
+                        last = f"AssertionError: res=<Response [{r.status}]>"
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    last = f"requests.exceptions.ConnectionError: {exc}"
+            else:
+                return False, f"Traceback (most recent call last):\n{last}"
+            if srv is not None:
+                loop = asyncio.get_running_loop()
+                loop.add_signal_handler(signal.SIGTERM, srv.on_sigterm)
+            body = {"text": "The capital city of France is", "sampling_params": {"temperature": 0, "max_new_tokens": 8}}
+            try:
+                async with s.post(url + "/generate", json=body, timeout=aiohttp.ClientTimeout(total=600)) as r:
+                    text = await r.text()
+                    if r.status != 200:
+                        return False, f"Traceback (most recent call last):\nAssertionError: {text}"
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                return False, f"Traceback (most recent call last):\n{type(exc).__name__}: {exc}"
+        return True, ""
+
+    async def _bind_failed(self, host: str, port: int) -> int:
+        """uvicorn exits 1, but first joins the warmup thread, which polls whoever owns the port."""
+        ok, err = await self._warmup(f"http://{_connect_host(host)}:{port}", None)
+        if not ok:
+            self.log(f"Initialization failed. warmup error: {err}")
+            self.tree.die(signal.SIGKILL)
+        self.log("The server is fired up and ready to roll!")
+        self.log.uvicorn("INFO", "Application shutdown complete.")
+        self.tree.kill_children()
+        return 1
+
+    async def _watch_children(self, srv: SimServer) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if srv.status == "shutting_down":
+                return
+
+    def _native_crash(self, lines: Sequence[str] = ()) -> int:
+        """TP0 dies without an exception (segfault): the launcher sees EOF on its pipe (exit 1)."""
+        child = self.tree.children[0] if self.tree.children else None
+        code = -11
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGSEGV)
+            child.wait()
+        if child is not None and child.returncode is not None:
+            code = child.returncode
+        self.log.raw("Fatal Python error: Segmentation fault")
+        self.log("Rank 0 scheduler is dead. Please check if there are relevant logs.")
+        exit_line = next((ln for ln in lines if ln.startswith("Exit code:")), f"Exit code: {code}")
+        self.log(exit_line)
+        self.log.raw("Traceback (most recent call last):\n"
+                     '  File "<frozen runpy>", line 198, in _run_module_as_main\n'
+                     '  File "/usr/local/lib/python3.11/site-packages/sglang/launch_server.py", line 32, in <module>\n'
+                     "    run_server(server_args)\n"
+                     '  File "/usr/local/lib/python3.11/site-packages/sglang/srt/entrypoints/engine.py", '
+                     "line 925, in _wait_for_scheduler_ready\n"
+                     "    data = scheduler_pipe_readers[i].recv()\n"
+                     "EOFError")
+        self.tree.kill_children()
+        return 1
+
+    def _scheduler_exception(self, error_lines: Sequence[str]) -> int:
+        """`Scheduler hit an exception: <traceback>` in TP0, SIGQUIT to the launcher, tree killed."""
+        body = [e for e in error_lines if not e.startswith(("Scheduler hit an exception", "Received sigquit"))]
+        self.log("Scheduler hit an exception: Traceback (most recent call last):\n"
+                 '  File "/usr/local/lib/python3.11/site-packages/sglang/srt/managers/scheduler.py", '
+                 "line 3190, in run_scheduler_process\n"
+                 "    scheduler = Scheduler(server_args, port_args, gpu_id, tp_rank, moe_ep_rank, pp_rank, dp_rank)\n"
+                 + "\n".join(body), tp=0)
+        self.log("Received sigquit from a child process. It usually means the child failed.")
+        self.tree.die(signal.SIGKILL)
+        return 137  # not reached
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def _load_time(scn: Any, mem: dict[str, float], cfg: Any) -> float:
+    """Load time when the start-up check failed before computing one (same constants)."""
+    m = scn.model
+    host_gb = 0.0
+    if cfg.kt_weight_path is not None:
+        host_gb = m.experts * m.layers_moe * m.cpu_bytes_per_expert.get(cfg.kt_method.upper(), 0.0) / 1e9
+    return scn.c("load_base_s") + host_gb / scn.c("load_gbs") + 2 * mem.get("weights", 0.0)
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.exit(code)

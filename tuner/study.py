@@ -1,0 +1,212 @@
+"""The tuning loop: an Optuna ask/tell study whose budget counts real server launches.
+
+Optuna's RDB storage is the system of record: every proposal, verdict, metric and file path
+lives there (or in the trial folder it names), so `kttune run` resumes where it stopped and
+several workers can share one study.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner import objective
+from tuner.errors import ConfigError
+from tuner.objective import TrialOutcome
+from tuner.space import SearchSpace
+
+# User-attribute keys (kttune's part of the storage schema).
+ATTR_LAUNCHED = "launched"
+ATTR_REASON = "reason"
+ATTR_MESSAGE = "message"
+ATTR_TRIAL_DIR = "trial_dir"
+ATTR_WORKER = "worker"
+ATTR_FLAGS = "flags"
+ATTR_BASELINE = "baseline"
+ATTR_DUPLICATE_OF = "duplicate_of"
+METRIC_PREFIX = "m:"
+STUDY_ATTR_BASELINE_ENQUEUED = "kttune:baseline_enqueued"
+STUDY_ATTR_SPACE = "kttune:space"
+HEARTBEAT_INTERVAL_S = 30
+HEARTBEAT_GRACE_S = 120
+
+Log = Callable[[str], None]
+
+
+def default_storage(study_name: str, studies_dir: Path) -> str:
+    studies_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{studies_dir / (study_name + '.db')}"
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """An RDB storage with heartbeats, so a dead worker's RUNNING trial is failed, not lost."""
+    if "://" not in url:
+        raise ConfigError(f"--storage: {url!r} is not a SQLAlchemy URL; use e.g. sqlite:///studies/x.db or postgresql://user@host/db")
+    try:
+        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                                          grace_period=HEARTBEAT_GRACE_S)
+    except ImportError as exc:
+        raise ConfigError(f"--storage: the driver for {url.split('://')[0]} is not installed ({exc}); pip install it") from None
+    except Exception as exc:  # sqlalchemy raises many kinds for a bad URL / unreachable server
+        raise ConfigError(f"--storage: cannot open {url!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); check the URL and that the database is reachable") from None
+
+
+def make_sampler(space: SearchSpace, seed: int | None) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                      n_startup_trials=5)
+
+
+def open_study(space: SearchSpace, *, study_name: str, storage: str | optuna.storages.BaseStorage,
+               seed: int | None) -> optuna.Study:
+    store = make_storage(storage) if isinstance(storage, str) else storage
+    study = optuna.create_study(study_name=study_name, storage=store, directions=space.directions,
+                                sampler=make_sampler(space, seed), load_if_exists=True)
+    if len(study.directions) != len(space.objectives):
+        raise ConfigError(f"--study: {study_name!r} already exists with {len(study.directions)} objective(s), the space has {len(space.objectives)}; use another --study name")
+    if STUDY_ATTR_SPACE not in study.user_attrs:
+        study.set_user_attr(STUDY_ATTR_SPACE, {"name": space.name, "path": str(space.path) if space.path else None,
+                                                "objectives": [o.key for o in space.objectives]})
+    return study
+
+
+def enqueue_baseline_once(study: optuna.Study, space: SearchSpace) -> bool:
+    if space.baseline is None or study.user_attrs.get(STUDY_ATTR_BASELINE_ENQUEUED):
+        return False
+    study.set_user_attr(STUDY_ATTR_BASELINE_ENQUEUED, True)
+    study.enqueue_trial(dict(space.baseline), user_attrs={ATTR_BASELINE: True}, skip_if_exists=True)
+    return True
+
+
+def launched_count(trials: list[FrozenTrial]) -> int:
+    """Launches that count against the budget: finished ones plus those still running.
+    A launch cut short by the tuner's own death ('interrupted') is not counted."""
+    n = 0
+    for t in trials:
+        if not t.user_attrs.get(ATTR_LAUNCHED):
+            continue
+        if t.state == TrialState.FAIL and t.user_attrs.get(ATTR_REASON) in (None, "interrupted"):
+            continue
+        n += 1
+    return n
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_stale_trials(study: optuna.Study, log: Log) -> int:
+    """Fail RUNNING trials whose worker is gone (this host: its pid is dead; any host:
+    Optuna's heartbeat expired), name them 'interrupted', and kill the servers they left."""
+    from tuner.server import kill_orphan
+
+    optuna.storages.fail_stale_trials(study)
+    storage = study._storage
+    host = socket.gethostname()
+    recovered = 0
+    for t in study.get_trials(deepcopy=False):
+        w_host, _, w_pid = str(t.user_attrs.get(ATTR_WORKER, "")).rpartition(":")
+        if t.state == TrialState.RUNNING and w_host == host and w_pid.isdigit() and not _pid_alive(int(w_pid)):
+            try:
+                storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        elif not (t.state == TrialState.FAIL and t.user_attrs.get(ATTR_REASON) is None
+                  and t.user_attrs.get(ATTR_LAUNCHED)):
+            continue
+        storage.set_trial_user_attr(t._trial_id, ATTR_REASON, "interrupted")
+        recovered += 1
+        trial_dir = t.user_attrs.get(ATTR_TRIAL_DIR)
+        if trial_dir and kill_orphan(Path(trial_dir) / "server.pid"):
+            log(f"trial {t.number}: killed the server its dead worker left behind")
+    return recovered
+
+
+class _Heartbeat:
+    """Records the trial's heartbeat while a launch runs (ask/tell has no built-in one)."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        self._storage = study._storage
+        self._trial_id = trial._trial_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            try:
+                self._storage.record_heartbeat(self._trial_id)  # type: ignore[attr-defined]
+            except Exception:  # a transient DB error must not kill the trial
+                pass
+            if self._stop.wait(HEARTBEAT_INTERVAL_S):
+                return
+
+    def __enter__(self) -> _Heartbeat:
+        if optuna.storages._heartbeat.is_heartbeat_enabled(self._storage):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def find_duplicate(trials: list[FrozenTrial], params: Mapping[str, Any]) -> FrozenTrial | None:
+    """A finished, launched trial with exactly these params (re-launching it wastes budget)."""
+    for t in trials:
+        if t.state == TrialState.COMPLETE and t.user_attrs.get(ATTR_LAUNCHED) and t.params == dict(params):
+            return t
+    return None
+
+
+def record(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, attrs: Mapping[str, Any]) -> None:
+    """Store attrs, metrics and constraints, then tell the verdict."""
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+    for key, value in outcome.metrics.items():
+        trial.set_user_attr(METRIC_PREFIX + key, value)
+    trial.set_user_attr(ATTR_REASON, outcome.reason)
+    trial.set_user_attr(ATTR_MESSAGE, outcome.message[-2000:])
+    for key, value in outcome.constraints.items():
+        trial.set_constraint(key, value)
+    study.tell(trial, outcome.values, state=outcome.state)
+
+
+@dataclass
+class RunSummary:
+    study_name: str
+    storage: str
+    launched: int
+    budget: int
+    new_trials: list[int] = field(default_factory=list)
+    stopped_reason: str | None = None
+
+
+def metrics_of(t: FrozenTrial) -> dict[str, float]:
+    return {k[len(METRIC_PREFIX):]: v for k, v in t.user_attrs.items() if k.startswith(METRIC_PREFIX)}
+
+
+def best_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Feasible best trial(s): the Pareto front for several objectives."""
+    try:
+        return list(study.best_trials)
+    except ValueError:
+        return []
+
+

@@ -1,0 +1,154 @@
+"""`kttune run`: propose → check feasibility → launch → benchmark → tell, until the budget
+of launches is spent. Also the dry run, which prints argvs and touches no storage."""
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from tuner import objective
+from tuner.errors import KttuneError
+from tuner.feasibility_gate import FeasibilityGate
+from tuner.objective import FATAL_REASONS, TrialOutcome
+from tuner.space import SearchSpace
+from tuner.study import (ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_FLAGS, ATTR_LAUNCHED, ATTR_TRIAL_DIR,
+                         ATTR_WORKER, RunSummary, _Heartbeat, enqueue_baseline_once, find_duplicate,
+                         launched_count, open_study, record, recover_stale_trials, worker_id)
+from tuner.trial import run_trial, server_argv
+
+Log = Callable[[str], None]
+# Proposals that are not launched (predicted infeasible, duplicates) per launch, before we
+# conclude the sampler is stuck in a region that cannot be launched.
+MAX_SKIPS_PER_LAUNCH = 50
+
+
+class StudyStopped(KttuneError):
+    """The study cannot go on (a fault every later launch would hit too)."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    study_name: str
+    storage: str
+    budget: int
+    seed: int | None
+    studies_dir: Path
+    check_feasibility: bool = True
+
+
+def _fmt_values(values: list[float] | None) -> str:
+    return "-" if values is None else ", ".join(f"{v:.4g}" for v in values)
+
+
+def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print) -> RunSummary:
+    study = open_study(space, study_name=opts.study_name, storage=opts.storage, seed=opts.seed)
+    recovered = recover_stale_trials(study, log)
+    if recovered:
+        log(f"marked {recovered} trial(s) of a dead run as interrupted")
+    if enqueue_baseline_once(study, space):
+        log("baseline enqueued as the first trial")
+    gate = FeasibilityGate.for_space(space) if opts.check_feasibility else None
+    summary = RunSummary(opts.study_name, opts.storage, launched_count(study.get_trials(deepcopy=False)), opts.budget)
+    skips = 0
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        summary.launched = launched_count(trials)
+        if summary.launched >= opts.budget:
+            break
+        if skips > MAX_SKIPS_PER_LAUNCH * opts.budget:
+            summary.stopped_reason = (f"{skips} proposals in a row could not be launched "
+                                      f"({gate.last_binding if gate else 'duplicates'}); widen the space or relax it")
+            break
+        trial = study.ask(space.distributions())
+        is_baseline = bool(trial.user_attrs.get(ATTR_BASELINE))
+        flags = space.launch_flags(trial.params)
+        if gate is not None:
+            flags = gate.resolve_auto(flags)
+        trial.set_user_attr(ATTR_FLAGS, {k: v for k, v in flags.items()})
+        trial.set_user_attr(ATTR_WORKER, worker_id())
+        # 1. Predicted infeasible: tell the sampler without spending a launch.
+        report = gate.check(flags) if gate is not None else None
+        if report is not None and not report.feasible and not is_baseline:
+            why = gate.summary(report)  # type: ignore[union-attr]
+            outcome = objective.failure(space, "infeasible_predicted", why, constraints=report.constraints)
+            record(study, trial, outcome, {})
+            skips += 1
+            log(f"trial {trial.number}: not launched, predicted infeasible: {why}")
+            continue
+        constraints = report.constraints if report is not None else {}
+        # 2. Same params already measured: reuse the measurement.
+        dup = find_duplicate(trials, trial.params)
+        if dup is not None and not is_baseline:
+            outcome = TrialOutcome(dup.state, list(dup.values) if dup.values else None, None,
+                                   f"duplicate of trial {dup.number}", {}, dict(dup.constraints))
+            record(study, trial, outcome, {ATTR_DUPLICATE_OF: dup.number})
+            skips += 1
+            continue
+        skips = 0
+        outcome = _launch(study, trial, space, flags, constraints, opts, log, summary)
+        if outcome.reason in FATAL_REASONS:
+            raise StudyStopped(f"trial {trial.number} failed with {outcome.reason}: {outcome.message.splitlines()[0] if outcome.message else ''}; fix the space before running again")
+    return summary
+
+
+def _launch(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, flags: dict[str, Any],
+            constraints: dict[str, float], opts: RunOptions, log: Log, summary: RunSummary) -> TrialOutcome:
+    trial_dir = (opts.studies_dir / opts.study_name / f"trial-{trial.number}").resolve()
+    trial.set_user_attr(ATTR_TRIAL_DIR, str(trial_dir))
+    trial.set_user_attr(ATTR_LAUNCHED, True)
+    n = summary.launched + 1
+    log(f"trial {trial.number} (launch {n}/{opts.budget}): {_fmt_params(trial.params)}")
+    started = time.monotonic()
+    try:
+        with _Heartbeat(study, trial):
+            run = run_trial(space, flags, trial_dir, on_phase=lambda p: log(f"  {p}"))
+    except KeyboardInterrupt:
+        outcome = objective.failure(space, "interrupted", "the tuner was stopped")
+        record(study, trial, outcome, {})
+        raise
+    outcome = run.outcome
+    if outcome.ok:
+        outcome.constraints.update({k: v for k, v in constraints.items() if k not in outcome.constraints})
+    else:
+        outcome.constraints = {**constraints, **outcome.constraints}
+    attrs: dict[str, Any] = {"argv": run.argv, "timings": run.timings, "memory": run.memory,
+                             "wall_s": round(time.monotonic() - started, 2)}
+    record(study, trial, outcome, attrs)
+    summary.new_trials.append(trial.number)
+    verdict = "ok" if outcome.ok else f"{outcome.reason}"
+    log(f"trial {trial.number}: {verdict}  objective = {_fmt_values(outcome.values)}  ({attrs['wall_s']:.1f}s)")
+    return outcome
+
+
+def _fmt_params(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items())
+
+
+def dry_run(space: SearchSpace, *, budget: int, seed: int | None, log: Log = print) -> list[list[str]]:
+    """Print the argv of the first `budget` proposals; launches nothing, writes nothing."""
+    study = optuna.create_study(directions=space.directions, sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True))
+    if space.baseline is not None:
+        study.enqueue_trial(dict(space.baseline))
+    try:
+        gate: FeasibilityGate | None = FeasibilityGate.for_space(space)
+    except KttuneError as exc:
+        gate = None
+        log(f"# feasibility not checked here: {exc}")
+    argvs = []
+    for i in range(budget):
+        trial = study.ask(space.distributions())
+        flags = space.launch_flags(trial.params)
+        note = ""
+        if gate is not None:
+            flags = gate.resolve_auto(flags)
+            report = gate.check(flags)
+            note = "" if report.feasible else f"   # predicted infeasible: {gate.summary(report)}"
+        argv = server_argv(space, flags, space.server.port or 30000 + i)
+        log(shlex.join(argv) + note)
+        argvs.append(argv)
+    return argvs
