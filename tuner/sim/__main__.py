@@ -18,19 +18,19 @@ real text and end the way the real launcher does:
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import re
 import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
 from typing import Any, Sequence
 
 from tuner.sim.args import PROG, ConfigFileError, SimArgs, UsageError, format_server_args, parse_args
 from tuner.sim.server import Log, ProcessTree, ServerInfo, SimServer
 
-_CHILD_FLAG = "--sim-child-of"
 _WARMUP_POLLS = 120
 _CHILD_CODE = """
 import os, signal, sys, time
@@ -120,8 +120,6 @@ class _Launcher:
     # ----------------------------------------------------------------- pieces
 
     def _load_tokenizer(self) -> Any:
-        from pathlib import Path
-
         from tuner.sim import offline
 
         path = Path(self.args.tokenizer_path)
@@ -156,14 +154,13 @@ class _Launcher:
         log(f"Load weight begin. avail mem={f0:.2f} GB", tp=0)
         lines = list(st.log_lines)
         while lines and not lines[0].startswith("Load weight end"):
-            if lines[0].startswith(("Using kt_", "Either kt_")) or not st.ok or True:
-                log(lines.pop(0), tp=0)
+            log(lines.pop(0), tp=0)  # KT placement lines come from model init, before the weights
         if self.faults.hang_at_start:
             await asyncio.Event().wait()
         if self.faults.crash_at_start:
             await self.sleep(0.3 * load_s)
             return self._native_crash()
-        await self.sleep(load_s + self.faults.slow_start_s if st.ok or st.stage != "cpu" else 1.0)
+        await self.sleep(self.faults.slow_start_s + load_s * _load_share(st, f0))
         for line in lines:
             if line.startswith("Capture cuda graph end"):
                 found = re.search(r"Time elapsed: ([0-9.]+) s", line)
@@ -187,8 +184,7 @@ class _Launcher:
             max_total_num_tokens=st.kv_tokens,
             memory_usage={"weight": round(mem.get("weights", 0.0), 2), "kvcache": round(mem.get("kv", 0.0), 2),
                           "token_capacity": int(st.kv_tokens), "graph": round(mem.get("graphs", 0.0), 2)},
-            model_type=None,
-            architectures=(),
+            **_hf_config(self.args.server["model_path"], m.name),
         )
         return await self._serve(engine, info, tokenizer, st)
 
@@ -229,11 +225,10 @@ class _Launcher:
             if not ok:
                 log(f"Initialization failed. warmup error: {err}")
                 self.tree.die(signal.SIGKILL)
-        srv.status = "up"
+        if srv.status == "starting":
+            srv.status = "up"
         log("The server is fired up and ready to roll!")
-        watcher = asyncio.create_task(self._watch_children(srv))
         reason = await srv.wait_stopped()
-        watcher.cancel()
         log.uvicorn("INFO", "Shutting down")
         await runner.cleanup()
         log.uvicorn("INFO", "Waiting for application shutdown.")
@@ -283,12 +278,6 @@ class _Launcher:
         self.tree.kill_children()
         return 1
 
-    async def _watch_children(self, srv: SimServer) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            if srv.status == "shutting_down":
-                return
-
     def _native_crash(self, lines: Sequence[str] = ()) -> int:
         """TP0 dies without an exception (segfault): the launcher sees EOF on its pipe (exit 1)."""
         child = self.tree.children[0] if self.tree.children else None
@@ -328,6 +317,28 @@ class _Launcher:
 
 def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def _load_share(st: Any, f0: float) -> float:
+    """Share of the weight-loading time spent before the start-up outcome is known."""
+    if st.ok or st.stage not in ("cpu", "weights"):
+        return 1.0
+    if st.stage == "cpu":
+        return 0.05  # KT argument errors surface at model init, before the experts load
+    weights = st.mem_per_gpu_gb.get("weights", 0.0)
+    return min(1.0, f0 / weights) if weights > 0 else 1.0
+
+
+def _hf_config(model_path: str, model_name: str) -> dict[str, Any]:
+    """model_type / architectures for /model_info: the model dir's config.json, else the bundled one."""
+    bundled = Path(__file__).resolve().parent / "models" / model_name.lower() / "config.json"
+    for path in (Path(model_path) / "config.json", bundled):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        return {"model_type": data.get("model_type"), "architectures": tuple(data.get("architectures") or ())}
+    return {"model_type": None, "architectures": ()}
 
 
 def _load_time(scn: Any, mem: dict[str, float], cfg: Any) -> float:

@@ -80,7 +80,8 @@ class ProcessTree:
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        signal.signal(sig, signal.SIG_DFL)
+        if sig != signal.SIGKILL:
+            signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
         time.sleep(5)  # the signal is delivered before this returns
         os._exit(128 + sig)
