@@ -64,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.budget < 1:
         raise ConfigError(f"--budget: must be ≥ 1, got {args.budget}")
-    space, study_name, storage = _resolve(args)
+    space, study_name, storage = _resolve(args, check_paths=not args.dry_run)
     if args.dry_run:
         dry_run(space, budget=args.budget, seed=args.seed)
         return 0
@@ -114,6 +114,9 @@ def _sigterm_as_interrupt(_signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         return COMMANDS[args.command](args)

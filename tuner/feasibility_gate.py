@@ -1,15 +1,23 @@
 """The study's view of feasibility: model sizes and hardware resolved once per study, one
-check per proposal, and the `auto` values (max-total-tokens) filled in before a launch."""
+check per proposal, `auto` values filled in before a launch, and the memory model corrected
+from what launched servers really logged (stored in the study so resumed runs keep it)."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from tuner.feasibility import FeasibilityReport, auto_max_total_tokens, check
+from tuner.feasibility import (FeasibilityReport, MemoryCalibration, auto_max_total_tokens, calibrate_from_log,
+                               calibration_from_observed, check)
 from tuner.hardware import Hardware, resolve_hardware
 from tuner.model import ModelSizes, load_model_sizes
 from tuner.space import AUTO, SearchSpace
+
+# Failures that mean "the memory model was too optimistic" when the config was predicted to fit.
+MEMORY_REASONS = frozenset({"oom", "oom_weights", "oom_kv_alloc", "kv_not_enough_memory", "cuda_graph_failed"})
+MARGIN_STEP_GB = 1.0
+DEFAULT_MARGIN_GB = 2.0
 
 
 @dataclass
@@ -17,7 +25,8 @@ class FeasibilityGate:
     model: ModelSizes
     hardware: Hardware
     workloads: list[tuple[int, int, int]]
-    margin_gb: float = 2.0
+    margin_gb: float = DEFAULT_MARGIN_GB
+    calibration: MemoryCalibration = field(default_factory=MemoryCalibration)
     last_binding: str | None = None
 
     @classmethod
@@ -36,7 +45,8 @@ class FeasibilityGate:
         return out
 
     def check(self, flags: Mapping[str, Any]) -> FeasibilityReport:
-        report = check(self.model, self.hardware, flags, self.workloads, margin_gb=self.margin_gb)
+        report = check(self.model, self.hardware, flags, self.workloads, margin_gb=self.margin_gb,
+                       calibration=self.calibration)
         if not report.feasible:
             self.last_binding = report.binding
         return report
@@ -47,3 +57,25 @@ class FeasibilityGate:
             return "fits"
         b = report.binding or "?"
         return f"{b} over by {report.constraints.get(b, float('nan')):.3g}; {report.fix_hint()}"
+
+    def observe(self, log_text: str, flags: Mapping[str, Any], reason: str | None, predicted_fit: bool) -> dict[str, Any]:
+        """Fold a launched server's log into the model; widen the margin when a config that was
+        predicted to fit failed for memory. Returns the state to store (see `state`)."""
+        observed = calibrate_from_log(log_text)
+        if observed.get("weights_gb") is not None:
+            self.calibration = calibration_from_observed(observed, self.model, self.hardware, flags,
+                                                         base=self.calibration)
+        if reason in MEMORY_REASONS and predicted_fit:
+            self.margin_gb += MARGIN_STEP_GB
+        return self.state()
+
+    def state(self) -> dict[str, Any]:
+        return {"margin_gb": self.margin_gb, "calibration": dataclasses.asdict(self.calibration)}
+
+    def restore(self, state: Mapping[str, Any] | None) -> None:
+        if not state:
+            return
+        self.margin_gb = float(state.get("margin_gb", self.margin_gb))
+        known = {f.name for f in dataclasses.fields(MemoryCalibration)}
+        values = {k: v for k, v in dict(state.get("calibration") or {}).items() if k in known}
+        self.calibration = MemoryCalibration(**values)

@@ -34,6 +34,7 @@ ATTR_DUPLICATE_OF = "duplicate_of"
 METRIC_PREFIX = "m:"
 STUDY_ATTR_BASELINE_ENQUEUED = "kttune:baseline_enqueued"
 STUDY_ATTR_SPACE = "kttune:space"
+STUDY_ATTR_CALIBRATION = "kttune:memory_calibration"
 HEARTBEAT_INTERVAL_S = 30
 HEARTBEAT_GRACE_S = 120
 
@@ -91,7 +92,7 @@ def launched_count(trials: list[FrozenTrial]) -> int:
     for t in trials:
         if not t.user_attrs.get(ATTR_LAUNCHED):
             continue
-        if t.state == TrialState.FAIL and t.user_attrs.get(ATTR_REASON) in (None, "interrupted"):
+        if is_interrupted(t):
             continue
         n += 1
     return n
@@ -112,8 +113,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def recover_stale_trials(study: optuna.Study, log: Log) -> int:
-    """Fail RUNNING trials whose worker is gone (this host: its pid is dead; any host:
-    Optuna's heartbeat expired), name them 'interrupted', and kill the servers they left."""
+    """Fail RUNNING trials whose worker is gone and kill the servers they left behind.
+
+    Same host: the worker's pid is dead, and the trial is named 'interrupted' before it is
+    failed (finished trials are read-only). Other hosts: Optuna's heartbeat fails them; a
+    launched FAIL trial without a reason reads as interrupted."""
     from tuner.server import kill_orphan
 
     optuna.storages.fail_stale_trials(study)
@@ -124,18 +128,22 @@ def recover_stale_trials(study: optuna.Study, log: Log) -> int:
         w_host, _, w_pid = str(t.user_attrs.get(ATTR_WORKER, "")).rpartition(":")
         if t.state == TrialState.RUNNING and w_host == host and w_pid.isdigit() and not _pid_alive(int(w_pid)):
             try:
+                storage.set_trial_user_attr(t._trial_id, ATTR_REASON, "interrupted")
                 storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
-                continue
-        elif not (t.state == TrialState.FAIL and t.user_attrs.get(ATTR_REASON) is None
-                  and t.user_attrs.get(ATTR_LAUNCHED)):
+                continue  # another worker recovered it first
+            recovered += 1
+        elif not (t.state == TrialState.FAIL and is_interrupted(t)):
             continue
-        storage.set_trial_user_attr(t._trial_id, ATTR_REASON, "interrupted")
-        recovered += 1
         trial_dir = t.user_attrs.get(ATTR_TRIAL_DIR)
         if trial_dir and kill_orphan(Path(trial_dir) / "server.pid"):
             log(f"trial {t.number}: killed the server its dead worker left behind")
     return recovered
+
+
+def is_interrupted(t: FrozenTrial) -> bool:
+    return t.state == TrialState.FAIL and bool(t.user_attrs.get(ATTR_LAUNCHED)) and \
+        t.user_attrs.get(ATTR_REASON) in (None, "interrupted")
 
 
 class _Heartbeat:

@@ -29,6 +29,9 @@ class TrialRun:
     timings: dict[str, float] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
 
+    def log_text(self) -> str:
+        return _read(self.trial_dir / "server.log")
+
 
 def trial_port(space: SearchSpace) -> int:
     """A fresh free port per trial (same-port restarts are known to hang), unless fixed."""

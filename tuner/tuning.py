@@ -16,7 +16,7 @@ from tuner.errors import KttuneError
 from tuner.feasibility_gate import FeasibilityGate
 from tuner.objective import FATAL_REASONS, TrialOutcome
 from tuner.space import SearchSpace
-from tuner.study import (ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_FLAGS, ATTR_LAUNCHED, ATTR_TRIAL_DIR,
+from tuner.study import (STUDY_ATTR_CALIBRATION, ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_FLAGS, ATTR_LAUNCHED, ATTR_TRIAL_DIR,
                          ATTR_WORKER, RunSummary, _Heartbeat, enqueue_baseline_once, find_duplicate,
                          launched_count, open_study, record, recover_stale_trials, worker_id)
 from tuner.trial import run_trial, server_argv
@@ -53,6 +53,8 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print) -> RunS
     if enqueue_baseline_once(study, space):
         log("baseline enqueued as the first trial")
     gate = FeasibilityGate.for_space(space) if opts.check_feasibility else None
+    if gate is not None:
+        gate.restore(study.user_attrs.get(STUDY_ATTR_CALIBRATION))
     summary = RunSummary(opts.study_name, opts.storage, launched_count(study.get_trials(deepcopy=False)), opts.budget)
     skips = 0
     while True:
@@ -90,14 +92,22 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print) -> RunS
             skips += 1
             continue
         skips = 0
-        outcome = _launch(study, trial, space, flags, constraints, opts, log, summary)
+        outcome, log_text = _launch(study, trial, space, flags, constraints, opts, log, summary)
+        if gate is not None:
+            before = gate.state()
+            after = gate.observe(log_text, flags, outcome.reason, predicted_fit=report is not None and report.feasible)
+            if after != before:
+                study.set_user_attr(STUDY_ATTR_CALIBRATION, after)
+                if after["margin_gb"] != before["margin_gb"]:
+                    log(f"  memory model was optimistic: margin now {after['margin_gb']:.1f} GB")
         if outcome.reason in FATAL_REASONS:
             raise StudyStopped(f"trial {trial.number} failed with {outcome.reason}: {outcome.message.splitlines()[0] if outcome.message else ''}; fix the space before running again")
     return summary
 
 
 def _launch(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, flags: dict[str, Any],
-            constraints: dict[str, float], opts: RunOptions, log: Log, summary: RunSummary) -> TrialOutcome:
+            constraints: dict[str, float], opts: RunOptions, log: Log,
+            summary: RunSummary) -> tuple[TrialOutcome, str]:
     trial_dir = (opts.studies_dir / opts.study_name / f"trial-{trial.number}").resolve()
     trial.set_user_attr(ATTR_TRIAL_DIR, str(trial_dir))
     trial.set_user_attr(ATTR_LAUNCHED, True)
@@ -122,7 +132,7 @@ def _launch(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, flags:
     summary.new_trials.append(trial.number)
     verdict = "ok" if outcome.ok else f"{outcome.reason}"
     log(f"trial {trial.number}: {verdict}  objective = {_fmt_values(outcome.values)}  ({attrs['wall_s']:.1f}s)")
-    return outcome
+    return outcome, run.log_text()
 
 
 def _fmt_params(params: dict[str, Any]) -> str:

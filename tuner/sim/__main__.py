@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tuner.sim.args import PROG, ConfigFileError, SimArgs, UsageError, format_server_args, parse_args
-from tuner.sim.server import Log, ProcessTree, ServerInfo, SimServer
+from tuner.sim.faults import ProcessTree, native_crash_lines, scheduler_exception_lines
+from tuner.sim.server import Log, ServerInfo, SimServer
 
 _WARMUP_POLLS = 120
 _CHILD_CODE = """
@@ -150,7 +151,7 @@ class _Launcher:
         await self.sleep(2.0)
         log("Init torch distributed begin.", tp=0)
         await self.sleep(1.0)
-        log(f"Init torch distributed ends. elapsed={1.0 * self.scale:.2f} s, mem usage=0.09 GB", tp=0)
+        log("Init torch distributed ends. elapsed=1.00 s, mem usage=0.09 GB", tp=0)
         log(f"Load weight begin. avail mem={f0:.2f} GB", tp=0)
         lines = list(st.log_lines)
         while lines and not lines[0].startswith("Load weight end"):
@@ -184,6 +185,7 @@ class _Launcher:
             max_total_num_tokens=st.kv_tokens,
             memory_usage={"weight": round(mem.get("weights", 0.0), 2), "kvcache": round(mem.get("kv", 0.0), 2),
                           "token_capacity": int(st.kv_tokens), "graph": round(mem.get("graphs", 0.0), 2)},
+            captured_bs=min(st.config.graph_max_bs, st.max_running_requests) if st.config else 0,
             **_hf_config(self.args.server["model_path"], m.name),
         )
         return await self._serve(engine, info, tokenizer, st)
@@ -225,6 +227,8 @@ class _Launcher:
             if not ok:
                 log(f"Initialization failed. warmup error: {err}")
                 self.tree.die(signal.SIGKILL)
+        else:  # graceful SIGTERM starts with the first request; without warmup, say now
+            loop.add_signal_handler(signal.SIGTERM, srv.on_sigterm)
         if srv.status == "starting":
             srv.status = "up"
         log("The server is fired up and ready to roll!")
@@ -246,7 +250,8 @@ class _Launcher:
             for _ in range(_WARMUP_POLLS):
                 await self.sleep(1.0)
                 try:
-                    async with s.get(url + "/model_info", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                    poll_timeout = aiohttp.ClientTimeout(total=max(5.0 * self.scale, 0.2))
+                    async with s.get(url + "/model_info", timeout=poll_timeout) as r:
                         if r.status == 200:
                             break
                         last = f"AssertionError: res=<Response [{r.status}]>"
@@ -281,35 +286,22 @@ class _Launcher:
     def _native_crash(self, lines: Sequence[str] = ()) -> int:
         """TP0 dies without an exception (segfault): the launcher sees EOF on its pipe (exit 1)."""
         child = self.tree.children[0] if self.tree.children else None
-        code = -11
         if child is not None and child.poll() is None:
             child.send_signal(signal.SIGSEGV)
             child.wait()
-        if child is not None and child.returncode is not None:
-            code = child.returncode
+        code = child.returncode if child is not None and child.returncode is not None else -11
         self.log.raw("Fatal Python error: Segmentation fault")
-        self.log("Rank 0 scheduler is dead. Please check if there are relevant logs.")
-        exit_line = next((ln for ln in lines if ln.startswith("Exit code:")), f"Exit code: {code}")
-        self.log(exit_line)
-        self.log.raw("Traceback (most recent call last):\n"
-                     '  File "<frozen runpy>", line 198, in _run_module_as_main\n'
-                     '  File "/usr/local/lib/python3.11/site-packages/sglang/launch_server.py", line 32, in <module>\n'
-                     "    run_server(server_args)\n"
-                     '  File "/usr/local/lib/python3.11/site-packages/sglang/srt/entrypoints/engine.py", '
-                     "line 925, in _wait_for_scheduler_ready\n"
-                     "    data = scheduler_pipe_readers[i].recv()\n"
-                     "EOFError")
+        out = native_crash_lines(next((ln for ln in lines if ln.startswith("Exit code:")), f"Exit code: {code}"))
+        self.log(out[0])
+        self.log(out[1])
+        self.log.raw("\n".join(out[2:]))
         self.tree.kill_children()
         return 1
 
     def _scheduler_exception(self, error_lines: Sequence[str]) -> int:
         """`Scheduler hit an exception: <traceback>` in TP0, SIGQUIT to the launcher, tree killed."""
         body = [e for e in error_lines if not e.startswith(("Scheduler hit an exception", "Received sigquit"))]
-        self.log("Scheduler hit an exception: Traceback (most recent call last):\n"
-                 '  File "/usr/local/lib/python3.11/site-packages/sglang/srt/managers/scheduler.py", '
-                 "line 3190, in run_scheduler_process\n"
-                 "    scheduler = Scheduler(server_args, port_args, gpu_id, tp_rank, moe_ep_rank, pp_rank, dp_rank)\n"
-                 + "\n".join(body), tp=0)
+        self.log("\n".join(scheduler_exception_lines(body, at_init=True)), tp=0)
         self.log("Received sigquit from a child process. It usually means the child failed.")
         self.tree.die(signal.SIGKILL)
         return 137  # not reached

@@ -1,5 +1,6 @@
-"""Injected faults for the simulated server (`--sim-fault` / KTTUNE_SIM_FAULT).
+"""Failure modes of the simulated server: injected faults and how the real launcher dies.
 
+Injected faults (`--sim-fault` / KTTUNE_SIM_FAULT) are
 Comma-separated switches, e.g. `slow_start=30,crash_after=5`:
 
 | switch | effect |
@@ -13,7 +14,12 @@ Comma-separated switches, e.g. `slow_start=30,crash_after=5`:
 """
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import time
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 KNOWN = ("crash_at_start", "hang_at_start", "slow_start", "crash_after", "port_in_use", "garbage_output")
 
@@ -63,3 +69,74 @@ def _number(name: str, value: str, kind: type) -> float | int:
     if out < 0:
         raise ValueError(f"fault {name!r} must be >= 0, got {value!r}")
     return out
+
+
+class ProcessTree:
+    """The launcher's children (fake schedulers) and the real server's ways of dying."""
+
+    def __init__(self) -> None:
+        self.children: list[Any] = []  # subprocess.Popen objects
+
+    def kill_children(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                try:
+                    child.kill()
+                except OSError:
+                    pass
+        for child in self.children:
+            try:
+                child.wait(timeout=2)
+            except Exception:  # noqa: BLE001 - best effort, like psutil's kill
+                pass
+
+    def die(self, sig: int = signal.SIGKILL) -> None:
+        """`kill_process_tree(os.getpid())`: children, then this process by `sig` (rc -sig)."""
+        self.kill_children()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        if sig != signal.SIGKILL:
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the signal is delivered before this returns
+        os._exit(128 + sig)
+
+    def dead_child(self) -> Any | None:
+        for child in self.children:
+            if child.poll() is not None:
+                return child
+        return None
+
+
+_SITE = "/usr/local/lib/python3.11/site-packages/sglang"
+
+
+def scheduler_exception_lines(error: str | Sequence[str], *, at_init: bool = False) -> list[str]:
+    """`Scheduler hit an exception: <traceback>` as TP0 logs it before SIGQUIT to the launcher."""
+    body = [error] if isinstance(error, str) else list(error)
+    frame = (["    scheduler = Scheduler(server_args, port_args, gpu_id, tp_rank, moe_ep_rank, pp_rank, dp_rank)"]
+             if at_init else ["    scheduler.event_loop_overlap()",
+                              f'  File "{_SITE}/srt/managers/scheduler.py", line 1104, in event_loop_overlap',
+                              "    batch_result = self.run_batch(batch)"])
+    return ["Scheduler hit an exception: Traceback (most recent call last):",
+            f'  File "{_SITE}/srt/managers/scheduler.py", line 3240, in run_scheduler_process',
+            *frame, *(ln for item in body for ln in item.splitlines())]
+
+
+def native_crash_lines(exit_line: str) -> list[str]:
+    """The launcher's view of a TP0 segfault during start-up (EOF on its pipe); exit 1 follows."""
+    return ["Rank 0 scheduler is dead. Please check if there are relevant logs.", exit_line,
+            "Traceback (most recent call last):",
+            '  File "<frozen runpy>", line 198, in _run_module_as_main',
+            f'  File "{_SITE}/launch_server.py", line 32, in <module>',
+            "    run_server(server_args)",
+            f'  File "{_SITE}/srt/entrypoints/engine.py", line 938, in _wait_for_scheduler_ready',
+            "    data = scheduler_pipe_readers[i].recv()",
+            "EOFError"]
+
+
+def watchdog_line(timeout_s: float) -> str:
+    return f"Scheduler watchdog timeout (self.watchdog_timeout={timeout_s!r}, self.soft=False)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import sys
 import time
@@ -19,12 +20,14 @@ from typing import Any, Callable, Protocol, Sequence
 
 from aiohttp import web
 
-from tuner.sim.faults import Faults
+from tuner.sim.faults import Faults, ProcessTree, scheduler_exception_lines, watchdog_line
 
 VERSION = "0.7.2"
 DEFAULT_MAX_NEW_TOKENS = 128
 GRACEFUL_POLL_S = 5.0
 HEALTH_CHECK_TIMEOUT_S = 20.0
+SETTLE_POLL_S, SETTLE_MAX_S = 0.001, 0.02
+OUTPUT_POOL = 4096
 
 
 class Log:
@@ -51,46 +54,6 @@ class Log:
             self._stream.flush()
         except (OSError, ValueError):
             pass
-
-
-class ProcessTree:
-    """The launcher's children (fake schedulers) and the real server's ways of dying."""
-
-    def __init__(self) -> None:
-        self.children: list[Any] = []  # subprocess.Popen objects
-
-    def kill_children(self) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                try:
-                    child.kill()
-                except OSError:
-                    pass
-        for child in self.children:
-            try:
-                child.wait(timeout=2)
-            except Exception:  # noqa: BLE001 - best effort, like psutil's kill
-                pass
-
-    def die(self, sig: int = signal.SIGKILL) -> None:
-        """`kill_process_tree(os.getpid())`: children, then this process by `sig` (rc -sig)."""
-        self.kill_children()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        if sig != signal.SIGKILL:
-            signal.signal(sig, signal.SIG_DFL)
-        os.kill(os.getpid(), sig)
-        time.sleep(5)  # the signal is delivered before this returns
-        os._exit(128 + sig)
-
-    def dead_child(self) -> Any | None:
-        for child in self.children:
-            if child.poll() is not None:
-                return child
-        return None
 
 
 class EngineLike(Protocol):
@@ -120,6 +83,7 @@ class ServerInfo:
     context_len: int
     max_total_num_tokens: int
     memory_usage: dict[str, float]
+    captured_bs: int = 0          # largest decode batch replayed from a CUDA graph
     model_type: str | None = None
     architectures: tuple[str, ...] = ()
 
@@ -146,7 +110,6 @@ class SimServer:
         self.info = info
         self.tok = tokenizer
         self._count = count_tokens
-        self._make_text = make_output_text
         self.log = log
         self.tree = tree
         self.scale = time_scale
@@ -160,11 +123,11 @@ class SimServer:
         self._wake = asyncio.Event()
         self._driver: asyncio.Task[None] | None = None
         self._last_emit = 0.0
-        self._garbage_piece: str | None = None
+        self._pool: list[str] = make_output_text(tokenizer, OUTPUT_POOL, seed)
         self._stop: asyncio.Future[str] | None = None
         self.decode_log_interval = max(1, int(info.server_args.get("decode_log_interval") or 40))
-        self.cuda_graph = not info.server_args.get("disable_cuda_graph")
         self._decode_steps, self._gen_tokens, self._gen_time = 0, 0, 0.0
+        self.last_gen_throughput = 0.0
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -239,6 +202,7 @@ class SimServer:
         try:
             while True:
                 await self._wake.wait()
+                await self._settle()
                 self._wake.clear()
                 deadline = loop.time()
                 while self.engine.has_work() and not self._frozen():
@@ -246,7 +210,7 @@ class SimServer:
                     dur = float(r.duration_s) * (0.5 if self.faults.garbage_output else 1.0)
                     if dur > self.watchdog_s:
                         await asyncio.sleep((self.watchdog_s + 5.0) * self.scale)
-                        self.fatal(_watchdog_lines(self.watchdog_s))
+                        self.fatal([watchdog_line(self.watchdog_s)])
                     # Absolute deadlines: event-loop overhead does not accumulate into the timing.
                     deadline = max(deadline, loop.time() - 0.05) + dur * self.scale
                     await asyncio.sleep(max(0.0, deadline - loop.time()))
@@ -254,14 +218,28 @@ class SimServer:
                         self.log(line, tp=0)
                     self._deliver(r.emitted)
                     if r.fatal:
-                        self.fatal(_exception_lines(str(r.fatal)))
+                        self.fatal(scheduler_exception_lines(str(r.fatal)))
                     self._stats(r, dur)
                     if dur <= 0 and not r.emitted:
                         break  # nothing admissible now: wait for a new request or an abort
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - a simulator bug must not look like a healthy server
-            self.fatal(_exception_lines(traceback.format_exc().rstrip().splitlines()[-1]))
+            self.fatal(scheduler_exception_lines(traceback.format_exc().rstrip().splitlines()[-1]))
+
+    async def _settle(self) -> None:
+        """Let requests sent together join the first forward after idling.
+
+        Client and HTTP overheads (a few ms for a burst of requests) are amplified by
+        1/time_scale in simulated time; the real scheduler sees such a burst at once.
+        """
+        loop = asyncio.get_running_loop()
+        end, seen = loop.time() + SETTLE_MAX_S, self._counter
+        while loop.time() < end:
+            await asyncio.sleep(SETTLE_POLL_S)
+            if self._counter == seen:
+                return
+            seen = self._counter
 
     def _frozen(self) -> bool:
         """A scheduler that died after start-up: nothing is answered any more (real behaviour)."""
@@ -280,9 +258,12 @@ class SimServer:
         cap = max(1, self.info.max_total_num_tokens)
         tput = self._gen_tokens / self._gen_time if self._gen_time > 0 else 0.0
         self._gen_tokens, self._gen_time = 0, 0.0
+        self.last_gen_throughput = tput
+        running = getattr(self.engine, "num_running", len(r.emitted))
+        graph = 0 < len(r.emitted) <= self.info.captured_bs
         self.log(
-            f"Decode batch, #running-req: {getattr(self.engine, 'num_running', len(r.emitted))}, "
-            f"#token: {used}, token usage: {used / cap:.2f}, cuda graph: {self.cuda_graph}, "
+            f"Decode batch, #running-req: {running}, "
+            f"#token: {used}, token usage: {used / cap:.2f}, cuda graph: {graph}, "
             f"gen throughput (token/s): {tput:.2f}, #queue-req: {getattr(self.engine, 'num_waiting', 0)}, ",
             tp=0,
         )
@@ -309,12 +290,13 @@ class SimServer:
         return req
 
     def _pieces(self, n: int) -> list[str]:
-        seed = self.seed * 1_000_003 + self._counter
+        """Output pieces (one non-empty piece per token): a seeded rotation of one shared pool,
+        since generating text per request costs milliseconds that 1/time_scale amplifies."""
+        pool = self._pool
         if self.faults.garbage_output:
-            if self._garbage_piece is None:
-                self._garbage_piece = self._make_text(self.tok, 1, self.seed)[0]
-            return [self._garbage_piece] * n
-        return self._make_text(self.tok, n, seed)
+            return [pool[0]] * n
+        start = random.Random(self.seed * 1_000_003 + self._counter).randrange(len(pool))
+        return [pool[(start + i) % len(pool)] for i in range(n)]
 
     def _release(self, req: _Req) -> None:
         self.reqs.pop(req.rid, None)
@@ -340,8 +322,6 @@ class SimServer:
     # ----------------------------------------------------------------- request parsing
 
     def _admit(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        if self.status == "shutting_down":
-            raise _BadRequest("The server is shutting down.", status=503)
         ctx = self.info.context_len
         if prompt_tokens >= ctx:
             raise _BadRequest(
@@ -360,7 +340,7 @@ class SimServer:
             self.user_requests += 1
             limit = self.faults.crash_after
             if limit is not None and self.user_requests > limit:
-                self.fatal(_exception_lines("RuntimeError: CUDA error: an illegal memory access was encountered"))
+                self.fatal(scheduler_exception_lines("RuntimeError: CUDA error: an illegal memory access was encountered"))
 
     def _prompt_len(self, text: Any, input_ids: Any) -> int:
         if input_ids is not None:
@@ -547,7 +527,7 @@ class SimServer:
             "internal_states": [{
                 "attention_backend": self.info.server_args.get("attention_backend"),
                 "memory_usage": dict(self.info.memory_usage),
-                "last_gen_throughput": 0.0,
+                "last_gen_throughput": round(self.last_gen_throughput, 2),
                 "load": running,
             }],
             "version": VERSION,
@@ -636,21 +616,3 @@ def _content_text(content: Any) -> str:
     if isinstance(content, list):
         return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
     return ""
-
-
-def _exception_lines(last_line: str) -> list[str]:
-    """`Scheduler hit an exception: <traceback>` as the real scheduler logs it."""
-    return [
-        "Scheduler hit an exception: Traceback (most recent call last):",
-        '  File "/usr/local/lib/python3.11/site-packages/sglang/srt/managers/scheduler.py", '
-        "line 3240, in run_scheduler_process",
-        "    scheduler.event_loop_overlap()",
-        '  File "/usr/local/lib/python3.11/site-packages/sglang/srt/managers/scheduler.py", '
-        "line 1104, in event_loop_overlap",
-        "    batch_result = self.run_batch(batch)",
-        *last_line.splitlines(),
-    ]
-
-
-def _watchdog_lines(timeout_s: float) -> list[str]:
-    return [f"Scheduler watchdog timeout (self.watchdog_timeout={timeout_s!r}, self.soft=False)"]
