@@ -105,3 +105,29 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
     bad.write_text("server: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_space(bad)
+
+
+def test_slos_in_both_spellings() -> None:
+    data = raw()
+    data["slo"] = [{"workload": "decode", "metric": "median_itl_ms", "max": 900}, "prefill.p99_ttft_ms <= 5000",
+                   "decode.output_throughput >= 30"]
+    slos = parse(data).slos
+    assert [(s.key, s.max, s.min) for s in slos] == [("decode.median_itl_ms", 900, None),
+                                                      ("prefill.p99_ttft_ms", 5000, None),
+                                                      ("decode.output_throughput", None, 30)]
+    assert slos[0].violation(990) == pytest.approx(0.1) and slos[0].violation(450) < 0
+    assert slos[2].violation(33) < 0 < slos[2].violation(27)
+
+
+@pytest.mark.parametrize("slo, field", [
+    (["decode.p99_ttft_ms << 5"], "slo[0]"),
+    ([{"workload": "decode", "metric": "x"}], "slo[0]"),
+    ([{"workload": "nope", "metric": "x", "max": 1}], "slo[0].workload"),
+    ({"decode": 1}, "slo"),
+])
+def test_bad_slo_names_the_field(slo, field: str) -> None:
+    data = raw()
+    data["slo"] = slo
+    with pytest.raises(ConfigError) as err:
+        parse(data)
+    assert str(err.value).startswith(field)

@@ -65,13 +65,26 @@ def pessimistic_values(space: SearchSpace) -> list[float]:
     return [PESSIMISTIC_MAX if o.direction == "maximize" else PESSIMISTIC_MIN for o in space.objectives]
 
 
+def slo_constraints(space: SearchSpace, metrics: Mapping[str, float]) -> dict[str, float] | None:
+    """One constraint per SLO (≤ 0 met); None if a bounded metric was not measured."""
+    out = {}
+    for slo in space.slos:
+        value = metrics.get(slo.key)
+        if not is_finite(value):
+            return None
+        out[slo.constraint_name] = slo.violation(float(value))  # type: ignore[arg-type]
+    return out
+
+
 def success(space: SearchSpace, metrics: Mapping[str, float], constraints: Mapping[str, float]) -> TrialOutcome:
     values = objective_values(space, metrics)
-    if values is None:
-        missing = [o.key for o in space.objectives if not is_finite(metrics.get(o.key))]
+    slos = slo_constraints(space, metrics)
+    if values is None or slos is None:
+        keys = [o.key for o in space.objectives] + [s.key for s in space.slos]
+        missing = [k for k in keys if not is_finite(metrics.get(k))]
         return failure(space, "metric_missing", f"bench output lacks {', '.join(missing)}", metrics, constraints)
     return TrialOutcome(TrialState.COMPLETE, values, None, "ok", dict(metrics),
-                        {**constraints, LAUNCH_FAILED: 0.0})
+                        {**constraints, **slos, LAUNCH_FAILED: 0.0})
 
 
 def failure(space: SearchSpace, reason: str, message: str, metrics: Mapping[str, float] | None = None,

@@ -118,6 +118,34 @@ class ObjectiveSpec:
 
 
 @dataclass(frozen=True)
+class SloSpec:
+    """A service-level bound on one measured metric; violations become Optuna constraints."""
+
+    workload: str
+    metric: str
+    max: float | None = None
+    min: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.workload}.{self.metric}"
+
+    @property
+    def constraint_name(self) -> str:
+        return f"slo:{self.key}"
+
+    def violation(self, value: float) -> float:
+        """Relative violation: ≤ 0 met, > 0 missed by that fraction of the bound."""
+        if self.max is not None:
+            return (value - self.max) / max(abs(self.max), 1e-9)
+        assert self.min is not None
+        return (self.min - value) / max(abs(self.min), 1e-9)
+
+    def describe(self) -> str:
+        return f"{self.key} {'<=' if self.max is not None else '>='} {self.max if self.max is not None else self.min:g}"
+
+
+@dataclass(frozen=True)
 class SearchSpace:
     name: str
     path: Path | None
@@ -129,6 +157,7 @@ class SearchSpace:
     baseline: Mapping[str, Any] | None
     hardware: Mapping[str, Any]
     model: Mapping[str, Any]
+    slos: tuple[SloSpec, ...] = ()
 
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         return {p.flag: p.distribution() for p in self.params}
@@ -333,6 +362,42 @@ def _parse_objectives(data: Any, workloads: tuple[Workload, ...]) -> tuple[Objec
     return tuple(out)
 
 
+_SLO_OPS = {"<=": "max", "<": "max", ">=": "min", ">": "min"}
+
+
+def _parse_slos(data: Any, workloads: tuple[Workload, ...]) -> tuple[SloSpec, ...]:
+    """`slo:` is a list of {workload, metric, max|min} or strings like
+    "decode.p99_ttft_ms <= 5000"."""
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise _fail("slo", "must be a list", "e.g. [{workload: decode, metric: p99_ttft_ms, max: 5000}]")
+    names = {w.name for w in workloads}
+    out = []
+    for i, item in enumerate(data):
+        where = f"slo[{i}]"
+        if isinstance(item, str):
+            parts = item.split()
+            if len(parts) != 3 or parts[1] not in _SLO_OPS or "." not in parts[0]:
+                raise _fail(where, f"cannot read {item!r}", "write it as 'workload.metric <= number'")
+            wl, _, metric = parts[0].partition(".")
+            try:
+                bound = float(parts[2])
+            except ValueError:
+                raise _fail(where, f"bound {parts[2]!r} is not a number", "use a number") from None
+            item = {"workload": wl, "metric": metric, _SLO_OPS[parts[1]]: bound}
+        item = _mapping(where, item)
+        _check_keys(where, item, {"workload", "metric", "max", "min"}, {"workload", "metric"})
+        if item["workload"] not in names:
+            raise _fail(f"{where}.workload", f"unknown workload {item['workload']!r}", f"use one of: {', '.join(sorted(names))}")
+        if ("max" in item) == ("min" in item):
+            raise _fail(where, "needs exactly one of max or min", "e.g. max: 5000")
+        bound_key = "max" if "max" in item else "min"
+        bound = _number(f"{where}.{bound_key}", item[bound_key])
+        out.append(SloSpec(workload=str(item["workload"]), metric=str(item["metric"]), **{bound_key: float(bound)}))
+    return tuple(out)
+
+
 def _parse_bench(data: Mapping[str, Any], base: Path, check: bool) -> BenchSpec:
     where = "bench"
     _check_keys(where, data, {"python", "module", "backend", "dataset_path", "tokenizer", "model", "timeout_s", "seed", "env", "time_scale"})
@@ -390,7 +455,7 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
     """Validate a loaded YAML document. Raises ConfigError naming the field."""
     # Relative paths inside a space are read from the working directory (the repo root).
     data = _mapping("space", data)
-    _check_keys("space", data, {"name", "description", "server", "params", "workloads", "objective", "bench", "baseline", "hardware", "model", "feasibility"}, {"server", "params"})
+    _check_keys("space", data, {"name", "description", "server", "params", "workloads", "objective", "bench", "baseline", "hardware", "model", "slo"}, {"server", "params"})
     server = _parse_server(_mapping("server", data["server"]), Path.cwd(), check_paths)
     args = dict(server.args)
     _resolve_model_paths(args, Path.cwd())
@@ -424,7 +489,8 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
     return SearchSpace(name=name, path=path, server=server, params=params, workloads=workloads,
                        objectives=objectives, bench=bench, baseline=baseline,
                        hardware=dict(_mapping("hardware", data.get("hardware"))),
-                       model=dict(_mapping("model", data.get("model"))))
+                       model=dict(_mapping("model", data.get("model"))),
+                       slos=_parse_slos(data.get("slo"), workloads))
 
 
 def load_space(path: str | Path, *, check_paths: bool = True) -> SearchSpace:

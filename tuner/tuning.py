@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 
@@ -19,9 +19,15 @@ from tuner.space import SearchSpace
 from tuner.study import (STUDY_ATTR_CALIBRATION, ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_FLAGS, ATTR_LAUNCHED, ATTR_TRIAL_DIR,
                          ATTR_WORKER, RunSummary, _Heartbeat, enqueue_baseline_once, find_duplicate,
                          launched_count, open_study, record, recover_stale_trials, worker_id)
-from tuner.trial import run_trial, server_argv
+from tuner.trial import TrialRun, run_trial, server_argv
 
 Log = Callable[[str], None]
+
+
+class TrialRunner(Protocol):
+    def __call__(self, space: SearchSpace, flags: dict[str, Any], trial_dir: Path, *,
+                 on_phase: Callable[[str], None] | None = None) -> TrialRun: ...
+
 # Proposals that are not launched (predicted infeasible, duplicates) per launch, before we
 # conclude the sampler is stuck in a region that cannot be launched.
 MAX_SKIPS_PER_LAUNCH = 50
@@ -45,7 +51,10 @@ def _fmt_values(values: list[float] | None) -> str:
     return "-" if values is None else ", ".join(f"{v:.4g}" for v in values)
 
 
-def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print) -> RunSummary:
+def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
+              runner: TrialRunner = run_trial) -> RunSummary:
+    """Run (or resume) the study until `opts.budget` launches are done. `runner` does one
+    launch; the default starts the configured server, benchmarks tools can pass another."""
     study = open_study(space, study_name=opts.study_name, storage=opts.storage, seed=opts.seed)
     recovered = recover_stale_trials(study, log)
     if recovered:
@@ -92,7 +101,7 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print) -> RunS
             skips += 1
             continue
         skips = 0
-        outcome, log_text = _launch(study, trial, space, flags, constraints, opts, log, summary)
+        outcome, log_text = _launch(study, trial, space, flags, constraints, opts, log, summary, runner)
         if gate is not None:
             before = gate.state()
             after = gate.observe(log_text, flags, outcome.reason, predicted_fit=report is not None and report.feasible)
@@ -107,7 +116,7 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print) -> RunS
 
 def _launch(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, flags: dict[str, Any],
             constraints: dict[str, float], opts: RunOptions, log: Log,
-            summary: RunSummary) -> tuple[TrialOutcome, str]:
+            summary: RunSummary, runner: TrialRunner) -> tuple[TrialOutcome, str]:
     trial_dir = (opts.studies_dir / opts.study_name / f"trial-{trial.number}").resolve()
     trial.set_user_attr(ATTR_TRIAL_DIR, str(trial_dir))
     trial.set_user_attr(ATTR_LAUNCHED, True)
@@ -116,18 +125,17 @@ def _launch(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, flags:
     started = time.monotonic()
     try:
         with _Heartbeat(study, trial):
-            run = run_trial(space, flags, trial_dir, on_phase=lambda p: log(f"  {p}"))
+            run = runner(space, flags, trial_dir, on_phase=lambda p: log(f"  {p}"))
     except KeyboardInterrupt:
         outcome = objective.failure(space, "interrupted", "the tuner was stopped")
         record(study, trial, outcome, {})
         raise
     outcome = run.outcome
-    if outcome.ok:
-        outcome.constraints.update({k: v for k, v in constraints.items() if k not in outcome.constraints})
-    else:
-        outcome.constraints = {**constraints, **outcome.constraints}
+    # What was measured overrides what was predicted: a launched trial carries the
+    # prediction only as information, never as a constraint.
     attrs: dict[str, Any] = {"argv": run.argv, "timings": run.timings, "memory": run.memory,
-                             "wall_s": round(time.monotonic() - started, 2)}
+                             "wall_s": round(time.monotonic() - started, 2),
+                             "predicted_constraints": dict(constraints)}
     record(study, trial, outcome, attrs)
     summary.new_trials.append(trial.number)
     verdict = "ok" if outcome.ok else f"{outcome.reason}"

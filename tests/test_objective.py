@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from tuner import objective
+from tuner.space import parse_space
+
+
+def space(**changes):
+    data = yaml.safe_load(open("search_spaces/sim-kimi-k2-thinking-8xl20.yaml").read())
+    data.update(changes)
+    return parse_space(data, check_paths=False)
+
+
+def test_success_takes_the_objective_metric() -> None:
+    out = objective.success(space(), {"decode.output_throughput": 45.9, "prefill.input_throughput": 570.0}, {})
+    assert out.state == TrialState.COMPLETE and out.values == [45.9] and out.constraints == {"launch_failed": 0.0}
+
+
+def test_missing_metric_is_a_named_infrastructure_failure() -> None:
+    out = objective.success(space(), {"prefill.input_throughput": 570.0}, {})
+    assert out.state == TrialState.FAIL and out.reason == "metric_missing" and "decode.output_throughput" in out.message
+
+
+@pytest.mark.parametrize("reason", ["oom", "oom_weights", "kv_not_enough_memory", "start_timeout", "server_died",
+                                    "exited_rc_139"])
+def test_config_faults_teach_the_sampler(reason: str) -> None:
+    out = objective.failure(space(), reason, "x")
+    assert out.state == TrialState.COMPLETE and out.values == [0.0] and out.constraints["launch_failed"] == 1.0
+
+
+@pytest.mark.parametrize("reason", ["port_in_use", "bench_no_result", "interrupted", "teardown_stuck"])
+def test_infrastructure_faults_are_fail(reason: str) -> None:
+    out = objective.failure(space(), reason, "x")
+    assert out.state == TrialState.FAIL and out.values is None
+
+
+def test_predicted_infeasible_keeps_its_graded_constraints() -> None:
+    out = objective.failure(space(), "infeasible_predicted", "x", constraints={"gpu_mem_startup_gb": 3.5})
+    assert out.constraints == {"gpu_mem_startup_gb": 3.5, "launch_failed": 0.0}
+
+
+def test_slo_violations_are_constraints_and_minimize_is_pessimistic_high() -> None:
+    sp = space(slo=["decode.median_itl_ms <= 800"],
+               objective=[{"workload": "decode", "metric": "median_itl_ms", "direction": "minimize"}])
+    out = objective.success(sp, {"decode.median_itl_ms": 880.0}, {})
+    assert out.constraints["slo:decode.median_itl_ms"] == pytest.approx(0.1)
+    assert objective.failure(sp, "oom", "x").values == [objective.PESSIMISTIC_MIN]
