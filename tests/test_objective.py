@@ -48,3 +48,23 @@ def test_slo_violations_are_constraints_and_minimize_is_pessimistic_high() -> No
     out = objective.success(sp, {"decode.median_itl_ms": 880.0}, {})
     assert out.constraints["slo:decode.median_itl_ms"] == pytest.approx(0.1)
     assert objective.failure(sp, "oom", "x").values == [objective.PESSIMISTIC_MIN]
+
+
+def test_plan_prints_breakdown_layout_and_largest_n(capsys) -> None:
+    from tuner.cli import main
+
+    rc = main(["plan", "--space", "search_spaces/sim-kimi-k2-thinking-8xl20.yaml", "--set", "kt-num-gpu-experts=400"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "DOES NOT FIT" in out and "gpu_experts" in out
+    assert "56 kt-cpuinfer threads in 2 pool(s)" in out
+    n = int(out.rsplit("fits with these settings: ", 1)[1].split()[0])
+    assert 150 < n < 240
+    rc = main(["plan", "--space", "search_spaces/sim-kimi-k2-thinking-8xl20.yaml", "--set", f"kt-num-gpu-experts={n}"])
+    assert rc == 0 and ": fits" in capsys.readouterr().out
+
+
+def test_plan_bad_set_is_exit_2(capsys) -> None:
+    from tuner.cli import main
+
+    assert main(["plan", "--space", "search_spaces/sim-kimi-k2-thinking-8xl20.yaml", "--set", "nonsense"]) == 2
+    assert "--set" in capsys.readouterr().err

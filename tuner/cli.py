@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study_args(exp)
     exp.add_argument("--out", required=True, help="output .yaml file")
     exp.add_argument("--trial", type=int, help="trial number (default: the best)")
+    plan = sub.add_parser("plan", help="predict memory, KV capacity and CPU layout of a config; launch nothing")
+    _add_study_args(plan)
+    plan.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
+                      help="override a flag (default values: the space's baseline); repeatable")
     dash = sub.add_parser("dashboard", help="serve optuna-dashboard on the study's storage")
     _add_study_args(dash)
     dash.add_argument("--host", default="127.0.0.1")
@@ -96,6 +100,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from tuner.plan import plan_report
+
+    space, _study, _storage = _resolve(args, check_paths=False)
+    text, fits = plan_report(space, args.set)
+    print(text)
+    return 0 if fits else 1
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
@@ -105,7 +118,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "best": cmd_best, "export": cmd_export, "dashboard": cmd_dashboard}
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "best": cmd_best, "export": cmd_export, "dashboard": cmd_dashboard}
 
 
 def _sigterm_as_interrupt(_signum: int, _frame: object) -> None:

@@ -4,6 +4,7 @@ from what launched servers really logged (stored in the study so resumed runs ke
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +13,7 @@ from tuner.feasibility import (FeasibilityReport, MemoryCalibration, auto_max_to
                                calibration_from_observed, check)
 from tuner.hardware import Hardware, resolve_hardware
 from tuner.model import ModelSizes, load_model_sizes
-from tuner.space import AUTO, SearchSpace
+from tuner.space import AUTO, ParamSpec, SearchSpace
 
 # Failures that mean "the memory model was too optimistic" when the config was predicted to fit.
 MEMORY_REASONS = frozenset({"oom", "oom_weights", "oom_kv_alloc", "kv_not_enough_memory", "cuda_graph_failed"})
@@ -51,6 +52,25 @@ class FeasibilityGate:
             self.last_binding = report.binding
         return report
 
+    def find_fitting(self, space: SearchSpace, *, samples: int = 256, seed: int = 0) -> FeasibilityReport:
+        """Look for any configuration of the space that fits (baseline first, then random
+        draws). Returns a fitting report, or the least-violating one if none fits."""
+        rng = random.Random(seed)
+        candidates = [dict(space.baseline)] if space.baseline else []
+        for _ in range(samples):
+            candidates.append({p.flag: _draw(p, rng) for p in space.params})
+        best: tuple[float, FeasibilityReport] | None = None
+        for params in candidates:
+            report = check(self.model, self.hardware, self.resolve_auto(space.launch_flags(params)),
+                           self.workloads, margin_gb=self.margin_gb, calibration=self.calibration)
+            if report.feasible:
+                return report
+            excess = sum(v for v in report.constraints.values() if v > 0)
+            if best is None or excess < best[0]:
+                best = (excess, report)
+        assert best is not None
+        return best[1]
+
     def summary(self, report: FeasibilityReport) -> str:
         """One line: the binding constraint, by how much, and the smallest fix."""
         if report.feasible:
@@ -79,3 +99,13 @@ class FeasibilityGate:
         known = {f.name for f in dataclasses.fields(MemoryCalibration)}
         values = {k: v for k, v in dict(state.get("calibration") or {}).items() if k in known}
         self.calibration = MemoryCalibration(**values)
+
+
+def _draw(p: ParamSpec, rng: random.Random) -> Any:
+    if p.choices is not None:
+        return rng.choice(p.choices)
+    assert p.low is not None and p.high is not None
+    if p.is_float:
+        return rng.uniform(p.low, p.high)
+    step = int(p.step or 1)
+    return int(p.low) + step * rng.randrange(int((p.high - p.low) // step) + 1)

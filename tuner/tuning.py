@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import optuna
 
 from tuner import objective
-from tuner.errors import KttuneError
+from tuner.errors import ConfigError, KttuneError
 from tuner.feasibility_gate import FeasibilityGate
 from tuner.objective import FATAL_REASONS, TrialOutcome
 from tuner.space import SearchSpace
@@ -55,13 +55,18 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
               runner: TrialRunner = run_trial) -> RunSummary:
     """Run (or resume) the study until `opts.budget` launches are done. `runner` does one
     launch; the default starts the configured server, benchmarks tools can pass another."""
+    gate = FeasibilityGate.for_space(space) if opts.check_feasibility else None
+    if gate is not None:
+        probe = gate.find_fitting(space, seed=opts.seed or 0)
+        if not probe.feasible:  # refuse before anything is written to the study
+            raise ConfigError(f"space: no configuration is predicted to fit (binding: {gate.summary(probe)}); "
+                              "widen the space or pass --no-feasibility")
     study = open_study(space, study_name=opts.study_name, storage=opts.storage, seed=opts.seed)
     recovered = recover_stale_trials(study, log)
     if recovered:
         log(f"marked {recovered} trial(s) of a dead run as interrupted")
     if enqueue_baseline_once(study, space):
         log("baseline enqueued as the first trial")
-    gate = FeasibilityGate.for_space(space) if opts.check_feasibility else None
     if gate is not None:
         gate.restore(study.user_attrs.get(STUDY_ATTR_CALIBRATION))
     summary = RunSummary(opts.study_name, opts.storage, launched_count(study.get_trials(deepcopy=False)), opts.budget)

@@ -1,0 +1,56 @@
+"""`kttune plan`: what a configuration needs before anything is launched."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from tuner.errors import ConfigError
+from tuner.feasibility import max_gpu_experts
+from tuner.feasibility_gate import FeasibilityGate
+from tuner.space import SearchSpace
+
+
+def parse_sets(sets: Sequence[str]) -> dict[str, Any]:
+    """`--set flag=value` pairs; values are read as YAML scalars (200, 0.9, true, AMXINT4)."""
+    out: dict[str, Any] = {}
+    for item in sets:
+        flag, sep, raw = item.partition("=")
+        flag = flag.strip().lstrip("-")
+        if not sep or not flag:
+            raise ConfigError(f"--set: {item!r} is not flag=value; e.g. --set kt-num-gpu-experts=180")
+        out[flag] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def plan_flags(space: SearchSpace, sets: Sequence[str]) -> dict[str, Any]:
+    values = dict(space.baseline or {})
+    values.update(parse_sets(sets))
+    missing = [p.flag for p in space.params if p.flag not in values]
+    if missing:
+        raise ConfigError(f"--set: {', '.join(missing)} has no value (the space has no baseline); "
+                          f"pass --set {missing[0]}=VALUE")
+    return space.launch_flags(values)
+
+
+def cpu_layout(gate: FeasibilityGate, flags: dict[str, Any]) -> str:
+    cpu = gate.hardware.cpu
+    threads = flags.get("kt-cpuinfer")
+    pools = int(flags.get("kt-threadpool-count", 2))
+    gpus = int(flags.get("tensor-parallel-size", flags.get("tp-size", 1)))
+    per_pool = f"{threads / pools:.1f}" if isinstance(threads, (int, float)) else "?"
+    node_cores = "/".join(str(c) for c in cpu.cores_per_node)
+    return (f"CPU: {threads} kt-cpuinfer threads in {pools} pool(s) = {per_pool} per pool; "
+            f"{cpu.physical_cores} physical cores ({cpu.physical_cores - gpus} beside {gpus} GPU rank(s)), "
+            f"{cpu.numa_nodes} NUMA node(s) of {node_cores} cores, AMX {'yes' if cpu.amx else 'no'}")
+
+
+def plan_report(space: SearchSpace, sets: Sequence[str]) -> tuple[str, bool]:
+    gate = FeasibilityGate.for_space(space)
+    flags = gate.resolve_auto(plan_flags(space, sets))
+    report = gate.check(flags)
+    n_max = max_gpu_experts(gate.model, gate.hardware, flags, gate.workloads, margin_gb=gate.margin_gb)
+    lines = [report.explain().rstrip(), cpu_layout(gate, flags),
+             f"largest kt-num-gpu-experts that fits with these settings: {n_max}"]
+    return "\n".join(lines), report.feasible
