@@ -26,10 +26,16 @@ def fast_space(tmp_path: Path, scale: float = 0.01, **changes: object) -> Path:
     data = yaml.safe_load(SIM_SPACE.read_text())
     data["server"]["args"]["sim-time-scale"] = scale
     data["bench"]["time_scale"] = scale
+    # A real flag that tags every server this test starts, so leftovers can be found.
+    data["server"]["args"]["served-model-name"] = marker(tmp_path)
     data.update(changes)
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def marker(tmp_path: Path) -> str:
+    return f"kttune-e2e-{tmp_path.name}"
 
 
 def kttune(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -44,6 +50,22 @@ def study_args(tmp_path: Path, space: Path) -> list[str]:
 
 def load(tmp_path: Path) -> optuna.Study:
     return optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'e2e.db'}")
+
+
+def try_load(tmp_path: Path) -> optuna.Study | None:
+    """The study, or None while the first run has not created it yet."""
+    try:
+        return load(tmp_path)
+    except KeyError:
+        return None
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_servers(tmp_path: Path):
+    """Whatever a failing test left running under its tmp_path is killed afterwards."""
+    yield
+    for p in sim_processes(marker(tmp_path)):
+        p.kill()
 
 
 def launched(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -83,7 +105,7 @@ def test_run_budget_3_then_best_and_export(tmp_path: Path) -> None:
         assert "The server is fired up and ready to roll!" in (trial_dir / "server.log").read_text()
     # The seed config on the seed scenario measures near the seed's 45.91 tok/s.
     assert 35 < first.values[0] < 57
-    assert sim_processes(str(tmp_path)) == []
+    assert sim_processes(marker(tmp_path)) == []
 
     best = kttune("best", *study_args(tmp_path, space))
     assert best.returncode == 0 and "decode.output_throughput" in best.stdout
@@ -143,9 +165,10 @@ def test_resume_after_the_tuner_is_killed(tmp_path: Path) -> None:
     try:
         while time.monotonic() < deadline:
             time.sleep(1)
-            if (tmp_path / "e2e.db").exists():
-                done = [t for t in launched(load(tmp_path)) if t.state.is_finished()]
-                if len(done) >= 2 and any(t.state == optuna.trial.TrialState.RUNNING for t in load(tmp_path).trials):
+            study = try_load(tmp_path) if (tmp_path / "e2e.db").exists() else None
+            if study is not None:
+                done = [t for t in launched(study) if t.state.is_finished()]
+                if len(done) >= 2 and any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials):
                     break
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
         else:
@@ -163,4 +186,4 @@ def test_resume_after_the_tuner_is_killed(tmp_path: Path) -> None:
     assert len(interrupted) == 1 and interrupted[0].state == optuna.trial.TrialState.FAIL
     counted = [t for t in launched(study) if t.user_attrs.get(ATTR_REASON) != "interrupted"]
     assert len(counted) == 4
-    assert sim_processes(str(tmp_path)) == []
+    assert sim_processes(marker(tmp_path)) == []

@@ -19,3 +19,13 @@ def test_space_where_nothing_fits_is_refused_before_the_study_exists(tmp_path: P
     assert rc == 2 and err.count("\n") == 1
     assert "gpu_mem" in err and "lower kt-num-gpu-experts to" in err
     assert not (tmp_path / "x.db").exists()
+
+
+def test_repeating_environment_fault_stops_but_memory_cliffs_do_not() -> None:
+    from tuner.tuning import repeating_fault
+
+    assert repeating_fault([None, "bench_no_result", "bench_no_result", "bench_no_result"])
+    assert repeating_fault(["python_exception"] * 3)
+    assert not repeating_fault(["oom"] * 5)
+    assert not repeating_fault(["bench_no_result", None, "bench_no_result"])
+    assert not repeating_fault([None, None, None])

@@ -13,7 +13,7 @@ import optuna
 
 from tuner import objective
 from tuner.errors import ConfigError, KttuneError
-from tuner.feasibility_gate import FeasibilityGate
+from tuner.feasibility_gate import MEMORY_REASONS, FeasibilityGate
 from tuner.objective import FATAL_REASONS, TrialOutcome
 from tuner.space import SearchSpace
 from tuner.study import (STUDY_ATTR_CALIBRATION, ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_FLAGS, ATTR_LAUNCHED, ATTR_TRIAL_DIR,
@@ -31,6 +31,7 @@ class TrialRunner(Protocol):
 # Proposals that are not launched (predicted infeasible, duplicates) per launch, before we
 # conclude the sampler is stuck in a region that cannot be launched.
 MAX_SKIPS_PER_LAUNCH = 50
+REPEAT_LIMIT = 3
 
 
 class StudyStopped(KttuneError):
@@ -71,6 +72,7 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
         gate.restore(study.user_attrs.get(STUDY_ATTR_CALIBRATION))
     summary = RunSummary(opts.study_name, opts.storage, launched_count(study.get_trials(deepcopy=False)), opts.budget)
     skips = 0
+    recent: list[str | None] = []
     while True:
         trials = study.get_trials(deepcopy=False)
         summary.launched = launched_count(trials)
@@ -114,9 +116,23 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
                 study.set_user_attr(STUDY_ATTR_CALIBRATION, after)
                 if after["margin_gb"] != before["margin_gb"]:
                     log(f"  memory model was optimistic: margin now {after['margin_gb']:.1f} GB")
+        recent.append(outcome.reason)
+        first_line = outcome.message.splitlines()[0] if outcome.message else ""
         if outcome.reason in FATAL_REASONS:
-            raise StudyStopped(f"trial {trial.number} failed with {outcome.reason}: {outcome.message.splitlines()[0] if outcome.message else ''}; fix the space before running again")
+            raise StudyStopped(f"trial {trial.number} failed with {outcome.reason}: {first_line}; fix the space before running again")
+        if repeating_fault(recent):
+            raise StudyStopped(f"the last {REPEAT_LIMIT} launches all failed with {outcome.reason} ({first_line}); "
+                               "this looks like the environment, not the configurations: check server.python, "
+                               "bench.python and the trial logs in " + str(opts.studies_dir / opts.study_name))
     return summary
+
+
+def repeating_fault(recent: list[str | None]) -> bool:
+    """The same non-memory failure on every one of the last REPEAT_LIMIT launches (memory
+    failures legitimately repeat while the sampler explores a cliff)."""
+    tail = recent[-REPEAT_LIMIT:]
+    return (len(tail) == REPEAT_LIMIT and tail[0] is not None and len(set(tail)) == 1
+            and tail[0] not in MEMORY_REASONS | {"quality", "server_died"})
 
 
 def _launch(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, flags: dict[str, Any],
