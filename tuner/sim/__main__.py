@@ -7,7 +7,8 @@ real text and end the way the real launcher does:
 
 | what | exit |
 |---|---|
-| usage error (unrecognized `--kt-amx-*`, bad value) | 2 |
+| usage error (unrecognized `--kt-amx-*`, bad value, no scenario) | 2 |
+| bad `--config` file, unknown scenario, impossible flags (TP > GPUs, ...) | 1 |
 | scheduler exception at start (CUDA OOM, Not enough memory, graph capture, bad KT args) | -9 (SIGKILL of itself) |
 | native scheduler crash at start (`Rank 0 scheduler is dead`) | 1 |
 | HTTP bind failure | -9 after the warmup poll gives up (120 s x time scale); 1 if another server answers |

@@ -243,7 +243,10 @@ def merge_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
         raise ConfigFileError(f"Config file must be YAML format, got: {path.suffix}")
     if not path.exists():
         raise ConfigFileError(f"Config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigFileError(f"Failed to read config file {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigFileError("Config file must contain a dictionary at root level")
     store_true = {a.dest for a in parser._actions if isinstance(a, argparse._StoreTrueAction)}

@@ -1,7 +1,7 @@
 """Failure modes of the simulated server: injected faults and how the real launcher dies.
 
-Injected faults (`--sim-fault` / KTTUNE_SIM_FAULT) are
-Comma-separated switches, e.g. `slow_start=30,crash_after=5`:
+Injected faults (`--sim-fault` / KTTUNE_SIM_FAULT) are comma-separated switches, e.g.
+`slow_start=30,crash_after=5`:
 
 | switch | effect |
 |---|---|
@@ -32,10 +32,6 @@ class Faults:
     crash_after: int | None = None
     port_in_use: bool = False
     garbage_output: bool = False
-
-    @property
-    def any(self) -> bool:
-        return self != Faults()
 
 
 def parse_faults(spec: str) -> Faults:
