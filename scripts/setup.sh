@@ -7,8 +7,8 @@ python="${PYTHON:-python3}"
 if [[ ! -x .venv/bin/python ]]; then
     "$python" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import tuner, optuna, pytest, tokenizers' >/dev/null 2>&1; then
+if ! .venv/bin/python -c 'import tuner, optuna, pytest, tokenizers, matplotlib, sklearn' >/dev/null 2>&1; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[test]'
+    .venv/bin/python -m pip install -q -e '.[test,report]'
 fi
 bash scripts/bench-venv.sh .venv-bench

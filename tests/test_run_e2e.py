@@ -81,6 +81,23 @@ def sim_processes(marker: str) -> list[psutil.Process]:
     return found
 
 
+def describe_leftovers(tmp_path: Path) -> str:
+    """What a leftover server was (its port names the trial) — for a failure message."""
+    lines = []
+    for p in sim_processes(marker(tmp_path)):
+        try:
+            cmd = p.cmdline()
+            port = cmd[cmd.index("--port") + 1] if "--port" in cmd else "?"
+            lines.append(f"pid {p.pid} ppid {p.ppid()} port {port} started {p.create_time():.1f}")
+        except psutil.Error:
+            continue
+    for trial_dir in sorted((tmp_path / "studies").glob("*/trial-*")):
+        argv = trial_dir / "server.argv.json"
+        port = json.loads(argv.read_text())[-1] if argv.exists() else "?"
+        lines.append(f"{trial_dir.name}: port {port}, pid file {'present' if (trial_dir / 'server.pid').exists() else 'absent'}")
+    return "\n".join(lines)
+
+
 def test_run_budget_3_then_best_and_export(tmp_path: Path) -> None:
     space = fast_space(tmp_path)
     res = kttune("run", *study_args(tmp_path, space), "--budget", "3", "--seed", "0")
@@ -186,4 +203,4 @@ def test_resume_after_the_tuner_is_killed(tmp_path: Path) -> None:
     assert len(interrupted) == 1 and interrupted[0].state == optuna.trial.TrialState.FAIL
     counted = [t for t in launched(study) if t.user_attrs.get(ATTR_REASON) != "interrupted"]
     assert len(counted) == 4
-    assert sim_processes(marker(tmp_path)) == []
+    assert sim_processes(marker(tmp_path)) == [], describe_leftovers(tmp_path) + "\n" + res.stdout[-3000:]

@@ -42,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study_args(exp)
     exp.add_argument("--out", required=True, help="output .yaml file")
     exp.add_argument("--trial", type=int, help="trial number (default: the best)")
+    exp.add_argument("--weights", metavar="KEY=W,...",
+                     help="pick off the Pareto front by preference, e.g. decode.output_throughput=2,prefill.input_throughput=1 "
+                          "(objectives rescaled to [0, 1] over the front)")
+    rep = sub.add_parser("report", help="write an HTML report with plots (and the PNGs) for the study")
+    _add_study_args(rep)
+    rep.add_argument("--out", help="output folder (default: <studies-dir>/<study>/report)")
+    doc = sub.add_parser("doctor", help="check interpreters, flags, GPUs, CPU, model, bench inputs and storage")
+    doc.add_argument("--space", help="search-space YAML to check (default: only this machine)")
+    doc.add_argument("--study", help="study name (default: the space's name)")
+    doc.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///<studies-dir>/<study>.db)")
+    doc.add_argument("--studies-dir", default="studies", help="where trial folders and default databases go")
+    doc.add_argument("--timeout", type=float, default=120.0, help="seconds per interpreter probe (default: %(default)s)")
     plan = sub.add_parser("plan", help="predict memory, KV capacity and CPU layout of a config; launch nothing")
     _add_study_args(plan)
     plan.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
@@ -95,7 +107,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tuner.report import export_profile
 
     space, study_name, storage = _resolve(args, check_paths=False)
-    path = export_profile(space, study_name, storage, Path(args.out), trial_number=args.trial)
+    weights = None
+    if args.weights is not None:
+        from tuner.report import parse_weights
+
+        weights = parse_weights(args.weights, [o.key for o in space.objectives])
+    path = export_profile(space, study_name, storage, Path(args.out), trial_number=args.trial, weights=weights)
     print(f"wrote {path}")
     return 0
 
@@ -109,16 +126,40 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if fits else 1
 
 
-def cmd_dashboard(args: argparse.Namespace) -> int:
-    import optuna_dashboard
+def cmd_report(args: argparse.Namespace) -> int:
+    from tuner.report import compute_report, load_study
+    from tuner.report_html import write_report
 
-    _space, study_name, storage = _resolve(args, check_paths=False)
-    print(f"optuna-dashboard on http://{args.host}:{args.port} (study {study_name}, {storage})")
-    optuna_dashboard.run_server(storage, host=args.host, port=args.port)
+    space, study_name, storage = _resolve(args, check_paths=False)
+    out = Path(args.out) if args.out else Path(args.studies_dir) / study_name / "report"
+    files = write_report(compute_report(space, load_study(study_name, storage)), out)
+    print(f"wrote {files.html} ({len(files.images)} figures, also as PNG files in {out})")
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "best": cmd_best, "export": cmd_export, "dashboard": cmd_dashboard}
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from tuner.doctor import DoctorOptions, exit_code, render_checks, run_checks
+
+    checks = run_checks(DoctorOptions(space_path=args.space, study=args.study, storage=args.storage,
+                                      studies_dir=Path(args.studies_dir), timeout_s=args.timeout))
+    print(render_checks(checks))
+    return exit_code(checks)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import optuna_dashboard
+
+    from tuner.artifacts import prepare_dashboard
+
+    _space, study_name, storage = _resolve(args, check_paths=False)
+    store, store_dir = prepare_dashboard(study_name, storage, Path(args.studies_dir))
+    print(f"optuna-dashboard on http://{args.host}:{args.port} (study {study_name}, {storage}; artifacts in {store_dir})")
+    optuna_dashboard.run_server(storage, host=args.host, port=args.port, artifact_store=store)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "best": cmd_best, "export": cmd_export, "report": cmd_report,
+            "doctor": cmd_doctor, "dashboard": cmd_dashboard}
 
 
 def _sigterm_as_interrupt(_signum: int, _frame: object) -> None:
