@@ -1,6 +1,7 @@
 """`kttune run` end to end on the simulated server with the REAL sglang.bench_serving client."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -35,7 +36,8 @@ def fast_space(tmp_path: Path, scale: float = 0.01, **changes: object) -> Path:
 
 
 def marker(tmp_path: Path) -> str:
-    return f"kttune-e2e-{tmp_path.name}"
+    """Unique per test and per pytest session (tmp_path's name alone repeats across sessions)."""
+    return "kttune-e2e-" + hashlib.sha1(str(tmp_path).encode()).hexdigest()[:12]
 
 
 def kttune(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

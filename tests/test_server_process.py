@@ -5,6 +5,7 @@ import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -238,7 +239,7 @@ def test_orphan_from_pid_file_is_killed(tmp_path: Path, launched: list[ServerHan
 def test_kt_shm_files_of_the_tree_are_removed(tmp_path: Path, launched: list[ServerHandle]) -> None:
     name = f"kt_buf_kttune_test_{uuid.uuid4().hex[:8]}"
     h = launch(tmp_path, launched, "--shm", name)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while "FAKE shm=" not in h.log_path.read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert Path("/dev/shm", name).exists()
@@ -312,3 +313,29 @@ def test_stop_is_idempotent(tmp_path: Path, launched: list[ServerHandle]) -> Non
     stop_server(h, term_timeout_s=2)
     again = stop_server(h, term_timeout_s=2)
     assert again.signals_sent == () and again.returncode is not None
+
+
+def test_server_dies_with_a_sigkilled_tuner(tmp_path: Path) -> None:
+    """A tuner killed with SIGKILL (no teardown) must not leave its server running."""
+    port = find_free_port(HOST)
+    code = ("import sys, time\nfrom pathlib import Path\nfrom tuner.server import start_server\n"
+            f"h = start_server([sys.executable, {str(FAKE)!r}, '--host', {HOST!r}, '--port', '{port}'],"
+            f" log_path=Path({str(tmp_path / 's.log')!r}), host={HOST!r}, port={port})\n"
+            "print(h.pid, flush=True)\ntime.sleep(60)\n")
+    tuner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parents[1])
+    server_pid = int(tuner.stdout.readline())
+    assert psutil.pid_exists(server_pid)
+    assert "fake_server.py" in " ".join(psutil.Process(server_pid).cmdline())  # the shim exec'ed in place
+    tuner.kill()
+    tuner.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"server {server_pid} outlived its tuner")

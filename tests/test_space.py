@@ -131,3 +131,12 @@ def test_bad_slo_names_the_field(slo, field: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse(data)
     assert str(err.value).startswith(field)
+
+
+def test_quality_section_is_validated() -> None:
+    data = raw()
+    data["quality"] = {"enabled": False}
+    assert parse(data).quality.enabled is False
+    data["quality"] = {"enabeld": False}
+    with pytest.raises(ConfigError, match=r"^quality\.enabeld"):
+        parse(data)

@@ -18,6 +18,7 @@ from typing import Any
 
 from tuner.errors import BenchmarkError
 from tuner.server.argv import flag_args
+from tuner.server.launch import die_with_tuner
 from tuner.space import BenchSpec, Workload
 
 RESULT_SCHEMA_VERSION = 1
@@ -110,7 +111,7 @@ def run_workload(bench: BenchSpec, w: Workload, *, host: str, port: int, trial_d
     env = {**os.environ, **bench.env}
     started = time.monotonic()
     with open(log_file, "ab") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(die_with_tuner(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
         try:
             reason = _watch(proc, bench.timeout_s, server_alive, poll_s)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None, help="sampler seed")
     run.add_argument("--dry-run", action="store_true", help="print the argv of the trials; launch nothing")
     run.add_argument("--no-feasibility", action="store_true", help="launch even configs predicted not to fit")
+    run.add_argument("--no-compat-check", action="store_true",
+                     help="do not read --help of the server and bench client before the first launch")
     best = sub.add_parser("best", help="show the best trial (the Pareto front for several objectives)")
     _add_study_args(best)
     exp = sub.add_parser("export", help="write a trial as a YAML profile for sglang.launch_server --config")
@@ -84,9 +87,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         dry_run(space, budget=args.budget, seed=args.seed)
         return 0
+    if not args.no_compat_check:  # refuse flags the installed server/bench reject, before any write
+        from tuner.compat import check_space_compat
+
+        check_space_compat(space)
     opts = RunOptions(study_name=study_name, storage=storage, budget=args.budget, seed=args.seed,
                       studies_dir=Path(args.studies_dir), check_feasibility=not args.no_feasibility)
-    summary = run_study(space, opts)
+    from tuner.progress import Progress
+
+    with Progress(budget=opts.budget, objectives=[(o.key, o.direction) for o in space.objectives],
+                  stream=sys.stdout) as progress:
+        summary = run_study(space, opts, log=progress.log, progress=progress)
     print(f"study {study_name}: {summary.launched}/{summary.budget} launches done ({storage})")
     if summary.stopped_reason:
         print(f"stopped early: {summary.stopped_reason}", file=sys.stderr)
@@ -154,7 +165,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     _space, study_name, storage = _resolve(args, check_paths=False)
     store, store_dir = prepare_dashboard(study_name, storage, Path(args.studies_dir))
     print(f"optuna-dashboard on http://{args.host}:{args.port} (study {study_name}, {storage}; artifacts in {store_dir})")
-    optuna_dashboard.run_server(storage, host=args.host, port=args.port, artifact_store=store)
+    from tuner.study import make_storage
+
+    optuna_dashboard.run_server(make_storage(storage), host=args.host, port=args.port, artifact_store=store)
     return 0
 
 
@@ -171,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # kttune drives heartbeats itself in its ask/tell loop (tuner/study.py _Heartbeat).
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         return COMMANDS[args.command](args)

@@ -107,7 +107,7 @@ def best_table(space: SearchSpace, study: optuna.Study) -> list[list[str]]:
     """Rows (header first) for the feasible best trial(s), computed, not printed."""
     best = best_trials(study)
     keys = [o.key for o in space.objectives]
-    extra = sorted({k for t in best for k in metrics_of(t) if k.rsplit(".", 1)[-1] in SHOWN_METRICS} - set(keys))
+    extra = [k for k in headline_metrics(space) if k not in keys]
     params = [p.flag for p in space.params]
     rows = [["trial", *params, *keys, *extra]]
     for t in best:
@@ -116,6 +116,19 @@ def best_table(space: SearchSpace, study: optuna.Study) -> list[list[str]]:
                      *(_fmt(t.params.get(p, "")) for p in params),
                      *(_fmt(m.get(k, "")) for k in keys), *(_fmt(m.get(k, "")) for k in extra)])
     return rows
+
+
+def headline_metrics(space: SearchSpace) -> list[str]:
+    """Per workload, what an operator reads first: its throughput (input for prefill-only
+    workloads), median TTFT and, when it decodes, median ITL; plus every SLO metric."""
+    out: list[str] = []
+    for w in space.workloads:
+        decodes = w.output_len > 1
+        out += [f"{w.name}.{'output' if decodes else 'input'}_throughput", f"{w.name}.median_ttft_ms"]
+        if decodes:
+            out.append(f"{w.name}.median_itl_ms")
+    out += [s.key for s in space.slos if s.key not in out]
+    return out
 
 
 def _render(rows: list[list[str]]) -> str:

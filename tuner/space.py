@@ -12,12 +12,14 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import optuna
 import yaml
 
 from tuner.errors import ConfigError
+from tuner.quality import QualitySpec
 
 Scalar = int | float | str | bool
 
@@ -158,6 +160,7 @@ class SearchSpace:
     hardware: Mapping[str, Any]
     model: Mapping[str, Any]
     slos: tuple[SloSpec, ...] = ()
+    quality: QualitySpec = field(default_factory=QualitySpec)
 
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         return {p.flag: p.distribution() for p in self.params}
@@ -455,7 +458,7 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
     """Validate a loaded YAML document. Raises ConfigError naming the field."""
     # Relative paths inside a space are read from the working directory (the repo root).
     data = _mapping("space", data)
-    _check_keys("space", data, {"name", "description", "server", "params", "workloads", "objective", "bench", "baseline", "hardware", "model", "slo"}, {"server", "params"})
+    _check_keys("space", data, {"name", "description", "server", "params", "workloads", "objective", "bench", "baseline", "hardware", "model", "slo", "quality"}, {"server", "params"})
     server = _parse_server(_mapping("server", data["server"]), Path.cwd(), check_paths)
     args = dict(server.args)
     _resolve_model_paths(args, Path.cwd())
@@ -490,7 +493,8 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
                        objectives=objectives, bench=bench, baseline=baseline,
                        hardware=dict(_mapping("hardware", data.get("hardware"))),
                        model=dict(_mapping("model", data.get("model"))),
-                       slos=_parse_slos(data.get("slo"), workloads))
+                       slos=_parse_slos(data.get("slo"), workloads),
+                       quality=QualitySpec.from_space(SimpleNamespace(quality=dict(_mapping("quality", data.get("quality"))))))
 
 
 def load_space(path: str | Path, *, check_paths: bool = True) -> SearchSpace:

@@ -47,21 +47,57 @@ def default_storage(study_name: str, studies_dir: Path) -> str:
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """An RDB storage with heartbeats, so a dead worker's RUNNING trial is failed, not lost."""
+    """An RDB storage with heartbeats, so a dead worker's RUNNING trial is failed, not lost.
+
+    KTTUNE_HEARTBEAT_S sets the heartbeat interval in whole seconds (default 30); a trial whose
+    heartbeat is older than 4 intervals counts as dead. Several workers may open a new database
+    at once: the schema creation that loses that race is retried."""
+    import importlib.util
+    import time
+
+    import sqlalchemy.exc
+
     if "://" not in url:
         raise ConfigError(f"--storage: {url!r} is not a SQLAlchemy URL; use e.g. sqlite:///studies/x.db or postgresql://user@host/db")
-    try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                                          grace_period=HEARTBEAT_GRACE_S)
-    except ImportError as exc:
-        raise ConfigError(f"--storage: the driver for {url.split('://')[0]} is not installed ({exc}); pip install it") from None
-    except Exception as exc:  # sqlalchemy raises many kinds for a bad URL / unreachable server
-        raise ConfigError(f"--storage: cannot open {url!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); check the URL and that the database is reachable") from None
+    raw = os.environ.get("KTTUNE_HEARTBEAT_S", "").strip()
+    interval = HEARTBEAT_INTERVAL_S
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError(f"KTTUNE_HEARTBEAT_S: must be a whole number of seconds ≥ 1, got {raw!r}")
+        interval = int(raw)
+    grace = interval * HEARTBEAT_GRACE_S // HEARTBEAT_INTERVAL_S
+    # A server on another host may drop idle connections during a long trial: test before use.
+    engine_kwargs = {} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    scheme = url.split("://")[0]
+    if scheme == "postgresql" and importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+        # SQLAlchemy ≥ 2.1 reads a bare postgresql:// as psycopg 3; use psycopg2 if that is what is installed.
+        url = "postgresql+psycopg2://" + url.split("://", 1)[1]
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=dict(engine_kwargs), heartbeat_interval=interval,
+                                              grace_period=grace)
+        except ImportError as exc:
+            hint = "psycopg2-binary" if scheme.startswith("postgresql") else "the driver it names"
+            raise ConfigError(f"--storage: the driver for {scheme} is not installed ({exc}); pip install {hint}") from None
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
+                optuna.exceptions.StorageInternalError) as exc:
+            # Another worker created the tables or the version row between our check and our
+            # insert; a second look finds them. Anything else (e.g. no right to create tables) stays.
+            if attempt < 5:
+                time.sleep(0.2 * attempt)
+                continue
+            raise ConfigError(f"--storage: cannot set up the tables in {url!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); the database user must own the database") from None
+        except Exception as exc:  # sqlalchemy raises many kinds for a bad URL / unreachable server
+            raise ConfigError(f"--storage: cannot open {url!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); check the URL and that the database is reachable") from None
 
 
 def make_sampler(space: SearchSpace, seed: int | None) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
-                                      n_startup_trials=5)
+    """kttune's search strategy (tuner/strategy.py; measured in docs/tuning-quality.md)."""
+    from tuner.strategy import make_sampler as strategy_sampler
+
+    return strategy_sampler(space, seed)
 
 
 def open_study(space: SearchSpace, *, study_name: str, storage: str | optuna.storages.BaseStorage,
@@ -78,23 +114,58 @@ def open_study(space: SearchSpace, *, study_name: str, storage: str | optuna.sto
 
 
 def enqueue_baseline_once(study: optuna.Study, space: SearchSpace) -> bool:
-    if space.baseline is None or study.user_attrs.get(STUDY_ATTR_BASELINE_ENQUEUED):
+    """Enqueue the space's baseline unless it is queued, running or measured; True if this
+    call did. A baseline whose launch failed (its worker died) is enqueued again.
+
+    A check-then-enqueue is not atomic across workers that start together. So each enqueues
+    when it sees no baseline, then looks again: trial numbers are handed out under a lock on
+    the study row, every worker sees the same lowest-numbered baseline, and the others withdraw
+    theirs. One that another worker has already taken is caught by `find_duplicate` (a lower
+    trial with the same params) and not launched."""
+    if space.baseline is None:
         return False
-    study.set_user_attr(STUDY_ATTR_BASELINE_ENQUEUED, True)
-    study.enqueue_trial(dict(space.baseline), user_attrs={ATTR_BASELINE: True}, skip_if_exists=True)
-    return True
+
+    def live_baselines() -> list[FrozenTrial]:
+        return [t for t in study.get_trials(deepcopy=False)
+                if t.user_attrs.get(ATTR_BASELINE) and t.state != TrialState.FAIL]
+
+    if live_baselines():
+        return False
+    storage = study._storage
+    # What Study.enqueue_trial stores, through the storage call that returns the trial's id.
+    mine = storage.create_new_trial(study._study_id, template_trial=optuna.trial.create_trial(
+        state=TrialState.WAITING, system_attrs={"fixed_params": dict(space.baseline)},
+        user_attrs={ATTR_BASELINE: True}))
+    first = min(live_baselines(), key=lambda t: t.number)
+    if first._trial_id == mine:
+        return True
+    try:
+        if storage.set_trial_state_values(mine, TrialState.RUNNING):  # atomic: WAITING only
+            storage.set_trial_user_attr(mine, ATTR_BASELINE, False)
+            storage.set_trial_user_attr(mine, ATTR_REASON, "duplicate")
+            storage.set_trial_user_attr(mine, ATTR_DUPLICATE_OF, first.number)
+            storage.set_trial_state_values(mine, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
+    return False
 
 
-def launched_count(trials: list[FrozenTrial]) -> int:
+def launched_count(trials: list[FrozenTrial], *, before: int | None = None, undecided: bool = False) -> int:
     """Launches that count against the budget: finished ones plus those still running.
-    A launch cut short by the tuner's own death ('interrupted') is not counted."""
+    A launch cut short by the tuner's own death ('interrupted') is not counted.
+
+    Workers sharing a study claim launches without a lock: trial numbers are handed out in
+    order, so trial k may launch if the trials numbered below it (`before=k`) leave room.
+    `undecided=True` also counts those that may still launch (WAITING, or RUNNING and not yet
+    marked launched): their workers apply the same rule, so the lower number wins."""
     n = 0
     for t in trials:
-        if not t.user_attrs.get(ATTR_LAUNCHED):
+        if before is not None and t.number >= before:
             continue
-        if is_interrupted(t):
-            continue
-        n += 1
+        if t.user_attrs.get(ATTR_LAUNCHED):
+            n += not is_interrupted(t)
+        elif undecided and t.state in (TrialState.RUNNING, TrialState.WAITING):
+            n += 1
     return n
 
 
@@ -161,7 +232,7 @@ class _Heartbeat:
                 self._storage.record_heartbeat(self._trial_id)  # type: ignore[attr-defined]
             except Exception:  # a transient DB error must not kill the trial
                 pass
-            if self._stop.wait(HEARTBEAT_INTERVAL_S):
+            if self._stop.wait(self._storage.get_heartbeat_interval()):
                 return
 
     def __enter__(self) -> _Heartbeat:
@@ -175,12 +246,21 @@ class _Heartbeat:
             self._thread.join()
 
 
-def find_duplicate(trials: list[FrozenTrial], params: Mapping[str, Any]) -> FrozenTrial | None:
-    """A finished, launched trial with exactly these params (re-launching it wastes budget)."""
+def find_duplicate(trials: list[FrozenTrial], params: Mapping[str, Any], *,
+                   before: int | None = None) -> FrozenTrial | None:
+    """A trial with exactly these params whose launch makes this one a waste: a finished,
+    launched one (preferred: its measurement can be reused), or with `before=k` a trial
+    numbered below k that is still running or deciding (another worker's; the lower wins)."""
+    wanted = dict(params)
+    pending = None
     for t in trials:
-        if t.state == TrialState.COMPLETE and t.user_attrs.get(ATTR_LAUNCHED) and t.params == dict(params):
+        if t.params != wanted:
+            continue
+        if t.state == TrialState.COMPLETE and t.user_attrs.get(ATTR_LAUNCHED):
             return t
-    return None
+        if pending is None and before is not None and t.number < before and t.state == TrialState.RUNNING:
+            pending = t
+    return pending
 
 
 def record(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, attrs: Mapping[str, Any]) -> None:

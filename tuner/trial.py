@@ -1,8 +1,11 @@
-"""One launched trial: start the server → wait until really ready → run each workload →
-tear the whole tree down. Returns a TrialOutcome; never raises for a server/bench fault."""
+"""One launched trial: start the server → wait until really ready → check its output is
+sane (tuner.quality) → run each workload → tear the whole tree down. Returns a TrialRun;
+never raises for a server/bench fault. Only KeyboardInterrupt (Ctrl-C, or SIGTERM mapped to
+it by the CLI) escapes, and only after the server tree is gone."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +15,8 @@ from tuner import objective
 from tuner.bench import run_workload
 from tuner.errors import BenchmarkError, ServerLaunchError, TeardownError
 from tuner.objective import TrialOutcome
-from tuner.server import find_free_port, is_alive, parse_memory_lines, start_server, stop_server, wait_ready
+from tuner.quality import QualitySpec, check_quality
+from tuner.server import ServerHandle, find_free_port, is_alive, parse_memory_lines, start_server, stop_server, wait_ready
 from tuner.server.argv import build_server_argv
 from tuner.space import SearchSpace
 
@@ -28,6 +32,9 @@ class TrialRun:
     trial_dir: Path
     timings: dict[str, float] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
+    # tuner.quality.QualityResult.to_attr(); "reference" holds what later trials are
+    # compared with when this trial's check passed (the loop keeps the first one).
+    quality: dict[str, Any] = field(default_factory=dict)
 
     def log_text(self) -> str:
         return _read(self.trial_dir / "server.log")
@@ -53,13 +60,20 @@ def bench_tokenizer(space: SearchSpace, flags: Mapping[str, Any]) -> str | None:
 
 
 def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
-              on_phase: PhaseCallback | None = None, teardown_gpu_timeout_s: float = 120.0) -> TrialRun:
+              on_phase: PhaseCallback | None = None, teardown_gpu_timeout_s: float = 120.0,
+              quality_reference: Mapping[str, Any] | None = None) -> TrialRun:
+    """Launch, check, benchmark and tear down one configuration.
+
+    ``quality_reference`` is the ``quality["reference"]`` of the study's reference trial
+    (None for the first one: its own check then only looks for empty or degenerate text).
+    """
     phase = on_phase or (lambda _p: None)
+    quality = QualitySpec.from_space(space)
     trial_dir.mkdir(parents=True, exist_ok=True)
     host = space.server.host
     port = trial_port(space)
     argv = server_argv(space, flags, port)
-    (trial_dir / "server.argv.json").write_text(json.dumps(argv, indent=1))
+    _write_json(trial_dir / "server.argv.json", argv)
     run = TrialRun(outcome=objective.failure(space, "not_started", ""), argv=argv, trial_dir=trial_dir)
     phase("launching")
     try:
@@ -73,6 +87,16 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
         try:
             run.timings["ready_s"] = wait_ready(handle, timeout_s=space.server.start_timeout_s)
             run.memory = parse_memory_lines(_read(handle.log_path))
+            if quality.enabled:
+                phase("checking output quality")
+                result = check_quality(handle.base_url, quality, reference=quality_reference,
+                                       server_alive=lambda: is_alive(handle), headers=_auth_headers(flags))
+                run.quality = {**result.to_attr(), "reference": result.as_reference()}
+                run.timings["quality_s"] = result.wall_s
+                _write_json(trial_dir / "quality.json", run.quality)
+                if not result.ok:
+                    run.outcome = objective.failure(space, str(result.reason), result.message)
+                    return run  # the finally below still tears the server down
             for w in space.workloads:
                 phase(f"benchmarking {w.name}")
                 res = run_workload(space.bench, w, host=host, port=port, trial_dir=trial_dir,
@@ -91,14 +115,40 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
             run.outcome = objective.failure(space, reason, str(exc), metrics)
     finally:
         phase("tearing down")
-        try:
-            report = stop_server(handle, gpu_timeout_s=teardown_gpu_timeout_s)
-            run.timings["teardown_s"] = report.duration_s
-        except TeardownError as exc:
-            run.outcome = objective.failure(space, "teardown_stuck", str(exc), metrics)
+        _teardown(space, run, handle, metrics, teardown_gpu_timeout_s)
     if not run.memory:
         run.memory = parse_memory_lines(_read(handle.log_path))
     return run
+
+
+def _teardown(space: SearchSpace, run: TrialRun, handle: ServerHandle, metrics: Mapping[str, float],
+              gpu_timeout_s: float, attempts: int = 3) -> None:
+    """stop_server, shielded from a repeated Ctrl-C/SIGTERM: an interrupt while tearing down
+    would otherwise orphan the tree. The interrupt is re-raised once the tree is gone."""
+    interrupt: KeyboardInterrupt | None = None
+    for _ in range(attempts):
+        try:
+            report = stop_server(handle, gpu_timeout_s=gpu_timeout_s)
+            run.timings["teardown_s"] = report.duration_s
+            break
+        except TeardownError as exc:
+            run.outcome = objective.failure(space, "teardown_stuck", str(exc), metrics)
+            break
+        except KeyboardInterrupt as exc:
+            interrupt = exc
+    if interrupt is not None:
+        raise interrupt
+
+
+def _auth_headers(flags: Mapping[str, Any]) -> dict[str, str]:
+    key = flags.get("api-key")
+    return {"Authorization": f"Bearer {key}"} if isinstance(key, str) and key else {}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 def _read(path: Path) -> str:

@@ -10,21 +10,33 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import optuna
+from optuna.trial import TrialState
 
 from tuner import objective
 from tuner.errors import ConfigError, KttuneError
+from tuner.artifacts import note_baseline_and_best, try_upload_trial_artifacts
 from tuner.feasibility_gate import MEMORY_REASONS, FeasibilityGate
 from tuner.objective import FATAL_REASONS, TrialOutcome
+from tuner.progress import Progress
 from tuner.space import SearchSpace
+from tuner.strategy import warm_start
 from tuner.study import (STUDY_ATTR_CALIBRATION, ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_FLAGS, ATTR_LAUNCHED, ATTR_TRIAL_DIR,
-                         ATTR_WORKER, RunSummary, _Heartbeat, enqueue_baseline_once, find_duplicate,
+                         ATTR_WORKER, RunSummary, _Heartbeat, best_trials, enqueue_baseline_once, find_duplicate,
                          launched_count, open_study, record, recover_stale_trials, worker_id)
 from tuner.trial import TrialRun, run_trial, server_argv
 
 Log = Callable[[str], None]
 
 
+# Study attr: the output-quality reference (tuner.quality), from the first launched trial
+# whose quality check passed (the baseline, normally).
+STUDY_ATTR_QUALITY_REF = "kttune:quality_reference"
+
+
 class TrialRunner(Protocol):
+    """One launch. Runners that check output quality (run_trial) also take
+    ``quality_reference=``; it is passed only once the study has one."""
+
     def __call__(self, space: SearchSpace, flags: dict[str, Any], trial_dir: Path, *,
                  on_phase: Callable[[str], None] | None = None) -> TrialRun: ...
 
@@ -53,7 +65,7 @@ def _fmt_values(values: list[float] | None) -> str:
 
 
 def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
-              runner: TrialRunner = run_trial) -> RunSummary:
+              runner: TrialRunner = run_trial, progress: Progress | None = None) -> RunSummary:
     """Run (or resume) the study until `opts.budget` launches are done. `runner` does one
     launch; the default starts the configured server, benchmarks tools can pass another."""
     gate = FeasibilityGate.for_space(space) if opts.check_feasibility else None
@@ -68,21 +80,39 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
         log(f"marked {recovered} trial(s) of a dead run as interrupted")
     if enqueue_baseline_once(study, space):
         log("baseline enqueued as the first trial")
+    warm_start(study, space, log)  # strategy: the deployment recipe as the next trial (tuner/strategy.py)
     if gate is not None:
         gate.restore(study.user_attrs.get(STUDY_ATTR_CALIBRATION))
+    if progress is not None:
+        for t in best_trials(study):  # a resumed run knows its best so far
+            progress.observe(t.values)
     summary = RunSummary(opts.study_name, opts.storage, launched_count(study.get_trials(deepcopy=False)), opts.budget)
     skips = 0
     recent: list[str | None] = []
+    waiting_for: list[int] = []
     while True:
+        optuna.storages.fail_stale_trials(study)  # launches of dead workers: FAIL, so not counted
         trials = study.get_trials(deepcopy=False)
         summary.launched = launched_count(trials)
         if summary.launched >= opts.budget:
-            break
+            running = [t.number for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get(ATTR_LAUNCHED)]
+            if not running or not _heartbeat_on(study):
+                break
+            # Other workers' launches: wait for them, since one whose worker dies is failed by
+            # the heartbeat and owed again, and the last worker to finish reports the study.
+            if running != waiting_for:
+                log(f"budget reached; waiting for trial(s) {', '.join(map(str, running))} of other workers")
+                waiting_for = running
+            time.sleep(study._storage.get_heartbeat_interval())  # type: ignore[attr-defined]
+            continue
+        if enqueue_baseline_once(study, space):  # again: a dead worker's launch of it was lost
+            log("baseline enqueued again")
         if skips > MAX_SKIPS_PER_LAUNCH * opts.budget:
             summary.stopped_reason = (f"{skips} proposals in a row could not be launched "
                                       f"({gate.last_binding if gate else 'duplicates'}); widen the space or relax it")
             break
         trial = study.ask(space.distributions())
+        _beat(study, trial)
         is_baseline = bool(trial.user_attrs.get(ATTR_BASELINE))
         flags = space.launch_flags(trial.params)
         if gate is not None:
@@ -99,16 +129,25 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
             log(f"trial {trial.number}: not launched, predicted infeasible: {why}")
             continue
         constraints = report.constraints if report is not None else {}
-        # 2. Same params already measured: reuse the measurement.
-        dup = find_duplicate(trials, trial.params)
-        if dup is not None and not is_baseline:
-            outcome = TrialOutcome(dup.state, list(dup.values) if dup.values else None, None,
-                                   f"duplicate of trial {dup.number}", {}, dict(dup.constraints))
+        # 2. Same params measured, or being measured by another worker: don't launch them again.
+        dup = find_duplicate(study.get_trials(deepcopy=False), trial.params, before=trial.number)
+        if dup is not None:
+            if dup.state.is_finished():  # reuse the measurement
+                outcome = TrialOutcome(dup.state, list(dup.values) if dup.values else None, None,
+                                       f"duplicate of trial {dup.number}", {}, dict(dup.constraints))
+            else:
+                outcome = objective.failure(space, "duplicate", f"duplicate of trial {dup.number}, which is still running")
+                log(f"trial {trial.number}: not launched, trial {dup.number} runs the same configuration")
             record(study, trial, outcome, {ATTR_DUPLICATE_OF: dup.number})
             skips += 1
             continue
+        # 3. One launch of the budget that other workers may share.
+        if not _claim_launch(study, trial, opts.budget):
+            record(study, trial, objective.failure(space, "budget_spent", "other workers took the budget's last launches"), {})
+            log(f"trial {trial.number}: not launched, other workers took the budget's last launches")
+            continue
         skips = 0
-        outcome, log_text = _launch(study, trial, space, flags, constraints, opts, log, summary, runner)
+        outcome, log_text = _launch(study, trial, space, flags, constraints, opts, log, summary, runner, progress)
         if gate is not None:
             before = gate.state()
             after = gate.observe(log_text, flags, outcome.reason, predicted_fit=report is not None and report.feasible)
@@ -127,6 +166,45 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
     return summary
 
 
+def _heartbeat_on(study: optuna.Study) -> bool:
+    return optuna.storages._heartbeat.is_heartbeat_enabled(study._storage)
+
+
+def _beat(study: optuna.Study, trial: optuna.Trial) -> None:
+    """One heartbeat for a trial not launched yet: Optuna fails only trials that have beaten,
+    so a worker that dies before its launch must not leave a trial that never goes stale."""
+    if _heartbeat_on(study):
+        study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
+
+
+def _stale_after_s(study: optuna.Study) -> float:
+    """How long a trial may go without a heartbeat before a worker's check fails it."""
+    if not _heartbeat_on(study):
+        return 0.0
+    interval = study._storage.get_heartbeat_interval()  # type: ignore[attr-defined]
+    backend = getattr(study._storage, "_backend", study._storage)  # Optuna caches an RDBStorage
+    return float((getattr(backend, "grace_period", None) or 2 * interval) + interval)
+
+
+def _claim_launch(study: optuna.Study, trial: optuna.Trial, budget: int) -> bool:
+    """Whether this trial may launch within a budget that other workers share.
+
+    Trial numbers are handed out under a lock on the study row, so a trial may launch when the
+    trials numbered below it, launched or still deciding, leave room: every worker applies the
+    same rule and the lower number wins. While lower trials decide, wait (beating this one's
+    heartbeat); one still undecided after the heartbeat's grace period is taken as dead."""
+    deadline = time.monotonic() + _stale_after_s(study)
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        if launched_count(trials, before=trial.number) >= budget:
+            return False
+        if launched_count(trials, before=trial.number, undecided=True) < budget or time.monotonic() >= deadline:
+            return True
+        _beat(study, trial)
+        time.sleep(1.0)
+        optuna.storages.fail_stale_trials(study)
+
+
 def repeating_fault(recent: list[str | None]) -> bool:
     """The same non-memory failure on every one of the last REPEAT_LIMIT launches (memory
     failures legitimately repeat while the sampler explores a cliff)."""
@@ -137,18 +215,27 @@ def repeating_fault(recent: list[str | None]) -> bool:
 
 def _launch(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, flags: dict[str, Any],
             constraints: dict[str, float], opts: RunOptions, log: Log,
-            summary: RunSummary, runner: TrialRunner) -> tuple[TrialOutcome, str]:
+            summary: RunSummary, runner: TrialRunner,
+            progress: Progress | None = None) -> tuple[TrialOutcome, str]:
     trial_dir = (opts.studies_dir / opts.study_name / f"trial-{trial.number}").resolve()
     trial.set_user_attr(ATTR_TRIAL_DIR, str(trial_dir))
     trial.set_user_attr(ATTR_LAUNCHED, True)
     n = summary.launched + 1
-    log(f"trial {trial.number} (launch {n}/{opts.budget}): {_fmt_params(trial.params)}")
+    if progress is not None:
+        progress.trial_started(trial.number, n, opts.budget, trial.params)
+        on_phase: Callable[[str], None] = progress.phase
+    else:
+        log(f"trial {trial.number} (launch {n}/{opts.budget}): {_fmt_params(trial.params)}")
+        on_phase = lambda p: log(f"  {p}")  # noqa: E731
     started = time.monotonic()
     try:
         with _Heartbeat(study, trial):
-            run = runner(space, flags, trial_dir, on_phase=lambda p: log(f"  {p}"))
+            reference = study.user_attrs.get(STUDY_ATTR_QUALITY_REF)
+            extra = {"quality_reference": reference} if reference else {}
+            run = runner(space, flags, trial_dir, on_phase=on_phase, **extra)
     except KeyboardInterrupt:
         outcome = objective.failure(space, "interrupted", "the tuner was stopped")
+        try_upload_trial_artifacts(study, trial, trial_dir, log)
         record(study, trial, outcome, {})
         raise
     outcome = run.outcome
@@ -157,10 +244,25 @@ def _launch(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, flags:
     attrs: dict[str, Any] = {"argv": run.argv, "timings": run.timings, "memory": run.memory,
                              "wall_s": round(time.monotonic() - started, 2),
                              "predicted_constraints": dict(constraints)}
+    quality = getattr(run, "quality", None)
+    if quality:
+        attrs["quality"] = quality
+        if quality.get("reference") and STUDY_ATTR_QUALITY_REF not in study.user_attrs:
+            study.set_user_attr(STUDY_ATTR_QUALITY_REF, quality["reference"])
+            log(f"  trial {trial.number} is the output-quality reference")
+    try_upload_trial_artifacts(study, trial, trial_dir, log)  # before tell: finished trials are read-only
     record(study, trial, outcome, attrs)
     summary.new_trials.append(trial.number)
     verdict = "ok" if outcome.ok else f"{outcome.reason}"
-    log(f"trial {trial.number}: {verdict}  objective = {_fmt_values(outcome.values)}  ({attrs['wall_s']:.1f}s)")
+    if progress is not None:
+        progress.trial_finished(trial.number, verdict, outcome.values,
+                                feasible=all(v <= 0 for v in outcome.constraints.values()))
+    else:
+        log(f"trial {trial.number}: {verdict}  objective = {_fmt_values(outcome.values)}  ({attrs['wall_s']:.1f}s)")
+    try:
+        note_baseline_and_best(study)
+    except Exception as exc:  # a dashboard note is a convenience; never lose the trial over it
+        log(f"  (dashboard note not written: {type(exc).__name__}: {exc})")
     return outcome, run.log_text()
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -127,6 +129,26 @@ def _write_pid_file(path: Path, payload: dict[str, object]) -> None:
     os.replace(tmp, path)
 
 
+# Exec shim: the child asks the kernel to SIGKILL it when the tuner dies (PR_SET_PDEATHSIG),
+# checks the tuner is still there, then becomes the real command (same PID). Without it a
+# SIGKILLed tuner leaves servers and bench clients running until a later run finds them, and
+# a kill between Popen and the pid-file write would leave one nothing can find.
+_DEATHSIG_SHIM = (
+    "import ctypes,os,signal,sys\n"
+    "ctypes.CDLL(None,use_errno=True).prctl(1,signal.SIGKILL,0,0,0)\n"
+    "os.getppid()==int(sys.argv[1]) or os._exit(1)\n"
+    "os.execvp(sys.argv[2],sys.argv[2:])\n"
+)
+
+
+def die_with_tuner(argv: Sequence[str]) -> list[str]:
+    """`argv` wrapped so the process is killed when this (tuner) process dies. Linux only;
+    elsewhere `argv` unchanged. The wrapped command keeps its PID and its own argv."""
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    return [sys.executable, "-S", "-c", _DEATHSIG_SHIM, str(os.getpid()), *argv]
+
+
 def start_server(
     argv: Sequence[str],
     *,
@@ -158,9 +180,11 @@ def start_server(
     with open(log_path, "ab") as log:
         log_offset = log.tell()
         started_at, started_mono = time.time(), time.monotonic()
+        if shutil.which(argv_t[0]) is None:
+            raise ServerLaunchError(f"cannot start {argv_t[0]!r}: not found or not executable", reason="exec_failed")
         try:
             proc = subprocess.Popen(
-                list(argv_t),
+                die_with_tuner(argv_t),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -375,12 +375,22 @@ def stop_server(
     return report
 
 
-def kill_orphan(pid_file: Path, *, term_timeout_s: float = 10.0, kill_timeout_s: float = 10.0) -> bool:
+def kill_orphan(
+    pid_file: Path,
+    *,
+    term_timeout_s: float = 10.0,
+    kill_timeout_s: float = 10.0,
+    gpu_timeout_s: float = 120.0,
+    gpu: GpuMonitor | None = None,
+) -> bool:
     """Kill a tree left behind by an earlier tuner, from its ``server.pid`` file.
 
     The PID counts as that server only if its psutil create_time matches the recorded
     one; group, session and launch-token members created after it count too. Returns
     True if any process was signalled. Removes the pid file once nothing survives.
+    Like stop_server, waits (``gpu_timeout_s``) until no PID of the tree holds GPU
+    memory, so the next launch does not start into an OOM; raises TeardownError naming
+    the PIDs when processes survive SIGKILL or the GPU is not released in time.
     """
     try:
         data = json.loads(Path(pid_file).read_text())
@@ -394,8 +404,21 @@ def kill_orphan(pid_file: Path, *, term_timeout_s: float = 10.0, kill_timeout_s:
         )
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    sent, _, leftover, _, shm = _terminate(spec, None, term_timeout_s, kill_timeout_s)
+    sent, _, leftover, tree_pids, shm = _terminate(spec, None, term_timeout_s, kill_timeout_s)
     _remove_files(shm)
-    if not leftover:
+    problems = []
+    if sent:
+        if gpu is None:
+            with NvmlSession() as session:
+                _, detail = _wait_gpu(session, tree_pids, None, 0, gpu_timeout_s)
+        else:
+            _, detail = _wait_gpu(gpu, tree_pids, None, 0, gpu_timeout_s)
+        if detail:
+            problems.append(detail)
+    if leftover:
+        problems.append(f"processes survived SIGKILL: {sorted(leftover)}")
+    else:
         _remove_pid_file(Path(pid_file), spec.token)
+    if problems:
+        raise TeardownError(f"orphaned server pid {pid} ({pid_file}) could not be cleared: " + "; ".join(problems))
     return bool(sent)
