@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import objective
-from tuner.errors import ConfigError
+from tuner.errors import ConfigError, KttuneError
 from tuner.objective import TrialOutcome
 from tuner.space import SearchSpace
 
@@ -32,7 +32,7 @@ ATTR_FLAGS = "flags"
 ATTR_BASELINE = "baseline"
 ATTR_DUPLICATE_OF = "duplicate_of"
 METRIC_PREFIX = "m:"
-STUDY_ATTR_BASELINE_ENQUEUED = "kttune:baseline_enqueued"
+CONSTRAINT_PREFIX = "c:"
 STUDY_ATTR_SPACE = "kttune:space"
 STUDY_ATTR_CALIBRATION = "kttune:memory_calibration"
 HEARTBEAT_INTERVAL_S = 30
@@ -264,16 +264,23 @@ def find_duplicate(trials: list[FrozenTrial], params: Mapping[str, Any], *,
 
 
 def record(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, attrs: Mapping[str, Any]) -> None:
-    """Store attrs, metrics and constraints, then tell the verdict."""
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
-    for key, value in outcome.metrics.items():
-        trial.set_user_attr(METRIC_PREFIX + key, value)
-    trial.set_user_attr(ATTR_REASON, outcome.reason)
-    trial.set_user_attr(ATTR_MESSAGE, outcome.message[-2000:])
-    for key, value in outcome.constraints.items():
-        trial.set_constraint(key, value)
-    study.tell(trial, outcome.values, state=outcome.state)
+    """Store attrs, metrics and constraints, then tell the verdict. Constraints are mirrored
+    as user attrs (`c:<name>`) because optuna-dashboard shows those, not Optuna 5's own."""
+    try:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        for key, value in outcome.metrics.items():
+            trial.set_user_attr(METRIC_PREFIX + key, value)
+        trial.set_user_attr(ATTR_REASON, outcome.reason)
+        trial.set_user_attr(ATTR_MESSAGE, outcome.message[-2000:])
+        for key, value in outcome.constraints.items():
+            trial.set_constraint(key, value)
+            trial.set_user_attr(CONSTRAINT_PREFIX + key, value)
+        study.tell(trial, outcome.values, state=outcome.state)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        raise KttuneError(f"trial {trial.number} was already failed by another worker: this worker's heartbeat "
+                          "stopped for longer than the grace period (a suspended machine or a database outage); "
+                          "its result is lost, run `kttune run` again to continue the study") from None
 
 
 @dataclass
