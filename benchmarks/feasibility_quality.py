@@ -10,12 +10,13 @@ Per sim search space:
    server, noise on; goal <= 5 %), for kttune's default strategy and for a plain TPE study
    that only the gate protects;
 2. whether the predictor rejects the true optimum (`tuner.sim.optimum`), before any launch
-   and after the memory calibration one baseline launch gives it; and the best true value
+   and after one baseline launch's log anchors it (`FeasibilityGate.observe`: predictions
+   become observed + model difference); and the best true value
    among the configurations it would let through (the ceiling of any gated search);
 3. predicted vs simulated per-GPU memory on a grid of configurations (the sum of what the
    server holds at run time: context, weights, KV, req pool, graphs, activations, layerwise
    slot; the predictor's safety margin is not part of it; goal within 5 %), before and after
-   calibration, per component too.
+   calibration, and with the state a 20-launch study stored (seed 0), per component too.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ from tuner.feasibility_gate import FeasibilityGate  # noqa: E402
 from tuner.sim.inprocess import InProcessRunner  # noqa: E402
 from tuner.sim.perfmodel import startup_check  # noqa: E402
 from tuner.strategy import param_grid  # noqa: E402
+from tuner.study import STUDY_ATTR_CALIBRATION  # noqa: E402
+from tuner.tuning import RunOptions, run_study  # noqa: E402
 
 GIB_GB = (1 << 30) / 1e9
 MEMORY_FAILURES = frozenset({"oom", "oom_weights", "oom_kv_alloc", "kv_not_enough_memory", "cuda_graph_failed",
@@ -60,6 +63,17 @@ def calibrated_gate(sc: Scene) -> FeasibilityGate:
     with tempfile.TemporaryDirectory() as d:
         run = InProcessRunner(noise_sigma=0)(sc.space, flags, Path(d) / "t")
         gate.observe(run.log_text(), flags, run.outcome.reason, predicted_fit=gate.check(flags).feasible)
+    return gate
+
+
+def studied_gate(sc: Scene, tmp: Path, seed: int = 0) -> FeasibilityGate:
+    """A gate with the state a 20-launch kttune study (noise on) stored: every launch's log folded in."""
+    storage = optuna.storages.InMemoryStorage()
+    opts = RunOptions(study_name="fq", storage=storage, budget=20, seed=seed,  # type: ignore[arg-type]
+                      studies_dir=tmp / f"studied-{seed}")
+    run_study(sc.space, opts, log=lambda _m: None, runner=sc.runner(seed, 0.025))
+    gate = FeasibilityGate.for_space(sc.space)
+    gate.restore(optuna.load_study(study_name="fq", storage=storage).user_attrs.get(STUDY_ATTR_CALIBRATION))
     return gate
 
 
@@ -163,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             comps: dict[str, Any] = {}
             worst: dict[str, Any] = {}
             for label, gate in (("before calibration", FeasibilityGate.for_space(sc.space)),
-                                ("after calibration", calibrated_gate(sc))):
+                                ("after calibration", calibrated_gate(sc)),
+                                ("after a 20-launch study", studied_gate(sc, Path(d)))):
                 m = memory_errors(sc, gate)
                 comps[label] = m["components"]
                 print(f"| {label} | {m['n']} | {m['mean_abs']:.1%} | {m['max_abs']:.1%} | {m['within_5']:.0%} | "

@@ -42,6 +42,27 @@ class MemoryCalibration:
     host_base_gb: float = 4.0  # launcher, tokenizer, detokenizer
     host_gb_per_gpu: float = 2.0  # RSS of each scheduler process (torch, CUDA libraries)
     sglang_kt_profile_quirk: bool = True  # sglang-kt 0.7.2 profiles MLA KV with a 1/3 cell
+    # Anchor (see :func:`anchor_from_observed`): what a launch at TP ``ref_tp`` logged, and what the
+    # plain model said for that launch. Other configs at that TP are predicted as observed + model
+    # difference; the startup margin is replaced by ``anchor_rel`` x |difference| + ``anchor_extra_gb``.
+    ref_tp: int | None = None
+    f0_gb: float | None = None  # free per GPU before weights: mean over launches (min over ranks)
+    f0_n: int = 0  # launches behind f0_gb
+    f0_m2: float = 0.0  # sum of squared deviations (Welford): their spread widens the margin
+    f0_sd_weight: float = 1.0  # standard deviations of free memory kept free
+    weights_offset_gb: float = 0.0  # logged weights - modelled weights at the reference
+    graphs_offset_gb: float = 0.0  # logged graph memory - modelled graph memory
+    ref_weights_gb: float = 0.0
+    ref_kv_gb: float = 0.0
+    ref_rtt_gb: float = 0.0
+    ref_graphs_gb: float = 0.0
+    ref_chunk: int = 0
+    graph_ref_bs: int = 0  # captured batch size at the reference
+    graph_slope_bytes: float | None = None  # fitted from two logged launches at different batch sizes
+    anchor_rel: float = 0.05  # trust model differences to within this share
+    anchor_extra_gb: float = 0.0  # grown by launches that failed for memory although predicted to fit
+    act_upper_bytes_per_token: float | None = None  # a full chunk survived: α is at most this
+    act_lower_bytes_per_token: float | None = None  # a chunk ran out of memory: α is above this
 
 
 @dataclass(frozen=True)
@@ -191,6 +212,8 @@ class _Mem:
     profiled: int
     cell: int
     req_pool: int
+    spread: float = 0.0  # anchored: model difference from the reference launch (bytes)
+    anchored: bool = False
 
     @property
     def weights(self) -> float:
@@ -205,6 +228,9 @@ def _memory(model: ModelSizes, hw: Hardware, plan: LaunchPlan, cal: MemoryCalibr
     used = hw.gpus[plan.base_gpu:plan.base_gpu + plan.tp]
     free = float(min((g.free_bytes for g in used), default=0))
     f0 = max(free - cal.cuda_context_gb * GB, 0.0)
+    anchored = cal.f0_gb is not None and cal.ref_tp == plan.tp
+    if anchored:
+        f0 = cal.f0_gb * GB  # type: ignore[operator]
     tp, h = plan.tp, model.hidden_size
     chunk = plan.chunk if plan.chunk > 0 else max(max_input, 1)
     w_ne = cal.nonexpert_weight_gb * GB if cal.nonexpert_weight_gb is not None else model.nonexpert_bytes_per_gpu(tp)
@@ -212,7 +238,8 @@ def _memory(model: ModelSizes, hw: Hardware, plan: LaunchPlan, cal: MemoryCalibr
     staging = chunk * h * 2.0 if plan.kt_enabled else 0.0
     cell = model.kv_bytes_per_token(tp, plan.kv_dtype_bytes)
     prof_cell = model.sglang_kt_profile_cell(tp, plan.kv_dtype_bytes) if cal.sglang_kt_profile_quirk else cell
-    rest = plan.mfs * f0 - (w_ne + experts + staging)
+    w_off = cal.weights_offset_gb * GB if anchored else 0.0
+    rest = plan.mfs * f0 - (w_ne + w_off + experts + staging)
     page = plan.page_size
     profiled = int(rest // prof_cell) // page * page if rest > 0 else 0
     tokens = profiled if plan.max_total_tokens is None else min(plan.max_total_tokens // page * page, profiled)
@@ -222,17 +249,48 @@ def _memory(model: ModelSizes, hw: Hardware, plan: LaunchPlan, cal: MemoryCalibr
     graphs = (cal.runtime_base_gb + (cal.nccl_gb if tp > 1 else 0.0)) * GB + g1 * bs
     alpha = (cal.activation_bytes_per_token if cal.activation_bytes_per_token is not None
              else cal.activation_scale * prefill_bytes_per_token(model, tp))
+    if cal.act_upper_bytes_per_token is not None:
+        alpha = min(alpha, cal.act_upper_bytes_per_token)
+    if cal.act_lower_bytes_per_token is not None:
+        alpha = max(alpha, cal.act_lower_bytes_per_token * 1.05)
     slot = model.layerwise_slot_bytes(tp) if plan.kt_enabled and 0 < plan.layerwise_threshold <= chunk else 0.0
-    return _Mem(free=free, f0=f0, w_ne=w_ne, experts=experts, staging=staging, kv=float(tokens * cell),
-                rtt=req_pool * (plan.context_len + 4) * 4.0, graphs=graphs, act=alpha * chunk, slot=slot,
-                tokens=tokens, profiled=profiled, cell=cell, req_pool=req_pool)
+    rtt = req_pool * (plan.context_len + 4) * 4.0
+    spread = 0.0
+    if anchored:
+        spread = (abs(w_ne + experts + staging - cal.ref_weights_gb * GB) + abs(tokens * cell - cal.ref_kv_gb * GB)
+                  + abs(rtt - cal.ref_rtt_gb * GB) + abs(graphs - cal.ref_graphs_gb * GB)
+                  + alpha * abs(chunk - cal.ref_chunk))
+        graphs += cal.graphs_offset_gb * GB
+        if cal.graph_slope_bytes is not None and bs and cal.graph_ref_bs:
+            graphs += (cal.graph_slope_bytes - g1) * (bs - cal.graph_ref_bs)
+    return _Mem(free=free, f0=f0, w_ne=w_ne + w_off, experts=experts, staging=staging, kv=float(tokens * cell),
+                rtt=rtt, graphs=graphs, act=alpha * chunk, slot=slot,
+                tokens=tokens, profiled=profiled, cell=cell, req_pool=req_pool, spread=spread, anchored=anchored)
 
 
-def _gpu_constraints(mem: _Mem, plan: LaunchPlan, margin_gb: float, max_req: int) -> dict[str, float]:
+def anchor_margin(cal: MemoryCalibration, spread: float) -> float:
+    """Bytes an anchored prediction keeps free: a share of its difference from the reference,
+    the launch-to-launch spread (standard deviation) of free memory, and what failures added."""
+    sd = math.sqrt(cal.f0_m2 / (cal.f0_n - 1)) if cal.f0_n > 1 else 0.0
+    return cal.anchor_rel * spread + (cal.f0_sd_weight * sd + cal.anchor_extra_gb) * GB
+
+
+def _plain(cal: MemoryCalibration) -> MemoryCalibration:
+    """The model without anything learned from launches (keeps the configured scales)."""
+    return replace(cal, nonexpert_weight_gb=None, graph_bytes_per_batch=None, f0_gb=None, ref_tp=None,
+                   act_upper_bytes_per_token=None, act_lower_bytes_per_token=None)
+
+
+def _gpu_constraints(mem: _Mem, plan: LaunchPlan, margin_gb: float, max_req: int,
+                     cal: MemoryCalibration | None = None) -> dict[str, float]:
+    startup_margin, runtime_margin = margin_gb * GB, 0.0
+    if mem.anchored and cal is not None:  # observed + difference: only the difference is uncertain
+        runtime_margin = anchor_margin(cal, mem.spread)
+        startup_margin = runtime_margin
     out = {
         "gpu_mem_static_gb": (mem.weights - plan.mfs * mem.f0) / GB,
-        "gpu_mem_startup_gb": (mem.startup + margin_gb * GB - mem.f0) / GB,
-        "gpu_mem_runtime_gb": (mem.startup + mem.act + mem.slot - mem.f0) / GB,
+        "gpu_mem_startup_gb": (mem.startup + startup_margin - mem.f0) / GB,
+        "gpu_mem_runtime_gb": (mem.startup + mem.act + mem.slot + runtime_margin - mem.f0) / GB,
     }
     if max_req:
         out["kv_tokens_short"] = float(max_req - mem.tokens)
@@ -317,7 +375,7 @@ def check(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any], workloads: 
     if model.attention == "gqa" and model.num_kv_heads % plan.tp and plan.tp % model.num_kv_heads:
         heads_rem = max(heads_rem, model.num_kv_heads % plan.tp)
     cons["tp_divides_heads"] = float(heads_rem)
-    cons.update(_gpu_constraints(mem, plan, margin_gb, max_req))
+    cons.update(_gpu_constraints(mem, plan, margin_gb, max_req, cal))
     if max_req:
         cons["context_len_short"] = float(max_req - plan.context_len)
     soft: dict[str, float] = {}
@@ -345,10 +403,12 @@ def check(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any], workloads: 
               "context_len_short": max(max_req, 1), "cpuinfer_over_cores": cpu.physical_cores}
     binding = _binding(cons, scales)
     hints = _hints(model, hw, plan, mem, cons, cal, margin_gb, max_req, max_in) if binding else {}
+    eff_margin = anchor_margin(cal, mem.spread) if mem.anchored else margin_gb * GB
     breakdown = {"weights_nonexpert": mem.w_ne, "gpu_experts": mem.experts, "staging": mem.staging, "kv": mem.kv,
                  "req_pool": mem.rtt, "cuda_graphs": mem.graphs, "activations": mem.act, "layerwise_slot": mem.slot,
-                 "margin": margin_gb * GB, "total": mem.startup + max(margin_gb * GB, mem.act + mem.slot),
-                 "available": mem.f0, "free": mem.free, "cuda_context": mem.free - mem.f0}
+                 "margin": eff_margin, "total": mem.startup + max(eff_margin, mem.act + mem.slot),
+                 "available": mem.f0, "free": mem.free, "cuda_context": mem.free - mem.f0,
+                 "anchor_spread": mem.spread}
     return FeasibilityReport(
         constraints=cons, soft_constraints=soft, feasible=binding is None, binding=binding,
         breakdown_gb={k: round(v / GB, 4) for k, v in breakdown.items()}, kv_capacity_tokens=mem.tokens,
@@ -400,7 +460,7 @@ def _warnings(model: ModelSizes, hw: Hardware, plan: LaunchPlan, mem: _Mem, soft
 def _fits(model: ModelSizes, hw: Hardware, plan: LaunchPlan, cal: MemoryCalibration, margin_gb: float,
           max_req: int, max_in: int) -> bool:
     mem = _memory(model, hw, plan, cal, max_in)
-    return all(v <= 0 for v in _gpu_constraints(mem, plan, margin_gb, max_req).values())
+    return all(v <= 0 for v in _gpu_constraints(mem, plan, margin_gb, max_req, cal).values())
 
 
 def _largest_n(model: ModelSizes, hw: Hardware, plan: LaunchPlan, cal: MemoryCalibration, margin_gb: float,
@@ -550,3 +610,56 @@ def calibration_from_observed(observed: Mapping[str, Any], model: ModelSizes, hw
     if "cuda_graph_gb" in observed and bs:
         cal = replace(cal, graph_bytes_per_batch=max(observed["cuda_graph_gb"] - cal.runtime_base_gb, 0.0) * GB / bs)
     return cal
+
+
+def anchor_from_observed(observed: Mapping[str, Any], model: ModelSizes, hw: Hardware, flags: Mapping[str, Any],
+                         *, base: MemoryCalibration | None = None, full_chunk_tokens: int = 0,
+                         runtime_oom: bool = False) -> MemoryCalibration:
+    """Anchor the memory model on one launch's log (:func:`calibrate_from_log`).
+
+    The reference's weights, graph memory and free memory become observed values; later
+    predictions at that TP are observed + model(new) − model(reference), so the model's errors
+    in fixed costs cancel. Activations are bounded from the run: ``full_chunk_tokens`` > 0 means
+    a forward of that many tokens survived next to ``available_gpu_mem`` (α at most
+    (available − slot)/tokens); ``runtime_oom`` means it did not (α above that)."""
+    cal = base or MemoryCalibration()
+    if "weights_gb" not in observed or "avail_after_weights_gb" not in observed:
+        return cal
+    plan = resolve_launch(model, hw, flags)
+    ref = _memory(model, hw, plan, _plain(cal), 0)
+    f0 = observed["weights_gb"] + observed["avail_after_weights_gb"]
+    if "avail_before_weights_gb" in observed:
+        f0 = min(f0, observed["avail_before_weights_gb"])
+    same_tp = cal.ref_tp == plan.tp and cal.f0_gb is not None
+    if same_tp:
+        n, mean = cal.f0_n + 1, cal.f0_gb + (f0 - cal.f0_gb) / (cal.f0_n + 1)  # type: ignore[operator]
+        m2 = cal.f0_m2 + (f0 - cal.f0_gb) * (f0 - mean)  # type: ignore[operator]
+    else:
+        n, mean, m2 = 1, f0, 0.0
+    if "available_gpu_mem_gb" not in observed:  # start-up failed: only a full start-up is a reference
+        return replace(cal, f0_gb=mean, f0_n=n, f0_m2=m2) if same_tp else cal
+    out = replace(cal, ref_tp=plan.tp, f0_gb=mean, f0_n=n, f0_m2=m2,
+                  weights_offset_gb=observed["weights_gb"] - ref.weights / GB,
+                  ref_weights_gb=ref.weights / GB, ref_kv_gb=observed.get("kv_size_gb", ref.kv / GB), ref_rtt_gb=ref.rtt / GB,
+                  ref_graphs_gb=ref.graphs / GB, ref_chunk=plan.chunk, nonexpert_weight_gb=None,
+                  graph_bytes_per_batch=None)
+    if not same_tp:
+        out = replace(out, anchor_extra_gb=0.0, act_upper_bytes_per_token=None, act_lower_bytes_per_token=None,
+                      graph_slope_bytes=None, graph_ref_bs=0)
+    bs = min(plan.graph_max_bs, ref.req_pool) if plan.graphs else 0
+    if "cuda_graph_gb" in observed and bs:
+        obs = observed["cuda_graph_gb"]
+        if same_tp and cal.graph_ref_bs and abs(bs - cal.graph_ref_bs) >= 8:
+            prev = cal.ref_graphs_gb + cal.graphs_offset_gb
+            out = replace(out, graph_slope_bytes=max((obs - prev) * GB / (bs - cal.graph_ref_bs), 0.0))
+        out = replace(out, graphs_offset_gb=obs - ref.graphs / GB, graph_ref_bs=bs)
+    avail = observed.get("available_gpu_mem_gb")
+    if avail is not None and full_chunk_tokens > 0:
+        bound = max(avail * GB - ref.slot, 0.0) / full_chunk_tokens
+        if runtime_oom:
+            low = out.act_lower_bytes_per_token
+            out = replace(out, act_lower_bytes_per_token=bound if low is None else max(low, bound))
+        else:
+            up = out.act_upper_bytes_per_token
+            out = replace(out, act_upper_bytes_per_token=bound if up is None else min(up, bound))
+    return out

@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuner.feasibility import (FeasibilityReport, MemoryCalibration, auto_max_total_tokens, calibrate_from_log,
-                               calibration_from_observed, check)
+from tuner.feasibility import (FeasibilityReport, MemoryCalibration, anchor_from_observed, auto_max_total_tokens,
+                               calibrate_from_log, check, resolve_launch)
 from tuner.hardware import Hardware, resolve_hardware
 from tuner.model import ModelSizes, load_model_sizes
 from tuner.space import AUTO, ParamSpec, SearchSpace
@@ -18,6 +18,7 @@ from tuner.space import AUTO, ParamSpec, SearchSpace
 # Failures that mean "the memory model was too optimistic" when the config was predicted to fit.
 MEMORY_REASONS = frozenset({"oom", "oom_weights", "oom_kv_alloc", "kv_not_enough_memory", "cuda_graph_failed"})
 MARGIN_STEP_GB = 1.0
+ANCHOR_STEP_GB = 0.25  # beyond the failed config's predicted slack, so it no longer fits
 DEFAULT_MARGIN_GB = 2.0
 
 
@@ -79,15 +80,45 @@ class FeasibilityGate:
         return f"{b} over by {report.constraints.get(b, float('nan')):.3g}; {report.fix_hint()}"
 
     def observe(self, log_text: str, flags: Mapping[str, Any], reason: str | None, predicted_fit: bool) -> dict[str, Any]:
-        """Fold a launched server's log into the model; widen the margin when a config that was
-        predicted to fit failed for memory. Returns the state to store (see `state`)."""
+        """Anchor the memory model on what a launched server logged (see
+        :func:`tuner.feasibility.anchor_from_observed`). A config that was predicted to fit but
+        failed for memory tightens it: a run-time OOM bounds the activations from below; any
+        other memory failure (or one the bound does not explain) grows the anchored margin
+        until that config no longer fits, and the unanchored margin by a step.
+        Returns the state to store (see `state`)."""
         observed = calibrate_from_log(log_text)
+        runtime_oom = _runtime_oom(log_text)
+        memory_failure = reason in MEMORY_REASONS or runtime_oom
         if observed.get("weights_gb") is not None:
-            self.calibration = calibration_from_observed(observed, self.model, self.hardware, flags,
-                                                         base=self.calibration)
-        if reason in MEMORY_REASONS and predicted_fit:
+            tokens = self._forward_tokens(flags, full_only=not runtime_oom)
+            self.calibration = anchor_from_observed(
+                observed, self.model, self.hardware, flags, base=self.calibration,
+                full_chunk_tokens=tokens if (reason is None or runtime_oom) else 0, runtime_oom=runtime_oom)
+        if memory_failure and predicted_fit:
             self.margin_gb += MARGIN_STEP_GB
+            report = self.check(flags)
+            if report.feasible and self.calibration.f0_gb is not None:
+                slack = -max(report.constraints.get(k, 0.0) for k in ("gpu_mem_startup_gb", "gpu_mem_runtime_gb"))
+                grow = max(slack, 0.0) + ANCHOR_STEP_GB
+                spread = report.breakdown_gb.get("anchor_spread", 0.0)
+                cal = self.calibration
+                if spread > 0 and cal.anchor_rel + grow / spread <= 1.0:
+                    # The observed reference still holds; trust the model's differences from it less.
+                    self.calibration = dataclasses.replace(cal, anchor_rel=cal.anchor_rel + grow / spread)
+                else:
+                    self.calibration = dataclasses.replace(cal, anchor_extra_gb=cal.anchor_extra_gb + grow)
         return self.state()
+
+    def _forward_tokens(self, flags: Mapping[str, Any], *, full_only: bool) -> int:
+        """Tokens of the largest prefill forward the benchmark ran: the chunk when the workloads
+        queue enough prompt tokens to fill it (twice over when ``full_only``), else 0."""
+        plan = resolve_launch(self.model, self.hardware, flags, self.workloads)
+        queued = max((min(n, plan.max_running or n) * i for n, i, _ in self.workloads), default=0)
+        if plan.chunk <= 0:
+            return 0
+        if full_only:
+            return plan.chunk if queued >= 2 * plan.chunk else 0
+        return min(plan.chunk, queued)
 
     def state(self) -> dict[str, Any]:
         return {"margin_gb": self.margin_gb, "calibration": dataclasses.asdict(self.calibration)}
@@ -99,6 +130,12 @@ class FeasibilityGate:
         known = {f.name for f in dataclasses.fields(MemoryCalibration)}
         values = {k: v for k, v in dict(state.get("calibration") or {}).items() if k in known}
         self.calibration = MemoryCalibration(**values)
+
+
+def _runtime_oom(log_text: str) -> bool:
+    """An out-of-memory error after the server reported itself ready (a forward, not start-up)."""
+    ready = max(log_text.rfind("available_gpu_mem="), log_text.rfind("The server is fired up"))
+    return ready >= 0 and "out of memory" in log_text[ready:]
 
 
 def _draw(p: ParamSpec, rng: random.Random) -> Any:

@@ -1,0 +1,164 @@
+"""The gate anchored on what launched (simulated) servers logged: after one baseline launch it
+accepts what fits, rejects what does not, and tightens after a memory failure."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+from tuner.feasibility import anchor_from_observed, calibrate_from_log
+from tuner.feasibility_gate import DEFAULT_MARGIN_GB, MARGIN_STEP_GB, FeasibilityGate, _runtime_oom
+from tuner.sim.inprocess import InProcessRunner
+from tuner.space import SearchSpace, load_space
+
+KIMI = REPO / "search_spaces" / "sim-kimi-k2-thinking-8xl20.yaml"
+RUNNER = InProcessRunner(noise_sigma=0)  # exact simulator figures, no OOM fuzz
+
+
+@pytest.fixture(scope="module")
+def space() -> SearchSpace:
+    return load_space(KIMI, check_paths=False)
+
+
+def launch(space: SearchSpace, gate: FeasibilityGate, params: dict[str, Any], tmp: Path) -> tuple[dict, Any]:
+    flags = gate.resolve_auto(space.launch_flags({**space.baseline, **params}))
+    run = RUNNER(space, flags, tmp / f"t{RUNNER.launches}")
+    return flags, run
+
+
+def observed_gate(space: SearchSpace, tmp: Path, params: dict[str, Any] | None = None) -> FeasibilityGate:
+    gate = FeasibilityGate.for_space(space)
+    flags, run = launch(space, gate, params or {}, tmp)
+    assert run.outcome.reason is None
+    gate.observe(run.log_text(), flags, run.outcome.reason, predicted_fit=gate.check(flags).feasible)
+    return gate
+
+
+def test_nothing_observed_keeps_the_pessimistic_margin(space: SearchSpace) -> None:
+    gate = FeasibilityGate.for_space(space)
+    rep = gate.check(gate.resolve_auto(space.launch_flags(space.baseline)))
+    assert gate.calibration.f0_gb is None
+    assert rep.breakdown_gb["margin"] == pytest.approx(DEFAULT_MARGIN_GB)
+
+
+def test_prediction_at_the_reference_is_what_it_logged(space: SearchSpace, tmp_path: Path) -> None:
+    gate = FeasibilityGate.for_space(space)
+    flags, run = launch(space, gate, {}, tmp_path)
+    gate.observe(run.log_text(), flags, None, predicted_fit=True)
+    obs = calibrate_from_log(run.log_text())
+    b = gate.check(flags).breakdown_gb
+    assert b["weights_nonexpert"] + b["gpu_experts"] + b["staging"] == pytest.approx(obs["weights_gb"], abs=0.01)
+    assert b["cuda_graphs"] == pytest.approx(obs["cuda_graph_gb"], abs=0.01)
+    assert b["kv"] == pytest.approx(obs["kv_size_gb"], abs=0.02)
+    assert b["available"] == pytest.approx(obs["weights_gb"] + obs["avail_after_weights_gb"], abs=0.01)
+    assert b["margin"] == pytest.approx(0.0, abs=0.01)  # no difference from the reference, nothing uncertain
+    # The run survived full chunks next to what was left: the activation estimate is bounded by it.
+    assert b["activations"] <= obs["available_gpu_mem_gb"] + 1e-6
+
+
+def test_after_the_baseline_accepts_what_fits_and_rejects_what_does_not(space: SearchSpace, tmp_path: Path) -> None:
+    gate = observed_gate(space, tmp_path)
+    accepted = rejected_fit = 0
+    for n in range(196, 237, 4):
+        for chunk in (1024, 4096):
+            flags, run = launch(space, gate, {"kt-num-gpu-experts": n, "chunked-prefill-size": chunk}, tmp_path)
+            if gate.check(flags).feasible:
+                accepted += 1
+                assert run.outcome.reason is None, (n, chunk, run.outcome.reason)  # never an accepted crash
+            elif run.outcome.reason is None:
+                rejected_fit += 1
+    assert accepted >= 4
+    assert rejected_fit <= 3  # only configs next to the cliff, beyond the difference's uncertainty
+
+
+def test_runtime_oom_bounds_activations_from_below(space: SearchSpace, tmp_path: Path) -> None:
+    gate = observed_gate(space, tmp_path)
+    flags, run = launch(space, gate, {"chunked-prefill-size": 2048}, tmp_path)
+    assert gate.check(flags).feasible and run.outcome.reason is None
+    log = run.log_text() + "\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 3.00 GiB.\n"
+    assert _runtime_oom(log) and not _runtime_oom("CUDA out of memory\nKV Cache is allocated. #tokens: 1")
+    gate.observe(log, flags, "server_died", predicted_fit=True)
+    assert gate.calibration.act_lower_bytes_per_token is not None
+    assert not gate.check(flags).feasible
+    assert gate.margin_gb == DEFAULT_MARGIN_GB + MARGIN_STEP_GB
+
+
+def test_startup_failure_where_fit_was_predicted_tightens(space: SearchSpace, tmp_path: Path) -> None:
+    gate = observed_gate(space, tmp_path)
+    flags = gate.resolve_auto(space.launch_flags({**space.baseline, "kt-num-gpu-experts": 204,
+                                                          "chunked-prefill-size": 1024}))
+    assert gate.check(flags).feasible
+    obs = calibrate_from_log(launch(space, gate, {}, tmp_path)[1].log_text())
+    gib = (1 << 30) / 1e9
+    f0, w = (obs["weights_gb"] + obs["avail_after_weights_gb"]) / gib, obs["weights_gb"] / gib + 0.69  # +4 experts
+    log = (f"Load weight end. avail mem={f0 - w:.2f} GB, mem usage={w:.2f} GB.\n"
+           "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 0.04 GiB.")
+    gate.observe(log, flags, "oom_kv_alloc", predicted_fit=True)
+    assert not gate.check(flags).feasible
+    assert gate.calibration.anchor_rel > 0.05 or gate.calibration.anchor_extra_gb > 0
+    base = gate.resolve_auto(space.launch_flags(space.baseline))
+    assert gate.check(base).feasible  # the observed baseline still fits
+
+
+def test_graph_memory_slope_from_two_launches(space: SearchSpace, tmp_path: Path) -> None:
+    gate = observed_gate(space, tmp_path)
+    other = {"max-running-requests": 64}
+    flags, run = launch(space, gate, other, tmp_path)
+    gate.observe(run.log_text(), flags, run.outcome.reason, predicted_fit=True)
+    assert gate.calibration.graph_slope_bytes is not None
+    # Predict a third batch size from the two observed ones; compare with what it logs.
+    flags, run = launch(space, gate, {"max-running-requests": 16}, tmp_path)
+    logged = calibrate_from_log(run.log_text())["cuda_graph_gb"]
+    assert gate.check(flags).breakdown_gb["cuda_graphs"] == pytest.approx(logged, abs=0.02)
+
+
+def test_state_round_trip_keeps_the_anchor(space: SearchSpace, tmp_path: Path) -> None:
+    gate = observed_gate(space, tmp_path)
+    fresh = FeasibilityGate.for_space(space)
+    fresh.restore(gate.state())
+    flags = gate.resolve_auto(space.launch_flags({**space.baseline, "kt-num-gpu-experts": 208}))
+    assert fresh.check(flags).constraints == gate.check(flags).constraints
+    assert fresh.calibration == gate.calibration
+
+
+def test_anchor_ignores_a_log_without_weights(space: SearchSpace) -> None:
+    gate = FeasibilityGate.for_space(space)
+    cal = anchor_from_observed({}, gate.model, gate.hardware, space.launch_flags(space.baseline))
+    assert cal == gate.calibration
+    other_tp = dataclasses.replace(cal, ref_tp=4, f0_gb=10.0)  # an anchor at another TP does not apply
+    gate.calibration = other_tp
+    assert gate.check(gate.resolve_auto(space.launch_flags(space.baseline))).breakdown_gb["margin"] == DEFAULT_MARGIN_GB
+
+
+def test_the_reference_itself_failing_grows_the_fixed_margin(space: SearchSpace, tmp_path: Path) -> None:
+    gate = observed_gate(space, tmp_path)
+    flags = gate.resolve_auto(space.launch_flags(space.baseline))
+    gate.observe("torch.OutOfMemoryError: CUDA out of memory.", flags, "oom", predicted_fit=True)
+    assert gate.calibration.anchor_extra_gb > 0 and gate.calibration.anchor_rel == pytest.approx(0.05)
+    assert not gate.check(flags).feasible
+
+
+def test_a_failed_first_start_up_is_no_reference(space: SearchSpace) -> None:
+    gate = FeasibilityGate.for_space(space)
+    flags = gate.resolve_auto(space.launch_flags(space.baseline))
+    log = "Load weight end. avail mem=4.00 GB, mem usage=40.00 GB.\ntorch.OutOfMemoryError: CUDA out of memory."
+    gate.observe(log, flags, "oom_kv_alloc", predicted_fit=True)
+    assert gate.calibration.f0_gb is None  # still the pessimistic model, with a wider margin
+    assert gate.margin_gb == DEFAULT_MARGIN_GB + MARGIN_STEP_GB
+
+
+def test_free_memory_is_averaged_and_its_spread_kept_free(space: SearchSpace, tmp_path: Path) -> None:
+    gate = observed_gate(space, tmp_path)
+    flags = gate.resolve_auto(space.launch_flags(space.baseline))
+    obs = calibrate_from_log(launch(space, gate, {}, tmp_path)[1].log_text())
+    cal = gate.calibration
+    for shift in (-0.4, 0.4):  # two more launches, free memory 0.4 GB lower and higher
+        cal = anchor_from_observed({**obs, "avail_after_weights_gb": obs["avail_after_weights_gb"] + shift},
+                                   gate.model, gate.hardware, flags, base=cal)
+    assert cal.f0_n == 3 and cal.f0_gb == pytest.approx(gate.calibration.f0_gb, abs=1e-6)
+    gate2 = FeasibilityGate.for_space(space)
+    gate2.calibration = cal
+    assert gate2.check(flags).breakdown_gb["margin"] == pytest.approx(0.4, abs=0.02)  # one standard deviation
