@@ -57,7 +57,9 @@ sys.path.insert(0, str(REPO))
 from tuner import strategy as strategy_mod  # noqa: E402
 from tuner.feasibility_gate import FeasibilityGate  # noqa: E402
 from tuner.objective import is_config_reason  # noqa: E402
+from tuner.report import confirmed_or_best  # noqa: E402
 from tuner.sim.inprocess import InProcessRunner  # noqa: E402
+from tuner.trial import PRUNED, ProbeEmulator  # noqa: E402
 from tuner.sim.optimum import SpaceGrid  # noqa: E402
 from tuner.space import SearchSpace, load_space  # noqa: E402
 from tuner.strategy import Strategy, denoised_best, param_grid  # noqa: E402
@@ -88,6 +90,11 @@ class Run:
     launches: list[Launch] = field(default_factory=list)
     tuner_s: float = 0.0          # wall time outside the runner (kttune only)
     asks: int = 0
+    pick: dict[str, Any] | None = None   # the method's own pick (kttune: by confirmed mean)
+    bench_s: float = 0.0          # simulated benchmark seconds run (kttune only)
+    saved_s: float = 0.0          # benchmark seconds the probe saved, net of probe time
+    pruned_best: float = 0.0      # best noise-free value / optimum among pruned launches
+    pruned: int = 0
 
 
 @dataclass
@@ -148,25 +155,32 @@ def using_strategy(strategy: Strategy | None) -> Iterator[None]:
 
 
 def run_kttune(sc: Scene, seed: int, budget: int, noise: float, tmp: Path, *,
-               strategy: Strategy | None = None, margin_gb: float | None = None) -> Run:
-    runner = sc.runner(seed, noise)
+               strategy: Strategy | None = None, margin_gb: float | None = None,
+               confirm: int | None = None, probe: bool = True) -> Run:
+    inner = sc.runner(seed, noise)
+    runner = ProbeEmulator(inner, seed=seed)
     storage = optuna.storages.InMemoryStorage()
     name = f"bench-{seed}"
     if margin_gb is not None:   # what-if: start the study with another gate margin
         st = optuna.create_study(study_name=name, storage=storage, directions=sc.space.directions)
         st.set_user_attr(STUDY_ATTR_CALIBRATION, {"margin_gb": margin_gb})
     opts = RunOptions(study_name=name, storage=storage, budget=budget, seed=seed,  # type: ignore[arg-type]
-                      studies_dir=tmp / f"kttune-{seed}")
+                      studies_dir=tmp / f"kttune-{seed}", confirm=confirm, probe=probe)
     started = time.perf_counter()
     with using_strategy(strategy):
         run_study(sc.space, opts, log=lambda _m: None, runner=runner)
     wall = time.perf_counter() - started
     study = optuna.load_study(study_name=name, storage=storage)
-    out = Run(tuner_s=wall - runner.busy_s, asks=len(study.trials))
+    out = Run(tuner_s=wall - inner.busy_s, asks=len(study.trials), bench_s=runner.bench_s, saved_s=runner.saved_s,
+              pruned=runner.pruned)
     for t in sorted(study.trials, key=lambda t: t.number):
         if t.user_attrs.get(ATTR_LAUNCHED):
             reason = t.user_attrs.get(ATTR_REASON)
             out.launches.append(Launch(dict(t.params), t.values[0] if reason is None and t.values else None, reason))
+            if reason == PRUNED:
+                out.pruned_best = max(out.pruned_best, sc.true(t.params) / sc.optimum)
+    picked = confirmed_or_best(study)
+    out.pick = dict(picked[0].params) if picked else None
     return out
 
 
@@ -254,7 +268,7 @@ def run_baseline(sc: Scene, seed: int, budget: int, noise: float, tmp: Path) -> 
 
 METHODS: dict[str, Callable[..., Run]] = {"kttune": run_kttune, "random": run_random, "grid": run_grid,
                                           "kt": run_kt, "baseline": run_baseline}
-PLANNED = {"grid"}   # depends on the budget: one run per budget
+PLANNED = {"grid", "kttune"}   # depend on the budget (kttune: confirmations at its end): one run per budget
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -277,6 +291,8 @@ def score(sc: Scene, run: Run, k: int) -> Score:
     if not ok:
         return Score(0.0, 0.0, 0.0, 0.0, wasted, len(first))
     best = max(ok, key=lambda l: sc.sign * l.value)  # type: ignore[operator]
+    if run.pick is not None and k >= len(run.launches):   # the method's own pick (confirmed mean)
+        best = next((l for l in ok if l.params == run.pick), best)
     found = max((sc.true(l.params) for l in ok), key=lambda v: sc.sign * v)
     rec = denoised_best(sc.grids, [SimpleNamespace(params=l.params, values=[l.value]) for l in ok], sc.sign)
     return Score(sc.true(best.params) / sc.optimum, sc.true(rec.params) / sc.optimum,  # type: ignore[arg-type]
@@ -293,6 +309,9 @@ def summarize(scores: list[Score]) -> dict[str, float]:
             "launches": statistics.mean(s.launches for s in scores)}
 
 
+PROBE_STATS: list[tuple[str, int, Run]] = []   # (space, budget, run) of kttune runs, for the probe table
+
+
 def evaluate(sc: Scene, name: str, fn: Callable[..., Run], seeds: Sequence[int], budgets: Sequence[int],
              noise: float, tmp: Path, **kw: Any) -> tuple[dict[int, dict[str, float]], float, float]:
     per_budget: dict[int, list[Score]] = {b: [] for b in budgets}
@@ -300,7 +319,11 @@ def evaluate(sc: Scene, name: str, fn: Callable[..., Run], seeds: Sequence[int],
     for seed in seeds:
         if name in PLANNED:
             for b in budgets:
-                per_budget[b].append(score(sc, fn(sc, seed, b, noise, tmp, **kw), b))
+                run = fn(sc, seed, b, noise, tmp, **kw)
+                per_budget[b].append(score(sc, run, b))
+                if fn is run_kttune:
+                    PROBE_STATS.append((sc.space.name, b, run))
+                    tuner_s, launches, asks = tuner_s + run.tuner_s, launches + len(run.launches), asks + run.asks
         else:
             run = fn(sc, seed, max(budgets), noise, tmp, **kw)
             tuner_s, launches, asks = tuner_s + run.tuner_s, launches + len(run.launches), asks + run.asks
@@ -327,6 +350,24 @@ def print_table(title: str, rows: list[tuple[str, dict[int, dict[str, float]], f
                          f"{r['wasted']:.1f}")
         tim = "-" if math.isnan(ms_launch) else f"{ms_launch:.0f} ({ms_ask:.0f})"
         print(f"| {name} | " + " | ".join(cells) + f" | {tim} |")
+
+
+def print_probe_table() -> None:
+    """Early stop (issue 6 item 4): per space and budget, over kttune runs (all variants)."""
+    if not PROBE_STATS:
+        return
+    print("\n## early stop: pruned launches per run / benchmark time saved (net of probes) / "
+          "best pruned config ÷ optimum (max over runs) / runs that pruned a config within 1 % of the optimum")
+    print("| space | budget | pruned per run | bench time saved | best pruned | optimum pruned |")
+    print("|---|---|---|---|---|---|")
+    keys = sorted({(s, b) for s, b, _ in PROBE_STATS})
+    for space, b in keys:
+        runs = [r for s, bb, r in PROBE_STATS if (s, bb) == (space, b)]
+        full = sum(r.bench_s + r.saved_s for r in runs)
+        saved = sum(r.saved_s for r in runs)
+        print(f"| {space} | {b} | {statistics.mean(r.pruned for r in runs):.1f} | "
+              f"{100 * saved / full if full else 0:.0f} % | {max(r.pruned_best for r in runs):.3f} | "
+              f"{sum(r.pruned_best >= 0.99 for r in runs)} of {len(runs)} |")
 
 
 # ----------------------------------------------------------------------------- full path
@@ -404,6 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--full-path-space", default="search_spaces/sim-qwen3-30b-a3b-1x4090.yaml")
     ap.add_argument("--full-path-budget", type=int, default=4)
     ap.add_argument("--full-path-only", action="store_true", help="only the full-path confirmation")
+    ap.add_argument("--confirm", type=int, help="kttune's confirmation launches (default: the space's, 2 at B ≥ 10)")
+    ap.add_argument("--no-probe", action="store_true", help="kttune without the early-stop probe")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -422,13 +465,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             sc = load_scene(path)
             rows = []
             for name in args.methods:
-                kw = {"margin_gb": args.margin_gb} if name == "kttune" and args.margin_gb is not None else {}
+                kw: dict[str, Any] = {}
+                if name == "kttune":
+                    kw = {"confirm": args.confirm, "probe": not args.no_probe}
+                    if args.margin_gb is not None:
+                        kw["margin_gb"] = args.margin_gb
                 rows.append((name, *evaluate(sc, name, METHODS[name], seeds, budgets, args.noise, tmp, **kw)))
             if args.variants or args.variant:
                 for vname, strat in VARIANTS.items():
                     if args.variant and vname not in args.variant:
                         continue
-                    kw = {"strategy": strat}
+                    kw = {"strategy": strat, "confirm": args.confirm, "probe": not args.no_probe}
                     if args.margin_gb is not None:
                         kw["margin_gb"] = args.margin_gb
                     rows.append((f"kttune: {vname}", *evaluate(sc, "kttune", run_kttune, seeds, budgets,
@@ -436,6 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             opt = sc.grid.optimum().entries[0]
             print_table(f"## {sc.space.name}: optimum {opt.objective} = {opt.value:.4g} "
                         f"({' '.join(f'{k}={v}' for k, v in opt.params.items())})", rows, budgets)
+    print_probe_table()
     print(f"\n(total {time.monotonic() - started:.0f} s)")
     if args.full_path:
         full_path_check(args.full_path_space, args.full_path_budget, 0, noise_off=True)

@@ -103,16 +103,33 @@ def no_feasible_message(study: optuna.Study) -> str:
 # --------------------------------------------------------------------------- best / pick
 
 
+def confirmed_or_best(study: optuna.Study) -> list[FrozenTrial]:
+    """best_trials; with one objective, the launched configuration with the best mean over its
+    measurements (confirmation runs re-measure finalists), as its first trial — so a lucky
+    single run does not win, and a duplicate answered from a measurement does not tie."""
+    from tuner.strategy import repeat_groups
+
+    groups = repeat_groups(study)
+    return [groups[0].first] if groups else best_trials(study)
+
+
+def _repeats_note(study: optuna.Study, t: FrozenTrial) -> str:
+    from tuner.strategy import repeat_groups
+
+    g = next((g for g in repeat_groups(study) if g.first.number == t.number), None)
+    return "" if g is None or len(g.values) < 2 else f" (mean {g.mean:.4g} ± {g.spread:.2g} of {len(g.values)})"
+
+
 def best_table(space: SearchSpace, study: optuna.Study) -> list[list[str]]:
     """Rows (header first) for the feasible best trial(s), computed, not printed."""
-    best = best_trials(study)
+    best = confirmed_or_best(study)
     keys = [o.key for o in space.objectives]
     extra = [k for k in headline_metrics(space) if k not in keys]
     params = [p.flag for p in space.params]
     rows = [["trial", *params, *keys, *extra]]
     for t in best:
         m = metrics_of(t)
-        rows.append([str(t.number) + (" (baseline)" if t.user_attrs.get(ATTR_BASELINE) else ""),
+        rows.append([str(t.number) + (" (baseline)" if t.user_attrs.get(ATTR_BASELINE) else "") + _repeats_note(study, t),
                      *(_fmt(t.params.get(p, "")) for p in params),
                      *(_fmt(m.get(k, "")) for k in keys), *(_fmt(m.get(k, "")) for k in extra)])
     return rows
@@ -229,7 +246,7 @@ def pick_trial(study: optuna.Study, trial_number: int | None, *, space: SearchSp
         if t.state != TrialState.COMPLETE:
             raise ConfigError(f"--trial: trial {trial_number} is {t.state.name}; pick a completed one")
         return t
-    best = best_trials(study)
+    best = confirmed_or_best(study)
     if not best:
         raise KttuneError(no_feasible_message(study))
     if weights:

@@ -109,6 +109,30 @@ class BenchSpec:
 
 
 @dataclass(frozen=True)
+class ConfirmSpec:
+    """Confirmation launches at the end of the budget (issue 6): `runs` re-measurements of
+    the `finalists` best configurations; runs None = 2 when the budget is ≥ 10, else 0."""
+
+    runs: int | None = None
+    finalists: int = 2
+
+    def runs_for(self, budget: int) -> int:
+        runs = (2 if budget >= 10 else 0) if self.runs is None else self.runs
+        return max(0, min(runs, budget - 1))
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """Early stop: a short probe (the objective's workload with `fraction` of its output
+    tokens) before the full benchmark; a trial whose probe is below `prune_below` × the best
+    probe so far is pruned (single objective only). fraction 0 turns it off."""
+
+    fraction: float = 0.25
+    prune_below: float = 0.8
+    min_trials: int = 2
+
+
+@dataclass(frozen=True)
 class ObjectiveSpec:
     workload: str
     metric: str
@@ -161,6 +185,8 @@ class SearchSpace:
     model: Mapping[str, Any]
     slos: tuple[SloSpec, ...] = ()
     quality: QualitySpec = field(default_factory=QualitySpec)
+    confirm: ConfirmSpec = field(default_factory=ConfirmSpec)
+    probe: ProbeSpec = field(default_factory=ProbeSpec)
 
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         return {p.flag: p.distribution() for p in self.params}
@@ -458,7 +484,7 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
     """Validate a loaded YAML document. Raises ConfigError naming the field."""
     # Relative paths inside a space are read from the working directory (the repo root).
     data = _mapping("space", data)
-    _check_keys("space", data, {"name", "description", "server", "params", "workloads", "objective", "bench", "baseline", "hardware", "model", "slo", "quality"}, {"server", "params"})
+    _check_keys("space", data, {"name", "description", "server", "params", "workloads", "objective", "bench", "baseline", "hardware", "model", "slo", "quality", "confirm", "probe"}, {"server", "params"})
     server = _parse_server(_mapping("server", data["server"]), Path.cwd(), check_paths)
     args = dict(server.args)
     _resolve_model_paths(args, Path.cwd())
@@ -494,7 +520,34 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
                        hardware=dict(_mapping("hardware", data.get("hardware"))),
                        model=dict(_mapping("model", data.get("model"))),
                        slos=_parse_slos(data.get("slo"), workloads),
-                       quality=QualitySpec.from_space(SimpleNamespace(quality=dict(_mapping("quality", data.get("quality"))))))
+                       quality=QualitySpec.from_space(SimpleNamespace(quality=dict(_mapping("quality", data.get("quality"))))),
+                       confirm=_parse_confirm(_mapping("confirm", data.get("confirm"))),
+                       probe=_parse_probe(_mapping("probe", data.get("probe"))))
+
+
+def _parse_confirm(data: Mapping[str, Any]) -> ConfirmSpec:
+    _check_keys("confirm", data, {"runs", "finalists"})
+    runs, finalists = data.get("runs"), data.get("finalists", 2)
+    if runs is not None and (not isinstance(runs, int) or isinstance(runs, bool) or runs < 0):
+        raise _fail("confirm.runs", f"must be a whole number ≥ 0, got {runs!r}", "e.g. confirm: {runs: 2}")
+    if not isinstance(finalists, int) or isinstance(finalists, bool) or finalists < 1:
+        raise _fail("confirm.finalists", f"must be a whole number ≥ 1, got {finalists!r}", "e.g. confirm: {finalists: 2}")
+    return ConfirmSpec(runs=runs, finalists=finalists)
+
+
+def _parse_probe(data: Mapping[str, Any]) -> ProbeSpec:
+    _check_keys("probe", data, {"fraction", "prune_below", "min_trials"})
+    spec = ProbeSpec()
+    fraction = data.get("fraction", spec.fraction)
+    below = data.get("prune_below", spec.prune_below)
+    min_trials = data.get("min_trials", spec.min_trials)
+    if not is_finite(fraction) or not 0 <= fraction < 1:
+        raise _fail("probe.fraction", f"must be in [0, 1), got {fraction!r}", "e.g. 0.25; 0 turns the probe off")
+    if not is_finite(below) or not 0 < below <= 1:
+        raise _fail("probe.prune_below", f"must be in (0, 1], got {below!r}", "e.g. 0.8: prune below 80 % of the best probe")
+    if not isinstance(min_trials, int) or isinstance(min_trials, bool) or min_trials < 1:
+        raise _fail("probe.min_trials", f"must be a whole number ≥ 1, got {min_trials!r}", "e.g. 2")
+    return ProbeSpec(fraction=float(fraction), prune_below=float(below), min_trials=min_trials)
 
 
 def load_space(path: str | Path, *, check_paths: bool = True) -> SearchSpace:

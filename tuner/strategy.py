@@ -500,3 +500,86 @@ def _dominates(a: FrozenTrial, b: FrozenTrial, dirs: Sequence[optuna.study.Study
             return False
         better = better or sx > sy
     return better
+
+
+# ----------------------------------------------------------------------------- noise
+
+
+ATTR_CONFIRMATION_OF = "confirmation_of"
+
+
+@dataclass(frozen=True)
+class Repeats:
+    """All launched measurements of one configuration: the first trial and its repeats."""
+
+    first: FrozenTrial
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values))
+
+    @property
+    def spread(self) -> float:
+        """Half the range of the repeats (0 for a single run)."""
+        return (max(self.values) - min(self.values)) / 2 if len(self.values) > 1 else 0.0
+
+
+def repeat_groups(study: optuna.Study) -> list[Repeats]:
+    """Feasible launched measurements grouped by configuration, best mean first (single
+    objective; the empty list for several)."""
+    if len(study.directions) != 1:
+        return []
+    groups: dict[tuple[Any, ...], list[FrozenTrial]] = {}
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.COMPLETE and t.user_attrs.get(ATTR_LAUNCHED) and t.values is not None and _feasible(t):
+            groups.setdefault(_key(t.params), []).append(t)
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    out = [Repeats(min(ts, key=lambda t: t.number), tuple(t.values[0] for t in ts)) for ts in groups.values()]
+    return sorted(out, key=lambda r: (-sign * r.mean, r.first.number))
+
+
+def confirmed_best(study: optuna.Study) -> Repeats | None:
+    """The configuration with the best mean, once some configuration was measured more than
+    once (a confirmation); None otherwise (the single best measurement stands)."""
+    groups = repeat_groups(study)
+    if not groups or all(len(g.values) == 1 for g in groups):
+        return None
+    return groups[0]
+
+
+def next_confirmation(study: optuna.Study, finalists: int) -> FrozenTrial | None:
+    """The finalist (top `finalists` by mean) with the fewest measurements, counting
+    confirmations other workers have queued or are running; ties go to the better mean."""
+    groups = repeat_groups(study)[:finalists]
+    if not groups:
+        return None
+    pending: dict[int, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        of = t.user_attrs.get(ATTR_CONFIRMATION_OF)
+        if of is not None and not t.state.is_finished():
+            pending[of] = pending.get(of, 0) + 1
+    return min(groups, key=lambda g: len(g.values) + pending.get(g.first.number, 0)).first
+
+
+class BelowBestPruner(optuna.pruners.BasePruner):
+    """Prune a trial whose probe (its step-0 intermediate value) is below `ratio` × the best
+    probe of the other trials (above best / ratio when minimizing), once `min_trials` others
+    reported one. Relative to the best, not a percentile: with a budget of 20 most launches
+    are near the incumbent, where a percentile would prune good configurations."""
+
+    def __init__(self, ratio: float, min_trials: int = 2) -> None:
+        self._ratio, self._min = ratio, min_trials
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        mine = trial.intermediate_values.get(0)
+        if mine is None or len(study.directions) != 1:
+            return False
+        others = [t.intermediate_values[0] for t in study.get_trials(deepcopy=False)
+                  if t.number != trial.number and 0 in t.intermediate_values
+                  and t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        if len(others) < self._min:
+            return False
+        if study.direction == optuna.study.StudyDirection.MAXIMIZE:
+            return mine < self._ratio * max(others)
+        return mine > min(others) / self._ratio

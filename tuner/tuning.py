@@ -2,6 +2,7 @@
 of launches is spent. Also the dry run, which prints argvs and touches no storage."""
 from __future__ import annotations
 
+import inspect
 import shlex
 import time
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from tuner import objective
 from tuner.errors import ConfigError, KttuneError
@@ -19,11 +20,11 @@ from tuner.feasibility_gate import MEMORY_REASONS, FeasibilityGate
 from tuner.objective import FATAL_REASONS, TrialOutcome
 from tuner.progress import Progress
 from tuner.space import SearchSpace
-from tuner.strategy import warm_start
+from tuner.strategy import ATTR_CONFIRMATION_OF, BelowBestPruner, next_confirmation, warm_start
 from tuner.study import (STUDY_ATTR_CALIBRATION, ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_FLAGS, ATTR_LAUNCHED, ATTR_TRIAL_DIR,
                          ATTR_WORKER, RunSummary, _Heartbeat, best_trials, enqueue_baseline_once, find_duplicate,
-                         launched_count, open_study, record, recover_stale_trials, worker_id)
-from tuner.trial import TrialRun, run_trial, server_argv
+                         launched_count, make_sampler, open_study, record, recover_stale_trials, worker_id)
+from tuner.trial import PRUNED, TrialRun, probe_workload, run_trial, server_argv
 
 Log = Callable[[str], None]
 
@@ -58,6 +59,15 @@ class RunOptions:
     seed: int | None
     studies_dir: Path
     check_feasibility: bool = True
+    # Confirmation launches at the end of the budget; None = the space's `confirm` setting.
+    confirm: int | None = None
+    # Early stop by a probe workload (the space's `probe` setting); False = never probe.
+    probe: bool = True
+
+    def confirm_runs(self, space: SearchSpace) -> int:
+        if self.confirm is not None:
+            return max(0, min(self.confirm, self.budget - 1))
+        return space.confirm.runs_for(self.budget)
 
 
 def _fmt_values(values: list[float] | None) -> str:
@@ -75,6 +85,10 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
             raise ConfigError(f"space: no configuration is predicted to fit (binding: {gate.summary(probe)}); "
                               "widen the space or pass --no-feasibility")
     study = open_study(space, study_name=opts.study_name, storage=opts.storage, seed=opts.seed)
+    probing = opts.probe and probe_workload(space) is not None and _accepts(runner, "on_probe")
+    if probing:
+        study.pruner = BelowBestPruner(space.probe.prune_below, space.probe.min_trials)
+    confirm = opts.confirm_runs(space)
     recovered = recover_stale_trials(study, log)
     if recovered:
         log(f"marked {recovered} trial(s) of a dead run as interrupted")
@@ -111,8 +125,11 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
             summary.stopped_reason = (f"{skips} proposals in a row could not be launched "
                                       f"({gate.last_binding if gate else 'duplicates'}); widen the space or relax it")
             break
+        if summary.launched >= opts.budget - confirm:
+            _queue_confirmation(study, space.confirm.finalists)
         trial = study.ask(space.distributions())
         _beat(study, trial)
+        confirmation_of = trial.user_attrs.get(ATTR_CONFIRMATION_OF)
         is_baseline = bool(trial.user_attrs.get(ATTR_BASELINE))
         flags = space.launch_flags(trial.params)
         if gate is not None:
@@ -121,7 +138,7 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
         trial.set_user_attr(ATTR_WORKER, worker_id())
         # 1. Predicted infeasible: tell the sampler without spending a launch.
         report = gate.check(flags) if gate is not None else None
-        if report is not None and not report.feasible and not is_baseline:
+        if report is not None and not report.feasible and not is_baseline and confirmation_of is None:
             why = gate.summary(report)  # type: ignore[union-attr]
             outcome = objective.failure(space, "infeasible_predicted", why, constraints=report.constraints)
             record(study, trial, outcome, {})
@@ -130,9 +147,15 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
             continue
         constraints = report.constraints if report is not None else {}
         # 2. Same params measured, or being measured by another worker: don't launch them again.
-        dup = find_duplicate(study.get_trials(deepcopy=False), trial.params, before=trial.number)
+        trials = study.get_trials(deepcopy=False)
+        dup = None if confirmation_of is not None else \
+            find_duplicate(trials, trial.params, before=trial.number) or _pruned_twin(trials, trial.params)
         if dup is not None:
-            if dup.state.is_finished():  # reuse the measurement
+            if dup.state == TrialState.PRUNED:  # its probe said enough: don't launch it again
+                outcome = TrialOutcome(TrialState.PRUNED, None, PRUNED, f"duplicate of pruned trial {dup.number}")
+                if dup.intermediate_values:
+                    trial.report(dup.intermediate_values[max(dup.intermediate_values)], 0)
+            elif dup.state.is_finished():  # reuse the measurement
                 outcome = TrialOutcome(dup.state, list(dup.values) if dup.values else None, None,
                                        f"duplicate of trial {dup.number}", {}, dict(dup.constraints))
             else:
@@ -147,7 +170,8 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
             log(f"trial {trial.number}: not launched, other workers took the budget's last launches")
             continue
         skips = 0
-        outcome, log_text = _launch(study, trial, space, flags, constraints, opts, log, summary, runner, progress)
+        outcome, log_text = _launch(study, trial, space, flags, constraints, opts, log, summary, runner, progress,
+                                    probing=probing and confirmation_of is None)
         if gate is not None:
             before = gate.state()
             after = gate.observe(log_text, flags, outcome.reason, predicted_fit=report is not None and report.feasible)
@@ -164,6 +188,29 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
                                "this looks like the environment, not the configurations: check server.python, "
                                "bench.python and the trial logs in " + str(opts.studies_dir / opts.study_name))
     return summary
+
+
+def _queue_confirmation(study: optuna.Study, finalists: int) -> None:
+    """Enqueue a re-measurement of the finalist with the fewest measurements, unless one is
+    already queued (by this or another worker); nothing before a feasible measurement."""
+    if any(t.state == TrialState.WAITING and t.user_attrs.get(ATTR_CONFIRMATION_OF) is not None
+           for t in study.get_trials(deepcopy=False)):
+        return
+    target = next_confirmation(study, finalists)
+    if target is not None:
+        study.enqueue_trial(dict(target.params), user_attrs={ATTR_CONFIRMATION_OF: target.number})
+
+
+def _pruned_twin(trials: list[FrozenTrial], params: dict[str, Any]) -> FrozenTrial | None:
+    return next((t for t in trials if t.state == TrialState.PRUNED and t.params == params), None)
+
+
+def _accepts(runner: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(runner).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _heartbeat_on(study: optuna.Study) -> bool:
@@ -210,28 +257,32 @@ def repeating_fault(recent: list[str | None]) -> bool:
     failures legitimately repeat while the sampler explores a cliff)."""
     tail = recent[-REPEAT_LIMIT:]
     return (len(tail) == REPEAT_LIMIT and tail[0] is not None and len(set(tail)) == 1
-            and tail[0] not in MEMORY_REASONS | {"quality", "server_died"})
+            and tail[0] not in MEMORY_REASONS | {"quality", "server_died", PRUNED})
 
 
 def _launch(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, flags: dict[str, Any],
             constraints: dict[str, float], opts: RunOptions, log: Log,
             summary: RunSummary, runner: TrialRunner,
-            progress: Progress | None = None) -> tuple[TrialOutcome, str]:
+            progress: Progress | None = None, *, probing: bool = False) -> tuple[TrialOutcome, str]:
     trial_dir = (opts.studies_dir / opts.study_name / f"trial-{trial.number}").resolve()
     trial.set_user_attr(ATTR_TRIAL_DIR, str(trial_dir))
     trial.set_user_attr(ATTR_LAUNCHED, True)
     n = summary.launched + 1
+    of = trial.user_attrs.get(ATTR_CONFIRMATION_OF)
+    note = "" if of is None else f" confirmation of trial {of}:"
     if progress is not None:
         progress.trial_started(trial.number, n, opts.budget, trial.params)
         on_phase: Callable[[str], None] = progress.phase
     else:
-        log(f"trial {trial.number} (launch {n}/{opts.budget}): {_fmt_params(trial.params)}")
+        log(f"trial {trial.number} (launch {n}/{opts.budget}):{note} {_fmt_params(trial.params)}")
         on_phase = lambda p: log(f"  {p}")  # noqa: E731
     started = time.monotonic()
     try:
         with _Heartbeat(study, trial):
             reference = study.user_attrs.get(STUDY_ATTR_QUALITY_REF)
-            extra = {"quality_reference": reference} if reference else {}
+            extra: dict[str, Any] = {"quality_reference": reference} if reference else {}
+            if probing:
+                extra["on_probe"] = lambda metrics: _probe_verdict(space, trial, metrics)
             run = runner(space, flags, trial_dir, on_phase=on_phase, **extra)
     except KeyboardInterrupt:
         outcome = objective.failure(space, "interrupted", "the tuner was stopped")
@@ -266,15 +317,26 @@ def _launch(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, flags:
     return outcome, run.log_text()
 
 
+def _probe_verdict(space: SearchSpace, trial: optuna.Trial, metrics: dict[str, float]) -> bool:
+    """Report the probe as the intermediate value (step 0) and ask the study's pruner."""
+    values = objective.objective_values(space, metrics)
+    if values is None:
+        return False
+    trial.report(values[0], 0)
+    return trial.should_prune()
+
+
 def _fmt_params(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in params.items())
 
 
 def dry_run(space: SearchSpace, *, budget: int, seed: int | None, log: Log = print) -> list[list[str]]:
-    """Print the argv of the first `budget` proposals; launches nothing, writes nothing."""
-    study = optuna.create_study(directions=space.directions, sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True))
-    if space.baseline is not None:
-        study.enqueue_trial(dict(space.baseline))
+    """Print the argv of the first `budget` proposals of the strategy a run uses (baseline,
+    warm start, then the sampler); launches nothing, writes nothing. Nothing is measured, so
+    after the enqueued trials the proposals are the sampler's measurement-free ones."""
+    study = optuna.create_study(directions=space.directions, sampler=make_sampler(space, seed))
+    enqueue_baseline_once(study, space)
+    warm_start(study, space, log=lambda m: log("# " + m))
     try:
         gate: FeasibilityGate | None = FeasibilityGate.for_space(space)
     except KttuneError as exc:
