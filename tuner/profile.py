@@ -18,9 +18,6 @@ from optuna.trial import FrozenTrial
 from tuner.errors import ConfigError
 from tuner.study import ATTR_FLAGS, metrics_of
 
-# Flags only the simulator understands; they are kept (a sim profile must relaunch the sim).
-_SIM_PREFIX = "sim-"
-
 
 def profile_flags(trial: FrozenTrial) -> dict[str, Any]:
     flags = trial.user_attrs.get(ATTR_FLAGS)

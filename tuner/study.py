@@ -17,7 +17,6 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner import objective
 from tuner.errors import ConfigError, KttuneError
 from tuner.objective import TrialOutcome
 from tuner.space import SearchSpace
