@@ -22,7 +22,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial
 
-from tuner.study import (ATTR_BASELINE, ATTR_LAUNCHED, ATTR_TRIAL_DIR, STUDY_ATTR_SPACE, best_trials,
+from tuner.study import (ATTR_BASELINE, ATTR_LAUNCHED, ATTR_TRIAL_DIR, STUDY_ATTR_SPACE, confirmed_or_best,
                          metrics_of)
 
 ARTIFACT_DIR_NAME = "artifacts"
@@ -191,7 +191,7 @@ def study_note(study: optuna.Study) -> str:
     keys = _objective_keys(study)
     trials = study.get_trials(deepcopy=False)
     base = next((t for t in trials if t.user_attrs.get(ATTR_BASELINE) and metrics_of(t)), None)
-    best = best_trials(study)
+    best = confirmed_or_best(study)
     lines = [f"## kttune study `{study.study_name}`", ""]
     lines.append(f"**Baseline:** trial {base.number}: {_md_values(base, keys)}" if base else
                  "**Baseline:** not measured (yet)")

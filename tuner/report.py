@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner.errors import ConfigError, KttuneError
 from tuner.profile import render_profile, write_atomic
 from tuner.space import SearchSpace, is_finite
+from tuner.study import confirmed_or_best  # noqa: F401  (re-exported: the pick rule lives in study)
 from tuner.study import (ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_LAUNCHED, ATTR_REASON, STUDY_ATTR_SPACE, best_trials,
                          make_storage, metrics_of)
 
@@ -101,16 +102,6 @@ def no_feasible_message(study: optuna.Study) -> str:
 
 
 # --------------------------------------------------------------------------- best / pick
-
-
-def confirmed_or_best(study: optuna.Study) -> list[FrozenTrial]:
-    """best_trials; with one objective, the launched configuration with the best mean over its
-    measurements (confirmation runs re-measure finalists), as its first trial — so a lucky
-    single run does not win, and a duplicate answered from a measurement does not tie."""
-    from tuner.strategy import repeat_groups
-
-    groups = repeat_groups(study)
-    return [groups[0].first] if groups else best_trials(study)
 
 
 def _repeats_note(study: optuna.Study, t: FrozenTrial) -> str:
@@ -423,7 +414,10 @@ def compute_report(space: SearchSpace, study: optuna.Study) -> ReportData:
     params = tuple(p.flag for p in space.params)
     front = best_trials(study)
     recommended: FrozenTrial | None = None
-    if front:
+    if len(objectives) == 1:
+        picks = confirmed_or_best(study)  # by confirmed mean, like `best` and `export`
+        recommended = picks[0] if picks else None
+    elif front:
         recommended = pick_by_weights(front, [(o.key, o.direction) for o in objectives],
                                       {o.key: 1.0 for o in objectives})
     base = next((r for r in rows if r.baseline and r.status in (FEASIBLE, VIOLATES)), None)

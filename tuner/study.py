@@ -296,6 +296,16 @@ def metrics_of(t: FrozenTrial) -> dict[str, float]:
     return {k[len(METRIC_PREFIX):]: v for k, v in t.user_attrs.items() if k.startswith(METRIC_PREFIX)}
 
 
+def confirmed_or_best(study: optuna.Study) -> list[FrozenTrial]:
+    """best_trials; with one objective, the launched configuration with the best mean over its
+    measurements (confirmation runs re-measure finalists), as its first trial — so a lucky
+    single run does not win, and a duplicate answered from a measurement does not tie."""
+    from tuner.strategy import repeat_groups
+
+    groups = repeat_groups(study)
+    return [groups[0].first] if groups else best_trials(study)
+
+
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Feasible best trial(s): the Pareto front for several objectives."""
     try:
