@@ -116,7 +116,6 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
     try:
         try:
             run.timings["ready_s"] = wait_ready(handle, timeout_s=space.server.start_timeout_s)
-            run.memory = parse_memory_lines(_read(handle.log_path))
             if quality.enabled:
                 phase("checking output quality")
                 result = check_quality(handle.base_url, quality, reference=quality_reference,
@@ -157,8 +156,8 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
     finally:
         phase("tearing down")
         _teardown(space, run, handle, metrics, teardown_gpu_timeout_s)
-    if not run.memory:
-        run.memory = parse_memory_lines(_read(handle.log_path))
+    # Once, on the complete log: the start-up memory lines are there whatever happened later.
+    run.memory = parse_memory_lines(_read(handle.log_path))
     return run
 
 
