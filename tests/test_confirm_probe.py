@@ -13,8 +13,9 @@ from tuner import objective
 from tuner.report import best_table, confirmed_or_best
 from tuner.sim.inprocess import InProcessRunner
 from tuner.space import ConfirmSpec, ProbeSpec, SearchSpace
-from tuner.strategy import ATTR_CONFIRMATION_OF, ATTR_WARM_START, BelowBestPruner, repeat_groups
-from tuner.study import ATTR_LAUNCHED
+from tuner.strategy import (ATTR_CONFIRMATION_OF, ATTR_WARM_START, BelowBestPruner, leader_to_recheck, pooled_noise,
+                            repeat_groups)
+from tuner.study import ATTR_LAUNCHED, ATTR_REASON
 from tuner.trial import PRUNED, ProbeEmulator, TrialRun, probe_workload
 from tuner.tuning import RunOptions, dry_run, repeating_fault, run_study
 
@@ -46,6 +47,7 @@ class LuckyFirst:
 def test_confirmation_runs_remeasure_finalists_and_the_pick_uses_the_mean(tmp_path: Path) -> None:
     space = sim_space("qwen3-30b-a3b-1x4090")
     # The baseline (N=16, launched first) gets the lucky run: it leads until confirmed.
+    space = replace(space, confirm=ConfirmSpec(recheck=False))  # end confirmations only
     study = _run(space, tmp_path, 10, LuckyFirst(lucky=space.baseline["kt-num-gpu-experts"]), probe=False)
     launched = [t for t in study.trials if t.user_attrs.get(ATTR_LAUNCHED)]
     assert len(launched) == 10
@@ -136,3 +138,59 @@ def test_next_confirmation_counts_other_workers_queued_confirmations() -> None:
     study.enqueue_trial({"x": 1}, user_attrs={ATTR_CONFIRMATION_OF: 0})  # another worker's, not run yet
     assert next_confirmation(study, 2).params == {"x": 2}
     assert next_confirmation(study, 1).params == {"x": 1}
+
+
+def _measured(study: optuna.Study, n: int, value: float | None, *, reason: str | None = None) -> None:
+    dist = {"n": optuna.distributions.IntDistribution(0, 100)}
+    attrs: dict[str, Any] = {ATTR_LAUNCHED: True}
+    if reason:
+        attrs[ATTR_REASON] = reason
+    study.add_trial(optuna.trial.create_trial(params={"n": n}, distributions=dist, values=[0.0 if reason else value],
+                                              state=TrialState.COMPLETE, user_attrs=attrs))
+
+
+def test_a_narrow_leader_is_rechecked_once_and_a_clear_one_is_not() -> None:
+    study = optuna.create_study(direction="maximize")
+    _measured(study, 1, 100.0)
+    _measured(study, 2, 101.0)  # leads by 1 %: inside a 3 % noise
+    assert leader_to_recheck(study, 0.03).params == {"n": 2}
+    assert leader_to_recheck(study, 0.003) is None  # a quiet machine: 1 % is a real lead
+    _measured(study, 2, 99.5)
+    assert leader_to_recheck(study, 0.03) is None  # measured twice: settled
+    _measured(study, 3, 130.0)  # leads by 30 %
+    assert leader_to_recheck(study, 0.03) is None
+
+
+def test_pooled_noise_moves_from_the_prior_to_the_repeats() -> None:
+    study = optuna.create_study(direction="maximize")
+    for v in (100.0, 100.0, 100.0, 100.0):
+        _measured(study, 1, v)
+    for v in (50.0, 50.0, 50.0, 50.0):
+        _measured(study, 2, v)
+    quiet = pooled_noise(repeat_groups(study), 0.03)
+    assert 0 < quiet < 0.03 * 0.8  # six identical repeats pull the prior down
+    assert abs(pooled_noise(repeat_groups(study)[:0], 0.03) - 0.03) < 1e-12
+
+
+def test_a_configuration_that_failed_a_relaunch_is_never_the_pick() -> None:
+    study = optuna.create_study(direction="maximize")
+    _measured(study, 1, 100.0)
+    _measured(study, 2, 120.0)
+    _measured(study, 2, None, reason="oom")  # its confirmation ran out of memory
+    assert [g.first.params["n"] for g in repeat_groups(study)] == [1]
+    assert confirmed_or_best(study)[0].params == {"n": 1}
+
+
+def test_run_study_rechecks_a_narrow_leader_before_the_final_confirmations(tmp_path: Path) -> None:
+    space = sim_space("qwen3-30b-a3b-1x4090")
+    study = _run(space, tmp_path, 12, InProcessRunner(noise_sigma=0.025, seed=3), probe=False)
+    launched = [t for t in study.trials if t.user_attrs.get(ATTR_LAUNCHED)]
+    assert len(launched) == 12
+    early = [t for t in launched[:-2] if t.user_attrs.get(ATTR_CONFIRMATION_OF) is not None]
+    assert early, "no leader was re-measured during the search"
+    for t in early:
+        assert t.params == study.trials[t.user_attrs[ATTR_CONFIRMATION_OF]].params
+    off = _run(replace(space, confirm=ConfirmSpec(recheck=False)), tmp_path / "off", 12,
+               InProcessRunner(noise_sigma=0.025, seed=3), probe=False)
+    off_launched = [t for t in off.trials if t.user_attrs.get(ATTR_LAUNCHED)]
+    assert not [t for t in off_launched[:-2] if t.user_attrs.get(ATTR_CONFIRMATION_OF) is not None]

@@ -115,6 +115,8 @@ class ConfirmSpec:
 
     runs: int | None = None
     finalists: int = 2
+    noise: float = 0.03  # prior run-to-run relative spread (sd), until repeats measure it
+    recheck: bool = True  # re-measure a new leader once when it leads by less than the noise
 
     def runs_for(self, budget: int) -> int:
         runs = (2 if budget >= 10 else 0) if self.runs is None else self.runs
@@ -526,13 +528,18 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
 
 
 def _parse_confirm(data: Mapping[str, Any]) -> ConfirmSpec:
-    _check_keys("confirm", data, {"runs", "finalists"})
+    _check_keys("confirm", data, {"runs", "finalists", "noise", "recheck"})
     runs, finalists = data.get("runs"), data.get("finalists", 2)
+    noise, recheck = data.get("noise", ConfirmSpec.noise), data.get("recheck", ConfirmSpec.recheck)
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 < noise < 1:
+        raise _fail("confirm.noise", f"must be a relative spread between 0 and 1, got {noise!r}", "e.g. confirm: {noise: 0.03}")
+    if not isinstance(recheck, bool):
+        raise _fail("confirm.recheck", f"must be true or false, got {recheck!r}", "e.g. confirm: {recheck: true}")
     if runs is not None and (not isinstance(runs, int) or isinstance(runs, bool) or runs < 0):
         raise _fail("confirm.runs", f"must be a whole number ≥ 0, got {runs!r}", "e.g. confirm: {runs: 2}")
     if not isinstance(finalists, int) or isinstance(finalists, bool) or finalists < 1:
         raise _fail("confirm.finalists", f"must be a whole number ≥ 1, got {finalists!r}", "e.g. confirm: {finalists: 2}")
-    return ConfirmSpec(runs=runs, finalists=finalists)
+    return ConfirmSpec(runs=runs, finalists=finalists, noise=float(noise), recheck=recheck)
 
 
 def _parse_probe(data: Mapping[str, Any]) -> ProbeSpec:

@@ -340,7 +340,11 @@ class KttuneSampler(optuna.samplers.BaseSampler):
             sign = 1.0 if dirs[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0
             if self._strategy.denoise:
                 return denoised_best(self._grids, measured, sign)
-            return max(measured, key=lambda t: sign * t.values[0])
+            groups: dict[tuple[Any, ...], list[FrozenTrial]] = {}
+            for t in measured:  # repeats of a configuration count by their mean
+                groups.setdefault(_key(t.params), []).append(t)
+            best = max(groups.values(), key=lambda ts: sign * float(np.mean([t.values[0] for t in ts])))
+            return best[0]
         front = [t for t in measured if not any(_dominates(o, t, dirs) for o in measured)]
         return self._rng.choice(front)
 
@@ -527,13 +531,21 @@ class Repeats:
 
 def repeat_groups(study: optuna.Study) -> list[Repeats]:
     """Feasible launched measurements grouped by configuration, best mean first (single
-    objective; the empty list for several)."""
+    objective; the empty list for several). A configuration that failed any of its launches
+    (an OOM on a re-launch, a crash) is left out: a profile must start every time."""
     if len(study.directions) != 1:
         return []
     groups: dict[tuple[Any, ...], list[FrozenTrial]] = {}
+    failed: set[tuple[Any, ...]] = set()
     for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.COMPLETE and t.user_attrs.get(ATTR_LAUNCHED) and t.values is not None and _feasible(t):
+        if t.state != TrialState.COMPLETE or not t.user_attrs.get(ATTR_LAUNCHED):
+            continue
+        if t.user_attrs.get(ATTR_REASON):
+            failed.add(_key(t.params))
+        elif t.values is not None and _feasible(t):
             groups.setdefault(_key(t.params), []).append(t)
+    for key in failed:
+        groups.pop(key, None)
     sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
     out = [Repeats(min(ts, key=lambda t: t.number), tuple(t.values[0] for t in ts)) for ts in groups.values()]
     return sorted(out, key=lambda r: (-sign * r.mean, r.first.number))
@@ -546,6 +558,32 @@ def confirmed_best(study: optuna.Study) -> Repeats | None:
     if not groups or all(len(g.values) == 1 for g in groups):
         return None
     return groups[0]
+
+
+def pooled_noise(groups: Sequence[Repeats], prior: float, prior_weight: float = 4.0) -> float:
+    """Run-to-run spread (sd of log values) pooled over configurations measured more than
+    once, shrunk toward `prior` (worth `prior_weight` degrees of freedom) while repeats are few."""
+    ss, df = prior_weight * prior * prior, prior_weight
+    for g in groups:
+        logs = [math.log(v) for v in g.values if v > 0]
+        if len(logs) > 1:
+            mean = sum(logs) / len(logs)
+            ss += sum((x - mean) ** 2 for x in logs)
+            df += len(logs) - 1
+    return math.sqrt(ss / df)
+
+
+def leader_to_recheck(study: optuna.Study, prior_noise: float, z: float = 1.0) -> FrozenTrial | None:
+    """The leading configuration when it was measured once and leads the runner-up by less
+    than `z` standard errors of the difference (noise from :func:`pooled_noise`): the local
+    search would otherwise build on what may be one lucky run. Single objective only."""
+    groups = repeat_groups(study)
+    if len(groups) < 2 or len(groups[0].values) > 1 or min(groups[0].values[0], groups[1].mean) <= 0:
+        return None
+    top, runner = groups[0], groups[1]
+    sigma = pooled_noise(groups, prior_noise)
+    lead = abs(math.log(top.mean) - math.log(runner.mean))
+    return top.first if lead < z * sigma * math.sqrt(1.0 + 1.0 / len(runner.values)) else None
 
 
 def next_confirmation(study: optuna.Study, finalists: int) -> FrozenTrial | None:

@@ -20,7 +20,7 @@ from tuner.feasibility_gate import MEMORY_REASONS, FeasibilityGate
 from tuner.objective import FATAL_REASONS, TrialOutcome
 from tuner.progress import Progress
 from tuner.space import SearchSpace
-from tuner.strategy import ATTR_CONFIRMATION_OF, BelowBestPruner, next_confirmation, warm_start
+from tuner.strategy import ATTR_CONFIRMATION_OF, BelowBestPruner, leader_to_recheck, next_confirmation, warm_start
 from tuner.study import (STUDY_ATTR_CALIBRATION, ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_FLAGS, ATTR_LAUNCHED, ATTR_TRIAL_DIR,
                          ATTR_WORKER, RunSummary, _Heartbeat, best_trials, enqueue_baseline_once, find_duplicate,
                          launched_count, make_sampler, open_study, record, recover_stale_trials, worker_id)
@@ -127,7 +127,10 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
             break
         if summary.launched >= opts.budget - confirm:
             _queue_confirmation(study, space.confirm.finalists)
+        elif confirm and space.confirm.recheck:
+            _queue_recheck(study, space.confirm.noise)
         trial = study.ask(space.distributions())
+        trial.set_user_attr(ATTR_WORKER, worker_id())  # first: a kill from here on is recoverable on this host
         _beat(study, trial)
         confirmation_of = trial.user_attrs.get(ATTR_CONFIRMATION_OF)
         is_baseline = bool(trial.user_attrs.get(ATTR_BASELINE))
@@ -135,7 +138,6 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
         if gate is not None:
             flags = gate.resolve_auto(flags)
         trial.set_user_attr(ATTR_FLAGS, {k: v for k, v in flags.items()})
-        trial.set_user_attr(ATTR_WORKER, worker_id())
         # 1. Predicted infeasible: tell the sampler without spending a launch.
         report = gate.check(flags) if gate is not None else None
         if report is not None and not report.feasible and not is_baseline and confirmation_of is None:
@@ -197,6 +199,18 @@ def _queue_confirmation(study: optuna.Study, finalists: int) -> None:
            for t in study.get_trials(deepcopy=False)):
         return
     target = next_confirmation(study, finalists)
+    if target is not None:
+        study.enqueue_trial(dict(target.params), user_attrs={ATTR_CONFIRMATION_OF: target.number})
+
+
+def _queue_recheck(study: optuna.Study, prior_noise: float) -> None:
+    """Re-measure a leader that leads by less than the noise (see `leader_to_recheck`),
+    once, before the search builds on it; nothing while a re-measurement is queued."""
+    if len(study.directions) != 1 or any(
+            t.state == TrialState.WAITING and t.user_attrs.get(ATTR_CONFIRMATION_OF) is not None
+            for t in study.get_trials(deepcopy=False)):
+        return
+    target = leader_to_recheck(study, prior_noise)
     if target is not None:
         study.enqueue_trial(dict(target.params), user_attrs={ATTR_CONFIRMATION_OF: target.number})
 
