@@ -25,7 +25,9 @@ measured launch) / the true optimum of the grid (`tuner.sim.optimum`): median ov
 perfect pick would get); "rec" = the same score for the configuration
 `tuner.strategy.recommend` would name (a GP posterior mean over the launches instead of the
 single best measurement, applied to every method's launches); "meas" = the pick's measured value / optimum (noise can put it above
-1); "wasted" = launches that failed for the configuration's sake (OOM, ...), mean per run. Budgets 5 and 10 are the first launches
+1); "wasted" = launches that failed for the configuration's sake (OOM, ...), mean per run; "pick fails" =
+the share of 40 fresh noisy launches of the picked configuration that fail (OOM fuzz near the memory
+cliff), mean over runs: how often the exported profile would not come up. Budgets 5 and 10 are the first launches
 of the budget-20 run for every method that does not plan by budget (all but grid).
 """
 from __future__ import annotations
@@ -97,6 +99,9 @@ class Run:
     pruned: int = 0
 
 
+FAIL_RATE_LAUNCHES = 40
+
+
 @dataclass
 class Scene:
     """One space: its grid truth, the shared model cache and the feasibility model."""
@@ -118,6 +123,18 @@ class Scene:
 
     def runner(self, seed: int, noise: float) -> InProcessRunner:
         return InProcessRunner(noise_sigma=noise, seed=seed, cache=self.cache)
+
+    def fail_rate(self, params: dict[str, Any], launches: int = FAIL_RATE_LAUNCHES) -> float:
+        """Share of fresh launches of `params` (each with its own noise and OOM-fuzz draw) that
+        fail: how often the picked profile would not come up in production."""
+        key = tuple(sorted(params.items()))
+        memo = self.cache.setdefault("fail_rate", {})
+        if key not in memo:
+            with tempfile.TemporaryDirectory() as tmp:
+                fails = sum(self.launch(self.runner(10_000 + i, 0.025), params, Path(tmp)).value is None
+                            for i in range(launches))
+            memo[key] = fails / launches
+        return memo[key]
 
     def launch(self, runner: InProcessRunner, params: dict[str, Any], tmp: Path) -> Launch:
         flags = self.space.launch_flags(params)
@@ -282,6 +299,7 @@ class Score:
     found: float       # best noise-free value among the launches / optimum (a perfect pick)
     wasted: int
     launches: int
+    pick_fails: float = 0.0  # share of fresh (noisy) launches of the pick that fail
 
 
 def score(sc: Scene, run: Run, k: int) -> Score:
@@ -296,7 +314,8 @@ def score(sc: Scene, run: Run, k: int) -> Score:
     found = max((sc.true(l.params) for l in ok), key=lambda v: sc.sign * v)
     rec = denoised_best(sc.grids, [SimpleNamespace(params=l.params, values=[l.value]) for l in ok], sc.sign)
     return Score(sc.true(best.params) / sc.optimum, sc.true(rec.params) / sc.optimum,  # type: ignore[arg-type]
-                 best.value / sc.optimum, found / sc.optimum, wasted, len(first))  # type: ignore[operator]
+                 best.value / sc.optimum, found / sc.optimum, wasted, len(first),  # type: ignore[operator]
+                 sc.fail_rate(best.params))
 
 
 def summarize(scores: list[Score]) -> dict[str, float]:
@@ -306,6 +325,7 @@ def summarize(scores: list[Score]) -> dict[str, float]:
             "found": statistics.median(s.found for s in scores),
             "rec": statistics.median(s.rec for s in scores),
             "wasted": statistics.mean(s.wasted for s in scores),
+            "pick_fails": statistics.mean(s.pick_fails for s in scores),
             "launches": statistics.mean(s.launches for s in scores)}
 
 
@@ -337,7 +357,7 @@ def evaluate(sc: Scene, name: str, fn: Callable[..., Run], seeds: Sequence[int],
 def print_table(title: str, rows: list[tuple[str, dict[int, dict[str, float]], float, float]],
                 budgets: Sequence[int]) -> None:
     print(f"\n{title}")
-    head = "| method | " + " | ".join(f"B={b}: median (p10, min) / rec / found / meas / wasted" for b in budgets) + \
+    head = "| method | " + " | ".join(f"B={b}: median (p10, min) / rec / found / meas / wasted / pick fails" for b in budgets) + \
            " | tuner ms per launch (per ask) |"
     print(head)
     print("|" + "---|" * (len(budgets) + 2))
@@ -347,7 +367,7 @@ def print_table(title: str, rows: list[tuple[str, dict[int, dict[str, float]], f
             r = res[b]
             cells.append(f"{r['median']:.3f} ({r['p10']:.3f}, {r['min']:.3f}) / {r['rec']:.3f} / {r['found']:.3f} / "
                          f"{r['meas']:.3f} / "
-                         f"{r['wasted']:.1f}")
+                         f"{r['wasted']:.1f} / {100 * r['pick_fails']:.0f} %")
         tim = "-" if math.isnan(ms_launch) else f"{ms_launch:.0f} ({ms_ask:.0f})"
         print(f"| {name} | " + " | ".join(cells) + f" | {tim} |")
 

@@ -162,3 +162,39 @@ def test_free_memory_is_averaged_and_its_spread_kept_free(space: SearchSpace, tm
     gate2 = FeasibilityGate.for_space(space)
     gate2.calibration = cal
     assert gate2.check(flags).breakdown_gb["margin"] == pytest.approx(0.4, abs=0.02)  # one standard deviation
+
+
+def _marginal_candidate(space: SearchSpace, gate: FeasibilityGate) -> tuple[dict, Any]:
+    """The first kt-num-gpu-experts (chunk 1024) that fits only inside the safety margin."""
+    for n in range(space.baseline["kt-num-gpu-experts"], 248, 4):
+        flags = gate.resolve_auto(space.launch_flags({**space.baseline, "kt-num-gpu-experts": n,
+                                                      "chunked-prefill-size": 1024}))
+        rep = gate.check(flags)
+        if not rep.feasible:
+            return flags, rep
+    raise AssertionError("nothing above the baseline is predicted not to fit")
+
+
+def test_inside_the_margin_is_marginal_and_beyond_it_is_not(space: SearchSpace, tmp_path: Path) -> None:
+    gate = observed_gate(space, tmp_path)
+    gate.calibration = dataclasses.replace(gate.calibration, anchor_rel=0.5)  # an unsure model: a wide margin
+    flags, rep = _marginal_candidate(space, gate)
+    assert rep.marginal and rep.bare_slack_gb is not None and rep.bare_slack_gb >= 0
+    assert gate.allows(rep, 1) and not gate.allows(rep, 0)
+    far = gate.check({**flags, "kt-num-gpu-experts": 240})
+    assert not far.feasible and not far.marginal and far.bare_slack_gb < 0
+    assert not gate.allows(far, 5)
+    unanchored = FeasibilityGate.for_space(space).check(flags)  # nothing launched: no bare prediction
+    assert unanchored.bare_slack_gb is None and not unanchored.marginal
+
+
+def test_a_failed_launch_inside_the_margin_closes_it_there(space: SearchSpace, tmp_path: Path) -> None:
+    gate = observed_gate(space, tmp_path)
+    gate.calibration = dataclasses.replace(gate.calibration, anchor_rel=0.5)
+    flags, rep = _marginal_candidate(space, gate)
+    log = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 0.04 GiB."
+    gate.observe(log, flags, "oom_kv_alloc", predicted_fit=False, marginal=True)
+    after = gate.check(flags)
+    assert not after.feasible and not after.marginal
+    assert gate.calibration.anchor_extra_gb == pytest.approx(rep.bare_slack_gb + 0.1, abs=1e-6)
+    assert gate.check(gate.resolve_auto(space.launch_flags(space.baseline))).feasible  # the baseline still fits

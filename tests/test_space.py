@@ -80,6 +80,10 @@ def test_launch_flags_substitute_tuned_values() -> None:
     (lambda d: d["baseline"].pop("kt-cpuinfer"), "baseline"),
     (lambda d: d["server"].update({"python": "/nonexistent/python"}), "server.python"),
     (lambda d: d["server"].update({"port": 70000}), "server.port"),
+    (lambda d: d.update({"confirm": {"noise": 2}}), "confirm.noise"),
+    (lambda d: d.update({"confirm": {"recheck": "yes"}}), "confirm.recheck"),
+    (lambda d: d.update({"feasibility": {"boundary_failures": -1}}), "feasibility.boundary_failures"),
+    (lambda d: d.update({"feasibility": {"margin": 1}}), "feasibility.margin"),
 ])
 def test_bad_input_names_the_field(mutate, field: str) -> None:
     data = copy.deepcopy(raw())

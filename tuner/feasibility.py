@@ -26,6 +26,10 @@ GB = 1e9
 Workload = tuple[int, int, int]  # (num_prompts, input_len, output_len)
 
 
+BOUNDARY_F0_SD_PRIOR_GB = 0.2
+BOUNDARY_SD_WEIGHT = 0.5
+
+
 @dataclass(frozen=True)
 class MemoryCalibration:
     """Overheads the sizes in :mod:`tuner.model` do not cover; correct them during a study from
@@ -50,6 +54,8 @@ class MemoryCalibration:
     f0_n: int = 0  # launches behind f0_gb
     f0_m2: float = 0.0  # sum of squared deviations (Welford): their spread widens the margin
     f0_sd_weight: float = 1.0  # standard deviations of free memory kept free
+    f0_sd_prior_gb: float = 0.0  # prior spread of free memory (worth f0_sd_prior_df launches)
+    f0_sd_prior_df: float = 0.0
     weights_offset_gb: float = 0.0  # logged weights - modelled weights at the reference
     graphs_offset_gb: float = 0.0  # logged graph memory - modelled graph memory
     ref_weights_gb: float = 0.0
@@ -271,8 +277,20 @@ def _memory(model: ModelSizes, hw: Hardware, plan: LaunchPlan, cal: MemoryCalibr
 def anchor_margin(cal: MemoryCalibration, spread: float) -> float:
     """Bytes an anchored prediction keeps free: a share of its difference from the reference,
     the launch-to-launch spread (standard deviation) of free memory, and what failures added."""
-    sd = math.sqrt(cal.f0_m2 / (cal.f0_n - 1)) if cal.f0_n > 1 else 0.0
+    df = max(cal.f0_n - 1, 0) + cal.f0_sd_prior_df
+    sd = math.sqrt((cal.f0_m2 + cal.f0_sd_prior_df * cal.f0_sd_prior_gb ** 2) / df) if df > 0 else 0.0
     return cal.anchor_rel * spread + (cal.f0_sd_weight * sd + cal.anchor_extra_gb) * GB
+
+
+def boundary_calibration(cal: MemoryCalibration) -> MemoryCalibration:
+    """The anchored model trusted exactly in its differences from the reference launch, still
+    keeping free memory's launch-to-launch spread and what failures taught: a configuration
+    admitted by it is one whose launch tests the model, not one that fails every few starts.
+    Until launches measure that spread, it is taken as BOUNDARY_F0_SD_PRIOR_GB (worth two
+    launches), the scale of the fuzzy OOM band near the cliff (perf-model §3.7: ±0.4 GB).
+    BOUNDARY_SD_WEIGHT standard deviations kept free: a fresh launch fits about 70 % of the time."""
+    return replace(cal, anchor_rel=0.0, f0_sd_weight=BOUNDARY_SD_WEIGHT,
+                   f0_sd_prior_gb=BOUNDARY_F0_SD_PRIOR_GB, f0_sd_prior_df=2.0)
 
 
 def _plain(cal: MemoryCalibration) -> MemoryCalibration:
@@ -314,6 +332,9 @@ class FeasibilityReport:
     hints: dict[str, str] = field(default_factory=dict)
     plan: LaunchPlan | None = None
     title: str = ""
+    # Not feasible only because of the anchored safety margin: the expected footprint fits.
+    marginal: bool = False
+    bare_slack_gb: float | None = None  # predicted GPU-memory slack without that margin (anchored only)
 
     def fix_hint(self) -> str:
         """The smallest change that makes room, binding constraint first; "" when feasible."""
@@ -402,6 +423,12 @@ def check(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any], workloads: 
     scales = {**dict.fromkeys(_SCALE_GB, max(mem.f0 / GB, 1.0)), "kv_tokens_short": max(max_req, 1),
               "context_len_short": max(max_req, 1), "cpuinfer_over_cores": cpu.physical_cores}
     binding = _binding(cons, scales)
+    bare_slack = marginal = None
+    if mem.anchored:  # observed + difference, without the margin for the model's difference
+        bare = _gpu_constraints(mem, plan, 0.0, max_req, boundary_calibration(cal))
+        bare_slack = -max(bare[k] for k in _SCALE_GB)
+        marginal = binding in _SCALE_GB and all(v <= 0 for v in bare.values()) and \
+            all(v <= 0 for k, v in cons.items() if k not in bare)
     hints = _hints(model, hw, plan, mem, cons, cal, margin_gb, max_req, max_in) if binding else {}
     eff_margin = anchor_margin(cal, mem.spread) if mem.anchored else margin_gb * GB
     breakdown = {"weights_nonexpert": mem.w_ne, "gpu_experts": mem.experts, "staging": mem.staging, "kv": mem.kv,
@@ -413,6 +440,7 @@ def check(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any], workloads: 
         constraints=cons, soft_constraints=soft, feasible=binding is None, binding=binding,
         breakdown_gb={k: round(v / GB, 4) for k, v in breakdown.items()}, kv_capacity_tokens=mem.tokens,
         kv_capacity_requests=mem.tokens // max_req if max_req else 0, warnings=warns, hints=hints, plan=plan,
+        marginal=bool(marginal), bare_slack_gb=bare_slack,
         title=f"{model.name} TP{plan.tp}, N={plan.n_gpu_experts}, T={plan.max_total_tokens}, C={plan.chunk}")
 
 

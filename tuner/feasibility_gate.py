@@ -19,6 +19,7 @@ from tuner.space import AUTO, ParamSpec, SearchSpace
 MEMORY_REASONS = frozenset({"oom", "oom_weights", "oom_kv_alloc", "kv_not_enough_memory", "cuda_graph_failed"})
 MARGIN_STEP_GB = 1.0
 ANCHOR_STEP_GB = 0.25  # beyond the failed config's predicted slack, so it no longer fits
+BOUNDARY_STEP_GB = 0.1  # beyond a failed inside-the-margin launch's bare slack
 DEFAULT_MARGIN_GB = 2.0
 
 
@@ -79,12 +80,15 @@ class FeasibilityGate:
         b = report.binding or "?"
         return f"{b} over by {report.constraints.get(b, float('nan')):.3g}; {report.fix_hint()}"
 
-    def observe(self, log_text: str, flags: Mapping[str, Any], reason: str | None, predicted_fit: bool) -> dict[str, Any]:
+    def observe(self, log_text: str, flags: Mapping[str, Any], reason: str | None, predicted_fit: bool,
+                marginal: bool = False) -> dict[str, Any]:
         """Anchor the memory model on what a launched server logged (see
         :func:`tuner.feasibility.anchor_from_observed`). A config that was predicted to fit but
         failed for memory tightens it: a run-time OOM bounds the activations from below; any
         other memory failure (or one the bound does not explain) grows the anchored margin
-        until that config no longer fits, and the unanchored margin by a step.
+        until that config no longer fits, and the unanchored margin by a step. A `marginal`
+        launch (predicted to fit only inside the margin) that failed for memory adds just
+        enough to the anchored margin that it no longer fits even without the margin.
         Returns the state to store (see `state`)."""
         observed = calibrate_from_log(log_text)
         runtime_oom = _runtime_oom(log_text)
@@ -94,6 +98,11 @@ class FeasibilityGate:
             self.calibration = anchor_from_observed(
                 observed, self.model, self.hardware, flags, base=self.calibration,
                 full_chunk_tokens=tokens if (reason is None or runtime_oom) else 0, runtime_oom=runtime_oom)
+        if memory_failure and marginal and not predicted_fit and self.calibration.f0_gb is not None:
+            bare = self.check(flags).bare_slack_gb
+            if bare is not None and bare >= 0:
+                self.calibration = dataclasses.replace(
+                    self.calibration, anchor_extra_gb=self.calibration.anchor_extra_gb + bare + BOUNDARY_STEP_GB)
         if memory_failure and predicted_fit:
             self.margin_gb += MARGIN_STEP_GB
             report = self.check(flags)
@@ -108,6 +117,11 @@ class FeasibilityGate:
                 else:
                     self.calibration = dataclasses.replace(cal, anchor_extra_gb=cal.anchor_extra_gb + grow)
         return self.state()
+
+    def allows(self, report: FeasibilityReport, boundary_failures_left: int) -> bool:
+        """Whether a proposal may launch: it fits, or it fits inside the margin while failed
+        launches there are still allowed."""
+        return report.feasible or (report.marginal and boundary_failures_left > 0)
 
     def _forward_tokens(self, flags: Mapping[str, Any], *, full_only: bool) -> int:
         """Tokens of the largest prefill forward the benchmark ran: the chunk when the workloads

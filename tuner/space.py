@@ -124,6 +124,15 @@ class ConfirmSpec:
 
 
 @dataclass(frozen=True)
+class FeasibilitySpec:
+    """How close to the predicted memory limit kttune may launch. A configuration predicted to
+    fit only inside the safety margin (anchored on launched servers' logs) may be launched while
+    fewer than `boundary_failures` such launches failed; 0 keeps every launch outside the margin."""
+
+    boundary_failures: int = 1
+
+
+@dataclass(frozen=True)
 class ProbeSpec:
     """Early stop: a short probe (the objective's workload with `fraction` of its output
     tokens) before the full benchmark; a trial whose probe is below `prune_below` × the best
@@ -189,6 +198,7 @@ class SearchSpace:
     quality: QualitySpec = field(default_factory=QualitySpec)
     confirm: ConfirmSpec = field(default_factory=ConfirmSpec)
     probe: ProbeSpec = field(default_factory=ProbeSpec)
+    feasibility: FeasibilitySpec = field(default_factory=FeasibilitySpec)
 
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         return {p.flag: p.distribution() for p in self.params}
@@ -486,7 +496,7 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
     """Validate a loaded YAML document. Raises ConfigError naming the field."""
     # Relative paths inside a space are read from the working directory (the repo root).
     data = _mapping("space", data)
-    _check_keys("space", data, {"name", "description", "server", "params", "workloads", "objective", "bench", "baseline", "hardware", "model", "slo", "quality", "confirm", "probe"}, {"server", "params"})
+    _check_keys("space", data, {"name", "description", "server", "params", "workloads", "objective", "bench", "baseline", "hardware", "model", "slo", "quality", "confirm", "probe", "feasibility"}, {"server", "params"})
     server = _parse_server(_mapping("server", data["server"]), Path.cwd(), check_paths)
     args = dict(server.args)
     _resolve_model_paths(args, Path.cwd())
@@ -524,7 +534,8 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
                        slos=_parse_slos(data.get("slo"), workloads),
                        quality=QualitySpec.from_space(SimpleNamespace(quality=dict(_mapping("quality", data.get("quality"))))),
                        confirm=_parse_confirm(_mapping("confirm", data.get("confirm"))),
-                       probe=_parse_probe(_mapping("probe", data.get("probe"))))
+                       probe=_parse_probe(_mapping("probe", data.get("probe"))),
+                       feasibility=_parse_feasibility(_mapping("feasibility", data.get("feasibility"))))
 
 
 def _parse_confirm(data: Mapping[str, Any]) -> ConfirmSpec:
@@ -540,6 +551,15 @@ def _parse_confirm(data: Mapping[str, Any]) -> ConfirmSpec:
     if not isinstance(finalists, int) or isinstance(finalists, bool) or finalists < 1:
         raise _fail("confirm.finalists", f"must be a whole number ≥ 1, got {finalists!r}", "e.g. confirm: {finalists: 2}")
     return ConfirmSpec(runs=runs, finalists=finalists, noise=float(noise), recheck=recheck)
+
+
+def _parse_feasibility(data: Mapping[str, Any]) -> FeasibilitySpec:
+    _check_keys("feasibility", data, {"boundary_failures"})
+    n = data.get("boundary_failures", FeasibilitySpec.boundary_failures)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise _fail("feasibility.boundary_failures", f"must be a whole number ≥ 0, got {n!r}",
+                    "e.g. feasibility: {boundary_failures: 1}; 0 never launches inside the safety margin")
+    return FeasibilitySpec(boundary_failures=n)
 
 
 def _parse_probe(data: Mapping[str, Any]) -> ProbeSpec:

@@ -38,8 +38,8 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import KttuneError
-from tuner.space import ParamSpec, SearchSpace
-from tuner.study import ATTR_LAUNCHED, ATTR_REASON, STUDY_ATTR_CALIBRATION
+from tuner.space import ConfirmSpec, ParamSpec, SearchSpace
+from tuner.study import ATTR_LAUNCHED, ATTR_REASON, ATTR_SPARE_GB, STUDY_ATTR_CALIBRATION, boundary_failures
 
 #: Flags whose throughput rises until GPU memory runs out: searched from their fitting boundary.
 CAPACITY_FLAGS = ("kt-num-gpu-experts",)
@@ -48,6 +48,7 @@ STUDY_ATTR_WARM_STARTED = "kttune:warm_started"
 GRID_CAP = 4097          # a param with more grid points is moved on a thinned grid
 FLOAT_POINTS = 33        # grid of an unstepped float / log range
 FINE_STEPS = (1, 2)      # capacity moves (grid points) tried before the coarse ones
+SMALL_GRID = 6           # an ordered param with at most this many values has each tried as a move
 
 Log = Callable[[str], None]
 
@@ -202,6 +203,7 @@ class KttuneSampler(optuna.samplers.BaseSampler):
         self._gate: Any | None = _gate_for(space) if strategy.snap or strategy.inner == "local" else None
         self._calibration_seen: Any = None
         self._boundary_cache: dict[tuple[Any, ...], Any] = {}
+        self._failures_left = 0  # launches inside the safety margin that may still fail
 
     def _make_global(self, strategy: Strategy, seed: int | None) -> optuna.samplers.BaseSampler:
         if strategy.inner == "random":
@@ -249,9 +251,10 @@ class KttuneSampler(optuna.samplers.BaseSampler):
         if self._gate is None:
             return None
         state = study.user_attrs.get(STUDY_ATTR_CALIBRATION)
-        if state != self._calibration_seen:
+        left = self._space.feasibility.boundary_failures - boundary_failures(study.get_trials(deepcopy=False))
+        if state != self._calibration_seen or left != self._failures_left:
             self._gate.restore(state)
-            self._calibration_seen = state
+            self._calibration_seen, self._failures_left = state, left
             self._boundary_cache.clear()
         return self._gate
 
@@ -265,9 +268,18 @@ class KttuneSampler(optuna.samplers.BaseSampler):
         if flags is None:
             return True
         try:
-            return bool(self._gate.check(flags).feasible)  # type: ignore[union-attr]
+            return bool(self._gate.allows(self._gate.check(flags), self._failures_left))  # type: ignore[union-attr]
         except KttuneError:
             return True
+
+    def _spare_gb(self, params: Mapping[str, Any]) -> float:
+        """Predicted GPU memory to spare (without the safety margin); 0 where unknown."""
+        flags = self._flags(params)
+        try:
+            slack = self._gate.check(flags).bare_slack_gb if flags is not None else None  # type: ignore[union-attr]
+        except KttuneError:
+            slack = None
+        return slack if slack is not None else 0.0
 
     def _boundary(self, study: optuna.Study, params: Mapping[str, Any]) -> Any | None:
         """Largest grid value of the capacity flag predicted to fit with the other params."""
@@ -277,13 +289,16 @@ class KttuneSampler(optuna.samplers.BaseSampler):
         key = tuple(sorted((k, v) for k, v in params.items() if k != self._cap))
         if key in self._boundary_cache:
             return self._boundary_cache[key]
-        from tuner.feasibility import max_gpu_experts
+        from tuner.feasibility import boundary_calibration, max_gpu_experts
         grid = self._grids[self._cap]
         found = None
         try:
             flags = self._flags({**params, self._cap: grid[-1]})
+            cal = gate.calibration  # inside-the-margin launches allowed: scan from the bare boundary
+            if self._failures_left > 0:
+                cal = boundary_calibration(cal)
             n = max_gpu_experts(gate.model, gate.hardware, flags, gate.workloads,
-                                margin_gb=gate.margin_gb, calibration=gate.calibration)
+                                margin_gb=gate.margin_gb, calibration=cal)
             for v in sorted((v for v in grid if v <= n), reverse=True)[:8]:
                 if self._fits({**params, self._cap: v}):
                     found = v
@@ -350,25 +365,28 @@ class KttuneSampler(optuna.samplers.BaseSampler):
 
     def _moves(self, study: optuna.Study, inc: dict[str, Any]) -> list[dict[str, Any]]:
         """Neighbours of the incumbent, most promising first: the capacity boundary, then
+        moves that make room for more of the capacity flag (throughput rises with it), then
         one knob at a time on a ladder of step sizes (coarse to fine), the capacity flag
         following its boundary when the incumbent sits on it."""
         cap = self._cap
         at_boundary = False
-        out: list[dict[str, Any]] = []
+        head: list[dict[str, Any]] = []
         if cap is not None:
             b = self._boundary(study, inc)
             at_boundary = b is not None and inc[cap] >= b
             if b is not None and inc[cap] != b:
-                out.append({**inc, cap: b})
+                head.append({**inc, cap: b})
                 grid = self._grids[cap]
                 i, j = _index(grid, inc[cap]), _index(grid, b)
                 if abs(j - i) > 2:   # a line search toward the boundary: halfway first
-                    out.append({**inc, cap: grid[(i + j) // 2]})
+                    head.append({**inc, cap: grid[(i + j) // 2]})
         flags = [f for f in self._grids if f != cap]
         self._rng.shuffle(flags)
         ladders = {f: _ladder(len(self._grids[f])) for f in flags}
         depth = max((len(v) for v in ladders.values()), default=0)
         plan = len(self._capacity_plan(len(self._grids[cap]))) if cap is not None else 0
+        roomier: list[dict[str, Any]] = []
+        out: list[dict[str, Any]] = []
         for level in range(max(depth, plan)):
             if cap is not None:
                 out.extend(self._capacity_moves(study, inc, level))
@@ -379,8 +397,10 @@ class KttuneSampler(optuna.samplers.BaseSampler):
                         nb = self._boundary(study, cand)
                         if nb is not None:
                             cand[cap] = nb
-                    out.append(cand)
-        return out
+                    (roomier if cap is not None and at_boundary and cand[cap] > inc[cap] else out).append(cand)
+        # the most room first; at equal room, the most memory to spare (the likeliest to start)
+        roomier.sort(key=lambda c: (-c[cap], -self._spare_gb(c)))  # type: ignore[index]
+        return head + roomier + out
 
     def _capacity_moves(self, study: optuna.Study, inc: dict[str, Any], level: int) -> list[dict[str, Any]]:
         """Fine steps first (the optimum sits at or just under the fitting boundary, where KV
@@ -401,8 +421,10 @@ class KttuneSampler(optuna.samplers.BaseSampler):
 
     def _steps(self, flag: str, value: Any, ladder: list[int], level: int) -> list[Any]:
         grid = self._grids[flag]
-        if not _ordered(grid):
-            return [v for v in grid if v != value] if level == 0 else []
+        if not _ordered(grid) or len(grid) <= SMALL_GRID:  # a few values: try each, nearest first
+            i = _index(grid, value)
+            return sorted((v for j, v in enumerate(grid) if j != i), key=lambda v: abs(_index(grid, v) - i)) \
+                if level == 0 else []
         if level >= len(ladder):
             return []
         i = _index(grid, value)
@@ -518,6 +540,7 @@ class Repeats:
 
     first: FrozenTrial
     values: tuple[float, ...]
+    spare_gb: float | None = None  # least GPU memory to spare predicted for its launches
 
     @property
     def mean(self) -> float:
@@ -547,8 +570,31 @@ def repeat_groups(study: optuna.Study) -> list[Repeats]:
     for key in failed:
         groups.pop(key, None)
     sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
-    out = [Repeats(min(ts, key=lambda t: t.number), tuple(t.values[0] for t in ts)) for ts in groups.values()]
+    out = [Repeats(min(ts, key=lambda t: t.number), tuple(t.values[0] for t in ts), _least_spare(ts))
+           for ts in groups.values()]
     return sorted(out, key=lambda r: (-sign * r.mean, r.first.number))
+
+
+def _least_spare(trials: Sequence[FrozenTrial]) -> float | None:
+    spares = [float(t.user_attrs[ATTR_SPARE_GB]) for t in trials if t.user_attrs.get(ATTR_SPARE_GB) is not None]
+    return min(spares) if spares else None
+
+
+def pick_group(groups: Sequence[Repeats], prior_noise: float, z: float = 0.5) -> Repeats | None:
+    """The configuration to deploy: the best mean, except that among those statistically tied
+    with it (within `z` standard errors of the difference, noise from :func:`pooled_noise`;
+    both measured at least twice) the one with the most GPU memory to spare wins: the same
+    throughput as far as the runs can tell, and the likeliest to start every time. `groups`
+    as from :func:`repeat_groups`."""
+    if not groups:
+        return None
+    top = groups[0]
+    if top.spare_gb is None or top.mean <= 0 or len(top.values) < 2:
+        return top
+    sigma = pooled_noise(groups, prior_noise)
+    tied = [g for g in groups if g.spare_gb is not None and g.mean > 0 and len(g.values) > 1 and
+            abs(math.log(top.mean) - math.log(g.mean)) < z * sigma * math.sqrt(1.0 / len(top.values) + 1.0 / len(g.values))]
+    return max(tied, key=lambda g: g.spare_gb) if tied else top  # type: ignore[arg-type,return-value]
 
 
 def confirmed_best(study: optuna.Study) -> Repeats | None:
@@ -557,7 +603,7 @@ def confirmed_best(study: optuna.Study) -> Repeats | None:
     groups = repeat_groups(study)
     if not groups or all(len(g.values) == 1 for g in groups):
         return None
-    return groups[0]
+    return pick_group(groups, ConfirmSpec.noise)
 
 
 def pooled_noise(groups: Sequence[Repeats], prior: float, prior_weight: float = 4.0) -> float:
@@ -574,16 +620,21 @@ def pooled_noise(groups: Sequence[Repeats], prior: float, prior_weight: float = 
 
 
 def leader_to_recheck(study: optuna.Study, prior_noise: float, z: float = 1.0) -> FrozenTrial | None:
-    """The leading configuration when it was measured once and leads the runner-up by less
+    """Of the two best configurations, the one measured once, when the leader leads by less
     than `z` standard errors of the difference (noise from :func:`pooled_noise`): the local
-    search would otherwise build on what may be one lucky run. Single objective only."""
+    search would otherwise build on one lucky run, or drop the better configuration for one
+    unlucky run. The leader first when both were measured once. Single objective only."""
     groups = repeat_groups(study)
-    if len(groups) < 2 or len(groups[0].values) > 1 or min(groups[0].values[0], groups[1].mean) <= 0:
+    if len(groups) < 2 or min(groups[0].mean, groups[1].mean) <= 0:
         return None
     top, runner = groups[0], groups[1]
+    once = [g for g in (top, runner) if len(g.values) == 1]
+    if not once:
+        return None
     sigma = pooled_noise(groups, prior_noise)
     lead = abs(math.log(top.mean) - math.log(runner.mean))
-    return top.first if lead < z * sigma * math.sqrt(1.0 + 1.0 / len(runner.values)) else None
+    se = sigma * math.sqrt(1.0 / len(top.values) + 1.0 / len(runner.values))
+    return once[0].first if lead < z * se else None
 
 
 def next_confirmation(study: optuna.Study, finalists: int) -> FrozenTrial | None:

@@ -30,6 +30,8 @@ ATTR_WORKER = "worker"
 ATTR_FLAGS = "flags"
 ATTR_BASELINE = "baseline"
 ATTR_DUPLICATE_OF = "duplicate_of"
+ATTR_SPARE_GB = "spare_gpu_mem_gb"  # predicted GPU memory to spare at launch (without the safety margin)
+ATTR_MARGINAL = "inside_margin"  # launched although predicted to fit only inside the safety margin
 METRIC_PREFIX = "m:"
 CONSTRAINT_PREFIX = "c:"
 STUDY_ATTR_SPACE = "kttune:space"
@@ -211,6 +213,12 @@ def recover_stale_trials(study: optuna.Study, log: Log) -> int:
     return recovered
 
 
+def boundary_failures(trials: list[FrozenTrial]) -> int:
+    """Launches inside the safety margin (ATTR_MARGINAL) that failed for their configuration."""
+    return sum(1 for t in trials if t.user_attrs.get(ATTR_MARGINAL) and t.user_attrs.get(ATTR_LAUNCHED)
+               and t.state == TrialState.COMPLETE and t.user_attrs.get(ATTR_REASON))
+
+
 def is_interrupted(t: FrozenTrial) -> bool:
     return t.state == TrialState.FAIL and bool(t.user_attrs.get(ATTR_LAUNCHED)) and \
         t.user_attrs.get(ATTR_REASON) in (None, "interrupted")
@@ -296,14 +304,16 @@ def metrics_of(t: FrozenTrial) -> dict[str, float]:
     return {k[len(METRIC_PREFIX):]: v for k, v in t.user_attrs.items() if k.startswith(METRIC_PREFIX)}
 
 
-def confirmed_or_best(study: optuna.Study) -> list[FrozenTrial]:
+def confirmed_or_best(study: optuna.Study, prior_noise: float = 0.03) -> list[FrozenTrial]:
     """best_trials; with one objective, the launched configuration with the best mean over its
     measurements (confirmation runs re-measure finalists), as its first trial — so a lucky
-    single run does not win, and a duplicate answered from a measurement does not tie."""
-    from tuner.strategy import repeat_groups
+    single run does not win, and a duplicate answered from a measurement does not tie; among
+    configurations tied with it, the one with the most GPU memory to spare (strategy.pick_group)."""
+    from tuner.strategy import pick_group, repeat_groups
 
     groups = repeat_groups(study)
-    return [groups[0].first] if groups else best_trials(study)
+    pick = pick_group(groups, prior_noise)
+    return [pick.first] if pick is not None else best_trials(study)
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:

@@ -21,7 +21,8 @@ from tuner.objective import FATAL_REASONS, TrialOutcome
 from tuner.progress import Progress
 from tuner.space import SearchSpace
 from tuner.strategy import ATTR_CONFIRMATION_OF, BelowBestPruner, leader_to_recheck, next_confirmation, warm_start
-from tuner.study import (STUDY_ATTR_CALIBRATION, ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_FLAGS, ATTR_LAUNCHED, ATTR_TRIAL_DIR,
+from tuner.study import (STUDY_ATTR_CALIBRATION, ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_FLAGS, ATTR_LAUNCHED, ATTR_MARGINAL,
+                         ATTR_SPARE_GB, ATTR_TRIAL_DIR, boundary_failures,
                          ATTR_WORKER, RunSummary, _Heartbeat, best_trials, enqueue_baseline_once, find_duplicate,
                          launched_count, make_sampler, open_study, record, recover_stale_trials, worker_id)
 from tuner.trial import PRUNED, TrialRun, probe_workload, run_trial, server_argv
@@ -140,7 +141,8 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
         trial.set_user_attr(ATTR_FLAGS, {k: v for k, v in flags.items()})
         # 1. Predicted infeasible: tell the sampler without spending a launch.
         report = gate.check(flags) if gate is not None else None
-        if report is not None and not report.feasible and not is_baseline and confirmation_of is None:
+        left = space.feasibility.boundary_failures - boundary_failures(study.get_trials(deepcopy=False))
+        if report is not None and not gate.allows(report, left) and not is_baseline and confirmation_of is None:  # type: ignore[union-attr]
             why = gate.summary(report)  # type: ignore[union-attr]
             outcome = objective.failure(space, "infeasible_predicted", why, constraints=report.constraints)
             record(study, trial, outcome, {})
@@ -148,6 +150,7 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
             log(f"trial {trial.number}: not launched, predicted infeasible: {why}")
             continue
         constraints = report.constraints if report is not None else {}
+        marginal = report is not None and report.marginal
         # 2. Same params measured, or being measured by another worker: don't launch them again.
         trials = study.get_trials(deepcopy=False)
         dup = None if confirmation_of is not None else \
@@ -172,11 +175,18 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
             log(f"trial {trial.number}: not launched, other workers took the budget's last launches")
             continue
         skips = 0
+        if report is not None and report.bare_slack_gb is not None:
+            trial.set_user_attr(ATTR_SPARE_GB, round(report.bare_slack_gb, 3))
+        if marginal:
+            trial.set_user_attr(ATTR_MARGINAL, True)
+            log(f"trial {trial.number}: inside the safety margin (predicted slack {report.bare_slack_gb:.2f} GB "  # type: ignore[union-attr]
+                f"without it); launching it to find the memory boundary")
         outcome, log_text = _launch(study, trial, space, flags, constraints, opts, log, summary, runner, progress,
                                     probing=probing and confirmation_of is None)
         if gate is not None:
             before = gate.state()
-            after = gate.observe(log_text, flags, outcome.reason, predicted_fit=report is not None and report.feasible)
+            after = gate.observe(log_text, flags, outcome.reason, predicted_fit=report is not None and report.feasible,
+                                 marginal=marginal)
             if after != before:
                 study.set_user_attr(STUDY_ATTR_CALIBRATION, after)
                 if after["margin_gb"] != before["margin_gb"]:
