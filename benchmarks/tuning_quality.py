@@ -44,7 +44,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -63,7 +63,7 @@ from tuner.report import confirmed_or_best  # noqa: E402
 from tuner.sim.inprocess import InProcessRunner  # noqa: E402
 from tuner.trial import PRUNED, ProbeEmulator  # noqa: E402
 from tuner.sim.optimum import SpaceGrid  # noqa: E402
-from tuner.space import SearchSpace, load_space  # noqa: E402
+from tuner.space import FeasibilitySpec, SearchSpace, load_space  # noqa: E402
 from tuner.strategy import Strategy, denoised_best, param_grid  # noqa: E402
 from tuner.study import ATTR_LAUNCHED, ATTR_REASON, STUDY_ATTR_CALIBRATION  # noqa: E402
 from tuner.tuning import RunOptions, run_study  # noqa: E402
@@ -77,6 +77,8 @@ VARIANTS: dict[str, Strategy] = {
     "local, explore 0": Strategy(explore=0.0),
     "local, explore 0.3": Strategy(explore=0.3),
     "local + GP incumbent": Strategy(denoise=True),
+    "local, room-making moves not first": Strategy(room_first=False),
+    "local, small grids on the step ladder": Strategy(small_grid=0),
 }
 
 
@@ -467,6 +469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--full-path-only", action="store_true", help="only the full-path confirmation")
     ap.add_argument("--confirm", type=int, help="kttune's confirmation launches (default: the space's, 2 at B ≥ 10)")
     ap.add_argument("--no-probe", action="store_true", help="kttune without the early-stop probe")
+    ap.add_argument("--no-recheck", action="store_true", help="kttune without re-measuring narrow leaders")
+    ap.add_argument("--boundary-failures", type=int,
+                    help="kttune's allowance of failed launches inside the safety margin (default: the space's, 1)")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -483,6 +488,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp = Path(d)
         for path in args.space:
             sc = load_scene(path)
+            if args.no_recheck:
+                sc.space = replace(sc.space, confirm=replace(sc.space.confirm, recheck=False))
+            if args.boundary_failures is not None:
+                sc.space = replace(sc.space, feasibility=FeasibilitySpec(boundary_failures=args.boundary_failures))
             rows = []
             for name in args.methods:
                 kw: dict[str, Any] = {}

@@ -60,7 +60,8 @@ class Strategy:
     share of local-search proposals drawn from the global sampler instead; denoise: pick the
     local search's incumbent by a Gaussian-process posterior mean over the measured trials
     instead of the single best measurement (measured in docs/tuning-quality.md: a wash, so
-    off by default)."""
+    off by default); room_first / small_grid: see `_moves` / `_steps` (levers kept for the
+    benchmark's ablations)."""
 
     inner: str = "local"
     warm: bool = True
@@ -68,6 +69,8 @@ class Strategy:
     explore: float = 0.1
     startup_trials: int = 3
     denoise: bool = False
+    room_first: bool = True  # moves that make room for more of the capacity flag come first
+    small_grid: int = SMALL_GRID  # ordered params with at most this many values: every value is a move
 
 
 DEFAULT_STRATEGY = Strategy()
@@ -397,7 +400,8 @@ class KttuneSampler(optuna.samplers.BaseSampler):
                         nb = self._boundary(study, cand)
                         if nb is not None:
                             cand[cap] = nb
-                    (roomier if cap is not None and at_boundary and cand[cap] > inc[cap] else out).append(cand)
+                    room = self._strategy.room_first and cap is not None and at_boundary and cand[cap] > inc[cap]
+                    (roomier if room else out).append(cand)
         # the most room first; at equal room, the most memory to spare (the likeliest to start)
         roomier.sort(key=lambda c: (-c[cap], -self._spare_gb(c)))  # type: ignore[index]
         return head + roomier + out
@@ -421,7 +425,7 @@ class KttuneSampler(optuna.samplers.BaseSampler):
 
     def _steps(self, flag: str, value: Any, ladder: list[int], level: int) -> list[Any]:
         grid = self._grids[flag]
-        if not _ordered(grid) or len(grid) <= SMALL_GRID:  # a few values: try each, nearest first
+        if not _ordered(grid) or len(grid) <= self._strategy.small_grid:  # a few values: each, nearest first
             i = _index(grid, value)
             return sorted((v for j, v in enumerate(grid) if j != i), key=lambda v: abs(_index(grid, v) - i)) \
                 if level == 0 else []
