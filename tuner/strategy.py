@@ -584,12 +584,19 @@ def _least_spare(trials: Sequence[FrozenTrial]) -> float | None:
     return min(spares) if spares else None
 
 
+def _less_capacity(params: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
+    """Fewer GPU experts (a capacity flag) than `than`: not a tie however close the runs, since
+    throughput rises with them; what trades at equal capacity is memory (R, chunk, ...)."""
+    return any(isinstance(params.get(f), (int, float)) and isinstance(than.get(f), (int, float))
+               and params[f] < than[f] for f in CAPACITY_FLAGS)
+
+
 def pick_group(groups: Sequence[Repeats], prior_noise: float, z: float = 0.5) -> Repeats | None:
     """The configuration to deploy: the best mean, except that among those statistically tied
     with it (within `z` standard errors of the difference, noise from :func:`pooled_noise`;
-    both measured at least twice) the one with the most GPU memory to spare wins: the same
-    throughput as far as the runs can tell, and the likeliest to start every time. `groups`
-    as from :func:`repeat_groups`."""
+    both measured at least twice; no fewer GPU experts) the one with the most GPU memory to
+    spare wins: the same throughput as far as the runs can tell, and the likeliest to start
+    every time. `groups` as from :func:`repeat_groups`."""
     if not groups:
         return None
     top = groups[0]
@@ -597,7 +604,8 @@ def pick_group(groups: Sequence[Repeats], prior_noise: float, z: float = 0.5) ->
         return top
     sigma = pooled_noise(groups, prior_noise)
     tied = [g for g in groups if g.spare_gb is not None and g.mean > 0 and len(g.values) > 1 and
-            abs(math.log(top.mean) - math.log(g.mean)) < z * sigma * math.sqrt(1.0 / len(top.values) + 1.0 / len(g.values))]
+            abs(math.log(top.mean) - math.log(g.mean)) < z * sigma * math.sqrt(1.0 / len(top.values) + 1.0 / len(g.values))
+            and not _less_capacity(g.first.params, top.first.params)]
     return max(tied, key=lambda g: g.spare_gb) if tied else top  # type: ignore[arg-type,return-value]
 
 
