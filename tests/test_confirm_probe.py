@@ -235,3 +235,19 @@ def test_launches_inside_the_margin_are_marked_bounded_and_can_be_turned_off(tmp
     off = _run(replace(space, feasibility=FeasibilitySpec(boundary_failures=0)), tmp_path / "off", 10,
                InProcessRunner(noise_sigma=0.025, seed=0), probe=False)
     assert not [t for t in off.trials if t.user_attrs.get(ATTR_MARGINAL)]
+
+
+def test_a_pick_found_inside_the_margin_is_said_so() -> None:
+    from tuner.report import boundary_notes
+    from tuner.study import ATTR_MARGINAL, ATTR_SPARE_GB
+
+    study = optuna.create_study(direction="maximize")
+    dist = {"n": optuna.distributions.IntDistribution(0, 300)}
+    for n, value, marginal in ((200, 45.0, False), (208, 47.5, True), (208, 47.1, False)):
+        study.add_trial(optuna.trial.create_trial(params={"n": n}, distributions=dist, values=[value], user_attrs={
+            ATTR_LAUNCHED: True, ATTR_MARGINAL: marginal, ATTR_SPARE_GB: 0.2 if n == 208 else 1.5}))
+    notes = boundary_notes(study)
+    assert len(notes) == 1 and "trial 1" in notes[0] and "0.20 GB" in notes[0] and "2 of 2" in notes[0]
+    study.add_trial(optuna.trial.create_trial(params={"n": 200}, distributions=dist, values=[60.0],
+                                              user_attrs={ATTR_LAUNCHED: True, ATTR_SPARE_GB: 1.5}))
+    assert boundary_notes(study) == []  # the pick is no longer one launched inside the margin

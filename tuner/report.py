@@ -16,7 +16,7 @@ from tuner.errors import ConfigError, KttuneError
 from tuner.profile import render_profile, write_atomic
 from tuner.space import SearchSpace, is_finite
 from tuner.study import confirmed_or_best  # noqa: F401  (re-exported: the pick rule lives in study)
-from tuner.study import (ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_LAUNCHED, ATTR_REASON, STUDY_ATTR_SPACE, best_trials,
+from tuner.study import (ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_LAUNCHED, ATTR_MARGINAL, ATTR_REASON, STUDY_ATTR_SPACE, best_trials,
                          make_storage, metrics_of)
 
 SHOWN_METRICS = ("output_throughput", "input_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms")
@@ -161,7 +161,29 @@ def print_best(space: SearchSpace, study_name: str, storage: str) -> bool:
         return False
     print(f"{title}:")
     print(_render(rows))
+    for line in boundary_notes(study):
+        print(line)
     return True
+
+
+def boundary_notes(study: optuna.Study) -> list[str]:
+    """A line per picked configuration that was launched inside the safety margin (to find the
+    memory boundary): how close to the limit it runs and how often it started."""
+    from tuner.strategy import repeat_groups
+
+    out = []
+    groups = {g.first.number: g for g in repeat_groups(study)}
+    for t in confirmed_or_best(study):
+        same = [x for x in study.get_trials(deepcopy=False) if x.params == t.params and x.user_attrs.get(ATTR_LAUNCHED)]
+        if not any(x.user_attrs.get(ATTR_MARGINAL) for x in same):
+            continue
+        g = groups.get(t.number)
+        spare = g.spare_gb if g is not None else None
+        out.append(f"note: trial {t.number} was launched inside the safety margin to find the GPU memory limit"
+                   + (f" (predicted {spare:.2f} GB to spare)" if spare is not None else "")
+                   + f" and started in {len(g.values) if g else 1} of {len(same)} launch(es); re-check it after "
+                   "changing the driver, the CUDA/torch versions or what else runs on the GPUs")
+    return out
 
 
 def parse_weights(text: str, objective_keys: Sequence[str]) -> dict[str, float]:
