@@ -446,6 +446,36 @@ def full_path_check(space_path: str, budget: int, seed: int, *, noise_off: bool 
     if ratios:
         print(f"ratio real/in-process: mean {statistics.mean(ratios):.3f}, "
               f"range {min(ratios):.3f}-{max(ratios):.3f} over {len(ratios)} launches")
+    print_overheads(trials, study.trials)
+
+
+def print_overheads(launched: list[optuna.trial.FrozenTrial], every: list[optuna.trial.FrozenTrial]) -> None:
+    """Issue 6 item 5 on real processes: per launch, the tuner's own time (the trial's wall
+    time outside server start, quality check, benchmarks and teardown, plus the gap before the
+    next trial), and teardown to the next launch (teardown + that gap)."""
+    print("| trial | server start s | quality + bench s | teardown s | tuner s in trial | gap to next trial s | "
+          "teardown to next launch s |")
+    print("|---|---|---|---|---|---|---|")
+    starts = sorted(t.datetime_start for t in every if t.datetime_start is not None)
+    tuner, to_next = [], []
+    for t in launched:
+        tm = t.user_attrs.get("timings") or {}
+        if t.datetime_start is None or t.datetime_complete is None:
+            continue
+        wall = (t.datetime_complete - t.datetime_start).total_seconds()
+        busy = sum(v for k, v in tm.items() if k.startswith("bench_") or k == "quality_s")
+        ready, down = float(tm.get("ready_s", 0.0)), float(tm.get("teardown_s", 0.0))
+        inside = wall - ready - busy - down
+        later = [s for s in starts if s >= t.datetime_complete]
+        gap = (later[0] - t.datetime_complete).total_seconds() if later else float("nan")
+        tuner.append(inside + (0.0 if math.isnan(gap) else gap))
+        if not math.isnan(gap):
+            to_next.append(down + gap)
+        print(f"| {t.number} | {ready:.2f} | {busy:.2f} | {down:.2f} | {inside:.2f} | {gap:.2f} | {down + gap:.2f} |")
+    if tuner:
+        print(f"tuner time per launch outside start/quality/bench/teardown: mean {statistics.mean(tuner):.2f} s, "
+              f"max {max(tuner):.2f} s (goal ≤ 1 s)" + (f"; teardown to next launch: max {max(to_next):.2f} s "
+                                                        "(goal ≤ 5 s + GPU memory release)" if to_next else ""))
 
 
 # ----------------------------------------------------------------------------- main
