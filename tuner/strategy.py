@@ -70,6 +70,7 @@ class Strategy:
     startup_trials: int = 3
     denoise: bool = False
     room_first: bool = True  # moves that make room for more of the capacity flag come first
+    recipe_moves: bool = True  # moves that set one knob back to the deployment recipe's value come first
     small_grid: int = SMALL_GRID  # ordered params with at most this many values: every value is a move
 
 
@@ -207,6 +208,7 @@ class KttuneSampler(optuna.samplers.BaseSampler):
         self._calibration_seen: Any = None
         self._boundary_cache: dict[tuple[Any, ...], Any] = {}
         self._failures_left = 0  # launches inside the safety margin that may still fail
+        self._recipe: dict[str, Any] | None = None
 
     def _make_global(self, strategy: Strategy, seed: int | None) -> optuna.samplers.BaseSampler:
         if strategy.inner == "random":
@@ -367,8 +369,9 @@ class KttuneSampler(optuna.samplers.BaseSampler):
         return self._rng.choice(front)
 
     def _moves(self, study: optuna.Study, inc: dict[str, Any]) -> list[dict[str, Any]]:
-        """Neighbours of the incumbent, most promising first: the capacity boundary, then
-        moves that make room for more of the capacity flag (throughput rises with it), then
+        """Neighbours of the incumbent, most promising first: the capacity boundary, then one
+        knob back to the deployment recipe's value (`recipe`), then moves that make room for
+        more of the capacity flag (throughput rises with it), then
         one knob at a time on a ladder of step sizes (coarse to fine), the capacity flag
         following its boundary when the incumbent sits on it."""
         cap = self._cap
@@ -384,6 +387,17 @@ class KttuneSampler(optuna.samplers.BaseSampler):
                 if abs(j - i) > 2:   # a line search toward the boundary: halfway first
                     head.append({**inc, cap: grid[(i + j) // 2]})
         flags = [f for f in self._grids if f != cap]
+        if self._strategy.recipe_moves:  # the deployment rule for a knob the search moved away from
+            if self._recipe is None:
+                self._recipe = recipe(self._space, self._gate)
+            for f, v in self._recipe.items():
+                if f in inc and inc[f] != v:
+                    cand = {**inc, f: v}
+                    if cap is not None and at_boundary:
+                        nb = self._boundary(study, cand)
+                        if nb is not None:
+                            cand[cap] = nb
+                    head.append(cand)
         self._rng.shuffle(flags)
         ladders = {f: _ladder(len(self._grids[f])) for f in flags}
         depth = max((len(v) for v in ladders.values()), default=0)
