@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import shlex
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,9 +80,9 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
               runner: TrialRunner = run_trial, progress: Progress | None = None) -> RunSummary:
     """Run (or resume) the study until `opts.budget` launches are done. `runner` does one
     launch; the default starts the configured server, benchmarks tools can pass another."""
-    # optuna-dashboard (for the study note after each trial) takes ~2 s to import: do it while
-    # the first server starts instead of between trials.
-    threading.Thread(target=importlib.import_module, args=("optuna_dashboard",), daemon=True).start()
+    # optuna-dashboard (for the study note after each trial) takes ~2 s to import: once, before
+    # the first launch, not between trials (not in a thread: concurrent imports can deadlock).
+    importlib.import_module("optuna_dashboard")
     gate = FeasibilityGate.for_space(space) if opts.check_feasibility else None
     if gate is not None:
         probe = gate.find_fitting(space, seed=opts.seed or 0)
