@@ -38,7 +38,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import KttuneError
-from tuner.space import ConfirmSpec, ParamSpec, SearchSpace
+from tuner.space import ParamSpec, SearchSpace
 from tuner.study import ATTR_LAUNCHED, ATTR_REASON, ATTR_SPARE_GB, STUDY_ATTR_CALIBRATION, boundary_failures
 
 #: Flags whose throughput rises until GPU memory runs out: searched from their fitting boundary.
@@ -390,14 +390,8 @@ class KttuneSampler(optuna.samplers.BaseSampler):
         if self._strategy.recipe_moves:  # the deployment rule for a knob the search moved away from
             if self._recipe is None:
                 self._recipe = recipe(self._space, self._gate)
-            for f, v in self._recipe.items():
-                if f in inc and inc[f] != v:
-                    cand = {**inc, f: v}
-                    if cap is not None and at_boundary:
-                        nb = self._boundary(study, cand)
-                        if nb is not None:
-                            cand[cap] = nb
-                    head.append(cand)
+            head += [self._follow(study, {**inc, f: v}, at_boundary)
+                     for f, v in self._recipe.items() if f in inc and inc[f] != v]
         self._rng.shuffle(flags)
         ladders = {f: _ladder(len(self._grids[f])) for f in flags}
         depth = max((len(v) for v in ladders.values()), default=0)
@@ -409,16 +403,20 @@ class KttuneSampler(optuna.samplers.BaseSampler):
                 out.extend(self._capacity_moves(study, inc, level))
             for f in flags:
                 for value in self._steps(f, inc[f], ladders[f], level):
-                    cand = {**inc, f: value}
-                    if cap is not None and at_boundary:
-                        nb = self._boundary(study, cand)
-                        if nb is not None:
-                            cand[cap] = nb
+                    cand = self._follow(study, {**inc, f: value}, at_boundary)
                     room = self._strategy.room_first and cap is not None and at_boundary and cand[cap] > inc[cap]
                     (roomier if room else out).append(cand)
         # the most room first; at equal room, the most memory to spare (the likeliest to start)
         roomier.sort(key=lambda c: (-c[cap], -self._spare_gb(c)))  # type: ignore[index]
         return head + roomier + out
+
+    def _follow(self, study: optuna.Study, cand: dict[str, Any], at_boundary: bool) -> dict[str, Any]:
+        """`cand` with the capacity flag on its fitting boundary when the incumbent sits on it."""
+        if self._cap is not None and at_boundary:
+            nb = self._boundary(study, cand)
+            if nb is not None:
+                cand[self._cap] = nb
+        return cand
 
     def _capacity_moves(self, study: optuna.Study, inc: dict[str, Any], level: int) -> list[dict[str, Any]]:
         """Fine steps first (the optimum sits at or just under the fitting boundary, where KV
@@ -621,15 +619,6 @@ def pick_group(groups: Sequence[Repeats], prior_noise: float, z: float = 0.5) ->
             abs(math.log(top.mean) - math.log(g.mean)) < z * sigma * math.sqrt(1.0 / len(top.values) + 1.0 / len(g.values))
             and not _less_capacity(g.first.params, top.first.params)]
     return max(tied, key=lambda g: g.spare_gb) if tied else top  # type: ignore[arg-type,return-value]
-
-
-def confirmed_best(study: optuna.Study) -> Repeats | None:
-    """The configuration with the best mean, once some configuration was measured more than
-    once (a confirmation); None otherwise (the single best measurement stands)."""
-    groups = repeat_groups(study)
-    if not groups or all(len(g.values) == 1 for g in groups):
-        return None
-    return pick_group(groups, ConfirmSpec.noise)
 
 
 def pooled_noise(groups: Sequence[Repeats], prior: float, prior_weight: float = 4.0) -> float:

@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import ConfigError, KttuneError
 from tuner.objective import TrialOutcome
-from tuner.space import SearchSpace
+from tuner.space import ConfirmSpec, SearchSpace
 
 # User-attribute keys (kttune's part of the storage schema).
 ATTR_LAUNCHED = "launched"
@@ -304,7 +304,7 @@ def metrics_of(t: FrozenTrial) -> dict[str, float]:
     return {k[len(METRIC_PREFIX):]: v for k, v in t.user_attrs.items() if k.startswith(METRIC_PREFIX)}
 
 
-def confirmed_or_best(study: optuna.Study, prior_noise: float = 0.03) -> list[FrozenTrial]:
+def confirmed_or_best(study: optuna.Study, prior_noise: float = ConfirmSpec.noise) -> list[FrozenTrial]:
     """best_trials; with one objective, the launched configuration with the best mean over its
     measurements (confirmation runs re-measure finalists), as its first trial — so a lucky
     single run does not win, and a duplicate answered from a measurement does not tie; among

@@ -2,7 +2,6 @@
 of launches is spent. Also the dry run, which prints argvs and touches no storage."""
 from __future__ import annotations
 
-import importlib
 import inspect
 import shlex
 import time
@@ -82,7 +81,7 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
     launch; the default starts the configured server, benchmarks tools can pass another."""
     # optuna-dashboard (for the study note after each trial) takes ~2 s to import: once, before
     # the first launch, not between trials (not in a thread: concurrent imports can deadlock).
-    importlib.import_module("optuna_dashboard")
+    import optuna_dashboard  # noqa: F401
     gate = FeasibilityGate.for_space(space) if opts.check_feasibility else None
     if gate is not None:
         probe = gate.find_fitting(space, seed=opts.seed or 0)
@@ -130,10 +129,10 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
             summary.stopped_reason = (f"{skips} proposals in a row could not be launched "
                                       f"({gate.last_binding if gate else 'duplicates'}); widen the space or relax it")
             break
-        if summary.launched >= opts.budget - confirm:
-            _queue_confirmation(study, space.confirm.finalists)
-        elif confirm and space.confirm.recheck:
-            _queue_recheck(study, space.confirm.noise)
+        if summary.launched >= opts.budget - confirm:  # the finalist with the fewest measurements
+            _queue_remeasure(study, lambda s: next_confirmation(s, space.confirm.finalists))
+        elif confirm and space.confirm.recheck:  # a leader that leads by less than the noise
+            _queue_remeasure(study, lambda s: leader_to_recheck(s, space.confirm.noise))
         trial = study.ask(space.distributions())
         trial.set_user_attr(ATTR_WORKER, worker_id())  # first: a kill from here on is recoverable on this host
         _beat(study, trial)
@@ -206,25 +205,13 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
     return summary
 
 
-def _queue_confirmation(study: optuna.Study, finalists: int) -> None:
-    """Enqueue a re-measurement of the finalist with the fewest measurements, unless one is
-    already queued (by this or another worker); nothing before a feasible measurement."""
+def _queue_remeasure(study: optuna.Study, choose: Callable[[optuna.Study], FrozenTrial | None]) -> None:
+    """Enqueue a re-measurement of the trial `choose` names (a finalist, a narrow leader),
+    unless one is already queued (by this or another worker)."""
     if any(t.state == TrialState.WAITING and t.user_attrs.get(ATTR_CONFIRMATION_OF) is not None
            for t in study.get_trials(deepcopy=False)):
         return
-    target = next_confirmation(study, finalists)
-    if target is not None:
-        study.enqueue_trial(dict(target.params), user_attrs={ATTR_CONFIRMATION_OF: target.number})
-
-
-def _queue_recheck(study: optuna.Study, prior_noise: float) -> None:
-    """Re-measure a leader that leads by less than the noise (see `leader_to_recheck`),
-    once, before the search builds on it; nothing while a re-measurement is queued."""
-    if len(study.directions) != 1 or any(
-            t.state == TrialState.WAITING and t.user_attrs.get(ATTR_CONFIRMATION_OF) is not None
-            for t in study.get_trials(deepcopy=False)):
-        return
-    target = leader_to_recheck(study, prior_noise)
+    target = choose(study)
     if target is not None:
         study.enqueue_trial(dict(target.params), user_attrs={ATTR_CONFIRMATION_OF: target.number})
 
