@@ -195,6 +195,76 @@ def test_a_failed_launch_inside_the_margin_closes_it_there(space: SearchSpace, t
     log = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 0.04 GiB."
     gate.observe(log, flags, "oom_kv_alloc", predicted_fit=False, marginal=True)
     after = gate.check(flags)
-    assert not after.feasible and not after.marginal
-    assert gate.calibration.anchor_extra_gb == pytest.approx(rep.bare_slack_gb + 0.1, abs=1e-6)
+    assert not after.feasible and not after.marginal and not gate.inside_margin(after)
+    # chunk 1024 is the space's smallest: the activation test there is closed too
+    assert rep.band_slack_gb is not None and rep.band_slack_gb >= rep.bare_slack_gb
+    assert gate.calibration.anchor_extra_gb == pytest.approx(rep.band_slack_gb + 0.1, abs=1e-6)
     assert gate.check(gate.resolve_auto(space.launch_flags(space.baseline))).feasible  # the baseline still fits
+
+
+def _activation_candidate(space: SearchSpace, gate: FeasibilityGate, chunk: int) -> tuple[dict, Any]:
+    """The first kt-num-gpu-experts at `chunk` that fits only if activations are below their estimate."""
+    for n in range(space.baseline["kt-num-gpu-experts"], 248):
+        flags = gate.resolve_auto(space.launch_flags({**space.baseline, "kt-num-gpu-experts": n,
+                                                      "chunked-prefill-size": chunk}))
+        rep = gate.check(flags)
+        if rep.activation_test:
+            return flags, rep
+    raise AssertionError(f"no activation test at chunk {chunk}")
+
+
+def test_an_activation_test_is_launched_only_at_the_smallest_chunk(space: SearchSpace, tmp_path: Path) -> None:
+    gate = observed_gate(space, tmp_path)
+    assert gate.test_chunk == 1024  # the smallest chunked-prefill-size the space offers
+    for chunk in (1024, 4096):
+        flags, rep = _activation_candidate(space, gate, chunk)
+        assert not rep.feasible and not rep.marginal
+        assert rep.band_slack_gb >= 0 > rep.bare_slack_gb  # fits only with activations below the estimate
+        assert gate.inside_margin(rep) == (chunk == 1024)
+        assert gate.allows(rep, 1) == (chunk == 1024) and not gate.allows(rep, 0)
+
+
+def test_a_run_time_oom_of_an_activation_test_bounds_activations_from_below(space: SearchSpace,
+                                                                             tmp_path: Path) -> None:
+    gate = observed_gate(space, tmp_path)
+    flags, rep = _activation_candidate(space, gate, 1024)
+    log = (calibrate_log := launch(space, gate, {}, tmp_path)[1].log_text()) + \
+        "\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 0.50 GiB."
+    assert calibrate_log and _runtime_oom(log)
+    extra = gate.calibration.anchor_extra_gb
+    gate.observe(log, flags, "server_died", predicted_fit=False, marginal=True)
+    assert gate.calibration.act_lower_bytes_per_token is not None  # α is above what that run had left
+    after = gate.check(flags)
+    assert not gate.inside_margin(after) and gate.calibration.anchor_extra_gb == extra
+
+
+def test_a_survived_activation_test_near_the_cliff_bounds_activations_from_above(tmp_path: Path) -> None:
+    """On the 4xH100 space the activation estimate is about twice the simulator's: the optimum
+    (N=108, chunk 2048) is only reachable by testing it, and a run there tightens α."""
+    space = load_space(REPO / "search_spaces" / "sim-deepseek-v3-4xh100.yaml", check_paths=False)
+    gate = observed_gate(space, tmp_path, {"kt-num-gpu-experts": 104, "kt-cpuinfer": 104,
+                                           "chunked-prefill-size": 2048, "max-running-requests": 48})
+    params = {"kt-num-gpu-experts": 108, "kt-cpuinfer": 104, "chunked-prefill-size": 2048, "max-running-requests": 48}
+    flags, run = launch(space, gate, params, tmp_path)
+    rep = gate.check(flags)
+    assert rep.activation_test and gate.allows(rep, 1)
+    assert run.outcome.reason is None  # the simulated server runs it
+    before = gate.check(flags).breakdown_gb["activations"]
+    gate.observe(run.log_text(), flags, None, predicted_fit=False, marginal=True)
+    assert gate.check(flags).breakdown_gb["activations"] < 0.6 * before
+    assert gate.check({**flags, "chunked-prefill-size": 8192}).breakdown_gb["activations"] < 0.6 * 4 * before
+
+
+def test_kv_capacity_is_judged_with_less_free_memory_where_the_profile_sizes_the_pool(tmp_path: Path) -> None:
+    """Where weights leave the KV profiler almost nothing, the pool's size swings with free
+    memory: such a pool must hold the largest request even with the margin's memory gone."""
+    space = load_space(REPO / "search_spaces" / "sim-deepseek-v3-4xh100.yaml", check_paths=False)
+    gate = observed_gate(space, tmp_path, {"kt-num-gpu-experts": 104, "kt-cpuinfer": 104,
+                                           "chunked-prefill-size": 2048, "max-running-requests": 48})
+    flags = gate.resolve_auto(space.launch_flags({**space.baseline, "kt-num-gpu-experts": 112, "kt-cpuinfer": 104,
+                                                  "chunked-prefill-size": 2048, "max-running-requests": 48}))
+    rep = gate.check(flags)
+    biggest = max(i + o for _, i, o in gate.workloads)
+    assert 0 < rep.kv_capacity_tokens < 10 * biggest  # a pool capped far below max-total-tokens
+    assert rep.constraints["kv_tokens_short"] > biggest - rep.kv_capacity_tokens  # judged smaller still
+    assert not rep.feasible and not gate.inside_margin(rep)

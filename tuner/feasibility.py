@@ -28,6 +28,10 @@ Workload = tuple[int, int, int]  # (num_prompts, input_len, output_len)
 
 BOUNDARY_F0_SD_PRIOR_GB = 0.2
 BOUNDARY_SD_WEIGHT = 0.5
+# Activation estimates in the field differ about fourfold (facts §4: SGLang's reserve heuristic
+# assumes 1.5 MB per chunk token where the seed deployment only fits with <= 0.4 MB), so a
+# launch inside the margin may test whether they are a quarter of the estimate.
+BOUNDARY_ACTIVATION_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class MemoryCalibration:
     anchor_extra_gb: float = 0.0  # grown by launches that failed for memory although predicted to fit
     act_upper_bytes_per_token: float | None = None  # a full chunk survived: α is at most this
     act_lower_bytes_per_token: float | None = None  # a chunk ran out of memory: α is above this
+    activation_share: float = 1.0  # the share of the α estimate assumed (after its upper bound)
 
 
 @dataclass(frozen=True)
@@ -218,6 +223,8 @@ class _Mem:
     profiled: int
     cell: int
     req_pool: int
+    rest: float = 0.0  # what mem-fraction-static leaves the KV profiler (bytes)
+    prof_cell: int = 1
     spread: float = 0.0  # anchored: model difference from the reference launch (bytes)
     anchored: bool = False
 
@@ -257,6 +264,7 @@ def _memory(model: ModelSizes, hw: Hardware, plan: LaunchPlan, cal: MemoryCalibr
              else cal.activation_scale * prefill_bytes_per_token(model, tp))
     if cal.act_upper_bytes_per_token is not None:
         alpha = min(alpha, cal.act_upper_bytes_per_token)
+    alpha *= cal.activation_share
     if cal.act_lower_bytes_per_token is not None:
         alpha = max(alpha, cal.act_lower_bytes_per_token * 1.05)
     slot = model.layerwise_slot_bytes(tp) if plan.kt_enabled and 0 < plan.layerwise_threshold <= chunk else 0.0
@@ -271,7 +279,8 @@ def _memory(model: ModelSizes, hw: Hardware, plan: LaunchPlan, cal: MemoryCalibr
             graphs += (cal.graph_slope_bytes - g1) * (bs - cal.graph_ref_bs)
     return _Mem(free=free, f0=f0, w_ne=w_ne + w_off, experts=experts, staging=staging, kv=float(tokens * cell),
                 rtt=rtt, graphs=graphs, act=alpha * chunk, slot=slot,
-                tokens=tokens, profiled=profiled, cell=cell, req_pool=req_pool, spread=spread, anchored=anchored)
+                tokens=tokens, profiled=profiled, cell=cell, req_pool=req_pool, rest=rest, prof_cell=prof_cell,
+                spread=spread, anchored=anchored)
 
 
 def anchor_margin(cal: MemoryCalibration, spread: float) -> float:
@@ -293,6 +302,14 @@ def boundary_calibration(cal: MemoryCalibration) -> MemoryCalibration:
                    f0_sd_prior_gb=BOUNDARY_F0_SD_PRIOR_GB, f0_sd_prior_df=2.0)
 
 
+def band_calibration(cal: MemoryCalibration) -> MemoryCalibration:
+    """What a launch inside the margin may test: :func:`boundary_calibration` with activations at
+    BOUNDARY_ACTIVATION_SHARE of their estimate (never below what a run-time OOM proved). No log
+    line reports activations; only a run next to little free memory bounds them, so such runs
+    are how an overestimate is found (a survival bounds α from above, an OOM from below)."""
+    return replace(boundary_calibration(cal), activation_share=BOUNDARY_ACTIVATION_SHARE)
+
+
 def _plain(cal: MemoryCalibration) -> MemoryCalibration:
     """The model without anything learned from launches (keeps the configured scales)."""
     return replace(cal, nonexpert_weight_gb=None, graph_bytes_per_batch=None, f0_gb=None, ref_tp=None,
@@ -311,8 +328,17 @@ def _gpu_constraints(mem: _Mem, plan: LaunchPlan, margin_gb: float, max_req: int
         "gpu_mem_runtime_gb": (mem.startup + mem.act + mem.slot + runtime_margin - mem.f0) / GB,
     }
     if max_req:
-        out["kv_tokens_short"] = float(max_req - mem.tokens)
+        out["kv_tokens_short"] = float(max_req - _tokens_with_less_free(mem, plan, startup_margin))
     return out
+
+
+def _tokens_with_less_free(mem: _Mem, plan: LaunchPlan, less: float) -> int:
+    """KV tokens the pool gets if free memory at start-up is ``less`` bytes below the prediction:
+    where the profile (not max-total-tokens) sizes the pool, the margin shrinks it too."""
+    rest = mem.rest - plan.mfs * less
+    page = plan.page_size
+    profiled = int(rest // mem.prof_cell) // page * page if rest > 0 else 0
+    return profiled if plan.max_total_tokens is None else min(plan.max_total_tokens // page * page, profiled)
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -334,7 +360,10 @@ class FeasibilityReport:
     title: str = ""
     # Not feasible only because of the anchored safety margin: the expected footprint fits.
     marginal: bool = False
+    # Not feasible, nor marginal, but fits inside the margin if activations are below their estimate.
+    activation_test: bool = False
     bare_slack_gb: float | None = None  # predicted GPU-memory slack without that margin (anchored only)
+    band_slack_gb: float | None = None  # the same with activations as low as a marginal launch tests
 
     def fix_hint(self) -> str:
         """The smallest change that makes room, binding constraint first; "" when feasible."""
@@ -423,12 +452,16 @@ def check(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any], workloads: 
     scales = {**dict.fromkeys(_SCALE_GB, max(mem.f0 / GB, 1.0)), "kv_tokens_short": max(max_req, 1),
               "context_len_short": max(max_req, 1), "cpuinfer_over_cores": cpu.physical_cores}
     binding = _binding(cons, scales)
-    bare_slack = marginal = None
+    bare_slack = band_slack = marginal = activation_test = None
     if mem.anchored:  # observed + difference, without the margin for the model's difference
         bare = _gpu_constraints(mem, plan, 0.0, max_req, boundary_calibration(cal))
         bare_slack = -max(bare[k] for k in _SCALE_GB)
-        marginal = binding in _SCALE_GB and all(v <= 0 for v in bare.values()) and \
-            all(v <= 0 for k, v in cons.items() if k not in bare)
+        band_cal = band_calibration(cal)
+        band = _gpu_constraints(_memory(model, hw, plan, band_cal, max_in), plan, 0.0, max_req, band_cal)
+        band_slack = -max(band[k] for k in _SCALE_GB)
+        others_hold = binding in _SCALE_GB and all(v <= 0 for k, v in cons.items() if k not in bare)
+        marginal = others_hold and all(v <= 0 for v in bare.values())
+        activation_test = others_hold and not marginal and all(v <= 0 for v in band.values())
     hints = _hints(model, hw, plan, mem, cons, cal, margin_gb, max_req, max_in) if binding else {}
     eff_margin = anchor_margin(cal, mem.spread) if mem.anchored else margin_gb * GB
     breakdown = {"weights_nonexpert": mem.w_ne, "gpu_experts": mem.experts, "staging": mem.staging, "kv": mem.kv,
@@ -440,7 +473,8 @@ def check(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any], workloads: 
         constraints=cons, soft_constraints=soft, feasible=binding is None, binding=binding,
         breakdown_gb={k: round(v / GB, 4) for k, v in breakdown.items()}, kv_capacity_tokens=mem.tokens,
         kv_capacity_requests=mem.tokens // max_req if max_req else 0, warnings=warns, hints=hints, plan=plan,
-        marginal=bool(marginal), bare_slack_gb=bare_slack,
+        marginal=bool(marginal), activation_test=bool(activation_test), bare_slack_gb=bare_slack,
+        band_slack_gb=band_slack,
         title=f"{model.name} TP{plan.tp}, N={plan.n_gpu_experts}, T={plan.max_total_tokens}, C={plan.chunk}")
 
 

@@ -31,6 +31,9 @@ class FeasibilityGate:
     margin_gb: float = DEFAULT_MARGIN_GB
     calibration: MemoryCalibration = field(default_factory=MemoryCalibration)
     last_binding: str | None = None
+    # Activation tests (FeasibilityReport.activation_test) run only at this chunk or below: the
+    # smallest the space offers, where the test is likeliest to pass. None: any chunk.
+    test_chunk: int | None = None
 
     @classmethod
     def for_space(cls, space: SearchSpace) -> FeasibilityGate:
@@ -39,7 +42,7 @@ class FeasibilityGate:
         model = load_model_sizes(str(model_path), space.model or None)
         hw = resolve_hardware(space.hardware or None)
         workloads = [(w.num_prompts, w.input_len, w.output_len) for w in space.workloads]
-        return cls(model=model, hardware=hw, workloads=workloads)
+        return cls(model=model, hardware=hw, workloads=workloads, test_chunk=_smallest_chunk(space))
 
     def resolve_auto(self, flags: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(flags)
@@ -99,10 +102,11 @@ class FeasibilityGate:
                 observed, self.model, self.hardware, flags, base=self.calibration,
                 full_chunk_tokens=tokens if (reason is None or runtime_oom) else 0, runtime_oom=runtime_oom)
         if memory_failure and marginal and not predicted_fit and self.calibration.f0_gb is not None:
-            bare = self.check(flags).bare_slack_gb
-            if bare is not None and bare >= 0:
+            after = self.check(flags)
+            slack = after.band_slack_gb if self._testable(after) else after.bare_slack_gb
+            if self.inside_margin(after) and slack is not None and slack >= 0:
                 self.calibration = dataclasses.replace(
-                    self.calibration, anchor_extra_gb=self.calibration.anchor_extra_gb + bare + BOUNDARY_STEP_GB)
+                    self.calibration, anchor_extra_gb=self.calibration.anchor_extra_gb + slack + BOUNDARY_STEP_GB)
         if memory_failure and predicted_fit:
             self.margin_gb += MARGIN_STEP_GB
             report = self.check(flags)
@@ -121,7 +125,16 @@ class FeasibilityGate:
     def allows(self, report: FeasibilityReport, boundary_failures_left: int) -> bool:
         """Whether a proposal may launch: it fits, or it fits inside the margin while failed
         launches there are still allowed."""
-        return report.feasible or (report.marginal and boundary_failures_left > 0)
+        return report.feasible or (self.inside_margin(report) and boundary_failures_left > 0)
+
+    def inside_margin(self, report: FeasibilityReport) -> bool:
+        """A launch that tests the memory model: its expected footprint fits only inside the
+        safety margin, or it fits there if activations are below their estimate (tested at
+        `test_chunk` only)."""
+        return not report.feasible and (report.marginal or (report.activation_test and self._testable(report)))
+
+    def _testable(self, report: FeasibilityReport) -> bool:
+        return self.test_chunk is None or (report.plan is not None and report.plan.chunk <= self.test_chunk)
 
     def _forward_tokens(self, flags: Mapping[str, Any], *, full_only: bool) -> int:
         """Tokens of the largest prefill forward the benchmark ran: the chunk when the workloads
@@ -150,6 +163,14 @@ def _runtime_oom(log_text: str) -> bool:
     """An out-of-memory error after the server reported itself ready (a forward, not start-up)."""
     ready = max(log_text.rfind("available_gpu_mem="), log_text.rfind("The server is fired up"))
     return ready >= 0 and "out of memory" in log_text[ready:]
+
+
+def _smallest_chunk(space: SearchSpace) -> int | None:
+    p = next((p for p in space.params if p.flag == "chunked-prefill-size"), None)
+    if p is None:
+        return None
+    values = [v for v in (p.choices if p.choices is not None else [p.low]) if isinstance(v, (int, float)) and v > 0]
+    return int(min(values)) if values else None
 
 
 def _draw(p: ParamSpec, rng: random.Random) -> Any:

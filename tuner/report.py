@@ -180,7 +180,8 @@ def boundary_notes(study: optuna.Study) -> list[str]:
         g = groups.get(t.number)
         spare = g.spare_gb if g is not None else None
         out.append(f"note: trial {t.number} was launched inside the safety margin to find the GPU memory limit"
-                   + (f" (predicted {spare:.2f} GB to spare)" if spare is not None else "")
+                   + ("" if spare is None else f" (predicted {spare:.2f} GB to spare)" if spare >= 0
+                      else f" (predicted {-spare:.2f} GB short at the activation estimate, which its runs beat)")
                    + f" and started in {len(g.values) if g else 1} of {len(same)} launch(es); re-check it after "
                    "changing the driver, the CUDA/torch versions or what else runs on the GPUs")
     return out

@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner import objective
 from tuner.errors import ConfigError, KttuneError
 from tuner.artifacts import note_baseline_and_best, try_upload_trial_artifacts
+from tuner.feasibility import BOUNDARY_ACTIVATION_SHARE
 from tuner.feasibility_gate import MEMORY_REASONS, FeasibilityGate
 from tuner.objective import FATAL_REASONS, TrialOutcome
 from tuner.progress import Progress
@@ -153,7 +154,7 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
             log(f"trial {trial.number}: not launched, predicted infeasible: {why}")
             continue
         constraints = report.constraints if report is not None else {}
-        marginal = report is not None and report.marginal
+        marginal = report is not None and gate.inside_margin(report)  # type: ignore[union-attr]
         # 2. Same params measured, or being measured by another worker: don't launch them again.
         trials = study.get_trials(deepcopy=False)
         dup = None if confirmation_of is not None else \
@@ -182,8 +183,13 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
             trial.set_user_attr(ATTR_SPARE_GB, round(report.bare_slack_gb, 3))
         if marginal:
             trial.set_user_attr(ATTR_MARGINAL, True)
-            log(f"trial {trial.number}: inside the safety margin (predicted slack {report.bare_slack_gb:.2f} GB "  # type: ignore[union-attr]
-                f"without it); launching it to find the memory boundary")
+            if report.marginal:  # type: ignore[union-attr]
+                log(f"trial {trial.number}: inside the safety margin (predicted slack {report.bare_slack_gb:.2f} GB "  # type: ignore[union-attr]
+                    f"without it); launching it to find the memory boundary")
+            else:
+                log(f"trial {trial.number}: fits only if activations are below their estimate (predicted slack "
+                    f"{report.band_slack_gb:.2f} GB at {BOUNDARY_ACTIVATION_SHARE:.0%} of it); launching it to "  # type: ignore[union-attr]
+                    f"measure them")
         outcome, log_text = _launch(study, trial, space, flags, constraints, opts, log, summary, runner, progress,
                                     probing=probing and confirmation_of is None)
         if gate is not None:
