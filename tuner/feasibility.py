@@ -318,23 +318,24 @@ def _plain(cal: MemoryCalibration) -> MemoryCalibration:
 
 def _gpu_constraints(mem: _Mem, plan: LaunchPlan, margin_gb: float, max_req: int,
                      cal: MemoryCalibration | None = None) -> dict[str, float]:
-    startup_margin, runtime_margin = margin_gb * GB, 0.0
+    startup_margin, runtime_margin, less_free = margin_gb * GB, 0.0, 0.0
     if mem.anchored and cal is not None:  # observed + difference: only the difference is uncertain
         runtime_margin = anchor_margin(cal, mem.spread)
-        startup_margin = runtime_margin
+        startup_margin = less_free = runtime_margin
     out = {
         "gpu_mem_static_gb": (mem.weights - plan.mfs * mem.f0) / GB,
         "gpu_mem_startup_gb": (mem.startup + startup_margin - mem.f0) / GB,
         "gpu_mem_runtime_gb": (mem.startup + mem.act + mem.slot + runtime_margin - mem.f0) / GB,
     }
     if max_req:
-        out["kv_tokens_short"] = float(max_req - _tokens_with_less_free(mem, plan, startup_margin))
+        out["kv_tokens_short"] = float(max_req - _tokens_with_less_free(mem, plan, less_free))
     return out
 
 
 def _tokens_with_less_free(mem: _Mem, plan: LaunchPlan, less: float) -> int:
-    """KV tokens the pool gets if free memory at start-up is ``less`` bytes below the prediction:
-    where the profile (not max-total-tokens) sizes the pool, the margin shrinks it too."""
+    """KV tokens the pool gets if free memory at start-up is ``less`` bytes below the prediction
+    (the anchored margin: the uncertainty of free memory and of the model's differences): where
+    the profile, not max-total-tokens, sizes the pool, that uncertainty shrinks it too."""
     rest = mem.rest - plan.mfs * less
     page = plan.page_size
     profiled = int(rest // mem.prof_cell) // page * page if rest > 0 else 0
