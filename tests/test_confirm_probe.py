@@ -251,3 +251,16 @@ def test_a_pick_found_inside_the_margin_is_said_so() -> None:
     study.add_trial(optuna.trial.create_trial(params={"n": 200}, distributions=dist, values=[60.0],
                                               user_attrs={ATTR_LAUNCHED: True, ATTR_SPARE_GB: 1.5}))
     assert boundary_notes(study) == []  # the pick is no longer one launched inside the margin
+
+
+def test_a_pick_found_by_an_activation_test_says_the_estimate_was_beaten() -> None:
+    from tuner.report import boundary_notes
+    from tuner.study import ATTR_MARGINAL, ATTR_SPARE_GB
+
+    study = optuna.create_study(direction="maximize")
+    dist = {"n": optuna.distributions.IntDistribution(0, 300)}
+    for value in (52.0, 51.8):  # predicted short at the activation estimate, and it ran twice
+        study.add_trial(optuna.trial.create_trial(params={"n": 108}, distributions=dist, values=[value], user_attrs={
+            ATTR_LAUNCHED: True, ATTR_MARGINAL: True, ATTR_SPARE_GB: -0.45}))
+    notes = boundary_notes(study)
+    assert len(notes) == 1 and "0.45 GB short at the activation estimate" in notes[0] and "2 of 2" in notes[0]
