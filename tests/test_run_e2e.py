@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, bench_python, requires_bench_client
-from tuner.study import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_REASON, ATTR_TRIAL_DIR, METRIC_PREFIX
+from tuner.study import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_REASON, ATTR_TRIAL_DIR, METRIC_PREFIX, make_storage
 
 pytestmark = [pytest.mark.e2e, requires_bench_client]
 SIM_SPACE = REPO / "search_spaces" / "sim-kimi-k2-thinking-8xl20.yaml"
@@ -51,7 +51,8 @@ def study_args(tmp_path: Path, space: Path) -> list[str]:
 
 
 def load(tmp_path: Path) -> optuna.Study:
-    return optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'e2e.db'}")
+    # kttune's own opener: a poll may meet the tuner creating the tables, which it waits out
+    return optuna.load_study(study_name="e2e", storage=make_storage(f"sqlite:///{tmp_path / 'e2e.db'}"))
 
 
 def try_load(tmp_path: Path) -> optuna.Study | None:
