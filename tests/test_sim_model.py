@@ -74,6 +74,23 @@ def test_load_by_path_and_unknown_name(tmp_path):
         load_scenario("no-such-scenario")
 
 
+def test_a_scenario_with_a_base_states_only_what_differs(tmp_path):
+    path = tmp_path / "whatif.yaml"
+    path.write_text(yaml.safe_dump({"name": "whatif", "base": KIMI, "gpu": {"count": 4},
+                                    "constants": {"act_rep_bytes": 60.0}}))
+    base, what_if = load_scenario(KIMI), load_scenario(str(path))
+    assert what_if.name == "whatif" and what_if.gpu.count == 4 and what_if.constants["act_rep_bytes"] == 60.0
+    assert what_if.gpu.visible_memory_gib == base.gpu.visible_memory_gib  # the rest of a section is the base's
+    assert what_if.model == base.model and what_if.cpu == base.cpu
+    assert what_if.constants["tau"] == base.constants["tau"]
+    path.write_text(yaml.safe_dump({"name": "whatif", "base": "whatif"}))
+    with pytest.raises(ConfigError, match="scenario field 'base'"):
+        load_scenario(str(path))
+    path.write_text(yaml.safe_dump({"name": "whatif", "base": "no-such-scenario"}))
+    with pytest.raises(ConfigError, match="scenario must be one of"):
+        load_scenario(str(path))
+
+
 @pytest.mark.parametrize("mutate, field", [
     (lambda r: r["model"].pop("experts"), "model.experts"),
     (lambda r: r["gpu"].update(count="eight"), "gpu.count"),

@@ -268,7 +268,7 @@ def scenario_from_dict(data: Mapping[str, Any], *, default_name: str = "") -> Sc
     """Build and validate a Scenario from a parsed YAML mapping."""
     if not isinstance(data, Mapping):
         raise ConfigError("a scenario file must hold a mapping at its root")
-    unknown = sorted(set(data) - {"name", "description", "gpu", "cpu", "model", "constants"})
+    unknown = sorted(set(data) - {"name", "description", "gpu", "cpu", "model", "constants", "base"})
     if unknown:
         raise ConfigError(f"scenario field '{unknown[0]}' is not a known field")
     name = data.get("name", default_name)
@@ -289,6 +289,13 @@ def list_scenarios() -> list[str]:
 
 def load_scenario(name_or_path: str) -> Scenario:
     """Load a shipped scenario by name, or any scenario YAML by path."""
+    path, data = _scenario_data(name_or_path)
+    return scenario_from_dict(data, default_name=path.stem)
+
+
+def _scenario_data(name_or_path: str, seen: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
+    """The scenario's YAML mapping; with ``base: <shipped scenario>`` it is that scenario's,
+    section by section overridden by what this file gives (a what-if states only what differs)."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = SCENARIO_DIR / f"{name_or_path}.yaml"
@@ -301,4 +308,13 @@ def load_scenario(name_or_path: str) -> Scenario:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"scenario file {str(path)!r} is not valid YAML: {exc}") from exc
-    return scenario_from_dict(data, default_name=path.stem)
+    if not isinstance(data, dict) or "base" not in data:
+        return path, data
+    base = data.pop("base")
+    if not isinstance(base, str) or base in seen + (path.stem,):
+        raise ConfigError(f"scenario field 'base' must name another scenario (shipped name or YAML path), got {base!r}")
+    _, merged = _scenario_data(base, seen + (path.stem,))
+    for key, value in data.items():
+        both = isinstance(merged.get(key), dict) and isinstance(value, dict)
+        merged[key] = {**merged[key], **value} if both else value
+    return path, merged
