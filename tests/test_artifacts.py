@@ -39,6 +39,8 @@ def new_study(tmp_path: Path) -> tuple[optuna.Study, str]:
 
 
 def add_trial(study: optuna.Study, studies: Path, value: float, *, upload: bool, baseline: bool = False) -> optuna.Trial:
+    # a configuration of its own: two sampled alike would be one configuration measured twice
+    study.enqueue_trial({"kt-num-gpu-experts": 8 * len(study.trials)})
     trial = study.ask(DIST)
     trial_dir = studies / "t" / f"trial-{trial.number}"
     write_trial_files(trial_dir, trial.number)
