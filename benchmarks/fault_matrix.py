@@ -34,7 +34,7 @@ import optuna  # noqa: E402
 import psutil  # noqa: E402
 import yaml  # noqa: E402
 
-from tuner.quality import QualitySpec  # noqa: E402
+from tuner.trial.quality import QualitySpec  # noqa: E402
 
 SIM_SPACE = REPO / "search_spaces" / "sim-kimi-k2-thinking-8xl20.yaml"
 MARKER_ENV = "KTTUNE_FAULT_MARKER"
@@ -322,7 +322,8 @@ def run_matrix(work: Path, schedule: Sequence[Fault] | None = None, *, seed: int
 
 def _collect(h: Harness, codes: list[int], before: dict[int, tuple[str, Any]], orphans: list[str],
              wall_s: float, log: Callable[[str], None]) -> MatrixResult:
-    from tuner.study import ATTR_LAUNCHED, ATTR_REASON, ATTR_TRIAL_DIR, launched_count
+    from tuner.storage.attrs import ATTR_LAUNCHED, ATTR_REASON, ATTR_TRIAL_DIR
+    from tuner.storage.workers import launched_count
 
     study = optuna.load_study(study_name=STUDY, storage=h.storage)
     trials = study.get_trials()

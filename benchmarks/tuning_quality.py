@@ -56,17 +56,20 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tuner import strategy as strategy_mod  # noqa: E402
-from tuner.feasibility_gate import FeasibilityGate  # noqa: E402
-from tuner.objective import is_config_reason  # noqa: E402
-from tuner.report import confirmed_or_best  # noqa: E402
+from tuner.config.space import FeasibilitySpec, SearchSpace, load_space  # noqa: E402
+from tuner.feasibility.gate import FeasibilityGate  # noqa: E402
+from tuner.loop.run import RunOptions, run_study  # noqa: E402
+from tuner.outcome import is_config_reason  # noqa: E402
+from tuner.report.data import confirmed_or_best  # noqa: E402
+from tuner.search import sampler as strategy_mod  # noqa: E402
+from tuner.search.gp import denoised_best  # noqa: E402
+from tuner.search.grid import param_grid  # noqa: E402
+from tuner.search.sampler import Strategy  # noqa: E402
 from tuner.sim.inprocess import InProcessRunner  # noqa: E402
-from tuner.trial import PRUNED, ProbeEmulator  # noqa: E402
 from tuner.sim.optimum import SpaceGrid  # noqa: E402
-from tuner.space import FeasibilitySpec, SearchSpace, load_space  # noqa: E402
-from tuner.strategy import Strategy, denoised_best, param_grid  # noqa: E402
-from tuner.study import ATTR_LAUNCHED, ATTR_REASON, STUDY_ATTR_CALIBRATION  # noqa: E402
-from tuner.tuning import RunOptions, run_study  # noqa: E402
+from tuner.storage.attrs import ATTR_LAUNCHED, ATTR_REASON, STUDY_ATTR_CALIBRATION  # noqa: E402
+from tuner.testing.probe import ProbeEmulator  # noqa: E402
+from tuner.trial.launch import PRUNED  # noqa: E402
 
 SPACES = sorted(str(p.relative_to(REPO)) for p in (REPO / "search_spaces").glob("sim-*.yaml"))
 VARIANTS: dict[str, Strategy] = {
@@ -169,7 +172,7 @@ def using_strategy(strategy: Strategy | None) -> Iterator[None]:
     if strategy is None:
         yield
         return
-    with mock.patch("tuner.study.make_sampler", lambda space, seed: strategy_mod.make_sampler(space, seed, strategy)):
+    with mock.patch("tuner.storage.open.make_sampler", lambda space, seed: strategy_mod.make_sampler(space, seed, strategy)):
         yield
 
 

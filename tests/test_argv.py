@@ -1,8 +1,8 @@
 from __future__ import annotations
 
+from tuner.config.space import load_space
 from tuner.server.argv import build_server_argv, flag_args
-from tuner.space import load_space
-from tuner.trial import server_argv
+from tuner.trial.launch import server_argv
 
 
 def test_flag_rendering_follows_sglang_config_rules() -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, requires_bench_client
-from tuner.compat import HelpCache, bench_flags, check_space_compat, parse_help_flags, server_flags
+from tuner.config.space import Workload, load_space
 from tuner.errors import ConfigError
-from tuner.space import Workload, load_space
+from tuner.preflight.compat import HelpCache, bench_flags, check_space_compat, parse_help_flags, server_flags
 
 SIM_SPACES = sorted((REPO / "search_spaces").glob("sim-*.yaml"))
 

@@ -9,15 +9,21 @@ import optuna
 from optuna.trial import TrialState
 
 from tests.test_strategy import sim_space
-from tuner import objective
-from tuner.report import best_table, confirmed_or_best
+from tuner import outcome as objective
+from tuner.config.space import ConfirmSpec, ProbeSpec, SearchSpace
+from tuner.loop.dry_run import dry_run
+from tuner.loop.run import RunOptions, repeating_fault, run_study
+from tuner.outcome import PRUNED
+from tuner.report.data import confirmed_or_best
+from tuner.report.text import best_table
+from tuner.search.pruner import BelowBestPruner
+from tuner.search.remeasure import leader_to_recheck
+from tuner.selection import pooled_noise, repeat_groups
 from tuner.sim.inprocess import InProcessRunner
-from tuner.space import ConfirmSpec, ProbeSpec, SearchSpace
-from tuner.strategy import (ATTR_CONFIRMATION_OF, ATTR_WARM_START, BelowBestPruner, leader_to_recheck, pooled_noise,
-                            repeat_groups)
-from tuner.study import ATTR_LAUNCHED, ATTR_REASON
-from tuner.trial import PRUNED, ProbeEmulator, TrialRun, probe_workload
-from tuner.tuning import RunOptions, dry_run, repeating_fault, run_study
+from tuner.storage.attrs import ATTR_CONFIRMATION_OF, ATTR_LAUNCHED, ATTR_REASON, ATTR_WARM_START
+from tuner.testing.probe import ProbeEmulator
+from tuner.trial.launch import TrialRun
+from tuner.trial.probe import probe_workload
 
 
 def _run(space: SearchSpace, tmp_path: Path, budget: int, runner: Any, **kw: Any) -> optuna.Study:
@@ -128,7 +134,7 @@ def test_dry_run_proposes_baseline_then_warm_start(tmp_path: Path) -> None:
 
 
 def test_next_confirmation_counts_other_workers_queued_confirmations() -> None:
-    from tuner.strategy import next_confirmation
+    from tuner.search.remeasure import next_confirmation
 
     study = optuna.create_study(direction="maximize")
     for x, v in ((1, 10.0), (2, 9.0), (3, 5.0)):
@@ -199,8 +205,8 @@ def test_run_study_rechecks_a_narrow_leader_before_the_final_confirmations(tmp_p
 
 
 def test_the_pick_among_tied_configurations_is_the_one_with_memory_to_spare() -> None:
-    from tuner.strategy import pick_group
-    from tuner.study import ATTR_SPARE_GB
+    from tuner.selection import pick_group
+    from tuner.storage.attrs import ATTR_SPARE_GB
 
     study = optuna.create_study(direction="maximize")
     dist = {"n": optuna.distributions.IntDistribution(0, 100)}
@@ -221,8 +227,8 @@ def test_the_pick_among_tied_configurations_is_the_one_with_memory_to_spare() ->
 
 
 def test_launches_inside_the_margin_are_marked_bounded_and_can_be_turned_off(tmp_path: Path) -> None:
-    from tuner.space import FeasibilitySpec
-    from tuner.study import ATTR_MARGINAL, ATTR_SPARE_GB, boundary_failures
+    from tuner.config.space import FeasibilitySpec
+    from tuner.storage.attrs import ATTR_MARGINAL, ATTR_SPARE_GB, boundary_failures
 
     space = sim_space("kimi-k2-thinking-8xl20")
     study = _run(space, tmp_path / "on", 10, InProcessRunner(noise_sigma=0.025, seed=0), probe=False)
@@ -238,8 +244,8 @@ def test_launches_inside_the_margin_are_marked_bounded_and_can_be_turned_off(tmp
 
 
 def test_a_pick_found_inside_the_margin_is_said_so() -> None:
-    from tuner.report import boundary_notes
-    from tuner.study import ATTR_MARGINAL, ATTR_SPARE_GB
+    from tuner.report.text import boundary_notes
+    from tuner.storage.attrs import ATTR_MARGINAL, ATTR_SPARE_GB
 
     study = optuna.create_study(direction="maximize")
     dist = {"n": optuna.distributions.IntDistribution(0, 300)}
@@ -254,8 +260,8 @@ def test_a_pick_found_inside_the_margin_is_said_so() -> None:
 
 
 def test_a_pick_found_by_an_activation_test_says_the_estimate_was_beaten() -> None:
-    from tuner.report import boundary_notes
-    from tuner.study import ATTR_MARGINAL, ATTR_SPARE_GB
+    from tuner.report.text import boundary_notes
+    from tuner.storage.attrs import ATTR_MARGINAL, ATTR_SPARE_GB
 
     study = optuna.create_study(direction="maximize")
     dist = {"n": optuna.distributions.IntDistribution(0, 300)}

@@ -12,7 +12,7 @@ import yaml
 
 from tests.conftest import requires_bench_client
 from tuner.cli import main
-from tuner.doctor import FAIL, OK, SKIP, WARN, DoctorOptions, ProcResult, exit_code, render_checks, run_checks
+from tuner.preflight.doctor import FAIL, OK, SKIP, WARN, DoctorOptions, ProcResult, exit_code, render_checks, run_checks
 
 SIM = "search_spaces/sim-kimi-k2-thinking-8xl20.yaml"
 REAL = "search_spaces/kimi-k2-thinking-8xl20.yaml"
@@ -121,7 +121,7 @@ def test_unreachable_storage_is_a_row_not_a_crash(tmp_path: Path) -> None:
 
 
 def test_render_and_exit_code() -> None:
-    from tuner.doctor import Check
+    from tuner.preflight.doctor import Check
 
     checks = [Check("a", OK, "fine"), Check("b", FAIL, "broken", "do this"), Check("c", WARN, "hm", "maybe that")]
     text = render_checks(checks)

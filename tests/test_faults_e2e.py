@@ -16,13 +16,12 @@ from pathlib import Path
 import optuna
 import pytest
 
-from benchmarks.fault_matrix import (SLOW_START_S, START_TIMEOUT_S, STUDY, Fault, marked_processes, prepare,
-                                     run_matrix)
+from benchmarks.fault_matrix import SLOW_START_S, START_TIMEOUT_S, STUDY, Fault, marked_processes, prepare, run_matrix
 from tests.conftest import REPO, requires_bench_client
 from tuner.errors import TeardownError
-from tuner.gpu import GpuInfo
+from tuner.machine.gpu import GpuInfo
 from tuner.server import ServerHandle, find_free_port, kill_orphan, start_server
-from tuner.study import ATTR_LAUNCHED, ATTR_REASON, ATTR_TRIAL_DIR
+from tuner.storage.attrs import ATTR_LAUNCHED, ATTR_REASON, ATTR_TRIAL_DIR
 
 pytestmark = [pytest.mark.e2e, requires_bench_client]
 QUALITY_REF_ATTR = "kttune:quality_reference"
@@ -149,7 +148,7 @@ def test_a_second_interrupt_during_teardown_still_clears_the_tree(tmp_path: Path
     """Ctrl-C twice: the first lands once the server is ready, the second inside stop_server.
     The tree must still be torn down before the interrupt propagates."""
     import tuner.trial as trial_mod
-    from tuner.space import load_space
+    from tuner.config.space import load_space
 
     real_stop = trial_mod.stop_server
     calls: list[int] = []

@@ -6,12 +6,20 @@ from pathlib import Path
 import pytest
 
 from tuner.errors import ConfigError
-from tuner.feasibility import (
-    MemoryCalibration, auto_max_total_tokens, auto_mem_fraction, calibrate_from_log, calibration_from_observed,
-    check, default_chunk, default_graph_bs, max_gpu_experts, resolve_launch,
+from tuner.feasibility.memory import (
+    MemoryCalibration,
+    auto_max_total_tokens,
+    auto_mem_fraction,
+    calibrate_from_log,
+    calibration_from_observed,
+    check,
+    default_chunk,
+    default_graph_bs,
+    max_gpu_experts,
+    resolve_launch,
 )
-from tuner.hardware import GIB, MIB, CpuSpec, GpuSpec, Hardware
-from tuner.model import load_model_sizes
+from tuner.machine.hardware import GIB, MIB, CpuSpec, GpuSpec, Hardware
+from tuner.machine.model import load_model_sizes
 
 MODELS = Path(__file__).resolve().parents[1] / "tuner" / "sim" / "models"
 KIMI = load_model_sizes(MODELS / "kimi-k2-thinking")

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO
-from tuner.feasibility import anchor_from_observed, calibrate_from_log
-from tuner.feasibility_gate import DEFAULT_MARGIN_GB, MARGIN_STEP_GB, FeasibilityGate, _runtime_oom
+from tuner.config.space import SearchSpace, load_space
+from tuner.feasibility.gate import DEFAULT_MARGIN_GB, MARGIN_STEP_GB, FeasibilityGate, _runtime_oom
+from tuner.feasibility.memory import anchor_from_observed, calibrate_from_log
 from tuner.sim.inprocess import InProcessRunner
-from tuner.space import SearchSpace, load_space
 
 KIMI = REPO / "search_spaces" / "sim-kimi-k2-thinking-8xl20.yaml"
 RUNNER = InProcessRunner(noise_sigma=0)  # exact simulator figures, no OOM fuzz

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from tuner.errors import ConfigError
-from tuner.gpu import GpuInfo
-from tuner.hardware import GIB, MIB, CpuSpec, GpuSpec, Hardware, detect_cpu, detect_hardware, resolve_hardware
+from tuner.machine.gpu import GpuInfo
+from tuner.machine.hardware import GIB, MIB, CpuSpec, GpuSpec, Hardware, detect_cpu, detect_hardware, resolve_hardware
 
 
 def _fake_host(tmp_path: Path) -> tuple[Path, Path]:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tuner.errors import ConfigError
-from tuner.model import load_model_sizes, parse_format
+from tuner.machine.model import load_model_sizes, parse_format
 
 MODELS = Path(__file__).resolve().parents[1] / "tuner" / "sim" / "models"
 GB = 1e9

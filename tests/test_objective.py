@@ -4,8 +4,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from tuner import objective
-from tuner.space import parse_space
+from tuner import outcome as objective
+from tuner.config.space import parse_space
 
 
 def space(**changes):

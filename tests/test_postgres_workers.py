@@ -31,12 +31,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tests.conftest import REPO, requires_bench_client
 from tests.test_run_e2e import fast_space
+from tuner.config.space import SearchSpace, load_space
 from tuner.errors import ConfigError
 from tuner.server import kill_orphan
-from tuner.space import SearchSpace, load_space
-from tuner.study import (ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_LAUNCHED, ATTR_REASON, ATTR_WORKER,
-                         enqueue_baseline_once, find_duplicate, is_interrupted, launched_count, make_storage,
-                         open_study)
+from tuner.storage.attrs import ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_LAUNCHED, ATTR_REASON, ATTR_WORKER, is_interrupted
+from tuner.storage.open import make_storage, open_study
+from tuner.storage.workers import enqueue_baseline_once, find_duplicate, launched_count
 
 BUDGET = 6
 WORKERS = 3
@@ -133,7 +133,7 @@ def test_baseline_enqueued_again_when_its_launch_was_lost(tmp_path: Path) -> Non
 def test_last_launch_goes_to_the_lower_trial(tmp_path: Path, lower_launches: bool) -> None:
     """Two workers each hold a proposal when one launch is left: the higher-numbered one
     waits for the lower one to decide, and launches only if that one did not."""
-    from tuner.tuning import _claim_launch
+    from tuner.storage.workers import _claim_launch
 
     one, two, space = _sqlite_study(tmp_path)
     low, high = one.ask(space.distributions()), two.ask(space.distributions())

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 
-from tuner.progress import Progress, fmt_duration
+from tuner.loop.progress import Progress, fmt_duration
 
 OBJ = [("decode.output_throughput", "maximize")]
 

@@ -12,13 +12,18 @@ import optuna
 import pytest
 import yaml
 
-from tuner import objective
+from tuner import outcome as objective
 from tuner.cli import main
+from tuner.config.space import parse_space
 from tuner.errors import ConfigError, KttuneError
-from tuner.report import (DUPLICATE, FAILED, FEASIBLE, INFEASIBLE, VIOLATES, classify_trial, compute_report,
-                          export_profile, parse_weights, pick_by_weights, pick_trial, print_best, weighted_scores)
-from tuner.space import parse_space
-from tuner.study import ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_FLAGS, ATTR_LAUNCHED, metrics_of, open_study, record
+from tuner.report.data import compute_report
+from tuner.report.export import export_profile, parse_weights, pick_trial
+from tuner.report.status import DUPLICATE, FAILED, FEASIBLE, INFEASIBLE, VIOLATES, classify_trial
+from tuner.report.text import print_best
+from tuner.selection import pick_by_weights, weighted_scores
+from tuner.storage.attrs import ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_FLAGS, ATTR_LAUNCHED, metrics_of
+from tuner.storage.open import open_study
+from tuner.storage.record import record
 
 SPACE_FILE = Path(__file__).resolve().parents[1] / "search_spaces/sim-kimi-k2-thinking-8xl20.yaml"
 OBJ2 = [{"workload": "decode", "metric": "output_throughput", "direction": "maximize"},
@@ -210,7 +215,7 @@ def test_cli_best_export_report(mo, tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_rendered_report_is_self_contained(mo, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from tuner.report_html import plot_pareto, write_report
+    from tuner.report.html import plot_pareto, write_report
 
     space, study, _ = mo
     data = compute_report(space, study)
@@ -229,7 +234,7 @@ def test_rendered_report_is_self_contained(mo, tmp_path: Path) -> None:
 
 def test_stale_figures_are_removed(mo, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from tuner.report_html import write_report
+    from tuner.report.html import write_report
 
     space, study, _ = mo
     out = tmp_path / "r"
@@ -241,7 +246,7 @@ def test_stale_figures_are_removed(mo, tmp_path: Path) -> None:
 
 
 def test_categorical_axis_keeps_the_spaces_order() -> None:
-    from tuner.report_html import _numeric
+    from tuner.report.html import _numeric
 
     assert _numeric([4096, 1024], (1024, 2048, 4096)) == ([2.0, 0.0], ["1024", "2048", "4096"])
     assert _numeric([3, 1.5]) == ([3.0, 1.5], None)

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, bench_python, requires_bench_client
-from tuner.study import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_REASON, ATTR_TRIAL_DIR, METRIC_PREFIX, make_storage
+from tuner.storage.attrs import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_REASON, ATTR_TRIAL_DIR, METRIC_PREFIX
+from tuner.storage.open import make_storage
 
 pytestmark = [pytest.mark.e2e, requires_bench_client]
 SIM_SPACE = REPO / "search_spaces" / "sim-kimi-k2-thinking-8xl20.yaml"

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from tuner.errors import ConfigError, ReadinessTimeout, ServerLaunchError, TeardownError
-from tuner.gpu import GpuInfo, gpu_processes, probe_gpus, used_bytes_total
+from tuner.machine.gpu import GpuInfo, gpu_processes, probe_gpus, used_bytes_total
 from tuner.server import (
     OOM_REASONS,
     PID_FILE_NAME,

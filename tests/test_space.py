@@ -7,8 +7,8 @@ import optuna
 import pytest
 import yaml
 
+from tuner.config.space import load_space, parse_space
 from tuner.errors import ConfigError
-from tuner.space import load_space, parse_space
 
 SIM = Path("search_spaces/sim-kimi-k2-thinking-8xl20.yaml")
 KIMI = Path("search_spaces/kimi-k2-thinking-8xl20.yaml")

@@ -10,15 +10,17 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from tuner.config.space import ParamSpec, SearchSpace, load_space, parse_space
 from tuner.errors import KttuneError
-from tuner.feasibility_gate import FeasibilityGate
+from tuner.feasibility.gate import FeasibilityGate
+from tuner.loop.run import RunOptions, run_study
+from tuner.search.gp import gp_posterior_mean, recommend
+from tuner.search.grid import param_grid, snap
+from tuner.search.recipe import recipe
+from tuner.search.sampler import KttuneSampler, Strategy, make_sampler
 from tuner.sim.inprocess import InProcessRunner
 from tuner.sim.optimum import SpaceGrid
-from tuner.space import ParamSpec, SearchSpace, load_space, parse_space
-from tuner.strategy import (ATTR_WARM_START, KttuneSampler, Strategy, gp_posterior_mean, make_sampler,
-                            param_grid, recipe, recommend, snap)
-from tuner.study import ATTR_DUPLICATE_OF, ATTR_LAUNCHED, ATTR_REASON
-from tuner.tuning import RunOptions, run_study
+from tuner.storage.attrs import ATTR_DUPLICATE_OF, ATTR_LAUNCHED, ATTR_REASON, ATTR_WARM_START
 
 SPACES = REPO / "search_spaces"
 
@@ -108,7 +110,7 @@ def test_default_beats_plain_tpe_at_ten_launches(tmp_path: Path) -> None:
 
     default = found(study_of(space, tmp_path / "a", 10, seed=1, noise=0.025))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("tuner.study.make_sampler",
+        mp.setattr("tuner.storage.open.make_sampler",
                    lambda sp, seed: make_sampler(sp, seed, Strategy(inner="tpe", warm=False, snap=False)))
         tpe = found(study_of(space, tmp_path / "b", 10, seed=1, noise=0.025))
     baseline = grid.values_of(dict(space.baseline or {}))[0]  # type: ignore[index]

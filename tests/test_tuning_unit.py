@@ -22,7 +22,7 @@ def test_space_where_nothing_fits_is_refused_before_the_study_exists(tmp_path: P
 
 
 def test_repeating_environment_fault_stops_but_memory_cliffs_do_not() -> None:
-    from tuner.tuning import repeating_fault
+    from tuner.loop.run import repeating_fault
 
     assert repeating_fault([None, "bench_no_result", "bench_no_result", "bench_no_result"])
     assert repeating_fault(["python_exception"] * 3)

@@ -26,15 +26,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tuner import objective
+from tuner import outcome as objective
+from tuner.config.space import SearchSpace
 from tuner.server import classify_failure, parse_memory_lines
 from tuner.server.argv import flag_args
 from tuner.sim.args import PROG, UsageError, parse_args, to_sim_config
 from tuner.sim.optimum import METRICS, SimEvaluator
 from tuner.sim.perfmodel import StartupResult, startup_check
 from tuner.sim.scenario import Scenario, load_scenario
-from tuner.space import SearchSpace
-from tuner.trial import TrialRun, server_argv
+from tuner.trial.launch import TrialRun, server_argv
 
 _RATE_SUFFIXES = ("_throughput",)
 _TIME_SUFFIXES = ("_ms",)

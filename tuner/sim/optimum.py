@@ -32,14 +32,13 @@ from typing import Any
 
 import numpy as np
 
+from tuner.config.space import AUTO, ParamSpec, SearchSpace, load_space
 from tuner.errors import ConfigError, KttuneError
 from tuner.server.argv import flag_args
 from tuner.sim.args import UsageError, parse_args, to_sim_config
 from tuner.sim.engine import Engine
-from tuner.sim.perfmodel import (ResolvedConfig, SimConfig, StartupResult, StepModel, resolve,
-                                 runtime_extra_gb, startup_check)
+from tuner.sim.perfmodel import ResolvedConfig, SimConfig, StartupResult, StepModel, resolve, runtime_extra_gb, startup_check
 from tuner.sim.scenario import Scenario, load_scenario
-from tuner.space import AUTO, ParamSpec, SearchSpace, load_space
 
 WorkloadShape = tuple[int, int, int]  # (num_prompts, input_len, output_len)
 #: SimConfig fields that never change the start-up footprint (perfmodel._footprint).
@@ -444,7 +443,7 @@ class SpaceGrid:
         # `max-total-tokens: auto` is sized per configuration, as kttune does before a launch
         self._auto = None
         if any(v == AUTO for v in base_flags.values()) or any(AUTO in v for v in self.values.values()):
-            from tuner.feasibility_gate import FeasibilityGate
+            from tuner.feasibility.gate import FeasibilityGate
             self._auto = FeasibilityGate.for_space(space)
         args = _parse(self._resolved(base_flags))
         name = scenario if scenario is not None else args.sim.scenario

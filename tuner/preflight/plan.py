@@ -6,10 +6,10 @@ from typing import Any
 
 import yaml
 
+from tuner.config.space import SearchSpace
 from tuner.errors import ConfigError
-from tuner.feasibility import max_gpu_experts
-from tuner.feasibility_gate import FeasibilityGate
-from tuner.space import SearchSpace
+from tuner.feasibility.gate import FeasibilityGate
+from tuner.feasibility.memory import max_gpu_experts
 
 
 def parse_sets(sets: Sequence[str]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from optuna.trial import TrialState
 
-from tuner.space import SearchSpace, is_finite
+from tuner.config.space import SearchSpace, is_finite
 
 # Failure reasons caused by the configuration itself: the sampler must learn to avoid them.
 CONFIG_REASONS = frozenset({
@@ -31,6 +31,8 @@ EXIT_PREFIX = "exited_rc_"
 
 def is_config_reason(reason: str) -> bool:
     return reason in CONFIG_REASONS or reason.startswith(EXIT_PREFIX)
+# A trial stopped after its early-stop probe (Optuna PRUNED).
+PRUNED = "pruned"
 LAUNCH_FAILED = "launch_failed"
 PESSIMISTIC_MAX = 0.0
 PESSIMISTIC_MIN = 1e9

@@ -22,8 +22,8 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial
 
-from tuner.study import (ATTR_BASELINE, ATTR_LAUNCHED, ATTR_TRIAL_DIR, STUDY_ATTR_SPACE, confirmed_or_best,
-                         metrics_of)
+from tuner.selection import confirmed_or_best
+from tuner.storage.attrs import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_TRIAL_DIR, STUDY_ATTR_SPACE, metrics_of
 
 ARTIFACT_DIR_NAME = "artifacts"
 STUDY_ATTR_ARTIFACT_DIR = "kttune:artifact_dir"
@@ -254,7 +254,7 @@ def prepare_dashboard(study_name: str, storage: str, studies_dir: Path,
     trials that have none yet and refreshing the baseline/best note. A study that does not
     exist yet gets an empty store at the default place (the dashboard still lists others)."""
     from tuner.errors import ConfigError
-    from tuner.report import load_study
+    from tuner.storage.open import load_study
 
     try:
         study = load_study(study_name, storage)

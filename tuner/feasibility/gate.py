@@ -9,11 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuner.feasibility import (FeasibilityReport, MemoryCalibration, anchor_from_observed, auto_max_total_tokens,
-                               calibrate_from_log, check, resolve_launch)
-from tuner.hardware import Hardware, resolve_hardware
-from tuner.model import ModelSizes, load_model_sizes
-from tuner.space import AUTO, ParamSpec, SearchSpace
+from tuner.config.space import AUTO, ParamSpec, SearchSpace
+from tuner.feasibility.memory import FeasibilityReport, MemoryCalibration, anchor_from_observed, auto_max_total_tokens, calibrate_from_log, check, resolve_launch
+from tuner.machine.hardware import Hardware, resolve_hardware
+from tuner.machine.model import ModelSizes, load_model_sizes
 
 # Failures that mean "the memory model was too optimistic" when the config was predicted to fit.
 MEMORY_REASONS = frozenset({"oom", "oom_weights", "oom_kv_alloc", "kv_not_enough_memory", "cuda_graph_failed"})

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuner.config.space import BenchSpec, Workload
 from tuner.errors import BenchmarkError
 from tuner.server.argv import flag_args
 from tuner.server.launch import die_with_tuner
-from tuner.space import BenchSpec, Workload
 
 RESULT_SCHEMA_VERSION = 1
 # Keys whose value is a rate (per second) or a time; used to undo a simulator's time scale.

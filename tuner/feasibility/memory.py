@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tuner.errors import ConfigError
-from tuner.hardware import GIB, MIB, Hardware
-from tuner.model import ModelSizes
+from tuner.machine.hardware import GIB, MIB, Hardware
+from tuner.machine.model import ModelSizes
 
 GB = 1e9
 Workload = tuple[int, int, int]  # (num_prompts, input_len, output_len)

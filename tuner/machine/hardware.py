@@ -119,7 +119,7 @@ def detect_cpu(proc_root: str | Path = "/proc", sys_root: str | Path = "/sys") -
 
 def _probe_gpus() -> list[Any]:
     try:
-        from tuner.gpu import probe_gpus
+        from tuner.machine.gpu import probe_gpus
     except ImportError:
         return []
     return list(probe_gpus())

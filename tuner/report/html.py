@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuner.errors import ConfigError, KttuneError
-from tuner.report import DUPLICATE, FAILED, FEASIBLE, INFEASIBLE, VIOLATES, ReportData, TrialRow
+from tuner.report.data import ReportData, TrialRow
+from tuner.report.status import DUPLICATE, FAILED, FEASIBLE, INFEASIBLE, VIOLATES
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -19,7 +19,7 @@ import optuna
 import yaml
 
 from tuner.errors import ConfigError
-from tuner.quality import QualitySpec
+from tuner.trial.quality import QualitySpec
 
 Scalar = int | float | str | bool
 
@@ -31,6 +31,10 @@ DEFAULT_OBJECTIVE = [{"workload": "decode", "metric": "output_throughput", "dire
 # kttune sets these per trial; a space must not fix or tune them.
 RESERVED_FLAGS = frozenset({"host", "port"})
 AUTO = "auto"
+
+
+#: Flags whose throughput rises until GPU memory runs out: searched from their fitting boundary.
+CAPACITY_FLAGS = ("kt-num-gpu-experts",)
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ def probe_modules(python: str, modules: Sequence[str], env: Mapping[str, str], t
 def help_flags(argv: Sequence[str], env: Mapping[str, str], timeout_s: float,
                run: Runner = run_process) -> tuple[frozenset[str] | None, str]:
     """The `--flags` a program's `--help` lists (read as :mod:`tuner.compat` does), or (None, why)."""
-    from tuner.compat import parse_help_flags
+    from tuner.preflight.compat import parse_help_flags
 
     res = run([*argv, "--help"], env, timeout_s)
     if res.rc is None:
@@ -139,7 +139,7 @@ def _module_check(name: str, probe: dict[str, Any] | None, err: str, module: str
 
 def _flags_check(name: str, wanted: Mapping[str, str], known: frozenset[str] | None, err: str, program: str) -> Check:
     """`wanted`: ``--flag`` → where in the space it comes from (tuner.compat.server_flags)."""
-    from tuner.compat import unsupported
+    from tuner.preflight.compat import unsupported
 
     if known is None:
         return Check(name, WARN, f"cannot list {program}'s flags: {err}", "fix the interpreter first (see the rows above)")
@@ -179,7 +179,7 @@ def _gpu_checks(space: Any, simulated: bool, probe_gpus: Callable[[], Sequence[A
 
 
 def _cpu_checks(space: Any, simulated: bool) -> list[Check]:
-    from tuner.hardware import detect_cpu
+    from tuner.machine.hardware import detect_cpu
 
     cpu = detect_cpu()
     detail = (f"{cpu.model}: {cpu.sockets} socket(s), {cpu.physical_cores} cores / {cpu.logical_cores} threads, "
@@ -214,8 +214,8 @@ def _cpu_checks(space: Any, simulated: bool) -> list[Check]:
 
 
 def _model_checks(space: Any, simulated: bool) -> list[Check]:
-    from tuner.hardware import detect_hardware
-    from tuner.model import load_model_sizes
+    from tuner.machine.hardware import detect_hardware
+    from tuner.machine.model import load_model_sizes
 
     args = space.server.args
     path = args.get("model-path", args.get("model"))
@@ -253,7 +253,7 @@ def _model_checks(space: Any, simulated: bool) -> list[Check]:
 
 
 def _bench_input_checks(space: Any, simulated: bool) -> list[Check]:
-    from tuner.trial import bench_tokenizer
+    from tuner.trial.launch import bench_tokenizer
 
     out = []
     offline = space.bench.env.get("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "")) in ("1", "true", "True")
@@ -299,7 +299,7 @@ def _storage_checks(url: str, study: str | None, artifact_dir: Path | None) -> l
         out.append(Check("storage", OK if ok else FAIL, f"{url}: not created yet ({parent} {'is' if ok else 'is not'} writable)",
                          "" if ok else "choose a writable --studies-dir or --storage"))
     else:
-        from tuner.study import make_storage
+        from tuner.storage.open import make_storage
 
         try:
             import optuna
@@ -346,7 +346,7 @@ def _server_checks(space: Any, simulated: bool, timeout_s: float, run: Runner) -
         out.append(_module_check("server: sglang", probe, err, "sglang", fix))
         if uses_kt:
             out.append(_module_check("server: kt_kernel", probe, err, "kt_kernel", "pip install kt-kernel in the server env (see the seed guide)"))
-    from tuner.compat import server_flags
+    from tuner.preflight.compat import server_flags
 
     known, herr = help_flags(srv.launcher(), srv.env, timeout_s, run)
     out.append(_flags_check("server flags", server_flags(space), known, herr, srv.module or " ".join(srv.launcher())))
@@ -354,7 +354,7 @@ def _server_checks(space: Any, simulated: bool, timeout_s: float, run: Runner) -
 
 
 def _bench_checks(space: Any, timeout_s: float, run: Runner) -> list[Check]:
-    from tuner.compat import bench_flags
+    from tuner.preflight.compat import bench_flags
 
     b = space.bench
     probe, err = probe_modules(b.python, ["sglang"], b.env, timeout_s, run)
@@ -367,8 +367,8 @@ def _bench_checks(space: Any, timeout_s: float, run: Runner) -> list[Check]:
 
 def run_checks(opts: DoctorOptions, *, run: Runner = run_process,
                probe_gpus: Callable[[], Sequence[Any]] | None = None) -> list[Check]:
-    from tuner.gpu import probe_gpus as nvml_probe
-    from tuner.space import load_space
+    from tuner.config.space import load_space
+    from tuner.machine.gpu import probe_gpus as nvml_probe
 
     checks = [Check("kttune", OK, f"python {sys.version.split()[0]} at {sys.executable}")]
     space = None

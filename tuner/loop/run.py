@@ -1,51 +1,68 @@
-"""`kttune run`: propose → check feasibility → launch → benchmark → tell, until the budget
-of launches is spent. Also the dry run, which prints argvs and touches no storage."""
+"""tuner.loop.run."""
 from __future__ import annotations
 
 import inspect
-import shlex
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from tuner import objective
+from tuner import outcome as objective
+from tuner.config.space import SearchSpace
 from tuner.errors import ConfigError, KttuneError
-from tuner.artifacts import note_baseline_and_best, try_upload_trial_artifacts
-from tuner.feasibility import BOUNDARY_ACTIVATION_SHARE
-from tuner.feasibility_gate import MEMORY_REASONS, FeasibilityGate
-from tuner.objective import FATAL_REASONS, TrialOutcome
-from tuner.progress import Progress
-from tuner.space import SearchSpace
-from tuner.strategy import ATTR_CONFIRMATION_OF, BelowBestPruner, leader_to_recheck, next_confirmation, warm_start
-from tuner.study import (STUDY_ATTR_CALIBRATION, ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_FLAGS, ATTR_LAUNCHED, ATTR_MARGINAL,
-                         ATTR_SPARE_GB, ATTR_TRIAL_DIR, boundary_failures,
-                         ATTR_WORKER, RunSummary, _Heartbeat, best_trials, enqueue_baseline_once, find_duplicate,
-                         launched_count, make_sampler, open_study, record, recover_stale_trials, worker_id)
-from tuner.trial import PRUNED, TrialRun, probe_workload, run_trial, server_argv
+from tuner.feasibility.gate import MEMORY_REASONS, FeasibilityGate
+from tuner.feasibility.memory import BOUNDARY_ACTIVATION_SHARE
+from tuner.log import Log
+from tuner.loop.progress import Progress
+from tuner.outcome import FATAL_REASONS, PRUNED, TrialOutcome
+from tuner.report.artifacts import note_baseline_and_best, try_upload_trial_artifacts
+from tuner.search.pruner import BelowBestPruner
+from tuner.search.recipe import warm_start
+from tuner.search.remeasure import _queue_remeasure, leader_to_recheck, next_confirmation
+from tuner.selection import best_trials
+from tuner.storage.attrs import (
+    ATTR_BASELINE,
+    ATTR_CONFIRMATION_OF,
+    ATTR_DUPLICATE_OF,
+    ATTR_FLAGS,
+    ATTR_LAUNCHED,
+    ATTR_MARGINAL,
+    ATTR_SPARE_GB,
+    ATTR_TRIAL_DIR,
+    ATTR_WORKER,
+    STUDY_ATTR_CALIBRATION,
+    STUDY_ATTR_QUALITY_REF,
+    boundary_failures,
+)
+from tuner.storage.open import open_study
+from tuner.storage.record import record
+from tuner.storage.workers import _beat, _claim_launch, _Heartbeat, _heartbeat_on, _pruned_twin, enqueue_baseline_once, find_duplicate, launched_count, recover_stale_trials, worker_id
+from tuner.trial.launch import run_trial
+from tuner.trial.probe import probe_workload
+from tuner.trial.protocols import TrialRunner
 
-Log = Callable[[str], None]
+
+@dataclass
+class RunSummary:
+    study_name: str
+    storage: str
+    launched: int
+    budget: int
+    new_trials: list[int] = field(default_factory=list)
+    stopped_reason: str | None = None
 
 
-# Study attr: the output-quality reference (tuner.quality), from the first launched trial
-# whose quality check passed (the baseline, normally).
-STUDY_ATTR_QUALITY_REF = "kttune:quality_reference"
 
-
-class TrialRunner(Protocol):
-    """One launch. Runners that check output quality (run_trial) also take
-    ``quality_reference=``; it is passed only once the study has one."""
-
-    def __call__(self, space: SearchSpace, flags: dict[str, Any], trial_dir: Path, *,
-                 on_phase: Callable[[str], None] | None = None) -> TrialRun: ...
 
 # Proposals that are not launched (predicted infeasible, duplicates) per launch, before we
 # conclude the sampler is stuck in a region that cannot be launched.
 MAX_SKIPS_PER_LAUNCH = 50
+
+
 REPEAT_LIMIT = 3
 
 
@@ -211,66 +228,12 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
     return summary
 
 
-def _queue_remeasure(study: optuna.Study, choose: Callable[[optuna.Study], FrozenTrial | None]) -> None:
-    """Enqueue a re-measurement of the trial `choose` names (a finalist, a narrow leader),
-    unless one is already queued (by this or another worker)."""
-    if any(t.state == TrialState.WAITING and t.user_attrs.get(ATTR_CONFIRMATION_OF) is not None
-           for t in study.get_trials(deepcopy=False)):
-        return
-    target = choose(study)
-    if target is not None:
-        study.enqueue_trial(dict(target.params), user_attrs={ATTR_CONFIRMATION_OF: target.number})
-
-
-def _pruned_twin(trials: list[FrozenTrial], params: dict[str, Any]) -> FrozenTrial | None:
-    return next((t for t in trials if t.state == TrialState.PRUNED and t.params == params), None)
-
-
 def _accepts(runner: Any, name: str) -> bool:
     try:
         params = inspect.signature(runner).parameters
     except (TypeError, ValueError):
         return False
     return name in params or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-def _heartbeat_on(study: optuna.Study) -> bool:
-    return optuna.storages._heartbeat.is_heartbeat_enabled(study._storage)
-
-
-def _beat(study: optuna.Study, trial: optuna.Trial) -> None:
-    """One heartbeat for a trial not launched yet: Optuna fails only trials that have beaten,
-    so a worker that dies before its launch must not leave a trial that never goes stale."""
-    if _heartbeat_on(study):
-        study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
-
-
-def _stale_after_s(study: optuna.Study) -> float:
-    """How long a trial may go without a heartbeat before a worker's check fails it."""
-    if not _heartbeat_on(study):
-        return 0.0
-    interval = study._storage.get_heartbeat_interval()  # type: ignore[attr-defined]
-    backend = getattr(study._storage, "_backend", study._storage)  # Optuna caches an RDBStorage
-    return float((getattr(backend, "grace_period", None) or 2 * interval) + interval)
-
-
-def _claim_launch(study: optuna.Study, trial: optuna.Trial, budget: int) -> bool:
-    """Whether this trial may launch within a budget that other workers share.
-
-    Trial numbers are handed out under a lock on the study row, so a trial may launch when the
-    trials numbered below it, launched or still deciding, leave room: every worker applies the
-    same rule and the lower number wins. While lower trials decide, wait (beating this one's
-    heartbeat); one still undecided after the heartbeat's grace period is taken as dead."""
-    deadline = time.monotonic() + _stale_after_s(study)
-    while True:
-        trials = study.get_trials(deepcopy=False)
-        if launched_count(trials, before=trial.number) >= budget:
-            return False
-        if launched_count(trials, before=trial.number, undecided=True) < budget or time.monotonic() >= deadline:
-            return True
-        _beat(study, trial)
-        time.sleep(1.0)
-        optuna.storages.fail_stale_trials(study)
 
 
 def repeating_fault(recent: list[str | None]) -> bool:
@@ -349,30 +312,3 @@ def _probe_verdict(space: SearchSpace, trial: optuna.Trial, metrics: dict[str, f
 
 def _fmt_params(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in params.items())
-
-
-def dry_run(space: SearchSpace, *, budget: int, seed: int | None, log: Log = print) -> list[list[str]]:
-    """Print the argv of the first `budget` proposals of the strategy a run uses (baseline,
-    warm start, then the sampler); launches nothing, writes nothing. Nothing is measured, so
-    after the enqueued trials the proposals are the sampler's measurement-free ones."""
-    study = optuna.create_study(directions=space.directions, sampler=make_sampler(space, seed))
-    enqueue_baseline_once(study, space)
-    warm_start(study, space, log=lambda m: log("# " + m))
-    try:
-        gate: FeasibilityGate | None = FeasibilityGate.for_space(space)
-    except KttuneError as exc:
-        gate = None
-        log(f"# feasibility not checked here: {exc}")
-    argvs = []
-    for i in range(budget):
-        trial = study.ask(space.distributions())
-        flags = space.launch_flags(trial.params)
-        note = ""
-        if gate is not None:
-            flags = gate.resolve_auto(flags)
-            report = gate.check(flags)
-            note = "" if report.feasible else f"   # predicted infeasible: {gate.summary(report)}"
-        argv = server_argv(space, flags, space.server.port or 30000 + i)
-        log(shlex.join(argv) + note)
-        argvs.append(argv)
-    return argvs

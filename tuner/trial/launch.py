@@ -1,33 +1,30 @@
-"""One launched trial: start the server → wait until really ready → check its output is
-sane (tuner.quality) → run each workload → tear the whole tree down. Returns a TrialRun;
-never raises for a server/bench fault. Only KeyboardInterrupt (Ctrl-C, or SIGTERM mapped to
-it by the CLI) escapes, and only after the server tree is gone."""
+"""tuner.trial.launch.launch."""
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optuna.trial import TrialState
-
-from tuner import objective
-from tuner.bench import run_workload
+from tuner import outcome as objective
+from tuner.bench.client import run_workload
+from tuner.config.space import SearchSpace
 from tuner.errors import BenchmarkError, ServerLaunchError, TeardownError
-from tuner.objective import TrialOutcome
-from tuner.quality import QualitySpec, check_quality
+from tuner.outcome import TrialOutcome
 from tuner.server import ServerHandle, find_free_port, is_alive, parse_memory_lines, start_server, stop_server, wait_ready
 from tuner.server.argv import build_server_argv
-from tuner.space import SearchSpace, Workload
+from tuner.trial.probe import PROBE_SUFFIX, probe_workload, pruned_outcome
+from tuner.trial.quality import QualitySpec, check_quality
 
 PhaseCallback = Callable[[str], None]
+
+
 # Early stop: called with the probe's metrics (keyed like the full workload's); True = prune.
 ProbeHook = Callable[[dict[str, float]], bool]
-PROBE_SUFFIX = "-probe"
-PROBE_MIN_OUTPUT = 8   # a probe shorter than this measures start-up, not decode: none then
-PRUNED = "pruned"
+
+
 
 
 @dataclass
@@ -64,27 +61,6 @@ def bench_tokenizer(space: SearchSpace, flags: Mapping[str, Any]) -> str | None:
         return space.bench.tokenizer
     tok = flags.get("tokenizer-path") or flags.get("model-path") or flags.get("model")
     return str(tok) if tok else None
-
-
-def probe_workload(space: SearchSpace) -> Workload | None:
-    """The early-stop probe: the single objective's workload with `space.probe.fraction` of
-    its output tokens (same prompts and concurrency, so the batch the engine runs — what
-    decode throughput depends on — is the full run's). None when off or not applicable."""
-    frac = space.probe.fraction
-    if frac <= 0 or len(space.objectives) != 1:
-        return None
-    w = space.workload(space.objectives[0].workload)
-    out = round(w.output_len * frac)
-    if out < PROBE_MIN_OUTPUT or out >= w.output_len:
-        return None
-    return replace(w, name=w.name + PROBE_SUFFIX, output_len=out)
-
-
-def pruned_outcome(metrics: Mapping[str, float]) -> TrialOutcome:
-    """A trial stopped after its probe: PRUNED, its probe value as Optuna's intermediate
-    value (reported by the loop's hook), its probe metrics kept under `<workload>-probe.*`."""
-    return TrialOutcome(TrialState.PRUNED, None, PRUNED, "probe far below the best so far; full benchmark skipped",
-                        dict(metrics), {})
 
 
 def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
@@ -196,47 +172,3 @@ def _read(path: Path) -> str:
         return path.read_text(errors="replace")
     except OSError:
         return ""
-
-
-class ProbeEmulator:
-    """Gives a runner without a probe of its own (the in-process simulator, which measures a
-    launch in one call) the early-stop hook: it runs the launch whole, hands the hook the
-    objective workload's metrics times an extra LogNormal(0, `sigma`) draw (a probe is a
-    shorter, noisier run of the same server), and on a prune keeps only the probe's share of
-    the benchmark time. `bench_s` / `saved_s` add up benchmark seconds run and skipped."""
-
-    def __init__(self, inner: Callable[..., TrialRun], *, sigma: float = 0.02, seed: int = 0) -> None:
-        import random
-
-        self.inner, self.sigma = inner, sigma
-        self._rng = random.Random(f"probe/{seed}")
-        self.bench_s = 0.0
-        self.saved_s = 0.0
-        self.pruned = 0
-
-    def __call__(self, space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
-                 on_phase: PhaseCallback | None = None, on_probe: ProbeHook | None = None,
-                 **kwargs: Any) -> TrialRun:
-        run = self.inner(space, flags, trial_dir, on_phase=on_phase, **kwargs)
-        bench = {k: v for k, v in run.timings.items() if k.startswith("bench_")}
-        full_s = sum(bench.values())
-        probe = probe_workload(space) if on_probe is not None else None
-        if probe is None or on_probe is None or not run.outcome.ok:
-            self.bench_s += full_s
-            return run
-        base = probe.name[:-len(PROBE_SUFFIX)]
-        noise = self._rng.lognormvariate(0.0, self.sigma)
-        seen = {k: v * noise if k.endswith("throughput") else v / noise
-                for k, v in run.outcome.metrics.items() if k.startswith(base + ".")}
-        probe_s = space.probe.fraction * bench.get(f"bench_{base}_s", 0.0)
-        if seen and on_probe(seen):
-            self.bench_s += probe_s
-            self.saved_s += full_s
-            self.pruned += 1
-            run.timings = {**{k: v for k, v in run.timings.items() if not k.startswith("bench_")},
-                           f"bench_{probe.name}_s": round(probe_s, 3)}
-            run.outcome = pruned_outcome({f"{probe.name}.{k[len(base) + 1:]}": v for k, v in seen.items()})
-        else:
-            self.bench_s += full_s + probe_s
-            self.saved_s -= probe_s
-        return run

@@ -1,0 +1,42 @@
+"""tuner.loop.dry_run."""
+from __future__ import annotations
+
+import shlex
+
+import optuna
+
+from tuner.config.space import SearchSpace
+from tuner.errors import KttuneError
+from tuner.feasibility.gate import FeasibilityGate
+from tuner.log import Log
+from tuner.search.recipe import warm_start
+from tuner.storage.open import make_sampler
+from tuner.storage.workers import enqueue_baseline_once
+from tuner.trial.launch import server_argv
+
+
+def dry_run(space: SearchSpace, *, budget: int, seed: int | None, log: Log = print) -> list[list[str]]:
+    """Print the argv of the first `budget` proposals of the strategy a run uses (baseline,
+    warm start, then the sampler); launches nothing, writes nothing. Nothing is measured, so
+    after the enqueued trials the proposals are the sampler's measurement-free ones."""
+    study = optuna.create_study(directions=space.directions, sampler=make_sampler(space, seed))
+    enqueue_baseline_once(study, space)
+    warm_start(study, space, log=lambda m: log("# " + m))
+    try:
+        gate: FeasibilityGate | None = FeasibilityGate.for_space(space)
+    except KttuneError as exc:
+        gate = None
+        log(f"# feasibility not checked here: {exc}")
+    argvs = []
+    for i in range(budget):
+        trial = study.ask(space.distributions())
+        flags = space.launch_flags(trial.params)
+        note = ""
+        if gate is not None:
+            flags = gate.resolve_auto(flags)
+            report = gate.check(flags)
+            note = "" if report.feasible else f"   # predicted infeasible: {gate.summary(report)}"
+        argv = server_argv(space, flags, space.server.port or 30000 + i)
+        log(shlex.join(argv) + note)
+        argvs.append(argv)
+    return argvs

@@ -1,0 +1,85 @@
+"""tuner.report.data.export."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner.config.space import SearchSpace
+from tuner.errors import ConfigError, KttuneError
+from tuner.report.profile import render_profile, write_atomic
+from tuner.report.status import no_feasible_message
+from tuner.selection import (
+    confirmed_or_best,  # noqa: F401  (re-exported: the pick rule lives in study)
+    pick_by_weights,
+)
+from tuner.storage.attrs import STUDY_ATTR_SPACE
+from tuner.storage.open import load_study
+
+
+def parse_weights(text: str, objective_keys: Sequence[str]) -> dict[str, float]:
+    """`decode.output_throughput=2,prefill=1` → weight per objective key. A key may be the
+    full `workload.metric`, or a workload or metric name that names one objective only."""
+    out: dict[str, float] = {}
+    for item in (s for s in text.split(",") if s.strip()):
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep:
+            raise ConfigError(f"--weights: {item!r} is not key=weight; e.g. --weights decode.output_throughput=2,prefill.input_throughput=1")
+        matches = [k for k in objective_keys if name in (k, *k.split(".", 1))]
+        if len(matches) != 1:
+            what = "matches no objective" if not matches else f"is ambiguous ({', '.join(matches)})"
+            raise ConfigError(f"--weights: {name!r} {what}; use one of: {', '.join(objective_keys)}")
+        try:
+            w = float(raw)
+        except ValueError:
+            raise ConfigError(f"--weights: weight {raw.strip()!r} for {name} is not a number") from None
+        if not math.isfinite(w) or w < 0:
+            raise ConfigError(f"--weights: weight for {name} must be a finite number ≥ 0, got {raw.strip()}")
+        out[matches[0]] = out.get(matches[0], 0.0) + w
+    if not out or sum(out.values()) <= 0:
+        raise ConfigError("--weights: give at least one positive weight, e.g. decode.output_throughput=1")
+    return out
+
+
+def _objectives(study: optuna.Study, space: SearchSpace | None) -> list[tuple[str, str]]:
+    if space is not None:
+        return [(o.key, o.direction) for o in space.objectives]
+    keys = (study.user_attrs.get(STUDY_ATTR_SPACE) or {}).get("objectives") or []
+    dirs = ["maximize" if d == optuna.study.StudyDirection.MAXIMIZE else "minimize" for d in study.directions]
+    return list(zip(keys or [f"objective {i}" for i in range(len(dirs))], dirs))
+
+
+def pick_trial(study: optuna.Study, trial_number: int | None, *, space: SearchSpace | None = None,
+               weights: Mapping[str, float] | None = None) -> FrozenTrial:
+    if trial_number is not None and weights:
+        raise ConfigError("--trial and --weights exclude each other; pass one")
+    if trial_number is not None:
+        trials = study.get_trials(deepcopy=False)
+        if not 0 <= trial_number < len(trials):
+            raise ConfigError(f"--trial: no trial {trial_number}; the study has trials 0..{len(trials) - 1}")
+        t = trials[trial_number]
+        if t.state != TrialState.COMPLETE:
+            raise ConfigError(f"--trial: trial {trial_number} is {t.state.name}; pick a completed one")
+        return t
+    best = confirmed_or_best(study)
+    if not best:
+        raise KttuneError(no_feasible_message(study))
+    if weights:
+        return pick_by_weights(best, _objectives(study, space), weights)
+    if len(best) > 1:
+        raise ConfigError(f"--trial: the study has {len(best)} Pareto-optimal trials ({', '.join(str(t.number) for t in best)}); "
+                          "pick one with --trial N or state a preference with --weights KEY=W,...")
+    return best[0]
+
+
+def export_profile(space: SearchSpace, study_name: str, storage: str, out: Path,
+                   trial_number: int | None = None, weights: Mapping[str, float] | None = None) -> Path:
+    study = load_study(study_name, storage)
+    trial = pick_trial(study, trial_number, space=space, weights=weights)
+    text = render_profile(trial, study_name=study_name, objectives=[o.key for o in space.objectives])
+    write_atomic(out, text)
+    return out

@@ -1,0 +1,54 @@
+"""tuner.search.remeasure."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner.selection import pooled_noise, repeat_groups
+from tuner.storage.attrs import ATTR_CONFIRMATION_OF
+
+
+def leader_to_recheck(study: optuna.Study, prior_noise: float, z: float = 1.0) -> FrozenTrial | None:
+    """Of the two best configurations, the one measured once, when the leader leads by less
+    than `z` standard errors of the difference (noise from :func:`pooled_noise`): the local
+    search would otherwise build on one lucky run, or drop the better configuration for one
+    unlucky run. The leader first when both were measured once. Single objective only."""
+    groups = repeat_groups(study)
+    if len(groups) < 2 or min(groups[0].mean, groups[1].mean) <= 0:
+        return None
+    top, runner = groups[0], groups[1]
+    once = [g for g in (top, runner) if len(g.values) == 1]
+    if not once:
+        return None
+    sigma = pooled_noise(groups, prior_noise)
+    lead = abs(math.log(top.mean) - math.log(runner.mean))
+    se = sigma * math.sqrt(1.0 / len(top.values) + 1.0 / len(runner.values))
+    return once[0].first if lead < z * se else None
+
+
+def next_confirmation(study: optuna.Study, finalists: int) -> FrozenTrial | None:
+    """The finalist (top `finalists` by mean) with the fewest measurements, counting
+    confirmations other workers have queued or are running; ties go to the better mean."""
+    groups = repeat_groups(study)[:finalists]
+    if not groups:
+        return None
+    pending: dict[int, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        of = t.user_attrs.get(ATTR_CONFIRMATION_OF)
+        if of is not None and not t.state.is_finished():
+            pending[of] = pending.get(of, 0) + 1
+    return min(groups, key=lambda g: len(g.values) + pending.get(g.first.number, 0)).first
+
+
+def _queue_remeasure(study: optuna.Study, choose: Callable[[optuna.Study], FrozenTrial | None]) -> None:
+    """Enqueue a re-measurement of the trial `choose` names (a finalist, a narrow leader),
+    unless one is already queued (by this or another worker)."""
+    if any(t.state == TrialState.WAITING and t.user_attrs.get(ATTR_CONFIRMATION_OF) is not None
+           for t in study.get_trials(deepcopy=False)):
+        return
+    target = choose(study)
+    if target is not None:
+        study.enqueue_trial(dict(target.params), user_attrs={ATTR_CONFIRMATION_OF: target.number})

@@ -1,0 +1,99 @@
+"""tuner.storage.open."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import optuna
+
+from tuner.config.space import SearchSpace
+from tuner.errors import ConfigError
+from tuner.selection import confirmed_or_best  # noqa: F401  (re-exported: the pick rule lives in study)
+from tuner.storage.attrs import STUDY_ATTR_SPACE
+
+HEARTBEAT_INTERVAL_S = 30
+HEARTBEAT_GRACE_S = 120
+
+
+
+
+def default_storage(study_name: str, studies_dir: Path) -> str:
+    studies_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{studies_dir / (study_name + '.db')}"
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """An RDB storage with heartbeats, so a dead worker's RUNNING trial is failed, not lost.
+
+    KTTUNE_HEARTBEAT_S sets the heartbeat interval in whole seconds (default 30); a trial whose
+    heartbeat is older than 4 intervals counts as dead. Several workers may open a new database
+    at once: the schema creation that loses that race is retried."""
+    import importlib.util
+    import time
+
+    import sqlalchemy.exc
+
+    if "://" not in url:
+        raise ConfigError(f"--storage: {url!r} is not a SQLAlchemy URL; use e.g. sqlite:///studies/x.db or postgresql://user@host/db")
+    raw = os.environ.get("KTTUNE_HEARTBEAT_S", "").strip()
+    interval = HEARTBEAT_INTERVAL_S
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError(f"KTTUNE_HEARTBEAT_S: must be a whole number of seconds ≥ 1, got {raw!r}")
+        interval = int(raw)
+    grace = interval * HEARTBEAT_GRACE_S // HEARTBEAT_INTERVAL_S
+    # A server on another host may drop idle connections during a long trial: test before use.
+    engine_kwargs = {} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    scheme = url.split("://")[0]
+    if scheme == "postgresql" and importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+        # SQLAlchemy ≥ 2.1 reads a bare postgresql:// as psycopg 3; use psycopg2 if that is what is installed.
+        url = "postgresql+psycopg2://" + url.split("://", 1)[1]
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=dict(engine_kwargs), heartbeat_interval=interval,
+                                              grace_period=grace)
+        except ImportError as exc:
+            hint = "psycopg2-binary" if scheme.startswith("postgresql") else "the driver it names"
+            raise ConfigError(f"--storage: the driver for {scheme} is not installed ({exc}); pip install {hint}") from None
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
+                optuna.exceptions.StorageInternalError) as exc:
+            # Another worker created the tables or the version row between our check and our
+            # insert; a second look finds them. Anything else (e.g. no right to create tables) stays.
+            if attempt < 5:
+                time.sleep(0.2 * attempt)
+                continue
+            raise ConfigError(f"--storage: cannot set up the tables in {url!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); the database user must own the database") from None
+        except Exception as exc:  # sqlalchemy raises many kinds for a bad URL / unreachable server
+            raise ConfigError(f"--storage: cannot open {url!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); check the URL and that the database is reachable") from None
+
+
+def make_sampler(space: SearchSpace, seed: int | None) -> optuna.samplers.BaseSampler:
+    """kttune's search strategy (tuner/strategy.py; measured in docs/tuning-quality.md)."""
+    from tuner.search.sampler import make_sampler as strategy_sampler
+
+    return strategy_sampler(space, seed)
+
+
+def open_study(space: SearchSpace, *, study_name: str, storage: str | optuna.storages.BaseStorage,
+               seed: int | None) -> optuna.Study:
+    store = make_storage(storage) if isinstance(storage, str) else storage
+    study = optuna.create_study(study_name=study_name, storage=store, directions=space.directions,
+                                sampler=make_sampler(space, seed), load_if_exists=True)
+    if len(study.directions) != len(space.objectives):
+        raise ConfigError(f"--study: {study_name!r} already exists with {len(study.directions)} objective(s), the space has {len(space.objectives)}; use another --study name")
+    if STUDY_ATTR_SPACE not in study.user_attrs:
+        study.set_user_attr(STUDY_ATTR_SPACE, {"name": space.name, "path": str(space.path) if space.path else None,
+                                                "objectives": [o.key for o in space.objectives]})
+    return study
+
+
+def load_study(study_name: str, storage: str) -> optuna.Study:
+    store = make_storage(storage)
+    try:
+        return optuna.load_study(study_name=study_name, storage=store)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(store)]
+        hint = f" (it has: {', '.join(names)})" if names else ""
+        raise ConfigError(f"--study: no study {study_name!r} in {storage}{hint}; run `kttune run` first or pass --study") from None
