@@ -322,7 +322,7 @@ def run_matrix(work: Path, schedule: Sequence[Fault] | None = None, *, seed: int
 
 def _collect(h: Harness, codes: list[int], before: dict[int, tuple[str, Any]], orphans: list[str],
              wall_s: float, log: Callable[[str], None]) -> MatrixResult:
-    from tuner.storage.attrs import ATTR_LAUNCHED, ATTR_REASON, ATTR_TRIAL_DIR
+    from tuner.storage.attrs import ATTR_LAUNCHED, ATTR_REASON, ATTR_TRIAL_DIR, timings_of
     from tuner.storage.workers import launched_count
 
     study = optuna.load_study(study_name=STUDY, storage=h.storage)
@@ -336,7 +336,7 @@ def _collect(h: Harness, codes: list[int], before: dict[int, tuple[str, Any]], o
                         t.user_attrs.get(ATTR_REASON) if t else "<no trial>",
                         t.number if t else None, t.state.name if t else "-"))
         if t is not None and fault.get("sim_fault", "").startswith("slow_start"):
-            slow_ready = (t.user_attrs.get("timings") or {}).get("ready_s")
+            slow_ready = timings_of(t).get("ready_s")
     after = {t.number: (t.state.name, t.values) for t in trials if t.state.is_finished()}
     lost = sum(1 for n, v in before.items() if after.get(n) != v)
     pid_files = [str(p) for p in (h.work / "studies").rglob("server.pid")]

@@ -43,12 +43,10 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
-from unittest import mock
+from typing import Any
 
 import optuna
 import yaml
@@ -59,17 +57,18 @@ sys.path.insert(0, str(REPO))
 from tuner.config.space import FeasibilitySpec, SearchSpace, load_space  # noqa: E402
 from tuner.feasibility.gate import FeasibilityGate  # noqa: E402
 from tuner.loop.run import RunOptions, run_study  # noqa: E402
-from tuner.outcome import is_config_reason  # noqa: E402
-from tuner.selection import confirmed_or_best  # noqa: E402
-from tuner.search import sampler as strategy_mod  # noqa: E402
+from tuner.outcome import (
+    PRUNED,  # noqa: E402
+    is_config_reason,  # noqa: E402
+)
 from tuner.search.gp import denoised_best  # noqa: E402
 from tuner.search.grid import param_grid  # noqa: E402
-from tuner.search.sampler import Strategy  # noqa: E402
+from tuner.search.sampler import DEFAULT_STRATEGY, Strategy  # noqa: E402
+from tuner.selection import pick  # noqa: E402
 from tuner.sim.inprocess import InProcessRunner  # noqa: E402
 from tuner.sim.optimum import SpaceGrid  # noqa: E402
-from tuner.storage.attrs import ATTR_LAUNCHED, ATTR_REASON, STUDY_ATTR_CALIBRATION  # noqa: E402
+from tuner.storage.attrs import ATTR_LAUNCHED, ATTR_REASON, STUDY_ATTR_CALIBRATION, timings_of  # noqa: E402
 from tuner.testing.probe import ProbeEmulator  # noqa: E402
-from tuner.outcome import PRUNED  # noqa: E402
 
 SPACES = sorted(str(p.relative_to(REPO)) for p in (REPO / "search_spaces").glob("sim-*.yaml"))
 VARIANTS: dict[str, Strategy] = {
@@ -167,15 +166,6 @@ def load_scene(path: str) -> Scene:
 # ----------------------------------------------------------------------------- methods
 
 
-@contextmanager
-def using_strategy(strategy: Strategy | None) -> Iterator[None]:
-    if strategy is None:
-        yield
-        return
-    with mock.patch("tuner.storage.open.make_sampler", lambda space, seed: strategy_mod.make_sampler(space, seed, strategy)):
-        yield
-
-
 def run_kttune(sc: Scene, seed: int, budget: int, noise: float, tmp: Path, *,
                strategy: Strategy | None = None, margin_gb: float | None = None,
                confirm: int | None = None, probe: bool = True) -> Run:
@@ -186,11 +176,11 @@ def run_kttune(sc: Scene, seed: int, budget: int, noise: float, tmp: Path, *,
     if margin_gb is not None:   # what-if: start the study with another gate margin
         st = optuna.create_study(study_name=name, storage=storage, directions=sc.space.directions)
         st.set_user_attr(STUDY_ATTR_CALIBRATION, {"margin_gb": margin_gb})
-    opts = RunOptions(study_name=name, storage=storage, budget=budget, seed=seed,  # type: ignore[arg-type]
-                      studies_dir=tmp / f"kttune-{seed}", confirm=confirm, probe=probe)
+    opts = RunOptions(study_name=name, storage=storage, budget=budget, seed=seed,
+                      studies_dir=tmp / f"kttune-{seed}", confirm=confirm, probe=probe,
+                      strategy=strategy or DEFAULT_STRATEGY)
     started = time.perf_counter()
-    with using_strategy(strategy):
-        run_study(sc.space, opts, log=lambda _m: None, runner=runner)
+    run_study(sc.space, opts, log=lambda _m: None, runner=runner)
     wall = time.perf_counter() - started
     study = optuna.load_study(study_name=name, storage=storage)
     out = Run(tuner_s=wall - inner.busy_s, asks=len(study.trials), bench_s=runner.bench_s, saved_s=runner.saved_s,
@@ -201,7 +191,7 @@ def run_kttune(sc: Scene, seed: int, budget: int, noise: float, tmp: Path, *,
             out.launches.append(Launch(dict(t.params), t.values[0] if reason is None and t.values else None, reason))
             if reason == PRUNED:
                 out.pruned_best = max(out.pruned_best, sc.true(t.params) / sc.optimum)
-    picked = confirmed_or_best(study)
+    picked = pick(study, sc.space.confirm)
     out.pick = dict(picked[0].params) if picked else None
     return out
 
@@ -462,7 +452,7 @@ def print_overheads(launched: list[optuna.trial.FrozenTrial], every: list[optuna
     starts = sorted(t.datetime_start for t in every if t.datetime_start is not None)
     tuner, to_next = [], []
     for t in launched:
-        tm = t.user_attrs.get("timings") or {}
+        tm = timings_of(t)
         if t.datetime_start is None or t.datetime_complete is None:
             continue
         wall = (t.datetime_complete - t.datetime_start).total_seconds()

@@ -14,6 +14,7 @@ import optuna
 import pytest
 from optuna.artifacts import download_artifact, get_all_artifact_meta
 
+from tuner.config.space import ConfirmSpec
 from tuner.report.artifacts import STUDY_ATTR_ARTIFACT_DIR, backfill_artifacts, list_artifacts, note_baseline_and_best, open_store, study_note, try_upload_trial_artifacts, upload_trial_artifacts
 from tuner.storage.attrs import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_TRIAL_DIR, METRIC_PREFIX, STUDY_ATTR_SPACE
 
@@ -109,8 +110,8 @@ def test_note_names_baseline_and_best(tmp_path: Path) -> None:
     study, _ = new_study(tmp_path)
     add_trial(study, tmp_path / "studies", 40.0, upload=False, baseline=True)
     add_trial(study, tmp_path / "studies", 44.0, upload=False)
-    body = note_baseline_and_best(study)
-    assert get_note(study) == body == study_note(study)
+    body = note_baseline_and_best(study, ConfirmSpec())
+    assert get_note(study) == body == study_note(study, ConfirmSpec())
     assert "trial 0: decode.output_throughput = 40" in body
     assert "trial 1: decode.output_throughput = 44 (vs baseline: decode.output_throughput +10.0%)" in body
     assert study.metric_names == [KEY]

@@ -14,11 +14,10 @@ from tuner.config.space import ConfirmSpec, ProbeSpec, SearchSpace
 from tuner.loop.dry_run import dry_run
 from tuner.loop.run import RunOptions, repeating_fault, run_study
 from tuner.outcome import PRUNED
-from tuner.report.data import confirmed_or_best
 from tuner.report.text import best_table
 from tuner.search.pruner import BelowBestPruner
 from tuner.search.remeasure import leader_to_recheck
-from tuner.selection import pooled_noise, repeat_groups
+from tuner.selection import pick, pooled_noise, repeat_groups
 from tuner.sim.inprocess import InProcessRunner
 from tuner.storage.attrs import ATTR_CONFIRMATION_OF, ATTR_LAUNCHED, ATTR_REASON, ATTR_WARM_START
 from tuner.testing.probe import ProbeEmulator
@@ -63,7 +62,7 @@ def test_confirmation_runs_remeasure_finalists_and_the_pick_uses_the_mean(tmp_pa
         assert t.params == study.trials[t.user_attrs[ATTR_CONFIRMATION_OF]].params
     groups = repeat_groups(study)
     assert sum(len(g.values) == 2 for g in groups) >= 1
-    best = confirmed_or_best(study)[0]
+    best = pick(study, ConfirmSpec())[0]
     top = groups[0]
     assert best.number == top.first.number
     assert best.params["kt-num-gpu-experts"] != space.baseline["kt-num-gpu-experts"]  # lucky run beaten by the mean
@@ -186,7 +185,7 @@ def test_a_configuration_that_failed_a_relaunch_is_never_the_pick() -> None:
     _measured(study, 2, 120.0)
     _measured(study, 2, None, reason="oom")  # its confirmation ran out of memory
     assert [g.first.params["n"] for g in repeat_groups(study)] == [1]
-    assert confirmed_or_best(study)[0].params == {"n": 1}
+    assert pick(study, ConfirmSpec())[0].params == {"n": 1}
 
 
 def test_run_study_rechecks_a_narrow_leader_before_the_final_confirmations(tmp_path: Path) -> None:
@@ -220,7 +219,7 @@ def test_the_pick_among_tied_configurations_is_the_one_with_memory_to_spare() ->
         add(2, v, 3.0)  # tied with it, 3 GB to spare
     add(3, 99.8, 9.0)  # tied too, but measured once: not enough to trade for
     assert pick_group(repeat_groups(study), 0.03).first.params == {"n": 2}
-    assert confirmed_or_best(study)[0].params == {"n": 2}
+    assert pick(study, ConfirmSpec())[0].params == {"n": 2}
     for v in (90.0, 90.5):
         add(4, v, 20.0)  # 10 % slower: not tied, however much it spares
     assert pick_group(repeat_groups(study), 0.03).first.params == {"n": 2}
@@ -252,11 +251,11 @@ def test_a_pick_found_inside_the_margin_is_said_so() -> None:
     for n, value, marginal in ((200, 45.0, False), (208, 47.5, True), (208, 47.1, False)):
         study.add_trial(optuna.trial.create_trial(params={"n": n}, distributions=dist, values=[value], user_attrs={
             ATTR_LAUNCHED: True, ATTR_MARGINAL: marginal, ATTR_SPARE_GB: 0.2 if n == 208 else 1.5}))
-    notes = boundary_notes(study)
+    notes = boundary_notes(study, ConfirmSpec())
     assert len(notes) == 1 and "trial 1" in notes[0] and "0.20 GB" in notes[0] and "2 of 2" in notes[0]
     study.add_trial(optuna.trial.create_trial(params={"n": 200}, distributions=dist, values=[60.0],
                                               user_attrs={ATTR_LAUNCHED: True, ATTR_SPARE_GB: 1.5}))
-    assert boundary_notes(study) == []  # the pick is no longer one launched inside the margin
+    assert boundary_notes(study, ConfirmSpec()) == []  # the pick is no longer one launched inside the margin
 
 
 def test_a_pick_found_by_an_activation_test_says_the_estimate_was_beaten() -> None:
@@ -268,5 +267,5 @@ def test_a_pick_found_by_an_activation_test_says_the_estimate_was_beaten() -> No
     for value in (52.0, 51.8):  # predicted short at the activation estimate, and it ran twice
         study.add_trial(optuna.trial.create_trial(params={"n": 108}, distributions=dist, values=[value], user_attrs={
             ATTR_LAUNCHED: True, ATTR_MARGINAL: True, ATTR_SPARE_GB: -0.45}))
-    notes = boundary_notes(study)
+    notes = boundary_notes(study, ConfirmSpec())
     assert len(notes) == 1 and "0.45 GB short at the activation estimate" in notes[0] and "2 of 2" in notes[0]

@@ -33,6 +33,7 @@ from tests.conftest import REPO, requires_bench_client
 from tests.test_run_e2e import fast_space
 from tuner.config.space import SearchSpace, load_space
 from tuner.errors import ConfigError
+from tuner.search.sampler import make_sampler
 from tuner.server import kill_orphan
 from tuner.storage.attrs import ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_LAUNCHED, ATTR_REASON, ATTR_WORKER, is_interrupted
 from tuner.storage.open import make_storage, open_study
@@ -91,8 +92,8 @@ def test_duplicates_are_finished_measurements_or_lower_running_trials() -> None:
 def _sqlite_study(tmp_path: Path) -> tuple[optuna.Study, optuna.Study, SearchSpace]:
     space = load_space(REPO / "search_spaces" / "sim-kimi-k2-thinking-8xl20.yaml", check_paths=False)
     storage = make_storage(f"sqlite:///{tmp_path / 'race.db'}")
-    one = open_study(space, study_name="race", storage=storage, seed=0)
-    two = open_study(space, study_name="race", storage=storage, seed=0)  # another worker: its own cache
+    one = open_study(space, study_name="race", storage=storage, sampler=make_sampler(space, 0))
+    two = open_study(space, study_name="race", storage=storage, sampler=make_sampler(space, 0))  # another worker: its own cache
     return one, two, space
 
 
@@ -133,17 +134,17 @@ def test_baseline_enqueued_again_when_its_launch_was_lost(tmp_path: Path) -> Non
 def test_last_launch_goes_to_the_lower_trial(tmp_path: Path, lower_launches: bool) -> None:
     """Two workers each hold a proposal when one launch is left: the higher-numbered one
     waits for the lower one to decide, and launches only if that one did not."""
-    from tuner.storage.workers import _claim_launch
+    from tuner.storage.workers import claim_launch
 
     one, two, space = _sqlite_study(tmp_path)
     low, high = one.ask(space.distributions()), two.ask(space.distributions())
     verdict: list[bool] = []
-    waiter = threading.Thread(target=lambda: verdict.append(_claim_launch(two, high, 1)))
+    waiter = threading.Thread(target=lambda: verdict.append(claim_launch(two, high, 1)))
     waiter.start()
     time.sleep(1.5)
     assert verdict == []  # still waiting: trial 0 may take the launch
     if lower_launches:
-        assert _claim_launch(one, low, 1) is True
+        assert claim_launch(one, low, 1) is True
         low.set_user_attr(ATTR_LAUNCHED, True)
     else:  # e.g. predicted infeasible: told without a launch
         one.tell(low, [0.0])

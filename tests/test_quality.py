@@ -238,7 +238,7 @@ def test_http_faults_map_to_stable_reasons(fake: FakeGenerate) -> None:
     assert res.reason == "server_died"
     fake.behaviour.status, fake.behaviour.delay_s = 200, 1.5
     res = check_quality(fake.url, spec, server_alive=lambda: True)
-    assert res.reason == "bench_timeout"
+    assert res.reason == "quality_timeout"
     fake.behaviour.delay_s, fake.behaviour.drop_connection = 0.0, True
     res = check_quality(fake.url, spec, server_alive=lambda: False)
     assert res.reason == "server_died"

@@ -20,6 +20,7 @@ from tuner.report.data import compute_report
 from tuner.report.export import export_profile, parse_weights, pick_trial
 from tuner.report.status import DUPLICATE, FAILED, FEASIBLE, INFEASIBLE, VIOLATES, classify_trial
 from tuner.report.text import print_best
+from tuner.search.sampler import make_sampler
 from tuner.selection import pick_by_weights, weighted_scores
 from tuner.storage.attrs import ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_FLAGS, ATTR_LAUNCHED, metrics_of
 from tuner.storage.open import open_study
@@ -50,7 +51,7 @@ def synth(p: dict) -> dict[str, float]:
 def build_study(tmp_path: Path, data: dict, n_random: int = 16) -> tuple[object, optuna.Study, str]:
     space = parse_space(data, check_paths=False)
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    study = open_study(space, study_name="t", storage=url, seed=0)
+    study = open_study(space, study_name="t", storage=url, sampler=make_sampler(space, 0))
     rng = random.Random(7)
     plan: list[tuple[dict, str]] = [(BASELINE, "ok")]
     for _ in range(n_random):

@@ -14,10 +14,11 @@ from tuner.config.space import ParamSpec, SearchSpace, load_space, parse_space
 from tuner.errors import KttuneError
 from tuner.feasibility.gate import FeasibilityGate
 from tuner.loop.run import RunOptions, run_study
-from tuner.search.gp import gp_posterior_mean, recommend
+from tuner.search.gp import denoised_best, gp_posterior_mean
 from tuner.search.grid import param_grid, snap
 from tuner.search.recipe import recipe
 from tuner.search.sampler import KttuneSampler, Strategy, make_sampler
+from tuner.selection import direction_sign, measured
 from tuner.sim.inprocess import InProcessRunner
 from tuner.sim.optimum import SpaceGrid
 from tuner.storage.attrs import ATTR_DUPLICATE_OF, ATTR_LAUNCHED, ATTR_REASON, ATTR_WARM_START
@@ -30,10 +31,10 @@ def sim_space(name: str) -> SearchSpace:
 
 
 def study_of(space: SearchSpace, tmp_path: Path, budget: int, *, seed: int = 0, noise: float = 0.0,
-             feasibility: bool = True) -> optuna.Study:
+             feasibility: bool = True, strategy: Strategy = Strategy()) -> optuna.Study:
     storage = optuna.storages.InMemoryStorage()
-    opts = RunOptions(study_name="s", storage=storage, budget=budget, seed=seed,  # type: ignore[arg-type]
-                      studies_dir=tmp_path, check_feasibility=feasibility)
+    opts = RunOptions(study_name="s", storage=storage, budget=budget, seed=seed,
+                      studies_dir=tmp_path, check_feasibility=feasibility, strategy=strategy)
     run_study(space, opts, log=lambda _m: None, runner=InProcessRunner(noise_sigma=noise, seed=seed))
     return optuna.load_study(study_name="s", storage=storage)
 
@@ -109,10 +110,8 @@ def test_default_beats_plain_tpe_at_ten_launches(tmp_path: Path) -> None:
         return max(v[0] for t in launched(study) if (v := grid.values_of(t.params)))
 
     default = found(study_of(space, tmp_path / "a", 10, seed=1, noise=0.025))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("tuner.storage.open.make_sampler",
-                   lambda sp, seed: make_sampler(sp, seed, Strategy(inner="tpe", warm=False, snap=False)))
-        tpe = found(study_of(space, tmp_path / "b", 10, seed=1, noise=0.025))
+    tpe = found(study_of(space, tmp_path / "b", 10, seed=1, noise=0.025,
+                         strategy=Strategy(inner="tpe", warm=False, snap=False)))
     baseline = grid.values_of(dict(space.baseline or {}))[0]  # type: ignore[index]
     assert default > tpe and default > 1.15 * baseline
 
@@ -176,14 +175,15 @@ def test_gp_posterior_mean_finds_the_peak_through_noise() -> None:
     assert np.allclose(gp_posterior_mean(x, np.ones(15)), 1.0)
 
 
-def test_recommend_uses_the_direction(tmp_path: Path) -> None:
+def test_denoised_best_uses_the_direction(tmp_path: Path) -> None:
     space = sim_space("qwen3-30b-a3b-1x4090")
     study = optuna.create_study(direction="minimize")
     for v in (3.0, 1.0, 2.0):
         study.add_trial(optuna.trial.create_trial(params={"kt-num-gpu-experts": int(v) * 4},
                                                   distributions={"kt-num-gpu-experts": space.distributions()["kt-num-gpu-experts"]},
                                                   values=[v], user_attrs={ATTR_LAUNCHED: True}))
-    assert recommend(study, space).values == [1.0]  # type: ignore[union-attr]
+    grids = {p.flag: param_grid(p) for p in space.params}
+    assert denoised_best(grids, measured(study.trials), direction_sign(study.direction)).values == [1.0]
 
 
 def test_unknown_inner_sampler_is_refused() -> None:

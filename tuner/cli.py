@@ -100,6 +100,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                   stream=sys.stdout) as progress:
         summary = run_study(space, opts, log=progress.log, progress=progress)
     print(f"study {study_name}: {summary.launched}/{summary.budget} launches done ({storage})")
+    if summary.pick:
+        print(f"pick: trial {', '.join(map(str, summary.pick))} (kttune best shows it, kttune export writes it)")
     if summary.stopped_reason:
         print(f"stopped early: {summary.stopped_reason}", file=sys.stderr)
         return 1
@@ -164,8 +166,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     from tuner.report.artifacts import prepare_dashboard
 
-    _space, study_name, storage = _resolve(args, check_paths=False)
-    store, store_dir = prepare_dashboard(study_name, storage, Path(args.studies_dir))
+    space, study_name, storage = _resolve(args, check_paths=False)
+    store, store_dir = prepare_dashboard(study_name, storage, Path(args.studies_dir), space.confirm)
     print(f"optuna-dashboard on http://{args.host}:{args.port} (study {study_name}, {storage}; artifacts in {store_dir})")
     from tuner.storage.open import make_storage
 
@@ -186,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # kttune drives heartbeats itself in its ask/tell loop (tuner/study.py _Heartbeat).
+    # kttune drives heartbeats itself in its ask/tell loop (tuner/study.py Heartbeat).
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)

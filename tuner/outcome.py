@@ -1,41 +1,123 @@
 """The one place where a trial's fate becomes an Optuna verdict.
 
-Infeasible is not FAIL: Optuna's samplers learn nothing from FAIL trials, so configurations
-that do not fit (predicted, or crashed for a config reason) are told as COMPLETE with a
-pessimistic value and a positive constraint. FAIL is kept for faults that say nothing
-about the configuration (the bench client broke, the port was taken, the tuner was stopped).
+Every failure has a `Reason`, and every reason one `Fault` class:
+
+- **config** — the configuration's doing (it did not fit, crashed, hung, answered garbage):
+  told as COMPLETE with a pessimistic value and a positive ``launch_failed`` constraint, so
+  Optuna's samplers learn to avoid it (they learn nothing from FAIL trials). Memory failures
+  are config faults that also tell the feasibility model it was too optimistic.
+- **infra** — says nothing about the configuration (the bench client broke, the port was
+  taken, the tuner was stopped): told as FAIL.
+- **fatal** — an infra fault every later launch would hit too (an unknown flag, a server that
+  cannot be executed): the study stops instead of burning its budget.
+
+A server that exits with a plain code (``exited_rc_N``) is a config fault: a native crash for
+one thread layout; the loop stops if it keeps happening whatever the configuration.
 """
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config.space import SearchSpace, is_finite
 
-# Failure reasons caused by the configuration itself: the sampler must learn to avoid them.
-CONFIG_REASONS = frozenset({
-    "oom", "oom_weights", "oom_kv_alloc", "kv_not_enough_memory", "cuda_graph_failed",
-    "warmup_failed", "scheduler_exception", "scheduler_dead", "child_failed", "python_exception",
-    "watchdog_timeout", "start_timeout", "server_died", "bench_incomplete", "bench_timeout",
-    "infeasible_predicted", "quality",
-})
-# Reasons that make every later launch fail too: the study stops instead of burning budget.
-FATAL_REASONS = frozenset({"unrecognized_args", "invalid_args", "kt_not_enabled", "teardown_stuck",
-                           "exec_failed"})
-# A server that exits with a plain code is the configuration's doing (e.g. a native crash for
-# one thread layout); the loop stops if it keeps happening whatever the config.
+
+class Fault(enum.Enum):
+    CONFIG = "config"
+    INFRA = "infra"
+    FATAL = "fatal"
+
+
+class Reason(str, enum.Enum):
+    """Stable failure names, stored in each trial's ``reason`` user attr (a plain string)."""
+
+    fault: Fault
+    memory: bool
+
+    def __new__(cls, value: str, fault: Fault, memory: bool = False) -> Reason:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.fault = fault
+        member.memory = memory
+        return member
+
+    # The server ran out of GPU memory, by start-up phase (see tuner.server.logscan).
+    OOM_WEIGHTS = "oom_weights", Fault.CONFIG, True
+    OOM_KV_ALLOC = "oom_kv_alloc", Fault.CONFIG, True
+    OOM = "oom", Fault.CONFIG, True
+    KV_NOT_ENOUGH_MEMORY = "kv_not_enough_memory", Fault.CONFIG, True
+    CUDA_GRAPH_FAILED = "cuda_graph_failed", Fault.CONFIG, True
+    # Other ways a configuration breaks the server.
+    WARMUP_FAILED = "warmup_failed", Fault.CONFIG
+    SCHEDULER_EXCEPTION = "scheduler_exception", Fault.CONFIG
+    SCHEDULER_DEAD = "scheduler_dead", Fault.CONFIG
+    CHILD_FAILED = "child_failed", Fault.CONFIG
+    PYTHON_EXCEPTION = "python_exception", Fault.CONFIG
+    WATCHDOG_TIMEOUT = "watchdog_timeout", Fault.CONFIG
+    START_TIMEOUT = "start_timeout", Fault.CONFIG
+    SERVER_DIED = "server_died", Fault.CONFIG
+    BENCH_INCOMPLETE = "bench_incomplete", Fault.CONFIG
+    BENCH_TIMEOUT = "bench_timeout", Fault.CONFIG
+    QUALITY = "quality", Fault.CONFIG
+    QUALITY_TIMEOUT = "quality_timeout", Fault.CONFIG
+    INFEASIBLE_PREDICTED = "infeasible_predicted", Fault.CONFIG
+    # Faults that say nothing about the configuration.
+    PORT_IN_USE = "port_in_use", Fault.INFRA
+    BENCH_NO_RESULT = "bench_no_result", Fault.INFRA
+    METRIC_MISSING = "metric_missing", Fault.INFRA
+    INTERRUPTED = "interrupted", Fault.INFRA
+    DUPLICATE = "duplicate", Fault.INFRA
+    BUDGET_SPENT = "budget_spent", Fault.INFRA
+    NOT_STARTED = "not_started", Fault.INFRA
+    # Faults every later launch would hit too.
+    UNRECOGNIZED_ARGS = "unrecognized_args", Fault.FATAL
+    INVALID_ARGS = "invalid_args", Fault.FATAL
+    KT_NOT_ENABLED = "kt_not_enabled", Fault.FATAL
+    TEARDOWN_STUCK = "teardown_stuck", Fault.FATAL
+    EXEC_FAILED = "exec_failed", Fault.FATAL
+
+    def __str__(self) -> str:
+        return self.value
+
+
 EXIT_PREFIX = "exited_rc_"
-
-
-def is_config_reason(reason: str) -> bool:
-    return reason in CONFIG_REASONS or reason.startswith(EXIT_PREFIX)
-# A trial stopped after its early-stop probe (Optuna PRUNED).
+# A trial stopped after its early-stop probe (Optuna PRUNED); not a failure.
 PRUNED = "pruned"
 LAUNCH_FAILED = "launch_failed"
 PESSIMISTIC_MAX = 0.0
 PESSIMISTIC_MIN = 1e9
+
+
+def fault_of(reason: str) -> Fault:
+    """The class of a stored reason; an unknown one is an infrastructure fault."""
+    if reason.startswith(EXIT_PREFIX):
+        return Fault.CONFIG
+    try:
+        return Reason(reason).fault
+    except ValueError:
+        return Fault.INFRA
+
+
+def is_config_reason(reason: str) -> bool:
+    return fault_of(reason) is Fault.CONFIG
+
+
+def is_fatal(reason: str | None) -> bool:
+    return reason is not None and fault_of(reason) is Fault.FATAL
+
+
+def is_memory_reason(reason: str | None) -> bool:
+    """A failure that means the memory model was too optimistic (when it predicted a fit)."""
+    return reason in _MEMORY
+
+
+_MEMORY = frozenset(r.value for r in Reason if r.memory)
+CONFIG_REASONS = frozenset(r.value for r in Reason if r.fault is Fault.CONFIG)
+FATAL_REASONS = frozenset(r.value for r in Reason if r.fault is Fault.FATAL)
+MEMORY_REASONS = _MEMORY
 
 
 @dataclass
@@ -57,9 +139,9 @@ def objective_values(space: SearchSpace, metrics: Mapping[str, float]) -> list[f
     values = []
     for obj in space.objectives:
         v = metrics.get(obj.key)
-        if not is_finite(v):
+        if v is None or not is_finite(v):
             return None
-        values.append(float(v))  # type: ignore[arg-type]
+        values.append(float(v))
     return values
 
 
@@ -72,9 +154,9 @@ def slo_constraints(space: SearchSpace, metrics: Mapping[str, float]) -> dict[st
     out = {}
     for slo in space.slos:
         value = metrics.get(slo.key)
-        if not is_finite(value):
+        if value is None or not is_finite(value):
             return None
-        out[slo.constraint_name] = slo.violation(float(value))  # type: ignore[arg-type]
+        out[slo.constraint_name] = slo.violation(float(value))
     return out
 
 
@@ -84,7 +166,7 @@ def success(space: SearchSpace, metrics: Mapping[str, float], constraints: Mappi
     if values is None or slos is None:
         keys = [o.key for o in space.objectives] + [s.key for s in space.slos]
         missing = [k for k in keys if not is_finite(metrics.get(k))]
-        return failure(space, "metric_missing", f"bench output lacks {', '.join(missing)}", metrics, constraints)
+        return failure(space, Reason.METRIC_MISSING, f"bench output lacks {', '.join(missing)}", metrics, constraints)
     return TrialOutcome(TrialState.COMPLETE, values, None, "ok", dict(metrics),
                         {**constraints, **slos, LAUNCH_FAILED: 0.0})
 
@@ -92,10 +174,29 @@ def success(space: SearchSpace, metrics: Mapping[str, float], constraints: Mappi
 def failure(space: SearchSpace, reason: str, message: str, metrics: Mapping[str, float] | None = None,
             constraints: Mapping[str, float] | None = None) -> TrialOutcome:
     """Map a named failure to COMPLETE+constraint (config fault) or FAIL (infrastructure)."""
+    reason = str(reason)
     cons = dict(constraints or {})
     if is_config_reason(reason):
         # A predicted-infeasible trial carries its own positive feasibility constraints.
-        cons[LAUNCH_FAILED] = 0.0 if reason == "infeasible_predicted" else 1.0
+        cons[LAUNCH_FAILED] = 0.0 if reason == Reason.INFEASIBLE_PREDICTED else 1.0
         return TrialOutcome(TrialState.COMPLETE, pessimistic_values(space), reason, message,
                             dict(metrics or {}), cons)
     return TrialOutcome(TrialState.FAIL, None, reason, message, dict(metrics or {}), cons)
+
+
+def pruned(metrics: Mapping[str, float]) -> TrialOutcome:
+    """A trial stopped after its probe: PRUNED, its probe metrics kept (keyed
+    `<workload>-probe.*`); the loop reports the probe value as Optuna's intermediate value."""
+    return TrialOutcome(TrialState.PRUNED, None, PRUNED, "probe far below the best so far; full benchmark skipped",
+                        dict(metrics), {})
+
+
+def duplicate(space: SearchSpace, of: FrozenTrial) -> TrialOutcome:
+    """A proposal with the params of trial `of`: a pruned twin stays pruned, a finished
+    measurement is reused (its values and constraints), one still running is withdrawn."""
+    if of.state == TrialState.PRUNED:
+        return TrialOutcome(TrialState.PRUNED, None, PRUNED, f"duplicate of pruned trial {of.number}")
+    if of.state.is_finished():
+        return TrialOutcome(of.state, list(of.values) if of.values else None, None,
+                            f"duplicate of trial {of.number}", {}, dict(of.constraints))
+    return failure(space, Reason.DUPLICATE, f"duplicate of trial {of.number}, which is still running")

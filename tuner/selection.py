@@ -1,4 +1,16 @@
-"""tuner.selection."""
+"""Which trial: the one place every command and the tuning loop ask it.
+
+`pick(study, confirm)` is the selection rule: with one objective, the launched configuration
+with the best mean over its measurements (a lucky single run does not win; a configuration
+that failed any of its launches is out), except that among configurations statistically tied
+with it the one with the most GPU memory to spare wins; with several objectives, the feasible
+Pareto front, from which `pick_by_weights` takes one. `kttune best`, `export`, `report`, the
+dashboard note and the loop's final pick all call `pick` with the space's `ConfirmSpec`, whose
+`noise` is the prior run-to-run spread that decides what counts as a tie.
+
+The helpers here (grouping repeats, pooled noise, feasibility of a measurement, the Pareto
+front) are also what the search uses to find its incumbent, so "best" means one thing.
+"""
 from __future__ import annotations
 
 import math
@@ -8,16 +20,39 @@ from typing import Any
 
 import numpy as np
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config.space import CAPACITY_FLAGS, ConfirmSpec
 from tuner.errors import KttuneError
-from tuner.search.grid import _key
 from tuner.storage.attrs import ATTR_LAUNCHED, ATTR_REASON, ATTR_SPARE_GB
 
+# A configuration tied with the best mean (within this many standard errors of the
+# difference) may win on memory to spare.
+TIE_Z = 0.5
+# Degrees of freedom the prior noise is worth against measured repeats.
+PRIOR_WEIGHT = 4.0
 
-def _feasible(t: FrozenTrial) -> bool:
+
+def config_key(params: Mapping[str, Any]) -> tuple[Any, ...]:
+    """A hashable identity of a configuration (its params, order-free)."""
+    return tuple(sorted(params.items()))
+
+
+def is_feasible_measurement(t: FrozenTrial) -> bool:
+    """Every constraint met (≤ 0) and no failure reason."""
     return all(v <= 0 for v in t.constraints.values()) and not t.user_attrs.get(ATTR_REASON)
+
+
+def measured(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """Launched, completed trials with values that meet every constraint."""
+    return [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get(ATTR_LAUNCHED)
+            and t.values is not None and is_feasible_measurement(t)]
+
+
+def direction_sign(direction: StudyDirection) -> float:
+    """+1 when larger is better, -1 when smaller is."""
+    return 1.0 if direction == StudyDirection.MAXIMIZE else -1.0
 
 
 @dataclass(frozen=True)
@@ -50,15 +85,40 @@ def repeat_groups(study: optuna.Study) -> list[Repeats]:
         if t.state != TrialState.COMPLETE or not t.user_attrs.get(ATTR_LAUNCHED):
             continue
         if t.user_attrs.get(ATTR_REASON):
-            failed.add(_key(t.params))
-        elif t.values is not None and _feasible(t):
-            groups.setdefault(_key(t.params), []).append(t)
+            failed.add(config_key(t.params))
+        elif t.values is not None and is_feasible_measurement(t):
+            groups.setdefault(config_key(t.params), []).append(t)
     for key in failed:
         groups.pop(key, None)
-    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    sign = direction_sign(study.direction)
     out = [Repeats(min(ts, key=lambda t: t.number), tuple(t.values[0] for t in ts), _least_spare(ts))
            for ts in groups.values()]
     return sorted(out, key=lambda r: (-sign * r.mean, r.first.number))
+
+
+def best_by_mean(trials: Sequence[FrozenTrial], sign: float) -> FrozenTrial:
+    """The first trial of the configuration with the best mean over its repeats (single
+    objective; `sign` +1 to maximise). Every trial given counts; nothing is filtered."""
+    groups: dict[tuple[Any, ...], list[FrozenTrial]] = {}
+    for t in trials:
+        groups.setdefault(config_key(t.params), []).append(t)
+    best = max(groups.values(), key=lambda ts: sign * float(np.mean([t.values[0] for t in ts])))
+    return best[0]
+
+
+def pareto_front(trials: Sequence[FrozenTrial], directions: Sequence[StudyDirection]) -> list[FrozenTrial]:
+    """The trials no other trial given dominates."""
+    return [t for t in trials if not any(_dominates(o, t, directions) for o in trials)]
+
+
+def _dominates(a: FrozenTrial, b: FrozenTrial, dirs: Sequence[StudyDirection]) -> bool:
+    better = False
+    for x, y, d in zip(a.values, b.values, dirs):
+        sx, sy = (x, y) if d == StudyDirection.MAXIMIZE else (-x, -y)
+        if sx < sy:
+            return False
+        better = better or sx > sy
+    return better
 
 
 def _least_spare(trials: Sequence[FrozenTrial]) -> float | None:
@@ -73,7 +133,20 @@ def _less_capacity(params: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
                and params[f] < than[f] for f in CAPACITY_FLAGS)
 
 
-def pick_group(groups: Sequence[Repeats], prior_noise: float, z: float = 0.5) -> Repeats | None:
+def pooled_noise(groups: Sequence[Repeats], prior: float, prior_weight: float = PRIOR_WEIGHT) -> float:
+    """Run-to-run spread (sd of log values) pooled over configurations measured more than
+    once, shrunk toward `prior` (worth `prior_weight` degrees of freedom) while repeats are few."""
+    ss, df = prior_weight * prior * prior, prior_weight
+    for g in groups:
+        logs = [math.log(v) for v in g.values if v > 0]
+        if len(logs) > 1:
+            mean = sum(logs) / len(logs)
+            ss += sum((x - mean) ** 2 for x in logs)
+            df += len(logs) - 1
+    return math.sqrt(ss / df)
+
+
+def pick_group(groups: Sequence[Repeats], prior_noise: float, z: float = TIE_Z) -> Repeats | None:
     """The configuration to deploy: the best mean, except that among those statistically tied
     with it (within `z` standard errors of the difference, noise from :func:`pooled_noise`;
     both measured at least twice; no fewer GPU experts) the one with the most GPU memory to
@@ -88,36 +161,20 @@ def pick_group(groups: Sequence[Repeats], prior_noise: float, z: float = 0.5) ->
     tied = [g for g in groups if g.spare_gb is not None and g.mean > 0 and len(g.values) > 1 and
             abs(math.log(top.mean) - math.log(g.mean)) < z * sigma * math.sqrt(1.0 / len(top.values) + 1.0 / len(g.values))
             and not _less_capacity(g.first.params, top.first.params)]
-    return max(tied, key=lambda g: g.spare_gb) if tied else top  # type: ignore[arg-type,return-value]
+    if not tied:
+        return top
+    return max(tied, key=lambda g: g.spare_gb if g.spare_gb is not None else -math.inf)
 
 
-def pooled_noise(groups: Sequence[Repeats], prior: float, prior_weight: float = 4.0) -> float:
-    """Run-to-run spread (sd of log values) pooled over configurations measured more than
-    once, shrunk toward `prior` (worth `prior_weight` degrees of freedom) while repeats are few."""
-    ss, df = prior_weight * prior * prior, prior_weight
-    for g in groups:
-        logs = [math.log(v) for v in g.values if v > 0]
-        if len(logs) > 1:
-            mean = sum(logs) / len(logs)
-            ss += sum((x - mean) ** 2 for x in logs)
-            df += len(logs) - 1
-    return math.sqrt(ss / df)
-
-
-def confirmed_or_best(study: optuna.Study, prior_noise: float = ConfirmSpec.noise) -> list[FrozenTrial]:
-    """best_trials; with one objective, the launched configuration with the best mean over its
-    measurements (confirmation runs re-measure finalists), as its first trial — so a lucky
-    single run does not win, and a duplicate answered from a measurement does not tie; among
-    configurations tied with it, the one with the most GPU memory to spare (strategy.pick_group)."""
-    from tuner.selection import pick_group, repeat_groups
-
-    groups = repeat_groups(study)
-    pick = pick_group(groups, prior_noise)
-    return [pick.first] if pick is not None else best_trials(study)
+def pick(study: optuna.Study, confirm: ConfirmSpec) -> list[FrozenTrial]:
+    """The selection rule (module doc): one objective → [the configuration to deploy, as its
+    first trial]; several → the feasible Pareto front; [] before anything feasible."""
+    chosen = pick_group(repeat_groups(study), confirm.noise)
+    return [chosen.first] if chosen is not None else best_trials(study)
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Feasible best trial(s): the Pareto front for several objectives."""
+    """Feasible best trial(s) as Optuna sees them: the Pareto front for several objectives."""
     try:
         return list(study.best_trials)
     except ValueError:

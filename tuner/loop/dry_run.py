@@ -1,4 +1,6 @@
-"""tuner.loop.dry_run."""
+"""`kttune run --dry-run`: the argvs a run would launch first, with nothing launched or
+written: the same strategy (baseline, warm start, then the sampler) and the same
+feasibility gate as `run_study`, on an in-memory study."""
 from __future__ import annotations
 
 import shlex
@@ -10,7 +12,7 @@ from tuner.errors import KttuneError
 from tuner.feasibility.gate import FeasibilityGate
 from tuner.log import Log
 from tuner.search.recipe import warm_start
-from tuner.storage.open import make_sampler
+from tuner.search.sampler import make_sampler
 from tuner.storage.workers import enqueue_baseline_once
 from tuner.trial.launch import server_argv
 
@@ -19,14 +21,14 @@ def dry_run(space: SearchSpace, *, budget: int, seed: int | None, log: Log = pri
     """Print the argv of the first `budget` proposals of the strategy a run uses (baseline,
     warm start, then the sampler); launches nothing, writes nothing. Nothing is measured, so
     after the enqueued trials the proposals are the sampler's measurement-free ones."""
-    study = optuna.create_study(directions=space.directions, sampler=make_sampler(space, seed))
-    enqueue_baseline_once(study, space)
-    warm_start(study, space, log=lambda m: log("# " + m))
     try:
         gate: FeasibilityGate | None = FeasibilityGate.for_space(space)
     except KttuneError as exc:
         gate = None
         log(f"# feasibility not checked here: {exc}")
+    study = optuna.create_study(directions=space.directions, sampler=make_sampler(space, seed, gate=gate))
+    enqueue_baseline_once(study, space)
+    warm_start(study, space, gate, log=lambda m: log("# " + m))
     argvs = []
     for i in range(budget):
         trial = study.ask(space.distributions())

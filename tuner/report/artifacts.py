@@ -22,11 +22,11 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial
 
-from tuner.selection import confirmed_or_best
-from tuner.storage.attrs import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_TRIAL_DIR, STUDY_ATTR_SPACE, metrics_of
+from tuner.config.space import ConfirmSpec
+from tuner.selection import pick
+from tuner.storage.attrs import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_TRIAL_DIR, STUDY_ATTR_ARTIFACT_DIR, STUDY_ATTR_SPACE, metrics_of
 
 ARTIFACT_DIR_NAME = "artifacts"
-STUDY_ATTR_ARTIFACT_DIR = "kttune:artifact_dir"
 # Files of a trial folder worth seeing in the dashboard (written by tuner.trial / tuner.bench).
 TRIAL_FILE_PATTERNS = ("server.log", "server.argv.json", "quality.json", "bench-*.jsonl", "bench-*.log",
                        "bench-*.argv.json")
@@ -185,13 +185,13 @@ def _md_values(t: FrozenTrial, keys: Sequence[str]) -> str:
     return ", ".join(f"{k} = {m[k]:.4g}" if k in m else f"{k} = -" for k in keys)
 
 
-def study_note(study: optuna.Study) -> str:
+def study_note(study: optuna.Study, confirm: ConfirmSpec) -> str:
     """Markdown: the baseline and the feasible best trial(s), with measured objective values
     and the change against the baseline."""
     keys = _objective_keys(study)
     trials = study.get_trials(deepcopy=False)
     base = next((t for t in trials if t.user_attrs.get(ATTR_BASELINE) and metrics_of(t)), None)
-    best = confirmed_or_best(study)
+    best = pick(study, confirm)
     lines = [f"## kttune study `{study.study_name}`", ""]
     lines.append(f"**Baseline:** trial {base.number}: {_md_values(base, keys)}" if base else
                  "**Baseline:** not measured (yet)")
@@ -212,12 +212,12 @@ def study_note(study: optuna.Study) -> str:
     return "\n".join(lines)
 
 
-def note_baseline_and_best(study: optuna.Study) -> str:
+def note_baseline_and_best(study: optuna.Study, confirm: ConfirmSpec) -> str:
     """Write :func:`study_note` as the study's optuna-dashboard note, name the objectives for
     the dashboard, and mark the baseline trial; returns the note."""
     from optuna_dashboard import get_note, save_note
 
-    body = study_note(study)
+    body = study_note(study, confirm)
     if get_note(study) != body:
         save_note(study, body)
     keys = _objective_keys(study)
@@ -248,7 +248,7 @@ def try_upload_trial_artifacts(study: optuna.Study, trial: optuna.Trial | Frozen
 
 
 
-def prepare_dashboard(study_name: str, storage: str, studies_dir: Path,
+def prepare_dashboard(study_name: str, storage: str, studies_dir: Path, confirm: ConfirmSpec, *,
                       log: Callable[[str], None] = print) -> tuple[FileSystemArtifactStore, Path]:
     """The artifact store `kttune dashboard` serves, after uploading the files of finished
     trials that have none yet and refreshing the baseline/best note. A study that does not
@@ -266,5 +266,5 @@ def prepare_dashboard(study_name: str, storage: str, studies_dir: Path,
     added = backfill_artifacts(study, store_dir=store_dir)
     if added:
         log(f"uploaded {added} trial file(s) of earlier trials to {store_dir}")
-    note_baseline_and_best(study)
+    note_baseline_and_best(study, confirm)
     return open_store(store_dir), store_dir

@@ -13,10 +13,10 @@ from tuner.report.export import _objectives
 from tuner.report.status import FEASIBLE, VIOLATES, classify_trial, failure_counts, no_feasible_message, violated_constraints, violation_counts
 from tuner.selection import (
     best_trials,
-    confirmed_or_best,  # noqa: F401  (re-exported: the pick rule lives in study)
+    pick,
     pick_by_weights,
 )
-from tuner.storage.attrs import ATTR_BASELINE, ATTR_REASON, metrics_of
+from tuner.storage.attrs import ATTR_BASELINE, ATTR_REASON, metrics_of, wall_s_of
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def _higher_is_better(metric: str) -> bool | None:
 
 
 def _trial_row(t: FrozenTrial) -> TrialRow:
-    wall = t.user_attrs.get("wall_s")
+    wall = wall_s_of(t)
     return TrialRow(number=t.number, status=classify_trial(t), reason=t.user_attrs.get(ATTR_REASON),
                     baseline=bool(t.user_attrs.get(ATTR_BASELINE)), params=dict(t.params),
                     metrics=metrics_of(t), violated=violated_constraints(t),
@@ -174,7 +174,7 @@ def compute_report(space: SearchSpace, study: optuna.Study) -> ReportData:
     front = best_trials(study)
     recommended: FrozenTrial | None = None
     if len(objectives) == 1:
-        picks = confirmed_or_best(study)  # by confirmed mean, like `best` and `export`
+        picks = pick(study, space.confirm)
         recommended = picks[0] if picks else None
     elif front:
         recommended = pick_by_weights(front, [(o.key, o.direction) for o in objectives],

@@ -13,7 +13,7 @@ from tuner.errors import ConfigError, KttuneError
 from tuner.report.profile import render_profile, write_atomic
 from tuner.report.status import no_feasible_message
 from tuner.selection import (
-    confirmed_or_best,  # noqa: F401  (re-exported: the pick rule lives in study)
+    pick,
     pick_by_weights,
 )
 from tuner.storage.attrs import STUDY_ATTR_SPACE
@@ -53,7 +53,7 @@ def _objectives(study: optuna.Study, space: SearchSpace | None) -> list[tuple[st
     return list(zip(keys or [f"objective {i}" for i in range(len(dirs))], dirs))
 
 
-def pick_trial(study: optuna.Study, trial_number: int | None, *, space: SearchSpace | None = None,
+def pick_trial(study: optuna.Study, trial_number: int | None, *, space: SearchSpace,
                weights: Mapping[str, float] | None = None) -> FrozenTrial:
     if trial_number is not None and weights:
         raise ConfigError("--trial and --weights exclude each other; pass one")
@@ -65,7 +65,7 @@ def pick_trial(study: optuna.Study, trial_number: int | None, *, space: SearchSp
         if t.state != TrialState.COMPLETE:
             raise ConfigError(f"--trial: trial {trial_number} is {t.state.name}; pick a completed one")
         return t
-    best = confirmed_or_best(study)
+    best = pick(study, space.confirm)
     if not best:
         raise KttuneError(no_feasible_message(study))
     if weights:

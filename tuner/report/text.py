@@ -4,10 +4,10 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial
 
-from tuner.config.space import SearchSpace
+from tuner.config.space import ConfirmSpec, SearchSpace
 from tuner.report.status import failure_counts, no_feasible_message
 from tuner.selection import (
-    confirmed_or_best,  # noqa: F401  (re-exported: the pick rule lives in study)
+    pick,
     repeat_groups,
 )
 from tuner.storage.attrs import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_MARGINAL, metrics_of
@@ -21,14 +21,13 @@ def _fmt(v: object) -> str:
 
 
 def _repeats_note(study: optuna.Study, t: FrozenTrial) -> str:
-
     g = next((g for g in repeat_groups(study) if g.first.number == t.number), None)
     return "" if g is None or len(g.values) < 2 else f" (mean {g.mean:.4g} ± {g.spread:.2g} of {len(g.values)})"
 
 
 def best_table(space: SearchSpace, study: optuna.Study) -> list[list[str]]:
     """Rows (header first) for the feasible best trial(s), computed, not printed."""
-    best = confirmed_or_best(study)
+    best = pick(study, space.confirm)
     keys = [o.key for o in space.objectives]
     extra = [k for k in headline_metrics(space) if k not in keys]
     params = [p.flag for p in space.params]
@@ -76,18 +75,17 @@ def print_best(space: SearchSpace, study_name: str, storage: str) -> bool:
         return False
     print(f"{title}:")
     print(_render(rows))
-    for line in boundary_notes(study):
+    for line in boundary_notes(study, space.confirm):
         print(line)
     return True
 
 
-def boundary_notes(study: optuna.Study) -> list[str]:
+def boundary_notes(study: optuna.Study, confirm: ConfirmSpec) -> list[str]:
     """A line per picked configuration that was launched inside the safety margin (to find the
     memory boundary): how close to the limit it runs and how often it started."""
-
     out = []
     groups = {g.first.number: g for g in repeat_groups(study)}
-    for t in confirmed_or_best(study):
+    for t in pick(study, confirm):
         same = [x for x in study.get_trials(deepcopy=False) if x.params == t.params and x.user_attrs.get(ATTR_LAUNCHED)]
         if not any(x.user_attrs.get(ATTR_MARGINAL) for x in same):
             continue

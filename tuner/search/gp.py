@@ -1,4 +1,5 @@
-"""tuner.search.gp."""
+"""A Gaussian-process posterior mean over measured trials: an optional incumbent for the
+local search (`Strategy(denoise=True)`) that smooths run-to-run noise across neighbours."""
 from __future__ import annotations
 
 import math
@@ -6,30 +7,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
-from tuner.config.space import SearchSpace
-from tuner.search.grid import _index, _ordered, param_grid
-from tuner.selection import _feasible
-from tuner.storage.attrs import ATTR_LAUNCHED
-
-
-def recommend(study: optuna.Study, space: SearchSpace) -> FrozenTrial | None:
-    """The measured trial the strategy believes best: with one objective and three or more
-    measurements, the highest Gaussian-process posterior mean (robust to a lucky run);
-    otherwise the best measurement. None before any feasible measurement."""
-    measured = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE
-                and t.user_attrs.get(ATTR_LAUNCHED) and t.values is not None and _feasible(t)]
-    if not measured:
-        return None
-    if len(study.directions) > 1:
-        return measured[0] if len(measured) == 1 else max(measured, key=lambda t: t.values[0])
-    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
-    return denoised_best({p.flag: param_grid(p) for p in space.params}, measured, sign)
+from tuner.search.grid import _index, _ordered
 
 
 def denoised_best(grids: Mapping[str, Sequence[Any]], measured: Sequence[FrozenTrial], sign: float) -> FrozenTrial:
+    """The measured trial with the highest Gaussian-process posterior mean over grid
+    coordinates (robust to one lucky run); the best measurement while fewer than three."""
     if len(measured) < 3:
         return max(measured, key=lambda t: sign * t.values[0])
     x = np.asarray([encode(grids, t.params) for t in measured])

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -67,7 +67,3 @@ def _index(grid: Sequence[Any], value: Any) -> int:
     if value in grid:
         return list(grid).index(value)
     return min(range(len(grid)), key=lambda j: abs(grid[j] - value))
-
-
-def _key(params: Mapping[str, Any]) -> tuple[Any, ...]:
-    return tuple(sorted(params.items()))

@@ -1,4 +1,7 @@
-"""tuner.search.recipe."""
+"""The warm start: the KTransformers deployment recipe for the knobs it covers (kt-cpuinfer
+= physical cores − GPUs, kt-threadpool-count = NUMA nodes, max-running-requests ≥ the
+concurrency the workloads offer), the baseline's values for the rest. Enqueued once per study
+after the baseline; the capacity flag is left for the sampler to put on its fitting boundary."""
 from __future__ import annotations
 
 from typing import Any
@@ -6,13 +9,13 @@ from typing import Any
 import optuna
 
 from tuner.config.space import CAPACITY_FLAGS, SearchSpace
-from tuner.errors import KttuneError
+from tuner.feasibility.gate import FeasibilityGate
 from tuner.log import Log
 from tuner.search.grid import _ordered, param_grid, snap
 from tuner.storage.attrs import ATTR_WARM_START, STUDY_ATTR_WARM_STARTED
 
 
-def recipe(space: SearchSpace, gate: Any | None) -> dict[str, Any]:
+def recipe(space: SearchSpace, gate: FeasibilityGate | None) -> dict[str, Any]:
     """The warm-start values of every non-capacity param (see the module doc)."""
     base = dict(space.baseline or {})
     out: dict[str, Any] = {}
@@ -40,7 +43,7 @@ def recipe(space: SearchSpace, gate: Any | None) -> dict[str, Any]:
     return out
 
 
-def warm_start(study: optuna.Study, space: SearchSpace, log: Log = print) -> bool:
+def warm_start(study: optuna.Study, space: SearchSpace, gate: FeasibilityGate | None, log: Log = print) -> bool:
     """Enqueue the recipe once per study (after the baseline), unless the study's sampler is
     a strategy without warm start. The capacity flag is left out so the sampler sets it at
     ask time from the then-current memory calibration."""
@@ -48,19 +51,10 @@ def warm_start(study: optuna.Study, space: SearchSpace, log: Log = print) -> boo
     if strategy is None or not strategy.warm or study.user_attrs.get(STUDY_ATTR_WARM_STARTED):
         return False
     study.set_user_attr(STUDY_ATTR_WARM_STARTED, True)
-    params = recipe(space, _gate_for(space))
+    params = recipe(space, gate)
     study.enqueue_trial(params, user_attrs={ATTR_WARM_START: True}, skip_if_exists=True)
     log("warm start enqueued: " + " ".join(f"{k}={v}" for k, v in params.items()))
     return True
-
-
-def _gate_for(space: SearchSpace) -> Any | None:
-    """The feasibility model, or None where model or hardware cannot be resolved."""
-    from tuner.feasibility.gate import FeasibilityGate
-    try:
-        return FeasibilityGate.for_space(space)
-    except KttuneError:
-        return None
 
 
 def _int(v: Any) -> int | None:

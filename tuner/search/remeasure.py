@@ -1,4 +1,6 @@
-"""tuner.search.remeasure."""
+"""Re-measurements under noise: which configuration to launch again, and the one place
+they are enqueued. A narrow leader is re-checked during the search (so the local search does
+not build on one lucky run); the finalists are confirmed in the budget's last launches."""
 from __future__ import annotations
 
 import math
@@ -7,6 +9,7 @@ from collections.abc import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner.config.space import ConfirmSpec
 from tuner.selection import pooled_noise, repeat_groups
 from tuner.storage.attrs import ATTR_CONFIRMATION_OF
 
@@ -43,7 +46,7 @@ def next_confirmation(study: optuna.Study, finalists: int) -> FrozenTrial | None
     return min(groups, key=lambda g: len(g.values) + pending.get(g.first.number, 0)).first
 
 
-def _queue_remeasure(study: optuna.Study, choose: Callable[[optuna.Study], FrozenTrial | None]) -> None:
+def _queue(study: optuna.Study, choose: Callable[[optuna.Study], FrozenTrial | None]) -> None:
     """Enqueue a re-measurement of the trial `choose` names (a finalist, a narrow leader),
     unless one is already queued (by this or another worker)."""
     if any(t.state == TrialState.WAITING and t.user_attrs.get(ATTR_CONFIRMATION_OF) is not None
@@ -52,3 +55,13 @@ def _queue_remeasure(study: optuna.Study, choose: Callable[[optuna.Study], Froze
     target = choose(study)
     if target is not None:
         study.enqueue_trial(dict(target.params), user_attrs={ATTR_CONFIRMATION_OF: target.number})
+
+
+def queue_remeasurement(study: optuna.Study, confirm: ConfirmSpec, *, confirming: bool, confirm_runs: int) -> None:
+    """Enqueue the next re-measurement, if any: while `confirming` (the budget's last
+    `confirm_runs` launches) the finalist with the fewest measurements; before that, a leader
+    that leads by less than the noise (when confirmations and re-checks are on)."""
+    if confirming:
+        _queue(study, lambda s: next_confirmation(s, confirm.finalists))
+    elif confirm_runs and confirm.recheck:
+        _queue(study, lambda s: leader_to_recheck(s, confirm.noise))

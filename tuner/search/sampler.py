@@ -1,4 +1,29 @@
-"""tuner.search.sampler."""
+"""Which configurations kttune launches, in what order: the search strategy and its sampler.
+
+A real launch costs 10-20 minutes, so the budget is a handful of trials and the first ones
+must already be good. The default strategy (`Strategy()`, measured in docs/tuning-quality.md):
+
+1. **Warm start** (`warm_start`, enqueued once per study after the baseline): the KT
+   deployment recipe for the knobs it covers, whatever the machine — kt-cpuinfer = physical
+   cores − GPUs, kt-threadpool-count = NUMA nodes, max-running-requests ≥ the concurrency the
+   workloads offer — the baseline's values (else the middle of the range) for the rest, and
+   kt-num-gpu-experts filled in at ask time as the largest value the feasibility model says
+   fits with the others (throughput rises with GPU experts until memory runs out).
+2. **Local search around the incumbent** (`KttuneSampler`): one knob at a time, coarse steps
+   first, then finer; when a move changes the memory left for experts, kt-num-gpu-experts
+   follows its fitting boundary (a dependent bound), and the boundary's neighbours below are
+   tried too (KV or runtime headroom can put the optimum just under it). Proposals that are
+   already measured or predicted not to fit are skipped before they reach the loop.
+3. **Global exploration** with multivariate TPE (constraint-aware: infeasible trials carry
+   positive constraints) for a small share of proposals, for the first ones when there is
+   nothing to start from, and whenever the neighbourhood is exhausted.
+
+Nothing here is tuned to a scenario: the recipe is the deployment guide's rule, the step
+ladder depends only on each param's grid, and every knob the strategy does not know is
+searched the same way. `Strategy(inner="tpe"|"random", warm=..., snap=...)` gives the
+variants the benchmark compares. (Optuna's GPSampler needs torch, which kttune does not
+depend on, so it is not offered.)
+"""
 from __future__ import annotations
 
 import random
@@ -6,23 +31,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config.space import CAPACITY_FLAGS, SearchSpace
 from tuner.errors import KttuneError
+from tuner.feasibility.gate import FeasibilityGate
 from tuner.search.gp import denoised_best
-from tuner.search.grid import _index, _key, _ladder, _ordered, param_grid
-from tuner.search.recipe import _gate_for, recipe
-from tuner.selection import _feasible
-from tuner.storage.attrs import ATTR_LAUNCHED, STUDY_ATTR_CALIBRATION, boundary_failures
+from tuner.search.grid import _index, _ladder, _ordered, param_grid
+from tuner.search.recipe import recipe
+from tuner.selection import best_by_mean, config_key, direction_sign, measured, pareto_front
+from tuner.storage.attrs import ATTR_LAUNCHED, boundary_failures
 
 FINE_STEPS = (1, 2)      # capacity moves (grid points) tried before the coarse ones
 SMALL_GRID = 6           # an ordered param with at most this many values has each tried as a move
-
-
 
 
 @dataclass(frozen=True)
@@ -49,18 +72,19 @@ class Strategy:
 DEFAULT_STRATEGY = Strategy()
 
 
-def make_sampler(space: SearchSpace, seed: int | None,
-                 strategy: Strategy = DEFAULT_STRATEGY) -> optuna.samplers.BaseSampler:
+def make_sampler(space: SearchSpace, seed: int | None, strategy: Strategy = DEFAULT_STRATEGY, *,
+                 gate: FeasibilityGate | None = None) -> optuna.samplers.BaseSampler:
+    """kttune's sampler for `space`; `gate` is the run's feasibility model (None: none)."""
     if strategy.inner not in ("local", "tpe", "random"):
         raise KttuneError(f"strategy.inner must be local, tpe or random; got {strategy.inner!r}")
-    return KttuneSampler(space, seed=seed, strategy=strategy)
+    return KttuneSampler(space, seed=seed, strategy=strategy, gate=gate)
 
 
 class KttuneSampler(optuna.samplers.BaseSampler):
     """Warm-started local search with dependent capacity bounds over a global TPE (module doc)."""
 
     def __init__(self, space: SearchSpace, *, seed: int | None = None,
-                 strategy: Strategy = DEFAULT_STRATEGY) -> None:
+                 strategy: Strategy = DEFAULT_STRATEGY, gate: FeasibilityGate | None = None) -> None:
         self._space, self._strategy = space, strategy
         self._seed = seed
         self._rng = random.Random(seed)
@@ -69,7 +93,8 @@ class KttuneSampler(optuna.samplers.BaseSampler):
         self._cap = next((p.flag for p in space.params if p.flag in CAPACITY_FLAGS
                           and _ordered(self._grids[p.flag])), None)
         self._global = self._make_global(strategy, seed)
-        self._gate: Any | None = _gate_for(space) if strategy.snap or strategy.inner == "local" else None
+        # The run's feasibility gate (shared with the loop, which teaches it); None: no model.
+        self._gate = gate if strategy.snap or strategy.inner == "local" else None
         self._calibration_seen: Any = None
         self._boundary_cache: dict[tuple[Any, ...], Any] = {}
         self._failures_left = 0  # launches inside the safety margin that may still fail
@@ -117,13 +142,14 @@ class KttuneSampler(optuna.samplers.BaseSampler):
         self._global.after_trial(study, trial, state, values)
 
     # -- feasibility model -----------------------------------------------------------------
-    def _sync_gate(self, study: optuna.Study) -> Any | None:
+    def _sync_gate(self, study: optuna.Study) -> FeasibilityGate | None:
+        """The gate, with the boundary cache dropped whenever what it predicts may have
+        changed: the loop taught it, or fewer launches inside the margin are left."""
         if self._gate is None:
             return None
-        state = study.user_attrs.get(STUDY_ATTR_CALIBRATION)
+        state = self._gate.state()
         left = self._space.feasibility.boundary_failures - boundary_failures(study.get_trials(deepcopy=False))
         if state != self._calibration_seen or left != self._failures_left:
-            self._gate.restore(state)
             self._calibration_seen, self._failures_left = state, left
             self._boundary_cache.clear()
         return self._gate
@@ -205,33 +231,31 @@ class KttuneSampler(optuna.samplers.BaseSampler):
 
     def _local(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
         trials = study.get_trials(deepcopy=False)
-        measured = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get(ATTR_LAUNCHED)
-                    and t.values is not None and _feasible(t)]
+        feasible = measured(trials)
         launched = sum(1 for t in trials if t.user_attrs.get(ATTR_LAUNCHED))
         explore = self._rng.random() < self._strategy.explore
-        if not measured or explore and launched >= self._strategy.startup_trials:
+        if not feasible or explore and launched >= self._strategy.startup_trials:
             return self._snap_global(study, self._global_relative(study, trial))
-        inc = self._incumbent(study, measured)
-        tried = {_key(t.params) for t in trials if t.params and t.number != trial.number}
+        inc = self._incumbent(study, feasible)
+        tried = {config_key(t.params) for t in trials if t.params and t.number != trial.number}
         self._sync_gate(study)
         for cand in self._moves(study, dict(inc.params)):
-            if _key(cand) not in tried and self._fits(cand):
+            if config_key(cand) not in tried and self._fits(cand):
                 return cand
         return self._snap_global(study, self._global_relative(study, trial))
 
-    def _incumbent(self, study: optuna.Study, measured: list[FrozenTrial]) -> FrozenTrial:
+    def _incumbent(self, study: optuna.Study, feasible: list[FrozenTrial]) -> FrozenTrial:
+        """Where the local search stands: the best mean over repeats (every feasible
+        measurement counts, a configuration that failed elsewhere too: the search looks for
+        good neighbourhoods, the deployment pick is `tuner.selection.pick`), or a random
+        member of the Pareto front for several objectives."""
         dirs = study.directions
         if len(dirs) == 1:
-            sign = 1.0 if dirs[0] == optuna.study.StudyDirection.MAXIMIZE else -1.0
+            sign = direction_sign(dirs[0])
             if self._strategy.denoise:
-                return denoised_best(self._grids, measured, sign)
-            groups: dict[tuple[Any, ...], list[FrozenTrial]] = {}
-            for t in measured:  # repeats of a configuration count by their mean
-                groups.setdefault(_key(t.params), []).append(t)
-            best = max(groups.values(), key=lambda ts: sign * float(np.mean([t.values[0] for t in ts])))
-            return best[0]
-        front = [t for t in measured if not any(_dominates(o, t, dirs) for o in measured)]
-        return self._rng.choice(front)
+                return denoised_best(self._grids, feasible, sign)
+            return best_by_mean(feasible, sign)
+        return self._rng.choice(pareto_front(feasible, dirs))
 
     def _moves(self, study: optuna.Study, inc: dict[str, Any]) -> list[dict[str, Any]]:
         """Neighbours of the incumbent, most promising first: the capacity boundary, then one
@@ -312,12 +336,3 @@ class KttuneSampler(optuna.samplers.BaseSampler):
         s = ladder[level]
         return [grid[j] for j in (i - s, i + s) if 0 <= j < len(grid)]
 
-
-def _dominates(a: FrozenTrial, b: FrozenTrial, dirs: Sequence[optuna.study.StudyDirection]) -> bool:
-    better = False
-    for x, y, d in zip(a.values, b.values, dirs):
-        sx, sy = (x, y) if d == optuna.study.StudyDirection.MAXIMIZE else (-x, -y)
-        if sx < sy:
-            return False
-        better = better or sx > sy
-    return better

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tuner import outcome as objective
+from tuner import outcome
 from tuner.config.space import SearchSpace
 from tuner.server import classify_failure, parse_memory_lines
 from tuner.server.argv import flag_args
@@ -123,14 +123,14 @@ class InProcessRunner:
         launch_seed = random.Random(f"inprocess/{self.seed}/{self.launches}").randrange(2**31)
         trial_dir.mkdir(parents=True, exist_ok=True)
         argv = server_argv(space, flags, space.server.port or 30000)
-        run = TrialRun(outcome=objective.failure(space, "not_started", ""), argv=argv, trial_dir=trial_dir)
+        run = TrialRun(outcome=outcome.failure(space, "not_started", ""), argv=argv, trial_dir=trial_dir)
         phase("launching")
         try:
             args = parse_args(flag_args(flags) + ["--host", space.server.host, "--port", "30000"])
         except UsageError as exc:
             text = f"{exc.usage}{PROG}: error: {exc}"
             self._write(run, [text])
-            run.outcome = objective.failure(space, classify_failure(text) or "exited_rc_2", text)
+            run.outcome = outcome.failure(space, classify_failure(text) or "exited_rc_2", text)
             return run
         name = self.scenario or args.sim.scenario
         scn = self._scenarios.get(name)
@@ -144,7 +144,7 @@ class InProcessRunner:
         if not st.ok:
             self._write(run, lines)
             text = "\n".join(lines)
-            run.outcome = objective.failure(space, classify_failure(text, include_warnings=False) or "exited_rc_1",
+            run.outcome = outcome.failure(space, classify_failure(text, include_warnings=False) or "exited_rc_1",
                                             text[-2000:])
             return run
         ev = self._evaluator(scn, space).evaluate(cfg, st, dict.fromkeys((w.name for w in space.workloads), METRICS),
@@ -156,11 +156,11 @@ class InProcessRunner:
                 phase(f"benchmarking {w.name}")
                 run.timings[f"bench_{w.name}_s"] = round(metrics[f"{w.name}.duration"], 3)
         if ev.feasible:
-            run.outcome = objective.success(space, metrics, {})
+            run.outcome = outcome.success(space, metrics, {})
         else:
             reason, line = _runtime_reason(ev.reason or "")
             lines.append(line)
-            run.outcome = objective.failure(space, reason, ev.reason or "", metrics)
+            run.outcome = outcome.failure(space, reason, ev.reason or "", metrics)
         phase("tearing down")
         self._write(run, lines)
         return run

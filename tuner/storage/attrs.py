@@ -1,43 +1,66 @@
-"""tuner.storage.attrs."""
+"""kttune's part of the storage schema: every user-attribute name and the readers of them.
+
+Optuna's RDB storage is the system of record; what kttune adds lives in trial and study user
+attributes under these names (optuna-dashboard shows them, and `optuna` CLI users see them).
+Renaming one breaks resuming studies written before, so a name here is a stored format.
+"""
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from optuna.trial import FrozenTrial, TrialState
 
-ATTR_WARM_START = "warm_start"
-STUDY_ATTR_WARM_STARTED = "kttune:warm_started"
-ATTR_CONFIRMATION_OF = "confirmation_of"
-# User-attribute keys (kttune's part of the storage schema).
-ATTR_LAUNCHED = "launched"
-ATTR_REASON = "reason"
+# Trial user attributes.
+ATTR_LAUNCHED = "launched"  # a server was started for this trial (it counts against the budget)
+ATTR_REASON = "reason"  # failure reason (tuner.outcome.Reason), None when measured
 ATTR_MESSAGE = "message"
-ATTR_TRIAL_DIR = "trial_dir"
-ATTR_WORKER = "worker"
-ATTR_FLAGS = "flags"
+ATTR_TRIAL_DIR = "trial_dir"  # server.log, bench JSONL, argv
+ATTR_WORKER = "worker"  # host:pid of the worker that runs it
+ATTR_FLAGS = "flags"  # the launch flags, `auto` values resolved
 ATTR_BASELINE = "baseline"
 ATTR_DUPLICATE_OF = "duplicate_of"
+ATTR_WARM_START = "warm_start"
+ATTR_CONFIRMATION_OF = "confirmation_of"  # a re-measurement of that trial's configuration
 ATTR_SPARE_GB = "spare_gpu_mem_gb"  # predicted GPU memory to spare at launch (without the safety margin)
 ATTR_MARGINAL = "inside_margin"  # launched although predicted to fit only inside the safety margin
-METRIC_PREFIX = "m:"
-CONSTRAINT_PREFIX = "c:"
+ATTR_ARGV = "argv"
+ATTR_TIMINGS = "timings"  # seconds per phase: ready_s, quality_s, bench_<workload>_s, teardown_s
+ATTR_MEMORY = "memory"  # memory figures the server logged
+ATTR_WALL_S = "wall_s"
+ATTR_PREDICTED_CONSTRAINTS = "predicted_constraints"  # the feasibility prediction it was launched on
+ATTR_QUALITY = "quality"  # tuner.trial.quality.QualityResult.to_attr()
+METRIC_PREFIX = "m:"  # m:<workload>.<metric>
+CONSTRAINT_PREFIX = "c:"  # constraints mirrored for optuna-dashboard, which shows user attrs
+# Study user attributes.
 STUDY_ATTR_SPACE = "kttune:space"
-STUDY_ATTR_CALIBRATION = "kttune:memory_calibration"
+STUDY_ATTR_CALIBRATION = "kttune:memory_calibration"  # tuner.feasibility.FeasibilityGate.state()
+STUDY_ATTR_WARM_STARTED = "kttune:warm_started"
+# The output-quality reference, from the first launched trial whose quality check passed.
+STUDY_ATTR_QUALITY_REF = "kttune:quality_reference"
+STUDY_ATTR_ARTIFACT_DIR = "kttune:artifact_dir"
 
 
-def boundary_failures(trials: list[FrozenTrial]) -> int:
-    """Launches inside the safety margin (ATTR_MARGINAL) that failed for their configuration."""
-    return sum(1 for t in trials if t.user_attrs.get(ATTR_MARGINAL) and t.user_attrs.get(ATTR_LAUNCHED)
-               and t.state == TrialState.COMPLETE and t.user_attrs.get(ATTR_REASON))
+def metrics_of(t: FrozenTrial) -> dict[str, float]:
+    """The trial's measured metrics, keyed `<workload>.<metric>`."""
+    return {k[len(METRIC_PREFIX):]: v for k, v in t.user_attrs.items() if k.startswith(METRIC_PREFIX)}
+
+
+def timings_of(t: FrozenTrial) -> dict[str, float]:
+    return dict(t.user_attrs.get(ATTR_TIMINGS) or {})
+
+
+def wall_s_of(t: FrozenTrial) -> object:
+    """The launch's wall time as stored (a number, or None for trials not launched)."""
+    return t.user_attrs.get(ATTR_WALL_S)
 
 
 def is_interrupted(t: FrozenTrial) -> bool:
+    """A launch cut short by the tuner's own death (not the configuration's fault)."""
     return t.state == TrialState.FAIL and bool(t.user_attrs.get(ATTR_LAUNCHED)) and \
         t.user_attrs.get(ATTR_REASON) in (None, "interrupted")
 
 
-def metrics_of(t: FrozenTrial) -> dict[str, float]:
-    return {k[len(METRIC_PREFIX):]: v for k, v in t.user_attrs.items() if k.startswith(METRIC_PREFIX)}
-
-
-# Study attr: the output-quality reference (tuner.quality), from the first launched trial
-# whose quality check passed (the baseline, normally).
-STUDY_ATTR_QUALITY_REF = "kttune:quality_reference"
+def boundary_failures(trials: Sequence[FrozenTrial]) -> int:
+    """Launches inside the safety margin (ATTR_MARGINAL) that failed for their configuration."""
+    return sum(1 for t in trials if t.user_attrs.get(ATTR_MARGINAL) and t.user_attrs.get(ATTR_LAUNCHED)
+               and t.state == TrialState.COMPLETE and t.user_attrs.get(ATTR_REASON))

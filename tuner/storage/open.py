@@ -8,7 +8,6 @@ import optuna
 
 from tuner.config.space import SearchSpace
 from tuner.errors import ConfigError
-from tuner.selection import confirmed_or_best  # noqa: F401  (re-exported: the pick rule lives in study)
 from tuner.storage.attrs import STUDY_ATTR_SPACE
 
 HEARTBEAT_INTERVAL_S = 30
@@ -69,18 +68,12 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
             raise ConfigError(f"--storage: cannot open {url!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); check the URL and that the database is reachable") from None
 
 
-def make_sampler(space: SearchSpace, seed: int | None) -> optuna.samplers.BaseSampler:
-    """kttune's search strategy (tuner/strategy.py; measured in docs/tuning-quality.md)."""
-    from tuner.search.sampler import make_sampler as strategy_sampler
-
-    return strategy_sampler(space, seed)
-
-
 def open_study(space: SearchSpace, *, study_name: str, storage: str | optuna.storages.BaseStorage,
-               seed: int | None) -> optuna.Study:
+               sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    """Create or resume the study of `space` with the run's `sampler`."""
     store = make_storage(storage) if isinstance(storage, str) else storage
     study = optuna.create_study(study_name=study_name, storage=store, directions=space.directions,
-                                sampler=make_sampler(space, seed), load_if_exists=True)
+                                sampler=sampler, load_if_exists=True)
     if len(study.directions) != len(space.objectives):
         raise ConfigError(f"--study: {study_name!r} already exists with {len(study.directions)} objective(s), the space has {len(space.objectives)}; use another --study name")
     if STUDY_ATTR_SPACE not in study.user_attrs:

@@ -124,7 +124,7 @@ def recover_stale_trials(study: optuna.Study, log: Log) -> int:
     return recovered
 
 
-class _Heartbeat:
+class Heartbeat:
     """Records the trial's heartbeat while a launch runs (ask/tell has no built-in one)."""
 
     def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
@@ -142,7 +142,7 @@ class _Heartbeat:
             if self._stop.wait(self._storage.get_heartbeat_interval()):
                 return
 
-    def __enter__(self) -> _Heartbeat:
+    def __enter__(self) -> Heartbeat:
         if optuna.storages._heartbeat.is_heartbeat_enabled(self._storage):
             self._thread.start()
         return self
@@ -170,31 +170,31 @@ def find_duplicate(trials: list[FrozenTrial], params: Mapping[str, Any], *,
     return pending
 
 
-def _pruned_twin(trials: list[FrozenTrial], params: dict[str, Any]) -> FrozenTrial | None:
+def pruned_twin(trials: list[FrozenTrial], params: dict[str, Any]) -> FrozenTrial | None:
     return next((t for t in trials if t.state == TrialState.PRUNED and t.params == params), None)
 
 
-def _heartbeat_on(study: optuna.Study) -> bool:
+def heartbeat_on(study: optuna.Study) -> bool:
     return optuna.storages._heartbeat.is_heartbeat_enabled(study._storage)
 
 
-def _beat(study: optuna.Study, trial: optuna.Trial) -> None:
+def beat_once(study: optuna.Study, trial: optuna.Trial) -> None:
     """One heartbeat for a trial not launched yet: Optuna fails only trials that have beaten,
     so a worker that dies before its launch must not leave a trial that never goes stale."""
-    if _heartbeat_on(study):
+    if heartbeat_on(study):
         study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
 
 
 def _stale_after_s(study: optuna.Study) -> float:
     """How long a trial may go without a heartbeat before a worker's check fails it."""
-    if not _heartbeat_on(study):
+    if not heartbeat_on(study):
         return 0.0
     interval = study._storage.get_heartbeat_interval()  # type: ignore[attr-defined]
     backend = getattr(study._storage, "_backend", study._storage)  # Optuna caches an RDBStorage
     return float((getattr(backend, "grace_period", None) or 2 * interval) + interval)
 
 
-def _claim_launch(study: optuna.Study, trial: optuna.Trial, budget: int) -> bool:
+def claim_launch(study: optuna.Study, trial: optuna.Trial, budget: int) -> bool:
     """Whether this trial may launch within a budget that other workers share.
 
     Trial numbers are handed out under a lock on the study row, so a trial may launch when the
@@ -208,6 +208,6 @@ def _claim_launch(study: optuna.Study, trial: optuna.Trial, budget: int) -> bool
             return False
         if launched_count(trials, before=trial.number, undecided=True) < budget or time.monotonic() >= deadline:
             return True
-        _beat(study, trial)
+        beat_once(study, trial)
         time.sleep(1.0)
         optuna.storages.fail_stale_trials(study)

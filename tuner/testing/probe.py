@@ -5,9 +5,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tuner import outcome
 from tuner.config.space import SearchSpace
 from tuner.trial.launch import PhaseCallback, ProbeHook, TrialRun
-from tuner.trial.probe import PROBE_SUFFIX, probe_workload, pruned_outcome
+from tuner.trial.probe import PROBE_SUFFIX, probe_workload
 
 
 class ProbeEmulator:
@@ -47,7 +48,7 @@ class ProbeEmulator:
             self.pruned += 1
             run.timings = {**{k: v for k, v in run.timings.items() if not k.startswith("bench_")},
                            f"bench_{probe.name}_s": round(probe_s, 3)}
-            run.outcome = pruned_outcome({f"{probe.name}.{k[len(base) + 1:]}": v for k, v in seen.items()})
+            run.outcome = outcome.pruned({f"{probe.name}.{k[len(base) + 1:]}": v for k, v in seen.items()})
         else:
             self.bench_s += full_s + probe_s
             self.saved_s -= probe_s

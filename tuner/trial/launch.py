@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuner import outcome as objective
+from tuner import outcome
 from tuner.bench.client import run_workload
 from tuner.config.space import SearchSpace
 from tuner.errors import BenchmarkError, ServerLaunchError, TeardownError
 from tuner.outcome import TrialOutcome
 from tuner.server import ServerHandle, find_free_port, is_alive, parse_memory_lines, start_server, stop_server, wait_ready
 from tuner.server.argv import build_server_argv
-from tuner.trial.probe import PROBE_SUFFIX, probe_workload, pruned_outcome
+from tuner.trial.probe import PROBE_SUFFIX, probe_workload
 from tuner.trial.quality import QualitySpec, check_quality
 
 PhaseCallback = Callable[[str], None]
@@ -80,13 +80,13 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
     port = trial_port(space)
     argv = server_argv(space, flags, port)
     _write_json(trial_dir / "server.argv.json", argv)
-    run = TrialRun(outcome=objective.failure(space, "not_started", ""), argv=argv, trial_dir=trial_dir)
+    run = TrialRun(outcome=outcome.failure(space, "not_started", ""), argv=argv, trial_dir=trial_dir)
     phase("launching")
     try:
         handle = start_server(argv, log_path=trial_dir / "server.log", host=host, port=port,
                               env=dict(space.server.env))
     except ServerLaunchError as exc:  # port taken before launch, interpreter cannot start
-        run.outcome = objective.failure(space, exc.reason, str(exc))
+        run.outcome = outcome.failure(space, exc.reason, str(exc))
         return run
     metrics: dict[str, float] = {}
     try:
@@ -100,7 +100,7 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
                 run.timings["quality_s"] = result.wall_s
                 _write_json(trial_dir / "quality.json", run.quality)
                 if not result.ok:
-                    run.outcome = objective.failure(space, str(result.reason), result.message)
+                    run.outcome = outcome.failure(space, str(result.reason), result.message)
                     return run  # the finally below still tears the server down
             probe = probe_workload(space) if on_probe is not None else None
             if probe is not None and on_probe is not None:
@@ -111,7 +111,7 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
                 run.timings[f"bench_{probe.name}_s"] = res.wall_s
                 base = probe.name[:-len(PROBE_SUFFIX)]
                 if on_probe({f"{base}.{k}": v for k, v in res.metrics.items()}):
-                    run.outcome = pruned_outcome(metrics)
+                    run.outcome = outcome.pruned(metrics)
                     return run  # the finally below still tears the server down
             for w in space.workloads:
                 phase(f"benchmarking {w.name}")
@@ -120,15 +120,15 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
                                    server_alive=lambda: is_alive(handle))
                 metrics.update({f"{w.name}.{k}": v for k, v in res.metrics.items()})
                 run.timings[f"bench_{w.name}_s"] = res.wall_s
-            run.outcome = objective.success(space, metrics, {})
+            run.outcome = outcome.success(space, metrics, {})
         except ServerLaunchError as exc:
-            run.outcome = objective.failure(space, exc.reason, str(exc), metrics)
+            run.outcome = outcome.failure(space, exc.reason, str(exc), metrics)
         except BenchmarkError as exc:
             # A server that died under load is the config's fault (e.g. runtime OOM).
             reason = exc.reason
             if reason in ("bench_no_result", "bench_incomplete") and not is_alive(handle):
                 reason = "server_died"
-            run.outcome = objective.failure(space, reason, str(exc), metrics)
+            run.outcome = outcome.failure(space, reason, str(exc), metrics)
     finally:
         phase("tearing down")
         _teardown(space, run, handle, metrics, teardown_gpu_timeout_s)
@@ -148,7 +148,7 @@ def _teardown(space: SearchSpace, run: TrialRun, handle: ServerHandle, metrics: 
             run.timings["teardown_s"] = report.duration_s
             break
         except TeardownError as exc:
-            run.outcome = objective.failure(space, "teardown_stuck", str(exc), metrics)
+            run.outcome = outcome.failure(space, "teardown_stuck", str(exc), metrics)
             break
         except KeyboardInterrupt as exc:
             interrupt = exc

@@ -1,13 +1,10 @@
-"""tuner.trial.launch.probe."""
+"""The early-stop probe workload: a shorter run of the objective's workload whose result
+lets the study's pruner stop a clearly worse configuration before its full benchmark."""
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import replace
 
-from optuna.trial import TrialState
-
 from tuner.config.space import SearchSpace, Workload
-from tuner.outcome import PRUNED, TrialOutcome
 
 PROBE_SUFFIX = "-probe"
 PROBE_MIN_OUTPUT = 8   # a probe shorter than this measures start-up, not decode: none then
@@ -27,8 +24,3 @@ def probe_workload(space: SearchSpace) -> Workload | None:
     return replace(w, name=w.name + PROBE_SUFFIX, output_len=out)
 
 
-def pruned_outcome(metrics: Mapping[str, float]) -> TrialOutcome:
-    """A trial stopped after its probe: PRUNED, its probe value as Optuna's intermediate
-    value (reported by the loop's hook), its probe metrics kept under `<workload>-probe.*`."""
-    return TrialOutcome(TrialState.PRUNED, None, PRUNED, "probe far below the best so far; full benchmark skipped",
-                        dict(metrics), {})

@@ -29,7 +29,7 @@ from tuner.errors import ConfigError
 # Reasons this module can return (all configuration faults, see tuner.objective).
 REASON_QUALITY = "quality"
 REASON_DIED = "server_died"
-REASON_TIMEOUT = "bench_timeout"
+REASON_TIMEOUT = "quality_timeout"
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
     "The three primary colors of light are",
@@ -282,7 +282,7 @@ def check_quality(base_url: str, spec: QualitySpec, *, reference: Mapping[str, A
                   server_alive: Callable[[], bool] | None = None,
                   headers: Mapping[str, str] | None = None) -> QualityResult:
     """Probe a ready server. Never raises for a server fault: the result names the reason
-    (``quality``, ``server_died``, ``bench_timeout``) or None when the config is fine."""
+    (``quality``, ``server_died``, ``quality_timeout``) or None when the config is fine."""
     started = time.monotonic()
     fp = spec.fingerprint()
     hdrs = dict(headers or {})
