@@ -1,4 +1,4 @@
-"""Feasibility quality (issue 4, "Measure"): how well kttune's pre-launch predictor
+"""Feasibility quality: how well kttune's pre-launch predictor
 (`tuner.feasibility`, through `tuner.feasibility_gate`) knows the simulated machines. Prints
 tables; not a test.
 

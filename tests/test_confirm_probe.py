@@ -1,4 +1,4 @@
-"""Confirmation runs, early stop by a probe, and the dry run's strategy (issue 6 items 3-4)."""
+"""Confirmation runs, early stop by a probe, and the dry run's strategy."""
 from __future__ import annotations
 
 from dataclasses import replace

@@ -1,4 +1,58 @@
-"""kttune: an Optuna-driven configuration tuner for SGLang + KTransformers servers."""
+"""kttune: an Optuna-driven configuration tuner for SGLang + KTransformers servers.
+
+The public API is what `__all__` names; everything else under `tuner.` is internal and may
+change between releases. Names load on first use, so `import tuner` (and the simulator,
+`python -m tuner.sim`) stays cheap.
+
+    from tuner import load_space, run_study, RunOptions, pick
+    space = load_space("search_spaces/sim-kimi-k2-thinking-8xl20.yaml")
+"""
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    # the search space
+    "load_space": "tuner.config.space", "SearchSpace": "tuner.config.space",
+    # running a study
+    "run_study": "tuner.loop.run", "RunOptions": "tuner.loop.run", "RunSummary": "tuner.loop.run",
+    "StudyStopped": "tuner.loop.run", "dry_run": "tuner.loop.dry_run",
+    "TrialRunner": "tuner.trial.protocols", "TrialRun": "tuner.trial.launch", "run_trial": "tuner.trial.launch",
+    # outcomes and the pick
+    "Reason": "tuner.outcome", "Fault": "tuner.outcome", "TrialOutcome": "tuner.outcome",
+    "pick": "tuner.selection",
+    # storage and read-back
+    "make_storage": "tuner.storage.open", "load_study": "tuner.storage.open",
+    "compute_report": "tuner.report.data", "export_profile": "tuner.report.export",
+    # feasibility
+    "FeasibilityGate": "tuner.feasibility.gate",
+    # errors
+    "KttuneError": "tuner.errors", "ConfigError": "tuner.errors",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from tuner.config.space import SearchSpace, load_space
+    from tuner.errors import ConfigError, KttuneError
+    from tuner.feasibility.gate import FeasibilityGate
+    from tuner.loop.dry_run import dry_run
+    from tuner.loop.run import RunOptions, RunSummary, StudyStopped, run_study
+    from tuner.outcome import Fault, Reason, TrialOutcome
+    from tuner.report.data import compute_report
+    from tuner.report.export import export_profile
+    from tuner.selection import pick
+    from tuner.storage.open import load_study, make_storage
+    from tuner.trial.launch import TrialRun, run_trial
+    from tuner.trial.protocols import TrialRunner
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tuner' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

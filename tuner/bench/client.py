@@ -16,16 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuner.bench.metrics import MetricKind, metric_kind
 from tuner.config.space import BenchSpec, Workload
 from tuner.errors import BenchmarkError
 from tuner.server.argv import flag_args
 from tuner.server.launch import die_with_tuner
 
 RESULT_SCHEMA_VERSION = 1
-# Keys whose value is a rate (per second) or a time; used to undo a simulator's time scale.
-_RATE_SUFFIXES = ("_throughput", "_per_s")
-_TIME_KEYS = ("duration",)
-_TIME_SUFFIXES = ("_ms",)
 
 
 @dataclass(frozen=True)
@@ -68,9 +65,10 @@ def rescale_metrics(raw: Mapping[str, Any], time_scale: float) -> dict[str, floa
             continue
         v = float(value)
         if time_scale != 1.0:
-            if key.endswith(_RATE_SUFFIXES):
+            kind = metric_kind(key)
+            if kind is MetricKind.RATE:
                 v *= time_scale
-            elif key in _TIME_KEYS or key.endswith(_TIME_SUFFIXES):
+            elif kind is MetricKind.TIME:
                 v /= time_scale
         out[key] = v
     return out

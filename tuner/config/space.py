@@ -114,7 +114,7 @@ class BenchSpec:
 
 @dataclass(frozen=True)
 class ConfirmSpec:
-    """Confirmation launches at the end of the budget (issue 6): `runs` re-measurements of
+    """Confirmation launches at the end of the budget: `runs` re-measurements of
     the `finalists` best configurations; runs None = 2 when the budget is ≥ 10, else 0."""
 
     runs: int | None = None

@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial
 
 from tuner.config.space import ConfirmSpec
 from tuner.selection import pick
-from tuner.storage.attrs import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_TRIAL_DIR, STUDY_ATTR_ARTIFACT_DIR, STUDY_ATTR_SPACE, metrics_of
+from tuner.storage.attrs import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_TRIAL_DIR, STUDY_ATTR_ARTIFACT_DIR, metrics_of, objective_keys
 
 ARTIFACT_DIR_NAME = "artifacts"
 # Files of a trial folder worth seeing in the dashboard (written by tuner.trial / tuner.bench).
@@ -175,11 +175,6 @@ def list_artifacts(study: optuna.Study, trial: FrozenTrial) -> list[dict[str, st
 # --------------------------------------------------------------------------- notes
 
 
-def _objective_keys(study: optuna.Study) -> list[str]:
-    keys = (study.user_attrs.get(STUDY_ATTR_SPACE) or {}).get("objectives") or []
-    return list(keys) if len(keys) == len(study.directions) else [f"objective {i}" for i in range(len(study.directions))]
-
-
 def _md_values(t: FrozenTrial, keys: Sequence[str]) -> str:
     m = metrics_of(t)
     return ", ".join(f"{k} = {m[k]:.4g}" if k in m else f"{k} = -" for k in keys)
@@ -188,7 +183,7 @@ def _md_values(t: FrozenTrial, keys: Sequence[str]) -> str:
 def study_note(study: optuna.Study, confirm: ConfirmSpec) -> str:
     """Markdown: the baseline and the feasible best trial(s), with measured objective values
     and the change against the baseline."""
-    keys = _objective_keys(study)
+    keys = objective_keys(study)
     trials = study.get_trials(deepcopy=False)
     base = next((t for t in trials if t.user_attrs.get(ATTR_BASELINE) and metrics_of(t)), None)
     best = pick(study, confirm)
@@ -220,7 +215,7 @@ def note_baseline_and_best(study: optuna.Study, confirm: ConfirmSpec) -> str:
     body = study_note(study, confirm)
     if get_note(study) != body:
         save_note(study, body)
-    keys = _objective_keys(study)
+    keys = objective_keys(study)
     if keys and study.metric_names is None:
         with warnings.catch_warnings():  # set_metric_names is experimental in Optuna 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -1,4 +1,6 @@
-"""tuner.report.data.data."""
+"""The data behind `kttune report`, computed from storage alone (rendered by
+`tuner.report.html`, so tests check numbers rather than pixels): trial rows, the pick, the
+baseline comparison, importances, status and failure counts."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -8,8 +10,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
+from tuner.bench.metrics import higher_is_better
 from tuner.config.space import SearchSpace, is_finite
-from tuner.report.export import _objectives
 from tuner.report.status import FEASIBLE, VIOLATES, classify_trial, failure_counts, no_feasible_message, violated_constraints, violation_counts
 from tuner.selection import (
     best_trials,
@@ -94,15 +96,6 @@ class ReportData:
         return asdict(self)
 
 
-def _higher_is_better(metric: str) -> bool | None:
-    name = metric.rsplit(".", 1)[-1]
-    if name.endswith(("_throughput", "_per_s")):
-        return True
-    if name.endswith("_ms"):
-        return False
-    return None
-
-
 def _trial_row(t: FrozenTrial) -> TrialRow:
     wall = wall_s_of(t)
     return TrialRow(number=t.number, status=classify_trial(t), reason=t.user_attrs.get(ATTR_REASON),
@@ -157,7 +150,7 @@ def _comparison(base: TrialRow | None, best: TrialRow | None, keys: Sequence[str
     latency = ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms")
     shown = sorted(k for k in set(base.metrics) & set(best.metrics)
                    if k.rsplit(".", 1)[-1] in latency and k not in keys and (base.metrics[k] or best.metrics[k]))
-    return tuple(Comparison(k, base.metrics.get(k), best.metrics.get(k), _higher_is_better(k)) for k in (*keys, *shown))
+    return tuple(Comparison(k, base.metrics.get(k), best.metrics.get(k), higher_is_better(k)) for k in (*keys, *shown))
 
 
 def _elapsed(trials: Sequence[FrozenTrial]) -> float | None:
@@ -169,7 +162,7 @@ def _elapsed(trials: Sequence[FrozenTrial]) -> float | None:
 def compute_report(space: SearchSpace, study: optuna.Study) -> ReportData:
     trials = study.get_trials(deepcopy=False)
     rows = tuple(_trial_row(t) for t in trials)
-    objectives = tuple(Objective(k, d) for k, d in _objectives(study, space))
+    objectives = tuple(Objective(o.key, o.direction) for o in space.objectives)
     params = tuple(p.flag for p in space.params)
     front = best_trials(study)
     recommended: FrozenTrial | None = None

@@ -1,4 +1,5 @@
-"""tuner.report.data.export."""
+"""`kttune export`: choose the trial to deploy (`--trial`, `--weights`, or the selection
+rule) and write its flags as a `sglang.launch_server --config` profile."""
 from __future__ import annotations
 
 import math
@@ -16,7 +17,6 @@ from tuner.selection import (
     pick,
     pick_by_weights,
 )
-from tuner.storage.attrs import STUDY_ATTR_SPACE
 from tuner.storage.open import load_study
 
 
@@ -45,14 +45,6 @@ def parse_weights(text: str, objective_keys: Sequence[str]) -> dict[str, float]:
     return out
 
 
-def _objectives(study: optuna.Study, space: SearchSpace | None) -> list[tuple[str, str]]:
-    if space is not None:
-        return [(o.key, o.direction) for o in space.objectives]
-    keys = (study.user_attrs.get(STUDY_ATTR_SPACE) or {}).get("objectives") or []
-    dirs = ["maximize" if d == optuna.study.StudyDirection.MAXIMIZE else "minimize" for d in study.directions]
-    return list(zip(keys or [f"objective {i}" for i in range(len(dirs))], dirs))
-
-
 def pick_trial(study: optuna.Study, trial_number: int | None, *, space: SearchSpace,
                weights: Mapping[str, float] | None = None) -> FrozenTrial:
     if trial_number is not None and weights:
@@ -69,7 +61,7 @@ def pick_trial(study: optuna.Study, trial_number: int | None, *, space: SearchSp
     if not best:
         raise KttuneError(no_feasible_message(study))
     if weights:
-        return pick_by_weights(best, _objectives(study, space), weights)
+        return pick_by_weights(best, [(o.key, o.direction) for o in space.objectives], weights)
     if len(best) > 1:
         raise ConfigError(f"--trial: the study has {len(best)} Pareto-optimal trials ({', '.join(str(t.number) for t in best)}); "
                           "pick one with --trial N or state a preference with --weights KEY=W,...")

@@ -1,4 +1,5 @@
-"""tuner.report.data.status."""
+"""A trial's status as reports show it (feasible, violates, infeasible, failed, duplicate,
+running, pruned), counts of failures and violations, and why there is no feasible trial."""
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -1,4 +1,5 @@
-"""tuner.report.data.text."""
+"""`kttune best`: the picked trial(s) as a table with each workload's headline metrics, and
+notes on picks launched inside the safety margin."""
 from __future__ import annotations
 
 import optuna

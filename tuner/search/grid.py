@@ -1,4 +1,5 @@
-"""tuner.search.grid."""
+"""The grid each param is moved over (thinned when very large), snapping to it, and the
+ladder of step sizes the local search walks from coarse to fine."""
 from __future__ import annotations
 
 import math

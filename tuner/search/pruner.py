@@ -1,4 +1,4 @@
-"""tuner.search.pruner."""
+"""Early stop: prune a launch whose probe workload measures far below the best probe so far."""
 from __future__ import annotations
 
 import optuna

@@ -86,7 +86,6 @@ class KttuneSampler(optuna.samplers.BaseSampler):
     def __init__(self, space: SearchSpace, *, seed: int | None = None,
                  strategy: Strategy = DEFAULT_STRATEGY, gate: FeasibilityGate | None = None) -> None:
         self._space, self._strategy = space, strategy
-        self._seed = seed
         self._rng = random.Random(seed)
         self._dists = space.distributions()
         self._grids = {p.flag: param_grid(p) for p in space.params}
@@ -289,7 +288,7 @@ class KttuneSampler(optuna.samplers.BaseSampler):
         out: list[dict[str, Any]] = []
         for level in range(max(depth, plan)):
             if cap is not None:
-                out.extend(self._capacity_moves(study, inc, level))
+                out.extend(self._capacity_moves(inc, level))
             for f in flags:
                 for value in self._steps(f, inc[f], ladders[f], level):
                     cand = self._follow(study, {**inc, f: value}, at_boundary)
@@ -307,7 +306,7 @@ class KttuneSampler(optuna.samplers.BaseSampler):
                 cand[self._cap] = nb
         return cand
 
-    def _capacity_moves(self, study: optuna.Study, inc: dict[str, Any], level: int) -> list[dict[str, Any]]:
+    def _capacity_moves(self, inc: dict[str, Any], level: int) -> list[dict[str, Any]]:
         """Fine steps first (the optimum sits at or just under the fitting boundary, where KV
         or runtime headroom decides), then the ladder's coarse steps, both ways."""
         cap = self._cap

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 # Trial user attributes.
@@ -43,6 +44,12 @@ STUDY_ATTR_ARTIFACT_DIR = "kttune:artifact_dir"
 def metrics_of(t: FrozenTrial) -> dict[str, float]:
     """The trial's measured metrics, keyed `<workload>.<metric>`."""
     return {k[len(METRIC_PREFIX):]: v for k, v in t.user_attrs.items() if k.startswith(METRIC_PREFIX)}
+
+
+def objective_keys(study: optuna.Study) -> list[str]:
+    """The objectives' `workload.metric` keys as the run stored them (placeholders if not)."""
+    keys = (study.user_attrs.get(STUDY_ATTR_SPACE) or {}).get("objectives") or []
+    return list(keys) if len(keys) == len(study.directions) else [f"objective {i}" for i in range(len(study.directions))]
 
 
 def timings_of(t: FrozenTrial) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""tuner.storage.open."""
+"""Opening storage and studies: SQLAlchemy URLs into Optuna RDB storage with heartbeats, a
+study created or resumed with the run's sampler, and loading one for read-back commands."""
 from __future__ import annotations
 
 import os

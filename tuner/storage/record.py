@@ -1,4 +1,4 @@
-"""tuner.storage.record."""
+"""Telling a verdict: attributes, metrics and constraints stored, then the state."""
 from __future__ import annotations
 
 from collections.abc import Mapping

@@ -1,4 +1,6 @@
-"""tuner.storage.workers."""
+"""Several workers on one study: the baseline enqueued once, launches counted and claimed
+against a shared budget, heartbeats while a launch runs, duplicates across workers, and
+recovery of trials (and servers) that dead workers left behind."""
 from __future__ import annotations
 
 import os

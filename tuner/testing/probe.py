@@ -1,4 +1,5 @@
-"""tuner.testing.probe."""
+"""A runner wrapper that gives a one-call runner (the in-process simulator) the early-stop
+probe hook, for tests and the tuning benchmark."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -6,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner import outcome
+from tuner.bench.metrics import MetricKind, metric_kind
 from tuner.config.space import SearchSpace
 from tuner.trial.launch import PhaseCallback, ProbeHook, TrialRun
 from tuner.trial.probe import PROBE_SUFFIX, probe_workload
@@ -39,7 +41,7 @@ class ProbeEmulator:
             return run
         base = probe.name[:-len(PROBE_SUFFIX)]
         noise = self._rng.lognormvariate(0.0, self.sigma)
-        seen = {k: v * noise if k.endswith("throughput") else v / noise
+        seen = {k: v * noise if metric_kind(k) is MetricKind.RATE else v / noise
                 for k, v in run.outcome.metrics.items() if k.startswith(base + ".")}
         probe_s = space.probe.fraction * bench.get(f"bench_{base}_s", 0.0)
         if seen and on_probe(seen):

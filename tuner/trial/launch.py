@@ -1,4 +1,7 @@
-"""tuner.trial.launch.launch."""
+"""One launched trial: start the server → wait until really ready → check its output is
+sane (tuner.trial.quality) → run each workload → tear the whole tree down. Returns a TrialRun;
+never raises for a server/bench fault. Only KeyboardInterrupt (Ctrl-C, or SIGTERM mapped to
+it by the CLI) escapes, and only after the server tree is gone."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
-"""tuner.trial.launch.protocols."""
+"""What the loop needs of a launch: the `TrialRunner` protocol (the real `run_trial`, the
+in-process simulator, test fakes)."""
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -1,0 +1,33 @@
+"""What kind of quantity a bench metric is, from its name as `bench_serving` writes it
+(`output_throughput`, `request_throughput`, `median_ttft_ms`, `duration`, …): a rate (per
+second, larger is better), a time (smaller is better) or neither (counts, ratios). Names may
+carry a workload prefix (`decode.output_throughput`)."""
+from __future__ import annotations
+
+import enum
+
+
+class MetricKind(enum.Enum):
+    RATE = "rate"
+    TIME = "time"
+    OTHER = "other"
+
+
+_RATE_SUFFIXES = ("_throughput", "_per_s")
+_TIME_SUFFIXES = ("_ms",)
+_TIME_NAMES = ("duration",)
+
+
+def metric_kind(name: str) -> MetricKind:
+    metric = name.rsplit(".", 1)[-1]
+    if metric.endswith(_RATE_SUFFIXES):
+        return MetricKind.RATE
+    if metric in _TIME_NAMES or metric.endswith(_TIME_SUFFIXES):
+        return MetricKind.TIME
+    return MetricKind.OTHER
+
+
+def higher_is_better(name: str) -> bool | None:
+    """True for rates, False for times, None when the name does not say."""
+    kind = metric_kind(name)
+    return True if kind is MetricKind.RATE else False if kind is MetricKind.TIME else None
