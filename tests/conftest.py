@@ -23,3 +23,12 @@ requires_bench_client = pytest.mark.skipif(
     bench_python() is None and not os.environ.get("CI"),
     reason="bench client venv missing: run scripts/setup.sh",
 )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e/ is end-to-end (real processes, the real bench client):
+    `pytest -m "not e2e"` is the fast tier."""
+    e2e = REPO / "tests" / "e2e"
+    for item in items:
+        if e2e in Path(item.fspath).resolve().parents:
+            item.add_marker(pytest.mark.e2e)

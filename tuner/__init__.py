@@ -32,7 +32,30 @@ _EXPORTS = {
     # errors
     "KttuneError": "tuner.errors", "ConfigError": "tuner.errors",
 }
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "__version__",
+    "load_space",
+    "SearchSpace",
+    "run_study",
+    "RunOptions",
+    "RunSummary",
+    "StudyStopped",
+    "dry_run",
+    "TrialRunner",
+    "TrialRun",
+    "run_trial",
+    "Reason",
+    "Fault",
+    "TrialOutcome",
+    "pick",
+    "make_storage",
+    "load_study",
+    "compute_report",
+    "export_profile",
+    "FeasibilityGate",
+    "KttuneError",
+    "ConfigError",
+]
 
 if TYPE_CHECKING:
     from tuner.config.space import SearchSpace, load_space

@@ -38,4 +38,7 @@ class BenchmarkError(KttuneError):
 
 
 class TeardownError(KttuneError):
-    """The server tree or its GPU memory could not be released; the study must stop."""
+    """The server tree or its GPU memory could not be released; the study must stop.
+    `report` holds what the teardown found (tuner.server.teardown.TeardownReport)."""
+
+    report: object = None

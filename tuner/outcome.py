@@ -95,10 +95,8 @@ def fault_of(reason: str) -> Fault:
     """The class of a stored reason; an unknown one is an infrastructure fault."""
     if reason.startswith(EXIT_PREFIX):
         return Fault.CONFIG
-    try:
-        return Reason(reason).fault
-    except ValueError:
-        return Fault.INFRA
+    known = _BY_VALUE.get(reason)
+    return known.fault if known is not None else Fault.INFRA
 
 
 def is_config_reason(reason: str) -> bool:
@@ -114,6 +112,7 @@ def is_memory_reason(reason: str | None) -> bool:
     return reason in _MEMORY
 
 
+_BY_VALUE = {r.value: r for r in Reason}
 _MEMORY = frozenset(r.value for r in Reason if r.memory)
 CONFIG_REASONS = frozenset(r.value for r in Reason if r.fault is Fault.CONFIG)
 FATAL_REASONS = frozenset(r.value for r in Reason if r.fault is Fault.FATAL)

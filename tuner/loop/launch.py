@@ -17,7 +17,18 @@ from tuner.log import Log
 from tuner.loop.progress import Progress
 from tuner.outcome import Reason, TrialOutcome
 from tuner.report.artifacts import note_baseline_and_best, try_upload_trial_artifacts
-from tuner.storage.attrs import ATTR_ARGV, ATTR_CONFIRMATION_OF, ATTR_LAUNCHED, ATTR_MEMORY, ATTR_PREDICTED_CONSTRAINTS, ATTR_QUALITY, ATTR_TIMINGS, ATTR_TRIAL_DIR, ATTR_WALL_S, STUDY_ATTR_QUALITY_REF
+from tuner.storage.attrs import (
+    ATTR_ARGV,
+    ATTR_CONFIRMATION_OF,
+    ATTR_LAUNCHED,
+    ATTR_MEMORY,
+    ATTR_PREDICTED_CONSTRAINTS,
+    ATTR_QUALITY,
+    ATTR_TIMINGS,
+    ATTR_TRIAL_DIR,
+    ATTR_WALL_S,
+    STUDY_ATTR_QUALITY_REF,
+)
 from tuner.storage.record import record
 from tuner.storage.workers import Heartbeat
 from tuner.trial.protocols import TrialRunner

@@ -33,10 +33,32 @@ from tuner.search.recipe import warm_start
 from tuner.search.remeasure import queue_remeasurement
 from tuner.search.sampler import DEFAULT_STRATEGY, Strategy, make_sampler
 from tuner.selection import best_trials, pick
-from tuner.storage.attrs import ATTR_BASELINE, ATTR_CONFIRMATION_OF, ATTR_DUPLICATE_OF, ATTR_FLAGS, ATTR_LAUNCHED, ATTR_MARGINAL, ATTR_SPARE_GB, ATTR_WORKER, STUDY_ATTR_CALIBRATION, boundary_failures
+from tuner.storage.attrs import (
+    ATTR_BASELINE,
+    ATTR_CONFIRMATION_OF,
+    ATTR_DUPLICATE_OF,
+    ATTR_FLAGS,
+    ATTR_LAUNCHED,
+    ATTR_MARGINAL,
+    ATTR_SPARE_GB,
+    ATTR_WORKER,
+    STUDY_ATTR_CALIBRATION,
+    boundary_failures,
+)
 from tuner.storage.open import open_study
 from tuner.storage.record import record
-from tuner.storage.workers import beat_once, claim_launch, enqueue_baseline_once, find_duplicate, heartbeat_on, launched_count, pruned_twin, recover_stale_trials, worker_id
+from tuner.storage.workers import (
+    beat_once,
+    claim_launch,
+    enqueue_baseline_once,
+    find_duplicate,
+    heartbeat_interval_s,
+    heartbeat_on,
+    launched_count,
+    pruned_twin,
+    recover_stale_trials,
+    worker_id,
+)
 from tuner.trial.launch import run_trial
 from tuner.trial.probe import probe_workload
 from tuner.trial.protocols import TrialRunner
@@ -297,7 +319,7 @@ class _Loop:
         if running != self.waiting_for:
             self.log(f"budget reached; waiting for trial(s) {', '.join(map(str, running))} of other workers")
             self.waiting_for = running
-        time.sleep(self.study._storage.get_heartbeat_interval())  # type: ignore[attr-defined]  # RDB storages only
+        time.sleep(heartbeat_interval_s(self.study))
         return True
 
 

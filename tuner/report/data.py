@@ -8,11 +8,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial
 
 from tuner.bench.metrics import higher_is_better
 from tuner.config.space import SearchSpace, is_finite
-from tuner.report.status import FEASIBLE, VIOLATES, classify_trial, failure_counts, no_feasible_message, violated_constraints, violation_counts
+from tuner.report.status import (
+    FEASIBLE,
+    VIOLATES,
+    classify_trial,
+    failure_counts,
+    no_feasible_message,
+    violated_constraints,
+    violation_counts,
+)
 from tuner.selection import (
     best_trials,
     pick,
@@ -97,11 +106,10 @@ class ReportData:
 
 
 def _trial_row(t: FrozenTrial) -> TrialRow:
-    wall = wall_s_of(t)
     return TrialRow(number=t.number, status=classify_trial(t), reason=t.user_attrs.get(ATTR_REASON),
                     baseline=bool(t.user_attrs.get(ATTR_BASELINE)), params=dict(t.params),
                     metrics=metrics_of(t), violated=violated_constraints(t),
-                    wall_s=float(wall) if is_finite(wall) else None)
+                    wall_s=wall_s_of(t))
 
 
 def choose_evaluator(n_trials: int) -> optuna.importance.BaseImportanceEvaluator:
@@ -125,7 +133,7 @@ def _importance(trials: Sequence[FrozenTrial], key: str, direction: str, params:
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created in memory" line
     try:
-        tmp = optuna.create_study(direction=direction)
+        tmp = optuna.create_study(direction=StudyDirection[direction.upper()])
     finally:
         optuna.logging.set_verbosity(verbosity)
     for t in usable:

@@ -30,7 +30,7 @@ def recipe(space: SearchSpace, gate: FeasibilityGate | None) -> dict[str, Any]:
         numeric = _ordered(grid)
         if p.flag == "kt-cpuinfer" and hw is not None and numeric:
             out[p.flag] = snap(grid, max(hw.cpu.physical_cores - tp, 1))
-        elif p.flag == "kt-threadpool-count" and hw is not None and numeric:
+        elif p.flag == "kt-threadpool-count" and gate is not None and hw is not None and numeric:
             inter = getattr(gate.model, "moe_intermediate_size", 0) or 0
             ok = [v for v in grid if v <= hw.cpu.numa_nodes and (not inter or inter % int(v) == 0)]
             out[p.flag] = max(ok) if ok else snap(grid, hw.cpu.numa_nodes)

@@ -160,10 +160,10 @@ class KttuneSampler(optuna.samplers.BaseSampler):
 
     def _fits(self, params: Mapping[str, Any]) -> bool:
         flags = self._flags(params)
-        if flags is None:
+        if flags is None or self._gate is None:
             return True
         try:
-            return bool(self._gate.allows(self._gate.check(flags), self._failures_left))  # type: ignore[union-attr]
+            return bool(self._gate.allows(self._gate.check(flags), self._failures_left))
         except KttuneError:
             return True
 
@@ -171,7 +171,7 @@ class KttuneSampler(optuna.samplers.BaseSampler):
         """Predicted GPU memory to spare (without the safety margin); 0 where unknown."""
         flags = self._flags(params)
         try:
-            slack = self._gate.check(flags).bare_slack_gb if flags is not None else None  # type: ignore[union-attr]
+            slack = self._gate.check(flags).bare_slack_gb if flags is not None and self._gate is not None else None
         except KttuneError:
             slack = None
         return slack if slack is not None else 0.0
@@ -189,6 +189,8 @@ class KttuneSampler(optuna.samplers.BaseSampler):
         found = None
         try:
             flags = self._flags({**params, self._cap: grid[-1]})
+            if flags is None:
+                return None
             cal = gate.calibration  # inside-the-margin launches allowed: scan from the bare boundary
             if self._failures_left > 0:
                 cal = boundary_calibration(cal)

@@ -370,7 +370,7 @@ def stop_server(
         _remove_pid_file(handle.pid_file, handle.token)
     if problems:
         err = TeardownError(f"teardown of server pid {handle.pid} incomplete: " + "; ".join(problems))
-        err.report = report  # type: ignore[attr-defined]
+        err.report = report
         raise err
     return report
 

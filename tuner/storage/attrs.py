@@ -6,6 +6,7 @@ Renaming one breaks resuming studies written before, so a name here is a stored 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import optuna
@@ -56,9 +57,10 @@ def timings_of(t: FrozenTrial) -> dict[str, float]:
     return dict(t.user_attrs.get(ATTR_TIMINGS) or {})
 
 
-def wall_s_of(t: FrozenTrial) -> object:
-    """The launch's wall time as stored (a number, or None for trials not launched)."""
-    return t.user_attrs.get(ATTR_WALL_S)
+def wall_s_of(t: FrozenTrial) -> float | None:
+    """The launch's wall time in seconds; None for trials not launched."""
+    v = t.user_attrs.get(ATTR_WALL_S)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
 def is_interrupted(t: FrozenTrial) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config.space import SearchSpace
@@ -138,10 +139,10 @@ class Heartbeat:
     def _beat(self) -> None:
         while True:
             try:
-                self._storage.record_heartbeat(self._trial_id)  # type: ignore[attr-defined]
+                _heartbeat_storage(self._storage).record_heartbeat(self._trial_id)
             except Exception:  # a transient DB error must not kill the trial
                 pass
-            if self._stop.wait(self._storage.get_heartbeat_interval()):
+            if self._stop.wait(_heartbeat_storage(self._storage).get_heartbeat_interval()):
                 return
 
     def __enter__(self) -> Heartbeat:
@@ -180,18 +181,29 @@ def heartbeat_on(study: optuna.Study) -> bool:
     return optuna.storages._heartbeat.is_heartbeat_enabled(study._storage)
 
 
+def heartbeat_interval_s(study: optuna.Study) -> float:
+    """The storage's heartbeat interval (only for storages with heartbeats on)."""
+    return float(_heartbeat_storage(study._storage).get_heartbeat_interval() or 0)
+
+
+def _heartbeat_storage(storage: optuna.storages.BaseStorage) -> BaseHeartbeat:
+    if not isinstance(storage, BaseHeartbeat):
+        raise TypeError(f"{type(storage).__name__} has no heartbeats")
+    return storage
+
+
 def beat_once(study: optuna.Study, trial: optuna.Trial) -> None:
     """One heartbeat for a trial not launched yet: Optuna fails only trials that have beaten,
     so a worker that dies before its launch must not leave a trial that never goes stale."""
     if heartbeat_on(study):
-        study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
+        _heartbeat_storage(study._storage).record_heartbeat(trial._trial_id)
 
 
 def _stale_after_s(study: optuna.Study) -> float:
     """How long a trial may go without a heartbeat before a worker's check fails it."""
     if not heartbeat_on(study):
         return 0.0
-    interval = study._storage.get_heartbeat_interval()  # type: ignore[attr-defined]
+    interval = heartbeat_interval_s(study)
     backend = getattr(study._storage, "_backend", study._storage)  # Optuna caches an RDBStorage
     return float((getattr(backend, "grace_period", None) or 2 * interval) + interval)
 

@@ -21,7 +21,7 @@ from tuner.feasibility.memory import (
 from tuner.machine.hardware import GIB, MIB, CpuSpec, GpuSpec, Hardware
 from tuner.machine.model import load_model_sizes
 
-MODELS = Path(__file__).resolve().parents[1] / "tuner" / "sim" / "models"
+MODELS = Path(__file__).resolve().parents[2] / "tuner" / "sim" / "models"
 KIMI = load_model_sizes(MODELS / "kimi-k2-thinking")
 QWEN30 = load_model_sizes(MODELS / "qwen3-30b-a3b")
 

@@ -20,7 +20,7 @@ from tuner.sim.offline import (
     tokenizer_dir,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

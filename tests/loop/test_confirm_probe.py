@@ -8,7 +8,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from tests.test_strategy import sim_space
+from tests.search.test_sampler import sim_space
 from tuner import outcome as objective
 from tuner.config.space import ConfirmSpec, ProbeSpec, SearchSpace
 from tuner.loop.dry_run import dry_run

@@ -15,10 +15,19 @@ import pytest
 from optuna.artifacts import download_artifact, get_all_artifact_meta
 
 from tuner.config.space import ConfirmSpec
-from tuner.report.artifacts import STUDY_ATTR_ARTIFACT_DIR, backfill_artifacts, list_artifacts, note_baseline_and_best, open_store, study_note, try_upload_trial_artifacts, upload_trial_artifacts
+from tuner.report.artifacts import (
+    STUDY_ATTR_ARTIFACT_DIR,
+    backfill_artifacts,
+    list_artifacts,
+    note_baseline_and_best,
+    open_store,
+    study_note,
+    try_upload_trial_artifacts,
+    upload_trial_artifacts,
+)
 from tuner.storage.attrs import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_TRIAL_DIR, METRIC_PREFIX, STUDY_ATTR_SPACE
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIST = {"kt-num-gpu-experts": optuna.distributions.IntDistribution(0, 240, step=8)}
 KEY = "decode.output_throughput"
 

@@ -21,7 +21,7 @@ import pytest
 from tuner.sim.args import ConfigFileError, UsageError, parse_args, to_sim_config
 from tuner.sim.faults import Faults, parse_faults
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCENARIO = "kimi-k2-thinking-8xl20"
 SEED_FLAGS = [
     "--model-path", "path/to/Kimi-K2-Thinking/", "--kt-weight-path", "path/to/cpu-weights/",

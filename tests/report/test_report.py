@@ -26,7 +26,7 @@ from tuner.storage.attrs import ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_FLAGS, AT
 from tuner.storage.open import open_study
 from tuner.storage.record import record
 
-SPACE_FILE = Path(__file__).resolve().parents[1] / "search_spaces/sim-kimi-k2-thinking-8xl20.yaml"
+SPACE_FILE = Path(__file__).resolve().parents[2] / "search_spaces/sim-kimi-k2-thinking-8xl20.yaml"
 OBJ2 = [{"workload": "decode", "metric": "output_throughput", "direction": "maximize"},
         {"workload": "prefill", "metric": "input_throughput", "direction": "maximize"}]
 BASELINE = {"kt-num-gpu-experts": 200, "kt-cpuinfer": 56, "kt-threadpool-count": 2, "chunked-prefill-size": 4096,

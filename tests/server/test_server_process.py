@@ -30,7 +30,7 @@ from tuner.server import (
     wait_ready,
 )
 
-FAKE = Path(__file__).parent / "fake_servers" / "fake_server.py"
+FAKE = Path(__file__).resolve().parents[1] / "fake_servers" / "fake_server.py"
 HOST = "127.0.0.1"
 
 
@@ -323,7 +323,7 @@ def test_server_dies_with_a_sigkilled_tuner(tmp_path: Path) -> None:
             f" log_path=Path({str(tmp_path / 's.log')!r}), host={HOST!r}, port={port})\n"
             "print(h.pid, flush=True)\ntime.sleep(60)\n")
     tuner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                             cwd=Path(__file__).resolve().parents[1])
+                             cwd=Path(__file__).resolve().parents[2])
     server_pid = int(tuner.stdout.readline())
     assert psutil.pid_exists(server_pid)
     assert "fake_server.py" in " ".join(psutil.Process(server_pid).cmdline())  # the shim exec'ed in place

@@ -8,7 +8,7 @@ import pytest
 from tuner.errors import ConfigError
 from tuner.machine.model import load_model_sizes, parse_format
 
-MODELS = Path(__file__).resolve().parents[1] / "tuner" / "sim" / "models"
+MODELS = Path(__file__).resolve().parents[2] / "tuner" / "sim" / "models"
 GB = 1e9
 
 
