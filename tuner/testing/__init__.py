@@ -1,1 +1,1 @@
-"""testing."""
+"""Fakes shared by the tests and the benchmarks."""
