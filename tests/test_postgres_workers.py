@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tests.conftest import REPO, requires_bench_client
 from tests.test_run_e2e import fast_space
-from tuner.config.space import SearchSpace, load_space
+from tuner.config import SearchSpace, load_space
 from tuner.errors import ConfigError
 from tuner.server import kill_orphan
 from tuner.storage.attrs import ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_LAUNCHED, ATTR_REASON, ATTR_WORKER, is_interrupted

@@ -14,7 +14,7 @@ import yaml
 
 from tuner import outcome as objective
 from tuner.cli import main
-from tuner.config.space import parse_space
+from tuner.config import parse_space
 from tuner.errors import ConfigError, KttuneError
 from tuner.report.data import compute_report
 from tuner.report.export import export_profile, parse_weights, pick_trial

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args: argparse.Namespace, *, check_paths: bool = True):  # type: ignore[no-untyped-def]
-    from tuner.config.space import load_space
+    from tuner.config import load_space
     from tuner.storage.open import default_storage
 
     space = load_space(args.space, check_paths=check_paths)

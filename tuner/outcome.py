@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from optuna.trial import TrialState
 
-from tuner.config.space import SearchSpace, is_finite
+from tuner.config import SearchSpace, is_finite
 
 # Failure reasons caused by the configuration itself: the sampler must learn to avoid them.
 CONFIG_REASONS = frozenset({

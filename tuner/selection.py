@@ -10,7 +10,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.config.space import CAPACITY_FLAGS, ConfirmSpec
+from tuner.config import CAPACITY_FLAGS, ConfirmSpec
 from tuner.errors import KttuneError
 from tuner.search.grid import _key
 from tuner.storage.attrs import ATTR_LAUNCHED, ATTR_REASON, ATTR_SPARE_GB

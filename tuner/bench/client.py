@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuner.config.space import BenchSpec, Workload
+from tuner.config import BenchSpec, Workload
 from tuner.errors import BenchmarkError
 from tuner.server.argv import flag_args
 from tuner.server.launch import die_with_tuner

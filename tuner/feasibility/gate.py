@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuner.config.space import AUTO, ParamSpec, SearchSpace
+from tuner.config import AUTO, ParamSpec, SearchSpace
 from tuner.feasibility.memory import FeasibilityReport, MemoryCalibration, anchor_from_observed, auto_max_total_tokens, calibrate_from_log, check, resolve_launch
 from tuner.machine.hardware import Hardware, resolve_hardware
 from tuner.machine.model import ModelSizes, load_model_sizes

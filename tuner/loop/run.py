@@ -12,7 +12,7 @@ import optuna
 from optuna.trial import TrialState
 
 from tuner import outcome as objective
-from tuner.config.space import SearchSpace
+from tuner.config import SearchSpace
 from tuner.errors import ConfigError, KttuneError
 from tuner.feasibility.gate import MEMORY_REASONS, FeasibilityGate
 from tuner.feasibility.memory import BOUNDARY_ACTIVATION_SHARE

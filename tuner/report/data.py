@@ -8,7 +8,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from tuner.config.space import SearchSpace, is_finite
+from tuner.config import SearchSpace, is_finite
 from tuner.report.export import _objectives
 from tuner.report.status import FEASIBLE, VIOLATES, classify_trial, failure_counts, no_feasible_message, violated_constraints, violation_counts
 from tuner.selection import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial
 
-from tuner.config.space import SearchSpace
+from tuner.config import SearchSpace
 from tuner.report.status import failure_counts, no_feasible_message
 from tuner.selection import (
     confirmed_or_best,  # noqa: F401  (re-exported: the pick rule lives in study)

@@ -9,7 +9,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.config.space import SearchSpace
+from tuner.config import SearchSpace
 from tuner.search.grid import _index, _ordered, param_grid
 from tuner.selection import _feasible
 from tuner.storage.attrs import ATTR_LAUNCHED

@@ -11,7 +11,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.config.space import CAPACITY_FLAGS, SearchSpace
+from tuner.config import CAPACITY_FLAGS, SearchSpace
 from tuner.errors import KttuneError
 from tuner.search.gp import denoised_best
 from tuner.search.grid import _index, _key, _ladder, _ordered, param_grid

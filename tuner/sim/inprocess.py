@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner import outcome as objective
-from tuner.config.space import SearchSpace
+from tuner.config import SearchSpace
 from tuner.server import classify_failure, parse_memory_lines
 from tuner.server.argv import flag_args
 from tuner.sim.args import PROG, UsageError, parse_args, to_sim_config

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import optuna
 
-from tuner.config.space import SearchSpace
+from tuner.config import SearchSpace
 from tuner.errors import ConfigError
 from tuner.selection import confirmed_or_best  # noqa: F401  (re-exported: the pick rule lives in study)
 from tuner.storage.attrs import STUDY_ATTR_SPACE

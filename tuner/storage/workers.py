@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.config.space import SearchSpace
+from tuner.config import SearchSpace
 from tuner.log import Log
 from tuner.storage.attrs import (
     ATTR_BASELINE,

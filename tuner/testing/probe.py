@@ -5,7 +5,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tuner.config.space import SearchSpace
+from tuner.config import SearchSpace
 from tuner.trial.launch import PhaseCallback, ProbeHook, TrialRun
 from tuner.trial.probe import PROBE_SUFFIX, probe_workload, pruned_outcome
 

@@ -10,13 +10,13 @@ from typing import Any
 
 from tuner import outcome as objective
 from tuner.bench.client import run_workload
-from tuner.config.space import SearchSpace
+from tuner.config import QualitySpec, SearchSpace
 from tuner.errors import BenchmarkError, ServerLaunchError, TeardownError
 from tuner.outcome import TrialOutcome
 from tuner.server import ServerHandle, find_free_port, is_alive, parse_memory_lines, start_server, stop_server, wait_ready
 from tuner.server.argv import build_server_argv
 from tuner.trial.probe import PROBE_SUFFIX, probe_workload, pruned_outcome
-from tuner.trial.quality import QualitySpec, check_quality
+from tuner.trial.quality import check_quality
 
 PhaseCallback = Callable[[str], None]
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from optuna.trial import TrialState
 
-from tuner.config.space import SearchSpace, Workload
+from tuner.config import SearchSpace, Workload
 from tuner.outcome import PRUNED, TrialOutcome
 
 PROBE_SUFFIX = "-probe"
