@@ -217,7 +217,7 @@ def check_quality(base_url: str, spec: QualitySpec, *, reference: Mapping[str, A
     replies: list[ReplyCheck] = []
     ref_problems = list(ref.get("problems") or []) if ref else []
     for i, prompt in enumerate(spec.prompts):
-        body = {"text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": spec.max_new_tokens}}
+        body: dict[str, Any] = {"text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": spec.max_new_tokens}}
         try:
             data = _post(url, body, hdrs, spec.timeout_s)
         except _ProbeError as exc:
