@@ -253,26 +253,26 @@ def plot_pareto(data: ReportData) -> bytes | None:
 def plot_comparison(data: ReportData) -> bytes | None:
     """One bar per metric: best / baseline on a log2 axis (×2 and ×1/2 equally long, so a
     latency that grew 250-fold does not flatten the rest), green when better."""
-    rows = [c for c in data.comparison if c.baseline and c.best and c.baseline > 0 and c.best > 0]
+    rows = [(c, c.baseline, c.best) for c in data.comparison if c.baseline and c.best and c.baseline > 0 and c.best > 0]
     if not rows or data.baseline == data.recommended:
         return None
     fig = _figure(8.5, 0.42 * len(rows) + 1.4)
     ax = fig.subplots()
     rows = rows[::-1]
-    logs = [math.log2(c.best / c.baseline) for c in rows]  # type: ignore[operator]
+    logs = [math.log2(best / base) for _c, base, best in rows]
     colours = []
-    for c in rows:
-        good = None if c.higher_is_better is None or c.best == c.baseline else (c.best > c.baseline) == c.higher_is_better  # type: ignore[operator]
+    for c, base, best in rows:
+        good = None if c.higher_is_better is None or best == base else (best > base) == c.higher_is_better
         colours.append(C_OFF if good is None else ("#1a7f37" if good else "#b42318"))
-    ax.barh([c.metric for c in rows], logs, color=colours)
+    ax.barh([c.metric for c, _base, _best in rows], logs, color=colours)
     ax.axvline(0, color="k", lw=0.8)
     lo, hi = min(0.0, *logs), max(0.0, *logs)
     span = max(hi - lo, 0.5)
     ax.set_xlim(lo - (0.9 if lo < 0 else 0.15) * span, hi + (0.9 if hi > 0 else 0.15) * span)
     _ratio_ticks(ax, span)
-    for y, (c, v) in enumerate(zip(rows, logs)):
+    for y, ((c, base, best), v) in enumerate(zip(rows, logs)):
         ax.text(v + (0.03 * span if v >= 0 else -0.03 * span), y,
-                f"{c.baseline:.4g} → {c.best:.4g} ({c.change_pct:+.1f}%)",  # type: ignore[str-format]
+                f"{base:.4g} → {best:.4g} ({c.change_pct:+.1f}%)",
                 va="center", ha="left" if v >= 0 else "right", fontsize=8)
     ax.set_xlabel("best ÷ baseline (log scale); green = better, red = worse")
     ax.tick_params(axis="y", labelsize=8)
