@@ -1,4 +1,4 @@
-"""Tuning quality (issue 6): how close each search method gets to the true optimum within a
+"""Tuning quality: how close each search method gets to the true optimum within a
 launch budget, on every simulator search space. Prints tables; not a test.
 
     python benchmarks/tuning_quality.py                 # 10 seeds, budgets 5/10/20 (~2 min on 2 cores)
@@ -9,7 +9,7 @@ launch budget, on every simulator search space. Prints tables; not a test.
 
 Methods, each on the same simulated server (`tuner.sim.inprocess.InProcessRunner`, noise
 sigma 0.025 plus slow runs, a fresh draw per launch):
-  kttune    `tuner.tuning.run_study` as `kttune run` runs it (feasibility gate, duplicates,
+  kttune    `tuner.loop.run.run_study` as `kttune run` runs it (feasibility gate, duplicates,
             default strategy), in-memory storage
   random    uniform draws from the space's grid, every one launched
   grid      a coarse grid like vLLM auto_tune's: levels added to the knobs in turn until the
@@ -23,7 +23,7 @@ Score = true (noise-free) objective of the configuration the method would pick (
 measured launch) / the true optimum of the grid (`tuner.sim.optimum`): median over seeds,
 (10th percentile, worst); "found" = the best noise-free value among its launches (what a
 perfect pick would get); "rec" = the same score for the configuration
-`tuner.strategy.recommend` would name (a GP posterior mean over the launches instead of the
+`tuner.search.gp.recommend` would name (a GP posterior mean over the launches instead of the
 single best measurement, applied to every method's launches); "meas" = the pick's measured value / optimum (noise can put it above
 1); "wasted" = launches that failed for the configuration's sake (OOM, ...), mean per run; "pick fails" =
 the share of 40 fresh noisy launches of the picked configuration that fail (OOM fuzz near the memory
@@ -298,7 +298,7 @@ PLANNED = {"grid", "kttune"}   # depend on the budget (kttune: confirmations at 
 @dataclass(frozen=True)
 class Score:
     true: float        # the pick (best measured launch), noise-free / optimum
-    rec: float         # the strategy's denoised recommendation (tuner.strategy.recommend), same
+    rec: float         # the strategy's denoised recommendation (tuner.search.gp.recommend), same
     measured: float    # the pick's measured value / optimum
     found: float       # best noise-free value among the launches / optimum (a perfect pick)
     wasted: int
@@ -377,7 +377,7 @@ def print_table(title: str, rows: list[tuple[str, dict[int, dict[str, float]], f
 
 
 def print_probe_table() -> None:
-    """Early stop (issue 6 item 4): per space and budget, over kttune runs (all variants)."""
+    """Early stop: per space and budget, over kttune runs (all variants)."""
     if not PROBE_STATS:
         return
     print("\n## early stop: pruned launches per run / benchmark time saved (net of probes) / "

@@ -1,4 +1,5 @@
-"""tuner.selection."""
+"""Which trial to deploy: repeats of one configuration grouped and averaged, statistical
+ties broken towards fewer GPU experts, the Pareto front, and picks by objective weights."""
 from __future__ import annotations
 
 import math

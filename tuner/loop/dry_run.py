@@ -1,4 +1,4 @@
-"""tuner.loop.dry_run."""
+"""`kttune run --dry-run`: the argv of the first proposals a run would launch, with no launch and no storage."""
 from __future__ import annotations
 
 import shlex

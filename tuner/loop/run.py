@@ -1,4 +1,6 @@
-"""tuner.loop.run."""
+"""`kttune run`: propose → check feasibility → launch → benchmark → tell, until the budget
+of launches is spent. Optuna's RDB storage is the system of record, so a run resumes where it
+stopped and several workers can share one study."""
 from __future__ import annotations
 
 import inspect
@@ -116,7 +118,7 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
         log(f"marked {recovered} trial(s) of a dead run as interrupted")
     if enqueue_baseline_once(study, space):
         log("baseline enqueued as the first trial")
-    warm_start(study, space, log)  # strategy: the deployment recipe as the next trial (tuner/strategy.py)
+    warm_start(study, space, log)  # strategy: the deployment recipe as the next trial (tuner/search/recipe.py)
     if gate is not None:
         gate.restore(study.user_attrs.get(STUDY_ATTR_CALIBRATION))
     if progress is not None:

@@ -1,4 +1,6 @@
-"""tuner.report.data.data."""
+"""The data behind `kttune report`: per-trial rows, the front and the recommended trial,
+baseline vs best, importances and failure counts, computed from a study (rendered by
+:mod:`tuner.report.html`, so tests check numbers rather than pixels)."""
 from __future__ import annotations
 
 from collections.abc import Sequence

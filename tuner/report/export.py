@@ -1,4 +1,5 @@
-"""tuner.report.data.export."""
+"""Pick one trial (by number, the best, or by objective weights on a Pareto front) and export
+its configuration as a launch profile."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
-"""tuner.report.data.status."""
+"""How the report classifies a trial (feasible, violates, infeasible, failed, duplicate,
+running) and counts failure reasons and missed constraints."""
 from __future__ import annotations
 
 from collections.abc import Sequence

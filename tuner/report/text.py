@@ -1,4 +1,4 @@
-"""tuner.report.data.text."""
+"""`kttune best`: the best trials as a text table, with repeat and safety-margin notes."""
 from __future__ import annotations
 
 import optuna

@@ -1,4 +1,5 @@
-"""tuner.search.gp."""
+"""The strategy's recommendation: the measured trial with the best Gaussian-process
+posterior mean over the launches (robust to one lucky run)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
-"""tuner.search.grid."""
+"""The grid each param is moved over: its values (thinned when very large), snapping to it,
+and the coarse-to-fine step ladder of the local search."""
 from __future__ import annotations
 
 import math

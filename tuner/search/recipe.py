@@ -1,4 +1,9 @@
-"""tuner.search.recipe."""
+"""The warm start: the KT deployment recipe for the knobs it covers, enqueued once per study
+after the baseline, whatever the machine — kt-cpuinfer = physical cores − GPUs,
+kt-threadpool-count = NUMA nodes, max-running-requests ≥ the concurrency the workloads offer —
+the baseline's values (else the middle of the range) for the rest. Capacity flags
+(kt-num-gpu-experts) are left to the sampler, which fills in at ask time the largest value the
+feasibility model says fits with the others."""
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,26 @@
-"""tuner.search.sampler."""
+"""Which configurations kttune launches, in what order.
+
+A real launch costs 10-20 minutes, so the budget is a handful of trials and the first ones
+must already be good. The default strategy (`Strategy()`, measured in docs/tuning-quality.md):
+
+1. **Warm start** (:mod:`tuner.search.recipe`): the KT deployment recipe, with
+   kt-num-gpu-experts filled in at ask time as the largest value the feasibility model says
+   fits with the others (throughput rises with GPU experts until memory runs out).
+2. **Local search around the incumbent** (`KttuneSampler`): one knob at a time, coarse steps
+   first, then finer; when a move changes the memory left for experts, kt-num-gpu-experts
+   follows its fitting boundary (a dependent bound), and the boundary's neighbours below are
+   tried too (KV or runtime headroom can put the optimum just under it). Proposals that are
+   already measured or predicted not to fit are skipped before they reach the loop.
+3. **Global exploration** with multivariate TPE (constraint-aware: infeasible trials carry
+   positive constraints) for a small share of proposals, for the first ones when there is
+   nothing to start from, and whenever the neighbourhood is exhausted.
+
+Nothing here is tuned to a scenario: the recipe is the deployment guide's rule, the step
+ladder depends only on each param's grid, and every knob the strategy does not know is
+searched the same way. `Strategy(inner="tpe"|"random", warm=..., snap=...)` gives the
+variants the benchmark compares. (Optuna's GPSampler needs torch, which kttune does not
+depend on, so it is not offered.)
+"""
 from __future__ import annotations
 
 import random

@@ -1,4 +1,5 @@
-"""tuner.storage.open."""
+"""Open a study: the storage URL (SQLite under the studies folder by default), an RDB storage
+with heartbeats, and the study with kttune's sampler and the space it was created for."""
 from __future__ import annotations
 
 import os
@@ -70,7 +71,7 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
 
 
 def make_sampler(space: SearchSpace, seed: int | None) -> optuna.samplers.BaseSampler:
-    """kttune's search strategy (tuner/strategy.py; measured in docs/tuning-quality.md)."""
+    """kttune's search strategy (tuner/search/sampler.py; measured in docs/tuning-quality.md)."""
     from tuner.search.sampler import make_sampler as strategy_sampler
 
     return strategy_sampler(space, seed)

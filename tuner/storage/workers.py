@@ -1,4 +1,5 @@
-"""tuner.storage.workers."""
+"""What lets several workers share one study: the baseline enqueued once, launches counted
+against the budget, duplicates found, heartbeats, and stale trials of dead workers failed."""
 from __future__ import annotations
 
 import os

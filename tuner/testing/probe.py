@@ -1,4 +1,5 @@
-"""tuner.testing.probe."""
+"""`ProbeEmulator`: gives a runner without a probe of its own an early-stop probe, so the
+in-process simulator exercises the pruning path."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping

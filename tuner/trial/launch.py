@@ -1,4 +1,7 @@
-"""tuner.trial.launch.launch."""
+"""One launched trial: start the server → wait until really ready → check its output is
+sane (:mod:`tuner.trial.quality`) → run each workload → tear the whole tree down. Returns a
+TrialRun; never raises for a server/bench fault. Only KeyboardInterrupt (Ctrl-C, or SIGTERM
+mapped to it by the CLI) escapes, and only after the server tree is gone."""
 from __future__ import annotations
 
 import json
@@ -36,7 +39,7 @@ class TrialRun:
     trial_dir: Path
     timings: dict[str, float] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
-    # tuner.quality.QualityResult.to_attr(); "reference" holds what later trials are
+    # tuner.trial.quality.QualityResult.to_attr(); "reference" holds what later trials are
     # compared with when this trial's check passed (the loop keeps the first one).
     quality: dict[str, Any] = field(default_factory=dict)
 

@@ -1,4 +1,5 @@
-"""tuner.trial.launch.probe."""
+"""The early-stop probe: a short version of the objective's workload, and the outcome of a
+trial pruned after it."""
 from __future__ import annotations
 
 from collections.abc import Mapping

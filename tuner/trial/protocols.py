@@ -1,4 +1,4 @@
-"""tuner.trial.launch.protocols."""
+"""`TrialRunner`: the interface of one launch, which the loop calls (run_trial, or a simulator)."""
 from __future__ import annotations
 
 from collections.abc import Callable
