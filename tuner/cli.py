@@ -10,14 +10,18 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from tuner.errors import ConfigError, KttuneError
+
+if TYPE_CHECKING:
+    from tuner.config import SearchSpace
 
 DEFAULT_SPACE = "search_spaces/sim-kimi-k2-thinking-8xl20.yaml"
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, like every other bad input
         self.exit(2, f"kttune: error: {message} (see kttune {self.prog.split()[-1]} --help)\n")
 
 
@@ -68,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(args: argparse.Namespace, *, check_paths: bool = True):  # type: ignore[no-untyped-def]
+def _resolve(args: argparse.Namespace, *, check_paths: bool = True) -> tuple[SearchSpace, str, str]:
     from tuner.config import load_space
     from tuner.storage.open import default_storage
 
