@@ -34,7 +34,7 @@ import optuna  # noqa: E402
 import psutil  # noqa: E402
 import yaml  # noqa: E402
 
-from tuner.trial.quality import QualitySpec  # noqa: E402
+from tuner.config import QualitySpec  # noqa: E402
 
 SIM_SPACE = REPO / "search_spaces" / "sim-kimi-k2-thinking-8xl20.yaml"
 MARKER_ENV = "KTTUNE_FAULT_MARKER"

@@ -54,7 +54,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tuner.config.space import FeasibilitySpec, SearchSpace, load_space  # noqa: E402
+from tuner.config import FeasibilitySpec, SearchSpace, load_space  # noqa: E402
 from tuner.feasibility.gate import FeasibilityGate  # noqa: E402
 from tuner.loop.run import RunOptions, run_study  # noqa: E402
 from tuner.outcome import (

@@ -5,7 +5,7 @@ import yaml
 from optuna.trial import TrialState
 
 from tuner import outcome as objective
-from tuner.config.space import parse_space
+from tuner.config import parse_space
 
 
 def space(**changes):

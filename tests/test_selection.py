@@ -9,7 +9,7 @@ import optuna
 import pytest
 
 from tests.conftest import REPO
-from tuner.config.space import ConfirmSpec, SearchSpace, load_space
+from tuner.config import ConfirmSpec, SearchSpace, load_space
 from tuner.loop.run import RunOptions, run_study
 from tuner.report.artifacts import study_note
 from tuner.report.data import compute_report

@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     # the search space
-    "load_space": "tuner.config.space", "SearchSpace": "tuner.config.space",
+    "load_space": "tuner.config", "SearchSpace": "tuner.config",
     # running a study
     "run_study": "tuner.loop.run", "RunOptions": "tuner.loop.run", "RunSummary": "tuner.loop.run",
     "StudyStopped": "tuner.loop.run", "dry_run": "tuner.loop.dry_run",
@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from tuner.config.space import SearchSpace, load_space
+    from tuner.config import SearchSpace, load_space
     from tuner.errors import ConfigError, KttuneError
     from tuner.feasibility.gate import FeasibilityGate
     from tuner.loop.dry_run import dry_run

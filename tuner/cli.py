@@ -14,10 +14,13 @@ from typing import TYPE_CHECKING, NoReturn
 
 from tuner.errors import ConfigError, KttuneError
 
+if TYPE_CHECKING:
+    from tuner.config import SearchSpace
+
 DEFAULT_SPACE = "search_spaces/sim-kimi-k2-thinking-8xl20.yaml"
 
 if TYPE_CHECKING:
-    from tuner.config.space import SearchSpace
+    from tuner.config import SearchSpace
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args: argparse.Namespace, *, check_paths: bool = True) -> tuple[SearchSpace, str, str]:
-    from tuner.config.space import load_space
+    from tuner.config import load_space
     from tuner.storage.open import default_storage
 
     space = load_space(args.space, check_paths=check_paths)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.config.space import SearchSpace, is_finite
+from tuner.config import SearchSpace, is_finite
 
 
 class Fault(enum.Enum):

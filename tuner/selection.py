@@ -23,7 +23,7 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.config.space import CAPACITY_FLAGS, ConfirmSpec
+from tuner.config import CAPACITY_FLAGS, ConfirmSpec
 from tuner.errors import KttuneError
 from tuner.storage.attrs import ATTR_LAUNCHED, ATTR_REASON, ATTR_SPARE_GB
 

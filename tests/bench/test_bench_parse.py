@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tuner.bench.client import build_bench_argv, read_last_result, rescale_metrics
-from tuner.config.space import load_space
+from tuner.config import load_space
 
 LINE = {"backend": "sglang", "duration": 412.66, "completed": 37, "input_throughput": 0.9,
         "output_throughput": 45.91, "mean_ttft_ms": 3552.0, "median_itl_ms": 797.9,

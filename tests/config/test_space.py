@@ -7,7 +7,7 @@ import optuna
 import pytest
 import yaml
 
-from tuner.config.space import load_space, parse_space
+from tuner.config import load_space, parse_space
 from tuner.errors import ConfigError
 
 SIM = Path("search_spaces/sim-kimi-k2-thinking-8xl20.yaml")

@@ -148,7 +148,7 @@ def test_a_second_interrupt_during_teardown_still_clears_the_tree(tmp_path: Path
     """Ctrl-C twice: the first lands once the server is ready, the second inside stop_server.
     The tree must still be torn down before the interrupt propagates."""
     import tuner.trial.launch as trial_mod
-    from tuner.config.space import load_space
+    from tuner.config import load_space
 
     real_stop = trial_mod.stop_server
     calls: list[int] = []

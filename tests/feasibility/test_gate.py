@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO
-from tuner.config.space import SearchSpace, load_space
+from tuner.config import SearchSpace, load_space
 from tuner.feasibility.gate import DEFAULT_MARGIN_GB, MARGIN_STEP_GB, FeasibilityGate, _runtime_oom
 from tuner.feasibility.memory import anchor_from_observed, calibrate_from_log
 from tuner.sim.inprocess import InProcessRunner

@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from tests.search.test_sampler import sim_space
 from tuner import outcome as objective
-from tuner.config.space import ConfirmSpec, ProbeSpec, SearchSpace
+from tuner.config import ConfirmSpec, ProbeSpec, SearchSpace
 from tuner.loop.dry_run import dry_run
 from tuner.loop.run import RunOptions, repeating_fault, run_study
 from tuner.outcome import PRUNED
@@ -226,7 +226,7 @@ def test_the_pick_among_tied_configurations_is_the_one_with_memory_to_spare() ->
 
 
 def test_launches_inside_the_margin_are_marked_bounded_and_can_be_turned_off(tmp_path: Path) -> None:
-    from tuner.config.space import FeasibilitySpec
+    from tuner.config import FeasibilitySpec
     from tuner.storage.attrs import ATTR_MARGINAL, ATTR_SPARE_GB, boundary_failures
 
     space = sim_space("kimi-k2-thinking-8xl20")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, requires_bench_client
-from tuner.config.space import Workload, load_space
+from tuner.config import Workload, load_space
 from tuner.errors import ConfigError
 from tuner.preflight.compat import HelpCache, bench_flags, check_space_compat, parse_help_flags, server_flags
 

@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.artifacts import download_artifact, get_all_artifact_meta
 
-from tuner.config.space import ConfirmSpec
+from tuner.config import ConfirmSpec
 from tuner.report.artifacts import (
     STUDY_ATTR_ARTIFACT_DIR,
     backfill_artifacts,

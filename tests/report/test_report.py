@@ -14,7 +14,7 @@ import yaml
 
 from tuner import outcome as objective
 from tuner.cli import main
-from tuner.config.space import parse_space
+from tuner.config import parse_space
 from tuner.errors import ConfigError, KttuneError
 from tuner.report.data import compute_report
 from tuner.report.export import export_profile, parse_weights, pick_trial
@@ -216,7 +216,8 @@ def test_cli_best_export_report(mo, tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_rendered_report_is_self_contained(mo, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from tuner.report.html import plot_pareto, write_report
+    from tuner.report.figures import plot_pareto
+    from tuner.report.html import write_report
 
     space, study, _ = mo
     data = compute_report(space, study)
@@ -247,7 +248,7 @@ def test_stale_figures_are_removed(mo, tmp_path: Path) -> None:
 
 
 def test_categorical_axis_keeps_the_spaces_order() -> None:
-    from tuner.report.html import _numeric
+    from tuner.report.figures import _numeric
 
     assert _numeric([4096, 1024], (1024, 2048, 4096)) == ([2.0, 0.0], ["1024", "2048", "4096"])
     assert _numeric([3, 1.5]) == ([3.0, 1.5], None)

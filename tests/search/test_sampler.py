@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tuner.config.space import ParamSpec, SearchSpace, load_space, parse_space
+from tuner.config import ParamSpec, SearchSpace, load_space, parse_space
 from tuner.errors import KttuneError
 from tuner.feasibility.gate import FeasibilityGate
 from tuner.loop.run import RunOptions, run_study

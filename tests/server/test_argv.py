@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from tuner.config.space import load_space
+from tuner.config import load_space
 from tuner.server.argv import build_server_argv, flag_args
 from tuner.trial.launch import server_argv
 

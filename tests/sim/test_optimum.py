@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tuner.config.space import ParamSpec, load_space, parse_space
+from tuner.config import ParamSpec, load_space, parse_space
 from tuner.server.argv import flag_args
 from tuner.sim import optimum as opt_mod
 from tuner.sim.api import predict

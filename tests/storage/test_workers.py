@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 from tests.conftest import REPO
-from tuner.config.space import SearchSpace, load_space
+from tuner.config import SearchSpace, load_space
 from tuner.errors import ConfigError
 from tuner.search.sampler import make_sampler
 from tuner.storage.attrs import ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_LAUNCHED, ATTR_REASON

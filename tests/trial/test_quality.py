@@ -13,17 +13,9 @@ from typing import Any
 
 import pytest
 
+from tuner.config.quality import DEFAULT_PROMPTS, QualitySpec
 from tuner.errors import ConfigError
-from tuner.trial.quality import (
-    DEFAULT_PROMPTS,
-    QualitySpec,
-    check_quality,
-    distinct_ratio,
-    mean_input_logprob,
-    repeat_fraction,
-    reply_problem,
-    text_units,
-)
+from tuner.trial.quality import check_quality, distinct_ratio, mean_input_logprob, repeat_fraction, reply_problem, text_units
 
 GOOD = {
     DEFAULT_PROMPTS[0]: " red, green and blue. When they are mixed in equal amounts they produce white light, "

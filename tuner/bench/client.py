@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.bench.metrics import MetricKind, metric_kind
-from tuner.config.space import BenchSpec, Workload
+from tuner.config import BenchSpec, Workload
 from tuner.errors import BenchmarkError
 from tuner.server.argv import flag_args
 from tuner.server.launch import die_with_tuner

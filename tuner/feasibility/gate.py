@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuner.config.space import AUTO, ParamSpec, SearchSpace
+from tuner.config import AUTO, ParamSpec, SearchSpace
 from tuner.feasibility.memory import (
     FeasibilityReport,
     MemoryCalibration,

@@ -7,7 +7,7 @@ import shlex
 
 import optuna
 
-from tuner.config.space import SearchSpace
+from tuner.config import SearchSpace
 from tuner.errors import KttuneError
 from tuner.feasibility.gate import FeasibilityGate
 from tuner.log import Log

@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 
 from tuner import outcome
-from tuner.config.space import SearchSpace
+from tuner.config import SearchSpace
 from tuner.log import Log
 from tuner.loop.progress import Progress
 from tuner.outcome import Reason, TrialOutcome

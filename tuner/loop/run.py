@@ -20,7 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import outcome
-from tuner.config.space import SearchSpace
+from tuner.config import SearchSpace
 from tuner.errors import ConfigError, KttuneError
 from tuner.feasibility.gate import FeasibilityGate
 from tuner.feasibility.memory import BOUNDARY_ACTIVATION_SHARE, FeasibilityReport

@@ -367,7 +367,7 @@ def _bench_checks(space: Any, timeout_s: float, run: Runner) -> list[Check]:
 
 def run_checks(opts: DoctorOptions, *, run: Runner = run_process,
                probe_gpus: Callable[[], Sequence[Any]] | None = None) -> list[Check]:
-    from tuner.config.space import load_space
+    from tuner.config import load_space
     from tuner.machine.gpu import probe_gpus as nvml_probe
 
     checks = [Check("kttune", OK, f"python {sys.version.split()[0]} at {sys.executable}")]

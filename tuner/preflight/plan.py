@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from tuner.config.space import SearchSpace
+from tuner.config import SearchSpace
 from tuner.errors import ConfigError
 from tuner.feasibility.gate import FeasibilityGate
 from tuner.feasibility.memory import max_gpu_experts

@@ -22,7 +22,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial
 
-from tuner.config.space import ConfirmSpec
+from tuner.config import ConfirmSpec
 from tuner.selection import pick
 from tuner.storage.attrs import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_TRIAL_DIR, STUDY_ATTR_ARTIFACT_DIR, metrics_of, objective_keys
 

@@ -12,7 +12,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial
 
 from tuner.bench.metrics import higher_is_better
-from tuner.config.space import SearchSpace, is_finite
+from tuner.config import SearchSpace, is_finite
 from tuner.report.status import (
     FEASIBLE,
     VIOLATES,

@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.config.space import SearchSpace
+from tuner.config import SearchSpace
 from tuner.errors import ConfigError, KttuneError
 from tuner.report.profile import render_profile, write_atomic
 from tuner.report.status import no_feasible_message

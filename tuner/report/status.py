@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.config.space import is_finite
+from tuner.config import is_finite
 from tuner.outcome import PRUNED
 from tuner.storage.attrs import ATTR_DUPLICATE_OF, ATTR_REASON
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial
 
-from tuner.config.space import ConfirmSpec, SearchSpace
+from tuner.config import ConfirmSpec, SearchSpace
 from tuner.report.status import failure_counts, no_feasible_message
 from tuner.selection import (
     pick,

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from tuner.config.space import ParamSpec
+from tuner.config import ParamSpec
 
 GRID_CAP = 4097          # a param with more grid points is moved on a thinned grid
 FLOAT_POINTS = 33        # grid of an unstepped float / log range

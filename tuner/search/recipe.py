@@ -8,7 +8,7 @@ from typing import Any
 
 import optuna
 
-from tuner.config.space import CAPACITY_FLAGS, SearchSpace
+from tuner.config import CAPACITY_FLAGS, SearchSpace
 from tuner.feasibility.gate import FeasibilityGate
 from tuner.log import Log
 from tuner.search.grid import _ordered, param_grid, snap

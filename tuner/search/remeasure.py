@@ -9,7 +9,7 @@ from collections.abc import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.config.space import ConfirmSpec
+from tuner.config import ConfirmSpec
 from tuner.selection import pooled_noise, repeat_groups
 from tuner.storage.attrs import ATTR_CONFIRMATION_OF
 

@@ -35,7 +35,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.config.space import CAPACITY_FLAGS, SearchSpace
+from tuner.config import CAPACITY_FLAGS, SearchSpace
 from tuner.errors import KttuneError
 from tuner.feasibility.gate import FeasibilityGate
 from tuner.search.gp import denoised_best

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner import outcome
-from tuner.config.space import SearchSpace
+from tuner.config import SearchSpace
 from tuner.server import classify_failure, parse_memory_lines
 from tuner.server.argv import flag_args
 from tuner.sim.args import PROG, UsageError, parse_args, to_sim_config
@@ -82,7 +82,7 @@ def startup_log(st: StartupResult) -> list[str]:
 
 
 class InProcessRunner:
-    """`TrialRunner` (see `tuner.tuning`) backed by `tuner.sim` in this process.
+    """`TrialRunner` (see `tuner.trial.protocols`) backed by `tuner.sim` in this process.
 
     Each call is one simulated launch with its own noise draw, seeded from `seed` and the
     call count, so a benchmark run is reproducible. `noise_sigma=0` gives the model's exact

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from tuner.config.space import AUTO, ParamSpec, SearchSpace, load_space
+from tuner.config import AUTO, ParamSpec, SearchSpace, load_space
 from tuner.errors import ConfigError, KttuneError
 from tuner.server.argv import flag_args
 from tuner.sim.args import UsageError, parse_args, to_sim_config

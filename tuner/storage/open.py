@@ -7,7 +7,7 @@ from pathlib import Path
 
 import optuna
 
-from tuner.config.space import SearchSpace
+from tuner.config import SearchSpace
 from tuner.errors import ConfigError
 from tuner.storage.attrs import STUDY_ATTR_SPACE
 

@@ -15,7 +15,7 @@ import optuna
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.config.space import SearchSpace
+from tuner.config import SearchSpace
 from tuner.log import Log
 from tuner.storage.attrs import (
     ATTR_BASELINE,

@@ -8,7 +8,7 @@ from typing import Any
 
 from tuner import outcome
 from tuner.bench.metrics import MetricKind, metric_kind
-from tuner.config.space import SearchSpace
+from tuner.config import SearchSpace
 from tuner.trial.launch import PhaseCallback, ProbeHook, TrialRun
 from tuner.trial.probe import PROBE_SUFFIX, probe_workload
 

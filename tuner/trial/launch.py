@@ -13,13 +13,13 @@ from typing import Any
 
 from tuner import outcome
 from tuner.bench.client import run_workload
-from tuner.config.space import SearchSpace
+from tuner.config import QualitySpec, SearchSpace
 from tuner.errors import BenchmarkError, ServerLaunchError, TeardownError
 from tuner.outcome import TrialOutcome
 from tuner.server import ServerHandle, find_free_port, is_alive, parse_memory_lines, start_server, stop_server, wait_ready
 from tuner.server.argv import build_server_argv
 from tuner.trial.probe import PROBE_SUFFIX, probe_workload
-from tuner.trial.quality import QualitySpec, check_quality
+from tuner.trial.quality import check_quality
 
 PhaseCallback = Callable[[str], None]
 
@@ -39,7 +39,7 @@ class TrialRun:
     trial_dir: Path
     timings: dict[str, float] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
-    # tuner.quality.QualityResult.to_attr(); "reference" holds what later trials are
+    # tuner.trial.quality.QualityResult.to_attr(); "reference" holds what later trials are
     # compared with when this trial's check passed (the loop keeps the first one).
     quality: dict[str, Any] = field(default_factory=dict)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tuner.config.space import SearchSpace, Workload
+from tuner.config import SearchSpace, Workload
 
 PROBE_SUFFIX = "-probe"
 PROBE_MIN_OUTPUT = 8   # a probe shorter than this measures start-up, not decode: none then

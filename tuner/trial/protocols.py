@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from tuner.config.space import SearchSpace
+from tuner.config import SearchSpace
 from tuner.trial.launch import TrialRun
 
 

@@ -1,0 +1,211 @@
+"""The typed form of a search space: frozen dataclasses for every section, and the constants
+other packages key on (AUTO, CAPACITY_FLAGS). Parsing and validation are in
+:mod:`tuner.config.parse`; everything downstream works on `SearchSpace`."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from tuner.config.quality import QualitySpec
+
+Scalar = int | float | str | bool
+#: A flag value kttune computes before launch (max-total-tokens: from the model and the machine).
+AUTO = "auto"
+#: Flags whose throughput rises until GPU memory runs out: searched from their fitting boundary.
+CAPACITY_FLAGS = ("kt-num-gpu-experts",)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One tuned launch flag: an int/float range or a list of choices."""
+
+    flag: str
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: tuple[Scalar, ...] | None = None
+    is_float: bool = False
+
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        if self.choices is not None:
+            return optuna.distributions.CategoricalDistribution(self.choices)
+        assert self.low is not None and self.high is not None
+        if self.is_float:
+            return optuna.distributions.FloatDistribution(
+                self.low, self.high, log=self.log, step=self.step
+            )
+        return optuna.distributions.IntDistribution(
+            int(self.low), int(self.high), log=self.log, step=int(self.step or 1)
+        )
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    python: str
+    module: str | None
+    command: tuple[str, ...] | None
+    host: str
+    port: int | None
+    start_timeout_s: float
+    env: Mapping[str, str]
+    args: Mapping[str, Any]
+
+    def launcher(self) -> list[str]:
+        """The argv prefix that starts the server (before any flag)."""
+        if self.command:
+            return list(self.command)
+        return [self.python, "-m", str(self.module)]
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    num_prompts: int
+    input_len: int
+    output_len: int
+    range_ratio: float = 1.0
+    dataset_name: str = "random"
+    max_concurrency: int | None = None
+    request_rate: float | None = None
+    extra_args: Mapping[str, Any] = field(default_factory=dict)
+
+    def tokens_per_request(self) -> int:
+        return self.input_len + self.output_len
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    python: str
+    module: str
+    backend: str
+    dataset_path: str | None
+    tokenizer: str | None
+    model: str | None
+    timeout_s: float
+    seed: int
+    env: Mapping[str, str]
+    # Only for a time-scaled simulated server: measured durations are divided by this
+    # factor (throughputs multiplied) so metrics read in real-hardware units.
+    time_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class ConfirmSpec:
+    """Confirmation launches at the end of the budget: `runs` re-measurements of
+    the `finalists` best configurations; runs None = 2 when the budget is ≥ 10, else 0."""
+
+    runs: int | None = None
+    finalists: int = 2
+    noise: float = 0.03  # prior run-to-run relative spread (sd), until repeats measure it
+    recheck: bool = True  # re-measure a new leader once when it leads by less than the noise
+
+    def runs_for(self, budget: int) -> int:
+        runs = (2 if budget >= 10 else 0) if self.runs is None else self.runs
+        return max(0, min(runs, budget - 1))
+
+
+@dataclass(frozen=True)
+class FeasibilitySpec:
+    """How close to the predicted memory limit kttune may launch. A configuration predicted to
+    fit only inside the safety margin (anchored on launched servers' logs) may be launched while
+    fewer than `boundary_failures` such launches failed; 0 keeps every launch outside the margin."""
+
+    boundary_failures: int = 1
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """Early stop: a short probe (the objective's workload with `fraction` of its output
+    tokens) before the full benchmark; a trial whose probe is below `prune_below` × the best
+    probe so far is pruned (single objective only). fraction 0 turns it off."""
+
+    fraction: float = 0.25
+    prune_below: float = 0.8
+    min_trials: int = 2
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    workload: str
+    metric: str
+    direction: str  # "maximize" | "minimize"
+
+    @property
+    def key(self) -> str:
+        return f"{self.workload}.{self.metric}"
+
+
+@dataclass(frozen=True)
+class SloSpec:
+    """A service-level bound on one measured metric; violations become Optuna constraints."""
+
+    workload: str
+    metric: str
+    max: float | None = None
+    min: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.workload}.{self.metric}"
+
+    @property
+    def constraint_name(self) -> str:
+        return f"slo:{self.key}"
+
+    def violation(self, value: float) -> float:
+        """Relative violation: ≤ 0 met, > 0 missed by that fraction of the bound."""
+        if self.max is not None:
+            return (value - self.max) / max(abs(self.max), 1e-9)
+        assert self.min is not None
+        return (self.min - value) / max(abs(self.min), 1e-9)
+
+    def describe(self) -> str:
+        return f"{self.key} {'<=' if self.max is not None else '>='} {self.max if self.max is not None else self.min:g}"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    path: Path | None
+    server: ServerSpec
+    params: tuple[ParamSpec, ...]
+    workloads: tuple[Workload, ...]
+    objectives: tuple[ObjectiveSpec, ...]
+    bench: BenchSpec
+    baseline: Mapping[str, Any] | None
+    hardware: Mapping[str, Any]
+    model: Mapping[str, Any]
+    slos: tuple[SloSpec, ...] = ()
+    quality: QualitySpec = field(default_factory=QualitySpec)
+    confirm: ConfirmSpec = field(default_factory=ConfirmSpec)
+    probe: ProbeSpec = field(default_factory=ProbeSpec)
+    feasibility: FeasibilitySpec = field(default_factory=FeasibilitySpec)
+
+    def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
+        return {p.flag: p.distribution() for p in self.params}
+
+    def launch_flags(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Fixed server args with the tuned values substituted (tuned wins)."""
+        merged = dict(self.server.args)
+        merged.update(params)
+        return merged
+
+    def workload(self, name: str) -> Workload:
+        for w in self.workloads:
+            if w.name == name:
+                return w
+        raise KeyError(name)
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+
+def is_finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
