@@ -13,6 +13,7 @@ from tuner.config.space import AUTO, ParamSpec, SearchSpace
 from tuner.feasibility.memory import FeasibilityReport, MemoryCalibration, anchor_from_observed, auto_max_total_tokens, calibrate_from_log, check, resolve_launch
 from tuner.machine.hardware import Hardware, resolve_hardware
 from tuner.machine.model import ModelSizes, load_model_sizes
+from tuner.server import runtime_oom
 
 # Failures that mean "the memory model was too optimistic" when the config was predicted to fit.
 MEMORY_REASONS = frozenset({"oom", "oom_weights", "oom_kv_alloc", "kv_not_enough_memory", "cuda_graph_failed"})
@@ -93,13 +94,13 @@ class FeasibilityGate:
         enough to the anchored margin that it no longer fits even without the margin.
         Returns the state to store (see `state`)."""
         observed = calibrate_from_log(log_text)
-        runtime_oom = _runtime_oom(log_text)
-        memory_failure = reason in MEMORY_REASONS or runtime_oom
+        oom_after_ready = runtime_oom(log_text)
+        memory_failure = reason in MEMORY_REASONS or oom_after_ready
         if observed.get("weights_gb") is not None:
-            tokens = self._forward_tokens(flags, full_only=not runtime_oom)
+            tokens = self._forward_tokens(flags, full_only=not oom_after_ready)
             self.calibration = anchor_from_observed(
                 observed, self.model, self.hardware, flags, base=self.calibration,
-                full_chunk_tokens=tokens if (reason is None or runtime_oom) else 0, runtime_oom=runtime_oom)
+                full_chunk_tokens=tokens if (reason is None or oom_after_ready) else 0, runtime_oom=oom_after_ready)
         if memory_failure and marginal and not predicted_fit and self.calibration.f0_gb is not None:
             after = self.check(flags)
             slack = after.band_slack_gb if self._testable(after) else after.bare_slack_gb
@@ -156,12 +157,6 @@ class FeasibilityGate:
         known = {f.name for f in dataclasses.fields(MemoryCalibration)}
         values = {k: v for k, v in dict(state.get("calibration") or {}).items() if k in known}
         self.calibration = MemoryCalibration(**values)
-
-
-def _runtime_oom(log_text: str) -> bool:
-    """An out-of-memory error after the server reported itself ready (a forward, not start-up)."""
-    ready = max(log_text.rfind("available_gpu_mem="), log_text.rfind("The server is fired up"))
-    return ready >= 0 and "out of memory" in log_text[ready:]
 
 
 def _smallest_chunk(space: SearchSpace) -> int | None:

@@ -13,7 +13,6 @@ Constraints are signed, ≤ 0 feasible, in natural units (GB, tokens, threads, .
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from tuner.errors import ConfigError
 from tuner.machine.hardware import GIB, MIB, Hardware
 from tuner.machine.model import ModelSizes
+from tuner.server import worst_memory_figures
 
 GB = 1e9
 Workload = tuple[int, int, int]  # (num_prompts, input_len, output_len)
@@ -623,41 +623,33 @@ def max_gpu_experts(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any], w
 
 
 _GIB_GB = GIB / GB
-_LOG_PATTERNS = {
-    "avail_before_weights_gb": (r"Load weight begin\. avail mem=([\d.]+) GB", min),
-    "weights_gb": (r"Load weight end\..*?mem usage=([\d.]+) GB", max),
-    "avail_after_weights_gb": (r"Load weight end\..*?avail mem=([\d.]+) GB", min),
-    "kv_tokens": (r"KV Cache is allocated\. #tokens: (\d+)", min),
-    "cuda_graph_gb": (r"Capture cuda graph end\..*?mem usage=([\d.]+) GB", max),
-    "available_gpu_mem_gb": (r"available_gpu_mem=([\d.]+) GB", min),
-    "max_total_num_tokens": (r"max_total_num_tokens=(\d+)", min),
-    "chunked_prefill_size": (r"chunked_prefill_size=(-?\d+)", min),
-    "max_running_requests": (r"max_running_requests=(\d+)", min),
-    "context_len": (r"context_len=(\d+)", min),
-    "kt_gpu_experts_per_layer": (r"Using kt_num_gpu_experts=(\d+) per layer", max),
-    "kt_total_gpu_experts": (r"total GPU experts: (\d+)", max),
-}
+# calibrate_from_log's keys and the worst_memory_figures keys they come from, in output order.
+_FROM_LOG = (("avail_before_weights_gb", "weight_begin_avail_gib"), ("weights_gb", "weight_mem_gib"),
+             ("avail_after_weights_gb", "weight_avail_gib"), ("kv_tokens", "kv_tokens"),
+             ("cuda_graph_gb", "cuda_graph_mem_gib"), ("available_gpu_mem_gb", "available_gpu_mem_gib"),
+             ("max_total_num_tokens", "max_total_num_tokens"), ("chunked_prefill_size", "chunked_prefill_size"),
+             ("max_running_requests", "max_running_requests"), ("context_len", "context_len"),
+             ("kt_gpu_experts_per_layer", "kt_gpu_experts_per_layer"), ("kt_total_gpu_experts", "kt_total_gpu_experts"))
 
 
 def calibrate_from_log(log_text: str) -> dict[str, Any]:
-    """Numbers an sglang-kt server log reports about memory, converted to decimal GB (the log
-    prints GiB as "GB"); only the keys found are returned. Over TP ranks: the worst rank."""
+    """Numbers an sglang-kt server log reports about memory (:func:`tuner.server.worst_memory_figures`),
+    converted to decimal GB (the log prints GiB as "GB"); only the keys found are returned. Over
+    TP ranks: the worst rank."""
+    logged = worst_memory_figures(log_text)
     out: dict[str, Any] = {}
-    for key, (pattern, pick) in _LOG_PATTERNS.items():
-        found = [float(v) for v in re.findall(pattern, log_text)]
-        if found:
-            value = pick(found)
-            out[key] = round(value * _GIB_GB, 4) if key.endswith("_gb") else int(value)
-    kv = [float(m[0] or 0) + float(m[1] or 0) + float(m[2] or 0) for m in re.findall(
-        r"KV Cache is allocated\..*?(?:KV size: ([\d.]+) GB|K size: ([\d.]+) GB, V size: ([\d.]+) GB)", log_text)]
-    if kv:
-        out["kv_size_gb"] = round(max(kv) * _GIB_GB, 4)
+    for key, source in _FROM_LOG:
+        if source in logged:
+            out[key] = round(logged[source] * _GIB_GB, 4) if key.endswith("_gb") else logged[source]
+    if "kv_size_gib" in logged:
+        out["kv_size_gb"] = round(logged["kv_size_gib"] * _GIB_GB, 4)
         if out.get("kv_tokens"):
             out["kv_bytes_per_token"] = round(out["kv_size_gb"] * GB / out["kv_tokens"], 1)
-    if m := re.search(r"max_total_tokens=(\d+) is larger than the profiled value (\d+)", log_text):
-        out["max_total_tokens_requested"], out["max_total_tokens_profiled"] = int(m[1]), int(m[2])
-    out["oom"] = "CUDA out of memory" in log_text
-    out["not_enough_memory"] = "Not enough memory. Please try to increase --mem-fraction-static" in log_text
+    if "kv_clip_requested_tokens" in logged:
+        out["max_total_tokens_requested"] = logged["kv_clip_requested_tokens"]
+        out["max_total_tokens_profiled"] = logged["kv_clip_profiled_tokens"]
+    out["oom"] = logged["cuda_oom"]
+    out["not_enough_memory"] = logged["kv_not_enough_memory"]
     return out
 
 
