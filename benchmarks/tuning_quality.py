@@ -57,19 +57,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tuner.config.space import FeasibilitySpec, SearchSpace, load_space  # noqa: E402
-from tuner.feasibility.gate import FeasibilityGate  # noqa: E402
+from tuner.feasibility import FeasibilityGate  # noqa: E402
 from tuner.loop.run import RunOptions, run_study  # noqa: E402
-from tuner.outcome import is_config_reason  # noqa: E402
-from tuner.selection import confirmed_or_best  # noqa: E402
+from tuner.outcome import (
+    PRUNED,  # noqa: E402
+    is_config_reason,  # noqa: E402
+)
 from tuner.search import sampler as strategy_mod  # noqa: E402
 from tuner.search.gp import denoised_best  # noqa: E402
 from tuner.search.grid import param_grid  # noqa: E402
 from tuner.search.sampler import Strategy  # noqa: E402
+from tuner.selection import confirmed_or_best  # noqa: E402
 from tuner.sim.inprocess import InProcessRunner  # noqa: E402
 from tuner.sim.optimum import SpaceGrid  # noqa: E402
 from tuner.storage.attrs import ATTR_LAUNCHED, ATTR_REASON, STUDY_ATTR_CALIBRATION  # noqa: E402
 from tuner.testing.probe import ProbeEmulator  # noqa: E402
-from tuner.outcome import PRUNED  # noqa: E402
 
 SPACES = sorted(str(p.relative_to(REPO)) for p in (REPO / "search_spaces").glob("sim-*.yaml"))
 VARIANTS: dict[str, Strategy] = {

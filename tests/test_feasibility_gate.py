@@ -10,8 +10,8 @@ import pytest
 
 from tests.conftest import REPO
 from tuner.config.space import SearchSpace, load_space
+from tuner.feasibility.anchor import anchor_from_observed, calibrate_from_log
 from tuner.feasibility.gate import DEFAULT_MARGIN_GB, MARGIN_STEP_GB, FeasibilityGate
-from tuner.feasibility.memory import anchor_from_observed, calibrate_from_log
 from tuner.server.logscan import runtime_oom as _runtime_oom
 from tuner.sim.inprocess import InProcessRunner
 

@@ -1,1 +1,19 @@
-"""feasibility."""
+"""Will a launch fit? sglang-kt's per-GPU memory, CPU and NUMA checks before a launch, and the
+per-study gate that learns from what launched servers logged.
+
+Modules, each importing only those before it: plan (flags with sglang's defaults),
+calibration (what the memory model learned), memory (the per-GPU breakdown), anchor
+(learning from a log), check (the verdict on one flag set), gate (the study's view)."""
+from __future__ import annotations
+
+from tuner.feasibility.calibration import BOUNDARY_ACTIVATION_SHARE, boundary_calibration
+from tuner.feasibility.check import max_gpu_experts
+from tuner.feasibility.gate import MEMORY_REASONS, FeasibilityGate
+
+__all__ = [
+    "BOUNDARY_ACTIVATION_SHARE",
+    "MEMORY_REASONS",
+    "FeasibilityGate",
+    "boundary_calibration",
+    "max_gpu_experts",
+]

@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tuner.config.space import AUTO, ParamSpec, SearchSpace
-from tuner.feasibility.memory import FeasibilityReport, MemoryCalibration, anchor_from_observed, auto_max_total_tokens, calibrate_from_log, check, resolve_launch
+from tuner.feasibility.anchor import anchor_from_observed, calibrate_from_log
+from tuner.feasibility.calibration import MemoryCalibration
+from tuner.feasibility.check import FeasibilityReport, check
+from tuner.feasibility.plan import auto_max_total_tokens, resolve_launch
 from tuner.machine.hardware import Hardware, resolve_hardware
 from tuner.machine.model import ModelSizes, load_model_sizes
 from tuner.server import runtime_oom

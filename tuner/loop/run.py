@@ -14,8 +14,7 @@ from optuna.trial import TrialState
 from tuner import outcome as objective
 from tuner.config.space import SearchSpace
 from tuner.errors import ConfigError, KttuneError
-from tuner.feasibility.gate import MEMORY_REASONS, FeasibilityGate
-from tuner.feasibility.memory import BOUNDARY_ACTIVATION_SHARE
+from tuner.feasibility import BOUNDARY_ACTIVATION_SHARE, MEMORY_REASONS, FeasibilityGate
 from tuner.log import Log
 from tuner.loop.progress import Progress
 from tuner.outcome import FATAL_REASONS, PRUNED, TrialOutcome

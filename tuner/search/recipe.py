@@ -56,7 +56,7 @@ def warm_start(study: optuna.Study, space: SearchSpace, log: Log = print) -> boo
 
 def _gate_for(space: SearchSpace) -> Any | None:
     """The feasibility model, or None where model or hardware cannot be resolved."""
-    from tuner.feasibility.gate import FeasibilityGate
+    from tuner.feasibility import FeasibilityGate
     try:
         return FeasibilityGate.for_space(space)
     except KttuneError:

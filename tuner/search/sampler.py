@@ -159,7 +159,7 @@ class KttuneSampler(optuna.samplers.BaseSampler):
         key = tuple(sorted((k, v) for k, v in params.items() if k != self._cap))
         if key in self._boundary_cache:
             return self._boundary_cache[key]
-        from tuner.feasibility.memory import boundary_calibration, max_gpu_experts
+        from tuner.feasibility import boundary_calibration, max_gpu_experts
         grid = self._grids[self._cap]
         found = None
         try:

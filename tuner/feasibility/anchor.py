@@ -1,0 +1,110 @@
+"""Anchoring the memory model on what a launched server logged."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from tuner.feasibility.calibration import MemoryCalibration, unlearned_calibration
+from tuner.feasibility.memory import gpu_memory
+from tuner.feasibility.plan import GB, resolve_launch
+from tuner.machine.hardware import GIB, Hardware
+from tuner.machine.model import ModelSizes
+from tuner.server import worst_memory_figures
+
+_GIB_GB = GIB / GB
+# calibrate_from_log's keys and the worst_memory_figures keys they come from, in output order.
+_FROM_LOG = (("avail_before_weights_gb", "weight_begin_avail_gib"), ("weights_gb", "weight_mem_gib"),
+             ("avail_after_weights_gb", "weight_avail_gib"), ("kv_tokens", "kv_tokens"),
+             ("cuda_graph_gb", "cuda_graph_mem_gib"), ("available_gpu_mem_gb", "available_gpu_mem_gib"),
+             ("max_total_num_tokens", "max_total_num_tokens"), ("chunked_prefill_size", "chunked_prefill_size"),
+             ("max_running_requests", "max_running_requests"), ("context_len", "context_len"),
+             ("kt_gpu_experts_per_layer", "kt_gpu_experts_per_layer"), ("kt_total_gpu_experts", "kt_total_gpu_experts"))
+
+
+def calibrate_from_log(log_text: str) -> dict[str, Any]:
+    """Numbers an sglang-kt server log reports about memory (:func:`tuner.server.worst_memory_figures`),
+    converted to decimal GB (the log prints GiB as "GB"); only the keys found are returned. Over
+    TP ranks: the worst rank."""
+    logged = worst_memory_figures(log_text)
+    out: dict[str, Any] = {}
+    for key, source in _FROM_LOG:
+        if source in logged:
+            out[key] = round(logged[source] * _GIB_GB, 4) if key.endswith("_gb") else logged[source]
+    if "kv_size_gib" in logged:
+        out["kv_size_gb"] = round(logged["kv_size_gib"] * _GIB_GB, 4)
+        if out.get("kv_tokens"):
+            out["kv_bytes_per_token"] = round(out["kv_size_gb"] * GB / out["kv_tokens"], 1)
+    if "kv_clip_requested_tokens" in logged:
+        out["max_total_tokens_requested"] = logged["kv_clip_requested_tokens"]
+        out["max_total_tokens_profiled"] = logged["kv_clip_profiled_tokens"]
+    out["oom"] = logged["cuda_oom"]
+    out["not_enough_memory"] = logged["kv_not_enough_memory"]
+    return out
+
+
+def calibration_from_observed(observed: Mapping[str, Any], model: ModelSizes, hw: Hardware,
+                              flags: Mapping[str, Any], *, base: MemoryCalibration | None = None) -> MemoryCalibration:
+    """Fold logged weights and graph memory (:func:`calibrate_from_log`) into a calibration."""
+    cal = base or MemoryCalibration()
+    plan = resolve_launch(model, hw, flags)
+    mem = gpu_memory(model, hw, plan, cal, 0)
+    if "weights_gb" in observed:
+        cal = replace(cal, nonexpert_weight_gb=max(observed["weights_gb"] - (mem.experts + mem.staging) / GB, 0.0))
+    bs = min(plan.graph_max_bs, mem.req_pool) if plan.graphs else 0
+    if "cuda_graph_gb" in observed and bs:
+        cal = replace(cal, graph_bytes_per_batch=max(observed["cuda_graph_gb"] - cal.runtime_base_gb, 0.0) * GB / bs)
+    return cal
+
+
+def anchor_from_observed(observed: Mapping[str, Any], model: ModelSizes, hw: Hardware, flags: Mapping[str, Any],
+                         *, base: MemoryCalibration | None = None, full_chunk_tokens: int = 0,
+                         runtime_oom: bool = False) -> MemoryCalibration:
+    """Anchor the memory model on one launch's log (:func:`calibrate_from_log`).
+
+    The reference's weights, graph memory and free memory become observed values; later
+    predictions at that TP are observed + model(new) − model(reference), so the model's errors
+    in fixed costs cancel. Activations are bounded from the run: ``full_chunk_tokens`` > 0 means
+    a forward of that many tokens survived next to ``available_gpu_mem`` (α at most
+    (available − slot)/tokens); ``runtime_oom`` means it did not (α above that)."""
+    cal = base or MemoryCalibration()
+    if "weights_gb" not in observed or "avail_after_weights_gb" not in observed:
+        return cal
+    plan = resolve_launch(model, hw, flags)
+    ref = gpu_memory(model, hw, plan, unlearned_calibration(cal), 0)
+    f0 = observed["weights_gb"] + observed["avail_after_weights_gb"]
+    if "avail_before_weights_gb" in observed:
+        f0 = min(f0, observed["avail_before_weights_gb"])
+    same_tp = cal.ref_tp == plan.tp and cal.f0_gb is not None
+    if same_tp:
+        n, mean = cal.f0_n + 1, cal.f0_gb + (f0 - cal.f0_gb) / (cal.f0_n + 1)  # type: ignore[operator]
+        m2 = cal.f0_m2 + (f0 - cal.f0_gb) * (f0 - mean)  # type: ignore[operator]
+    else:
+        n, mean, m2 = 1, f0, 0.0
+    if "available_gpu_mem_gb" not in observed:  # start-up failed: only a full start-up is a reference
+        return replace(cal, f0_gb=mean, f0_n=n, f0_m2=m2) if same_tp else cal
+    out = replace(cal, ref_tp=plan.tp, f0_gb=mean, f0_n=n, f0_m2=m2,
+                  weights_offset_gb=observed["weights_gb"] - ref.weights / GB,
+                  ref_weights_gb=ref.weights / GB, ref_kv_gb=observed.get("kv_size_gb", ref.kv / GB), ref_rtt_gb=ref.rtt / GB,
+                  ref_graphs_gb=ref.graphs / GB, ref_chunk=plan.chunk, nonexpert_weight_gb=None,
+                  graph_bytes_per_batch=None)
+    if not same_tp:
+        out = replace(out, anchor_extra_gb=0.0, act_upper_bytes_per_token=None, act_lower_bytes_per_token=None,
+                      graph_slope_bytes=None, graph_ref_bs=0)
+    bs = min(plan.graph_max_bs, ref.req_pool) if plan.graphs else 0
+    if "cuda_graph_gb" in observed and bs:
+        obs = observed["cuda_graph_gb"]
+        if same_tp and cal.graph_ref_bs and abs(bs - cal.graph_ref_bs) >= 8:
+            prev = cal.ref_graphs_gb + cal.graphs_offset_gb
+            out = replace(out, graph_slope_bytes=max((obs - prev) * GB / (bs - cal.graph_ref_bs), 0.0))
+        out = replace(out, graphs_offset_gb=obs - ref.graphs / GB, graph_ref_bs=bs)
+    avail = observed.get("available_gpu_mem_gb")
+    if avail is not None and full_chunk_tokens > 0:
+        bound = max(avail * GB - ref.slot, 0.0) / full_chunk_tokens
+        if runtime_oom:
+            low = out.act_lower_bytes_per_token
+            out = replace(out, act_lower_bytes_per_token=bound if low is None else max(low, bound))
+        else:
+            up = out.act_upper_bytes_per_token
+            out = replace(out, act_upper_bytes_per_token=bound if up is None else min(up, bound))
+    return out
