@@ -50,10 +50,10 @@ def calibration_from_observed(observed: Mapping[str, Any], model: ModelSizes, hw
     plan = resolve_launch(model, hw, flags)
     mem = gpu_memory(model, hw, plan, cal, 0)
     if "weights_gb" in observed:
-        cal = replace(cal, nonexpert_weight_gb=max(observed["weights_gb"] - (mem.experts + mem.staging) / GB, 0.0))
-    bs = min(plan.graph_max_bs, mem.req_pool) if plan.graphs else 0
-    if "cuda_graph_gb" in observed and bs:
-        cal = replace(cal, graph_bytes_per_batch=max(observed["cuda_graph_gb"] - cal.runtime_base_gb, 0.0) * GB / bs)
+        cal = replace(cal, nonexpert_weight_gb=max(observed["weights_gb"] - (mem.gpu_experts + mem.staging) / GB, 0.0))
+    graph_bs = min(plan.graph_max_bs, mem.request_slots) if plan.graphs else 0
+    if "cuda_graph_gb" in observed and graph_bs:
+        cal = replace(cal, graph_bytes_per_batch=max(observed["cuda_graph_gb"] - cal.runtime_base_gb, 0.0) * GB / graph_bs)
     return cal
 
 
@@ -65,46 +65,52 @@ def anchor_from_observed(observed: Mapping[str, Any], model: ModelSizes, hw: Har
     The reference's weights, graph memory and free memory become observed values; later
     predictions at that TP are observed + model(new) − model(reference), so the model's errors
     in fixed costs cancel. Activations are bounded from the run: ``full_chunk_tokens`` > 0 means
-    a forward of that many tokens survived next to ``available_gpu_mem`` (α at most
-    (available − slot)/tokens); ``runtime_oom`` means it did not (α above that)."""
+    a forward of that many tokens survived next to ``available_gpu_mem`` (activation bytes per
+    token at most (available − layerwise slot) / tokens); ``runtime_oom`` means it did not
+    (above that)."""
     cal = base or MemoryCalibration()
     if "weights_gb" not in observed or "avail_after_weights_gb" not in observed:
         return cal
     plan = resolve_launch(model, hw, flags)
     ref = gpu_memory(model, hw, plan, unlearned_calibration(cal), 0)
-    f0 = observed["weights_gb"] + observed["avail_after_weights_gb"]
+    free_before = observed["weights_gb"] + observed["avail_after_weights_gb"]
     if "avail_before_weights_gb" in observed:
-        f0 = min(f0, observed["avail_before_weights_gb"])
-    same_tp = cal.ref_tp == plan.tp and cal.f0_gb is not None
-    if same_tp:
-        n, mean = cal.f0_n + 1, cal.f0_gb + (f0 - cal.f0_gb) / (cal.f0_n + 1)  # type: ignore[operator]
-        m2 = cal.f0_m2 + (f0 - cal.f0_gb) * (f0 - mean)  # type: ignore[operator]
+        free_before = min(free_before, observed["avail_before_weights_gb"])
+    previous = cal.free_before_weights_gb if cal.reference_tp == plan.tp else None
+    same_tp = previous is not None
+    if previous is not None:  # Welford's update of the mean and the sum of squared deviations
+        launches = cal.free_before_weights_launches + 1
+        mean = previous + (free_before - previous) / (cal.free_before_weights_launches + 1)
+        sum_sq_dev = cal.free_before_weights_sum_sq_dev + (free_before - previous) * (free_before - mean)
     else:
-        n, mean, m2 = 1, f0, 0.0
+        launches, mean, sum_sq_dev = 1, free_before, 0.0
     if "available_gpu_mem_gb" not in observed:  # start-up failed: only a full start-up is a reference
-        return replace(cal, f0_gb=mean, f0_n=n, f0_m2=m2) if same_tp else cal
-    out = replace(cal, ref_tp=plan.tp, f0_gb=mean, f0_n=n, f0_m2=m2,
+        return replace(cal, free_before_weights_gb=mean, free_before_weights_launches=launches,
+                       free_before_weights_sum_sq_dev=sum_sq_dev) if same_tp else cal
+    out = replace(cal, reference_tp=plan.tp, free_before_weights_gb=mean, free_before_weights_launches=launches,
+                  free_before_weights_sum_sq_dev=sum_sq_dev,
                   weights_offset_gb=observed["weights_gb"] - ref.weights / GB,
-                  ref_weights_gb=ref.weights / GB, ref_kv_gb=observed.get("kv_size_gb", ref.kv / GB), ref_rtt_gb=ref.rtt / GB,
-                  ref_graphs_gb=ref.graphs / GB, ref_chunk=plan.chunk, nonexpert_weight_gb=None,
-                  graph_bytes_per_batch=None)
+                  reference_weights_gb=ref.weights / GB, reference_kv_gb=observed.get("kv_size_gb", ref.kv_pool / GB),
+                  reference_req_to_token_gb=ref.req_to_token_pool / GB, reference_graphs_gb=ref.cuda_graphs / GB,
+                  reference_chunk=plan.chunk, nonexpert_weight_gb=None, graph_bytes_per_batch=None)
     if not same_tp:
-        out = replace(out, anchor_extra_gb=0.0, act_upper_bytes_per_token=None, act_lower_bytes_per_token=None,
-                      graph_slope_bytes=None, graph_ref_bs=0)
-    bs = min(plan.graph_max_bs, ref.req_pool) if plan.graphs else 0
-    if "cuda_graph_gb" in observed and bs:
-        obs = observed["cuda_graph_gb"]
-        if same_tp and cal.graph_ref_bs and abs(bs - cal.graph_ref_bs) >= 8:
-            prev = cal.ref_graphs_gb + cal.graphs_offset_gb
-            out = replace(out, graph_slope_bytes=max((obs - prev) * GB / (bs - cal.graph_ref_bs), 0.0))
-        out = replace(out, graphs_offset_gb=obs - ref.graphs / GB, graph_ref_bs=bs)
+        out = replace(out, anchor_extra_gb=0.0, activation_upper_bytes_per_token=None,
+                      activation_lower_bytes_per_token=None, graph_slope_bytes=None, reference_graph_bs=0)
+    graph_bs = min(plan.graph_max_bs, ref.request_slots) if plan.graphs else 0
+    if "cuda_graph_gb" in observed and graph_bs:
+        logged_graphs = observed["cuda_graph_gb"]
+        if same_tp and cal.reference_graph_bs and abs(graph_bs - cal.reference_graph_bs) >= 8:
+            previous_graphs = cal.reference_graphs_gb + cal.graphs_offset_gb
+            out = replace(out, graph_slope_bytes=max((logged_graphs - previous_graphs) * GB
+                                                     / (graph_bs - cal.reference_graph_bs), 0.0))
+        out = replace(out, graphs_offset_gb=logged_graphs - ref.cuda_graphs / GB, reference_graph_bs=graph_bs)
     avail = observed.get("available_gpu_mem_gb")
     if avail is not None and full_chunk_tokens > 0:
-        bound = max(avail * GB - ref.slot, 0.0) / full_chunk_tokens
+        bound = max(avail * GB - ref.layerwise_slot, 0.0) / full_chunk_tokens
         if runtime_oom:
-            low = out.act_lower_bytes_per_token
-            out = replace(out, act_lower_bytes_per_token=bound if low is None else max(low, bound))
+            low = out.activation_lower_bytes_per_token
+            out = replace(out, activation_lower_bytes_per_token=bound if low is None else max(low, bound))
         else:
-            up = out.act_upper_bytes_per_token
-            out = replace(out, act_upper_bytes_per_token=bound if up is None else min(up, bound))
+            up = out.activation_upper_bytes_per_token
+            out = replace(out, activation_upper_bytes_per_token=bound if up is None else min(up, bound))
     return out

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from tuner.feasibility.plan import GB
 
@@ -24,44 +26,75 @@ class MemoryCalibration:
     nccl_gb: float = 0.25  # communicator buffers per GPU when TP > 1
     activation_scale: float = 1.3  # caching-allocator slack on the per-token activation estimate
     graph_scale: float = 2.0  # graph pools hold inputs, outputs and intermediates per batch slot
-    activation_bytes_per_token: float | None = None  # measured α replaces the estimate
-    graph_bytes_per_batch: float | None = None  # measured g1 replaces the estimate
-    nonexpert_weight_gb: float | None = None  # measured W_nonexpert per GPU at this TP
+    activation_bytes_per_token: float | None = None  # measured activation bytes per chunk token replace the estimate
+    graph_bytes_per_batch: float | None = None  # measured graph bytes per captured batch slot replace the estimate
+    nonexpert_weight_gb: float | None = None  # measured non-expert weights per GPU at this TP
     host_base_gb: float = 4.0  # launcher, tokenizer, detokenizer
     host_gb_per_gpu: float = 2.0  # RSS of each scheduler process (torch, CUDA libraries)
     sglang_kt_profile_quirk: bool = True  # sglang-kt 0.7.2 profiles MLA KV with a 1/3 cell
-    # Anchor (see :func:`anchor_from_observed`): what a launch at TP ``ref_tp`` logged, and what the
-    # plain model said for that launch. Other configs at that TP are predicted as observed + model
-    # difference; the startup margin is replaced by ``anchor_rel`` x |difference| + ``anchor_extra_gb``.
-    ref_tp: int | None = None
-    f0_gb: float | None = None  # free per GPU before weights: mean over launches (min over ranks)
-    f0_n: int = 0  # launches behind f0_gb
-    f0_m2: float = 0.0  # sum of squared deviations (Welford): their spread widens the margin
-    f0_sd_weight: float = 1.0  # standard deviations of free memory kept free
-    f0_sd_prior_gb: float = 0.0  # prior spread of free memory (worth f0_sd_prior_df launches)
-    f0_sd_prior_df: float = 0.0
+    # Anchor (see :func:`tuner.feasibility.anchor.anchor_from_observed`): what a launch at TP
+    # ``reference_tp`` logged, and what the model without anchor said for that launch. Other
+    # configs at that TP are predicted as observed + model difference; the start-up margin is
+    # replaced by ``anchor_difference_share`` x |difference| + the spread of free memory + ``anchor_extra_gb``.
+    reference_tp: int | None = None
+    free_before_weights_gb: float | None = None  # free per GPU before weights: mean over launches (min over ranks)
+    free_before_weights_launches: int = 0  # launches behind free_before_weights_gb
+    free_before_weights_sum_sq_dev: float = 0.0  # sum of squared deviations (Welford): their spread widens the margin
+    free_sd_weight: float = 1.0  # standard deviations of free memory kept free
+    free_sd_prior_gb: float = 0.0  # prior spread of free memory (worth free_sd_prior_launches launches)
+    free_sd_prior_launches: float = 0.0
     weights_offset_gb: float = 0.0  # logged weights - modelled weights at the reference
     graphs_offset_gb: float = 0.0  # logged graph memory - modelled graph memory
-    ref_weights_gb: float = 0.0
-    ref_kv_gb: float = 0.0
-    ref_rtt_gb: float = 0.0
-    ref_graphs_gb: float = 0.0
-    ref_chunk: int = 0
-    graph_ref_bs: int = 0  # captured batch size at the reference
-    graph_slope_bytes: float | None = None  # fitted from two logged launches at different batch sizes
-    anchor_rel: float = 0.05  # trust model differences to within this share
+    reference_weights_gb: float = 0.0  # the model's figures for the reference launch
+    reference_kv_gb: float = 0.0  # (the KV pool as logged, where the log says)
+    reference_req_to_token_gb: float = 0.0
+    reference_graphs_gb: float = 0.0
+    reference_chunk: int = 0
+    reference_graph_bs: int = 0  # captured batch size at the reference
+    graph_slope_bytes: float | None = None  # per batch slot, fitted from two logged launches at different batch sizes
+    anchor_difference_share: float = 0.05  # trust model differences to within this share
     anchor_extra_gb: float = 0.0  # grown by launches that failed for memory although predicted to fit
-    act_upper_bytes_per_token: float | None = None  # a full chunk survived: α is at most this
-    act_lower_bytes_per_token: float | None = None  # a chunk ran out of memory: α is above this
-    activation_share: float = 1.0  # the share of the α estimate assumed (after its upper bound)
+    activation_upper_bytes_per_token: float | None = None  # a full chunk survived: activations are at most this
+    activation_lower_bytes_per_token: float | None = None  # a chunk ran out of memory: activations are above this
+    activation_share: float = 1.0  # the share of the activation estimate assumed (after its upper bound)
 
 
-def anchor_margin(cal: MemoryCalibration, spread: float) -> float:
+# Fields as studies saved them before they were renamed: restored under the current names.
+RENAMED_FIELDS = {
+    "ref_tp": "reference_tp",
+    "f0_gb": "free_before_weights_gb",
+    "f0_n": "free_before_weights_launches",
+    "f0_m2": "free_before_weights_sum_sq_dev",
+    "f0_sd_weight": "free_sd_weight",
+    "f0_sd_prior_gb": "free_sd_prior_gb",
+    "f0_sd_prior_df": "free_sd_prior_launches",
+    "ref_weights_gb": "reference_weights_gb",
+    "ref_kv_gb": "reference_kv_gb",
+    "ref_rtt_gb": "reference_req_to_token_gb",
+    "ref_graphs_gb": "reference_graphs_gb",
+    "ref_chunk": "reference_chunk",
+    "graph_ref_bs": "reference_graph_bs",
+    "anchor_rel": "anchor_difference_share",
+    "act_upper_bytes_per_token": "activation_upper_bytes_per_token",
+    "act_lower_bytes_per_token": "activation_lower_bytes_per_token",
+}
+
+
+def calibration_from_state(values: Mapping[str, Any]) -> MemoryCalibration:
+    """The calibration stored as :func:`dataclasses.asdict` gave it, under current or earlier
+    field names (a current name wins); unknown keys are dropped."""
+    known = {f.name for f in fields(MemoryCalibration)}
+    renamed = {RENAMED_FIELDS[k]: v for k, v in values.items() if k in RENAMED_FIELDS}
+    return MemoryCalibration(**{**renamed, **{k: v for k, v in values.items() if k in known}})
+
+
+def anchor_margin(cal: MemoryCalibration, difference: float) -> float:
     """Bytes an anchored prediction keeps free: a share of its difference from the reference,
     the launch-to-launch spread (standard deviation) of free memory, and what failures added."""
-    df = max(cal.f0_n - 1, 0) + cal.f0_sd_prior_df
-    sd = math.sqrt((cal.f0_m2 + cal.f0_sd_prior_df * cal.f0_sd_prior_gb ** 2) / df) if df > 0 else 0.0
-    return cal.anchor_rel * spread + (cal.f0_sd_weight * sd + cal.anchor_extra_gb) * GB
+    df = max(cal.free_before_weights_launches - 1, 0) + cal.free_sd_prior_launches
+    sd = (math.sqrt((cal.free_before_weights_sum_sq_dev + cal.free_sd_prior_launches * cal.free_sd_prior_gb ** 2) / df)
+          if df > 0 else 0.0)
+    return cal.anchor_difference_share * difference + (cal.free_sd_weight * sd + cal.anchor_extra_gb) * GB
 
 
 def boundary_calibration(cal: MemoryCalibration) -> MemoryCalibration:
@@ -71,8 +104,8 @@ def boundary_calibration(cal: MemoryCalibration) -> MemoryCalibration:
     Until launches measure that spread, it is taken as BOUNDARY_F0_SD_PRIOR_GB (worth two
     launches), the scale of the fuzzy OOM band near the cliff (perf-model §3.7: ±0.4 GB).
     BOUNDARY_SD_WEIGHT standard deviations kept free: a fresh launch fits about 70 % of the time."""
-    return replace(cal, anchor_rel=0.0, f0_sd_weight=BOUNDARY_SD_WEIGHT,
-                   f0_sd_prior_gb=BOUNDARY_F0_SD_PRIOR_GB, f0_sd_prior_df=2.0)
+    return replace(cal, anchor_difference_share=0.0, free_sd_weight=BOUNDARY_SD_WEIGHT,
+                   free_sd_prior_gb=BOUNDARY_F0_SD_PRIOR_GB, free_sd_prior_launches=2.0)
 
 
 def band_calibration(cal: MemoryCalibration) -> MemoryCalibration:
@@ -85,5 +118,5 @@ def band_calibration(cal: MemoryCalibration) -> MemoryCalibration:
 
 def unlearned_calibration(cal: MemoryCalibration) -> MemoryCalibration:
     """The model without anything learned from launches (keeps the configured scales)."""
-    return replace(cal, nonexpert_weight_gb=None, graph_bytes_per_batch=None, f0_gb=None, ref_tp=None,
-                   act_upper_bytes_per_token=None, act_lower_bytes_per_token=None)
+    return replace(cal, nonexpert_weight_gb=None, graph_bytes_per_batch=None, free_before_weights_gb=None,
+                   reference_tp=None, activation_upper_bytes_per_token=None, activation_lower_bytes_per_token=None)

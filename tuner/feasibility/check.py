@@ -68,13 +68,13 @@ _STRUCTURAL = ("tp_over_gpus", "tp_divides_heads", "kt_cpuinfer_missing", "cpu_i
                "threadpool_over_numa", "cpuinfer_below_threadpools", "threadpool_divides_intermediate", "cpu_ram_gb")
 
 
-def _binding(cons: Mapping[str, float], scales: Mapping[str, float]) -> str | None:
+def _binding(constraints: Mapping[str, float], scales: Mapping[str, float]) -> str | None:
     """The first violated structural constraint, else the one with the largest excess relative
     to its scale. A KV shortfall caused by weights leaving no room counts as the memory one."""
     for key in _STRUCTURAL:
-        if cons.get(key, 0) > 0:
+        if constraints.get(key, 0) > 0:
             return key
-    bad = {k: v / max(scales.get(k, 1.0), 1e-9) for k, v in cons.items() if v > 0}
+    bad = {k: v / max(scales.get(k, 1.0), 1e-9) for k, v in constraints.items() if v > 0}
     if "kv_tokens_short" in bad and any(k in bad for k in GPU_MEMORY_CONSTRAINTS):
         del bad["kv_tokens_short"]
     return max(bad, key=lambda k: bad[k]) if bad else None
@@ -85,63 +85,63 @@ def check(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any], workloads: 
     """Predict whether ``flags`` (dashed CLI names, no leading dashes) fit; see module doc."""
     cal = calibration or MemoryCalibration()
     plan = resolve_launch(model, hw, flags, workloads)
-    max_req = max((i + o for _, i, o in workloads), default=0)
-    max_in = max((i for _, i, _ in workloads), default=0)
-    mem = gpu_memory(model, hw, plan, cal, max_in)
+    largest_request = max((i + o for _, i, o in workloads), default=0)
+    largest_input = max((i for _, i, _ in workloads), default=0)
+    mem = gpu_memory(model, hw, plan, cal, largest_input)
     cpu = hw.cpu
-    cons: dict[str, float] = {"tp_over_gpus": float(plan.tp - len(hw.gpus[plan.base_gpu:]))}
-    heads_rem = model.num_attention_heads % plan.tp
+    constraints: dict[str, float] = {"tp_over_gpus": float(plan.tp - len(hw.gpus[plan.base_gpu:]))}
+    heads_left = model.num_attention_heads % plan.tp
     if model.attention == "gqa" and model.num_kv_heads % plan.tp and plan.tp % model.num_kv_heads:
-        heads_rem = max(heads_rem, model.num_kv_heads % plan.tp)
-    cons["tp_divides_heads"] = float(heads_rem)
-    cons.update(gpu_constraints(mem, plan, margin_gb, max_req, cal))
-    if max_req:
-        cons["context_len_short"] = float(max_req - plan.context_len)
+        heads_left = max(heads_left, model.num_kv_heads % plan.tp)
+    constraints["tp_divides_heads"] = float(heads_left)
+    constraints.update(gpu_constraints(mem, plan, margin_gb, largest_request, cal))
+    if largest_request:
+        constraints["context_len_short"] = float(largest_request - plan.context_len)
     soft: dict[str, float] = {}
     warns: list[str] = []
     if plan.kt_enabled:
         threads = plan.cpuinfer or 0
-        cons["kt_cpuinfer_missing"] = 0.0 if plan.cpuinfer else 1.0
-        cons["chunked_prefill_below_1"] = float(1 - plan.chunk)
-        cons["cpuinfer_over_cores"] = float(threads - cpu.physical_cores)
-        cons["cpuinfer_below_threadpools"] = float(plan.threadpools - threads)
-        cons["threadpool_over_numa"] = float(plan.threadpools - cpu.numa_nodes)
-        cons["threadpool_divides_intermediate"] = float(model.moe_intermediate_size % max(plan.threadpools, 1))
+        constraints["kt_cpuinfer_missing"] = 0.0 if plan.cpuinfer else 1.0
+        constraints["chunked_prefill_below_1"] = float(1 - plan.chunk)
+        constraints["cpuinfer_over_cores"] = float(threads - cpu.physical_cores)
+        constraints["cpuinfer_below_threadpools"] = float(plan.threadpools - threads)
+        constraints["threadpool_over_numa"] = float(plan.threadpools - cpu.numa_nodes)
+        constraints["threadpool_divides_intermediate"] = float(model.moe_intermediate_size % max(plan.threadpools, 1))
         if plan.kt_method.startswith("AMX"):
-            cons["cpu_isa_missing"] = 0.0 if cpu.avx512 else 1.0
+            constraints["cpu_isa_missing"] = 0.0 if cpu.avx512 else 1.0
         host = model.cpu_expert_bytes_total(plan.kt_method) + (cal.host_base_gb + cal.host_gb_per_gpu * plan.tp) * GB
-        cons["cpu_ram_gb"] = (host - (hw.ram_available_bytes or hw.ram_bytes)) / GB
+        constraints["cpu_ram_gb"] = (host - (hw.ram_available_bytes or hw.ram_bytes)) / GB
         soft["cpuinfer_over_free_cores"] = float(threads - (cpu.physical_cores - plan.tp))
         soft["threads_per_pool_over_node"] = threads / max(plan.threadpools, 1) - cpu.min_cores_per_node
-    if workloads and mem.tokens:
-        r = plan.max_running or mem.req_pool
+    if workloads and mem.kv_tokens:
+        running = plan.max_running or mem.request_slots
         soft["kv_tokens_per_request_short"] = max(
-            i + 0.7 * o - mem.tokens / max(min(r, n), 1) for n, i, o in workloads)
+            i + 0.7 * o - mem.kv_tokens / max(min(running, n), 1) for n, i, o in workloads)
     warns += _warnings(model, hw, plan, mem, soft, flags)
-    scales = {**dict.fromkeys(GPU_MEMORY_CONSTRAINTS, max(mem.f0 / GB, 1.0)), "kv_tokens_short": max(max_req, 1),
-              "context_len_short": max(max_req, 1), "cpuinfer_over_cores": cpu.physical_cores}
-    binding = _binding(cons, scales)
+    scales = {**dict.fromkeys(GPU_MEMORY_CONSTRAINTS, max(mem.free_before_weights / GB, 1.0)), "kv_tokens_short": max(largest_request, 1),
+              "context_len_short": max(largest_request, 1), "cpuinfer_over_cores": cpu.physical_cores}
+    binding = _binding(constraints, scales)
     bare_slack = band_slack = marginal = activation_test = None
     if mem.anchored:  # observed + difference, without the margin for the model's difference
-        bare = gpu_constraints(mem, plan, 0.0, max_req, boundary_calibration(cal))
+        bare = gpu_constraints(mem, plan, 0.0, largest_request, boundary_calibration(cal))
         bare_slack = -max(bare[k] for k in GPU_MEMORY_CONSTRAINTS)
         band_cal = band_calibration(cal)
-        band = gpu_constraints(gpu_memory(model, hw, plan, band_cal, max_in), plan, 0.0, max_req, band_cal)
+        band = gpu_constraints(gpu_memory(model, hw, plan, band_cal, largest_input), plan, 0.0, largest_request, band_cal)
         band_slack = -max(band[k] for k in GPU_MEMORY_CONSTRAINTS)
-        others_hold = binding in GPU_MEMORY_CONSTRAINTS and all(v <= 0 for k, v in cons.items() if k not in bare)
+        others_hold = binding in GPU_MEMORY_CONSTRAINTS and all(v <= 0 for k, v in constraints.items() if k not in bare)
         marginal = others_hold and all(v <= 0 for v in bare.values())
         activation_test = others_hold and not marginal and all(v <= 0 for v in band.values())
-    hints = _hints(model, hw, plan, mem, cons, cal, margin_gb, max_req, max_in) if binding else {}
-    eff_margin = anchor_margin(cal, mem.spread) if mem.anchored else margin_gb * GB
-    breakdown = {"weights_nonexpert": mem.w_ne, "gpu_experts": mem.experts, "staging": mem.staging, "kv": mem.kv,
-                 "req_pool": mem.rtt, "cuda_graphs": mem.graphs, "activations": mem.act, "layerwise_slot": mem.slot,
-                 "margin": eff_margin, "total": mem.startup + max(eff_margin, mem.act + mem.slot),
-                 "available": mem.f0, "free": mem.free, "cuda_context": mem.free - mem.f0,
-                 "anchor_spread": mem.spread}
+    hints = _hints(model, hw, plan, mem, constraints, cal, margin_gb, largest_request, largest_input) if binding else {}
+    margin_bytes = anchor_margin(cal, mem.reference_difference) if mem.anchored else margin_gb * GB
+    breakdown = {"weights_nonexpert": mem.nonexpert_weights, "gpu_experts": mem.gpu_experts, "staging": mem.staging, "kv": mem.kv_pool,
+                 "req_pool": mem.req_to_token_pool, "cuda_graphs": mem.cuda_graphs, "activations": mem.activations, "layerwise_slot": mem.layerwise_slot,
+                 "margin": margin_bytes, "total": mem.startup + max(margin_bytes, mem.activations + mem.layerwise_slot),
+                 "available": mem.free_before_weights, "free": mem.free, "cuda_context": mem.free - mem.free_before_weights,
+                 "anchor_spread": mem.reference_difference}
     return FeasibilityReport(
-        constraints=cons, soft_constraints=soft, feasible=binding is None, binding=binding,
-        breakdown_gb={k: round(v / GB, 4) for k, v in breakdown.items()}, kv_capacity_tokens=mem.tokens,
-        kv_capacity_requests=mem.tokens // max_req if max_req else 0, warnings=warns, hints=hints, plan=plan,
+        constraints=constraints, soft_constraints=soft, feasible=binding is None, binding=binding,
+        breakdown_gb={k: round(v / GB, 4) for k, v in breakdown.items()}, kv_capacity_tokens=mem.kv_tokens,
+        kv_capacity_requests=mem.kv_tokens // largest_request if largest_request else 0, warnings=warns, hints=hints, plan=plan,
         marginal=bool(marginal), activation_test=bool(activation_test), bare_slack_gb=bare_slack,
         band_slack_gb=band_slack,
         title=f"{model.name} TP{plan.tp}, N={plan.n_gpu_experts}, T={plan.max_total_tokens}, C={plan.chunk}")
@@ -149,119 +149,120 @@ def check(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any], workloads: 
 
 def _warnings(model: ModelSizes, hw: Hardware, plan: LaunchPlan, mem: GpuMemory, soft: Mapping[str, float],
               flags: Mapping[str, Any]) -> list[str]:
-    w: list[str] = []
+    out: list[str] = []
     cpu = hw.cpu
     if not plan.kt_enabled:
-        w.append("KT is off (needs kt-weight-path plus kt-num-gpu-experts or kt-gpu-experts-ratio): "
+        out.append("KT is off (needs kt-weight-path plus kt-num-gpu-experts or kt-gpu-experts-ratio): "
                  "all routed experts load on the GPUs")
     else:
         if (flag_number(flags, "kt-num-gpu-experts", 0) or 0) > model.n_routed_experts:
-            w.append(f"kt-num-gpu-experts above {model.n_routed_experts} experts per layer is clamped")
+            out.append(f"kt-num-gpu-experts above {model.n_routed_experts} experts per layer is clamped")
         if soft.get("cpuinfer_over_free_cores", 0) > 0 and (plan.cpuinfer or 0) <= cpu.physical_cores:
-            w.append(f"kt-cpuinfer {plan.cpuinfer} exceeds physical cores - GPUs ({cpu.physical_cores - plan.tp}); "
+            out.append(f"kt-cpuinfer {plan.cpuinfer} exceeds physical cores - GPUs ({cpu.physical_cores - plan.tp}); "
                      "threads contend with the GPU schedulers")
         if soft.get("threads_per_pool_over_node", 0) > 0:
-            w.append(f"{plan.cpuinfer}/{plan.threadpools} threads per pool exceed {cpu.min_cores_per_node} cores "
+            out.append(f"{plan.cpuinfer}/{plan.threadpools} threads per pool exceed {cpu.min_cores_per_node} cores "
                      "per NUMA node")
         if plan.threadpools < cpu.numa_nodes:
-            w.append(f"kt-threadpool-count {plan.threadpools} < {cpu.numa_nodes} NUMA nodes: other nodes' "
+            out.append(f"kt-threadpool-count {plan.threadpools} < {cpu.numa_nodes} NUMA nodes: other nodes' "
                      "memory bandwidth goes unused")
         if plan.kt_method.startswith("AMX") and cpu.avx512 and not cpu.amx:
-            w.append(f"{plan.kt_method} on a CPU without AMX runs the slower AVX-512 path")
+            out.append(f"{plan.kt_method} on a CPU without AMX runs the slower AVX-512 path")
         if 0 < plan.layerwise_threshold <= plan.chunk:
-            w.append(f"layerwise prefill needs {mem.slot / GB:.1f} GB per GPU at run time, not reserved at startup")
+            out.append(f"layerwise prefill needs {mem.layerwise_slot / GB:.1f} GB per GPU at run time, not reserved at startup")
     if plan.max_total_tokens is None:
-        quirk = model.attention == "mla" and mem.cell != model.sglang_kt_profile_cell(plan.tp, plan.kv_dtype_bytes)
-        w.append("max-total-tokens unset: " + ("sglang-kt profiles MLA KV with a third of the real cell, so the "
+        quirk = model.attention == "mla" and mem.kv_bytes_per_token != model.sglang_kt_profile_cell(plan.tp, plan.kv_dtype_bytes)
+        out.append("max-total-tokens unset: " + ("sglang-kt profiles MLA KV with a third of the real cell, so the "
                  "pool is ~3x oversized (CUDA OOM)" if quirk else "the KV pool takes everything mem-fraction-static leaves"))
-    elif plan.max_total_tokens > mem.profiled:
-        w.append(f"max-total-tokens {plan.max_total_tokens} exceeds the profiled {mem.profiled}: sglang clips it")
+    elif plan.max_total_tokens > mem.profiled_kv_tokens:
+        out.append(f"max-total-tokens {plan.max_total_tokens} exceeds the profiled {mem.profiled_kv_tokens}: sglang clips it")
     if plan.max_running is None:
-        w.append(f"max-running-requests unset: the req-to-token pool is sized for {mem.req_pool} requests "
-                 f"({mem.rtt / GB:.2f} GB)")
+        out.append(f"max-running-requests unset: the req-to-token pool is sized for {mem.request_slots} requests "
+                 f"({mem.req_to_token_pool / GB:.2f} GB)")
     if soft.get("kv_tokens_per_request_short", 0) > 0:
-        w.append("R x (in + 0.7 out) exceeds the KV pool: fewer requests run at once or decode retracts")
+        out.append("R x (in + 0.7 out) exceeds the KV pool: fewer requests run at once or decode retracts")
     if len({g.free_bytes for g in hw.gpus[plan.base_gpu:plan.base_gpu + plan.tp]}) > 1:
-        w.append("GPUs differ in free memory; the smallest is used (sglang takes the minimum over ranks)")
+        out.append("GPUs differ in free memory; the smallest is used (sglang takes the minimum over ranks)")
     if flag_on(flags, "enable-dp-attention"):
-        w.append("enable-dp-attention is not modelled; memory figures assume plain TP")
-    return w
+        out.append("enable-dp-attention is not modelled; memory figures assume plain TP")
+    return out
 
 
 def _fits(model: ModelSizes, hw: Hardware, plan: LaunchPlan, cal: MemoryCalibration, margin_gb: float,
-          max_req: int, max_in: int) -> bool:
-    mem = gpu_memory(model, hw, plan, cal, max_in)
-    return all(v <= 0 for v in gpu_constraints(mem, plan, margin_gb, max_req, cal).values())
+          largest_request: int, largest_input: int) -> bool:
+    mem = gpu_memory(model, hw, plan, cal, largest_input)
+    return all(v <= 0 for v in gpu_constraints(mem, plan, margin_gb, largest_request, cal).values())
 
 
-def _largest_n(model: ModelSizes, hw: Hardware, plan: LaunchPlan, cal: MemoryCalibration, margin_gb: float,
-               max_req: int, max_in: int) -> int | None:
-    for n in range(model.n_routed_experts, -1, -1):  # memory need is not monotone in N when KV is profiled
-        if _fits(model, hw, replace(plan, kt_enabled=True, n_gpu_experts=n), cal, margin_gb, max_req, max_in):
-            return n
+def _largest_gpu_experts(model: ModelSizes, hw: Hardware, plan: LaunchPlan, cal: MemoryCalibration, margin_gb: float,
+               largest_request: int, largest_input: int) -> int | None:
+    for experts in range(model.n_routed_experts, -1, -1):  # memory need is not monotone in N when KV is profiled
+        if _fits(model, hw, replace(plan, kt_enabled=True, n_gpu_experts=experts), cal, margin_gb, largest_request,
+                 largest_input):
+            return experts
     return None
 
 
-def _hints(model: ModelSizes, hw: Hardware, plan: LaunchPlan, mem: GpuMemory, cons: Mapping[str, float],
-           cal: MemoryCalibration, margin: float, max_req: int, max_in: int) -> dict[str, str]:
-    h: dict[str, str] = {}
+def _hints(model: ModelSizes, hw: Hardware, plan: LaunchPlan, mem: GpuMemory, constraints: Mapping[str, float],
+           cal: MemoryCalibration, margin: float, largest_request: int, largest_input: int) -> dict[str, str]:
+    hints: dict[str, str] = {}
     cpu = hw.cpu
-    gpu_bad = [k for k in (*GPU_MEMORY_CONSTRAINTS, "kv_tokens_short") if cons.get(k, 0) > 0]
-    if gpu_bad and cons["tp_over_gpus"] <= 0:
-        opts = []
-        n = _largest_n(model, hw, plan, cal, margin, max_req, max_in) if plan.kt_enabled else None
-        if n is not None and n < plan.n_gpu_experts:
-            opts.append(f"lower kt-num-gpu-experts to {n}")
+    gpu_bad = [k for k in (*GPU_MEMORY_CONSTRAINTS, "kv_tokens_short") if constraints.get(k, 0) > 0]
+    if gpu_bad and constraints["tp_over_gpus"] <= 0:
+        fixes = []
+        experts = _largest_gpu_experts(model, hw, plan, cal, margin, largest_request, largest_input) if plan.kt_enabled else None
+        if experts is not None and experts < plan.n_gpu_experts:
+            fixes.append(f"lower kt-num-gpu-experts to {experts}")
         elif not plan.kt_enabled:
-            opts.append("offload experts: set kt-weight-path and kt-num-gpu-experts")
-        excess = max(cons.get("gpu_mem_startup_gb", 0), cons.get("gpu_mem_runtime_gb", 0)) * GB
+            fixes.append("offload experts: set kt-weight-path and kt-num-gpu-experts")
+        excess = max(constraints.get("gpu_mem_startup_gb", 0), constraints.get("gpu_mem_runtime_gb", 0)) * GB
         if plan.max_total_tokens is None:
-            opts.append("set max-total-tokens explicitly")
-        elif excess > 0 and cons.get("gpu_mem_static_gb", 0) <= 0:
-            t = int((mem.tokens * mem.cell - excess) // mem.cell) // plan.page_size * plan.page_size
-            if t >= max_req:
-                opts.append(f"lower max-total-tokens to {t}")
-        if cons.get("gpu_mem_runtime_gb", 0) > 0 and cons.get("gpu_mem_startup_gb", 0) <= 0:
-            if mem.slot:
-                opts.append(f"raise kt-gpu-prefill-token-threshold above chunked-prefill-size {plan.chunk}")
-            per_tok = mem.act / max(plan.chunk, 1) + (model.hidden_size * 2 if plan.kt_enabled else 0)
-            c = int((plan.chunk - cons["gpu_mem_runtime_gb"] * GB / per_tok) // 256 * 256)
-            if c >= 256:
-                opts.append(f"lower chunked-prefill-size to {c}")
-        if cons.get("gpu_mem_static_gb", 0) > 0 and mem.f0 and mem.weights / mem.f0 < 0.99:
-            opts.append(f"raise mem-fraction-static to {math.ceil(mem.weights / mem.f0 * 100 + 1) / 100:.2f}")
-        if cons.get("kv_tokens_short", 0) > 0 and plan.max_total_tokens is not None and plan.max_total_tokens < max_req:
-            opts.insert(0, f"raise max-total-tokens to at least {max_req}")
+            fixes.append("set max-total-tokens explicitly")
+        elif excess > 0 and constraints.get("gpu_mem_static_gb", 0) <= 0:
+            tokens = int((mem.kv_tokens * mem.kv_bytes_per_token - excess) // mem.kv_bytes_per_token) // plan.page_size * plan.page_size
+            if tokens >= largest_request:
+                fixes.append(f"lower max-total-tokens to {tokens}")
+        if constraints.get("gpu_mem_runtime_gb", 0) > 0 and constraints.get("gpu_mem_startup_gb", 0) <= 0:
+            if mem.layerwise_slot:
+                fixes.append(f"raise kt-gpu-prefill-token-threshold above chunked-prefill-size {plan.chunk}")
+            bytes_per_chunk_token = mem.activations / max(plan.chunk, 1) + (model.hidden_size * 2 if plan.kt_enabled else 0)
+            chunk = int((plan.chunk - constraints["gpu_mem_runtime_gb"] * GB / bytes_per_chunk_token) // 256 * 256)
+            if chunk >= 256:
+                fixes.append(f"lower chunked-prefill-size to {chunk}")
+        if constraints.get("gpu_mem_static_gb", 0) > 0 and mem.free_before_weights and mem.weights / mem.free_before_weights < 0.99:
+            fixes.append(f"raise mem-fraction-static to {math.ceil(mem.weights / mem.free_before_weights * 100 + 1) / 100:.2f}")
+        if constraints.get("kv_tokens_short", 0) > 0 and plan.max_total_tokens is not None and plan.max_total_tokens < largest_request:
+            fixes.insert(0, f"raise max-total-tokens to at least {largest_request}")
         key = next(k for k in gpu_bad)
-        h[key] = " or ".join(opts) if opts else "the model does not fit these GPUs at this TP"
-    if cons.get("context_len_short", 0) > 0:
-        h["context_len_short"] = f"raise context-length to at least {max_req}"
-    if cons.get("tp_over_gpus", 0) > 0:
-        h["tp_over_gpus"] = f"lower tensor-parallel-size to at most {len(hw.gpus[plan.base_gpu:])} (GPUs available)"
-    if cons.get("tp_divides_heads", 0) > 0:
-        h["tp_divides_heads"] = f"use a tensor-parallel-size that divides {model.num_attention_heads} attention heads"
-    if cons.get("kt_cpuinfer_missing", 0) > 0:
-        h["kt_cpuinfer_missing"] = f"set kt-cpuinfer (physical cores - GPUs = {cpu.physical_cores - plan.tp})"
-    if cons.get("chunked_prefill_below_1", 0) > 0:
-        h["chunked_prefill_below_1"] = "set chunked-prefill-size to a positive size; KT sizes its buffers from it"
-    if cons.get("cpuinfer_over_cores", 0) > 0:
-        h["cpuinfer_over_cores"] = (f"lower kt-cpuinfer to at most {cpu.physical_cores} physical cores "
+        hints[key] = " or ".join(fixes) if fixes else "the model does not fit these GPUs at this TP"
+    if constraints.get("context_len_short", 0) > 0:
+        hints["context_len_short"] = f"raise context-length to at least {largest_request}"
+    if constraints.get("tp_over_gpus", 0) > 0:
+        hints["tp_over_gpus"] = f"lower tensor-parallel-size to at most {len(hw.gpus[plan.base_gpu:])} (GPUs available)"
+    if constraints.get("tp_divides_heads", 0) > 0:
+        hints["tp_divides_heads"] = f"use a tensor-parallel-size that divides {model.num_attention_heads} attention heads"
+    if constraints.get("kt_cpuinfer_missing", 0) > 0:
+        hints["kt_cpuinfer_missing"] = f"set kt-cpuinfer (physical cores - GPUs = {cpu.physical_cores - plan.tp})"
+    if constraints.get("chunked_prefill_below_1", 0) > 0:
+        hints["chunked_prefill_below_1"] = "set chunked-prefill-size to a positive size; KT sizes its buffers from it"
+    if constraints.get("cpuinfer_over_cores", 0) > 0:
+        hints["cpuinfer_over_cores"] = (f"lower kt-cpuinfer to at most {cpu.physical_cores} physical cores "
                                     f"(seed rule: {cpu.physical_cores - plan.tp})")
-    if cons.get("cpuinfer_below_threadpools", 0) > 0:
-        h["cpuinfer_below_threadpools"] = f"raise kt-cpuinfer to at least kt-threadpool-count {plan.threadpools}"
-    if cons.get("threadpool_over_numa", 0) > 0:
-        h["threadpool_over_numa"] = f"set kt-threadpool-count to {cpu.numa_nodes} (one pool per NUMA node)"
-    if cons.get("threadpool_divides_intermediate", 0) > 0:
+    if constraints.get("cpuinfer_below_threadpools", 0) > 0:
+        hints["cpuinfer_below_threadpools"] = f"raise kt-cpuinfer to at least kt-threadpool-count {plan.threadpools}"
+    if constraints.get("threadpool_over_numa", 0) > 0:
+        hints["threadpool_over_numa"] = f"set kt-threadpool-count to {cpu.numa_nodes} (one pool per NUMA node)"
+    if constraints.get("threadpool_divides_intermediate", 0) > 0:
         ok = [p for p in range(min(plan.threadpools, cpu.numa_nodes), 0, -1) if model.moe_intermediate_size % p == 0]
-        h["threadpool_divides_intermediate"] = (f"use a kt-threadpool-count dividing moe_intermediate_size "
+        hints["threadpool_divides_intermediate"] = (f"use a kt-threadpool-count dividing moe_intermediate_size "
                                                 f"{model.moe_intermediate_size}, e.g. {ok[0]}")
-    if cons.get("cpu_isa_missing", 0) > 0:
-        h["cpu_isa_missing"] = f"{plan.kt_method} needs AVX-512; use kt-method BF16 or LLAMAFILE"
-    if cons.get("cpu_ram_gb", 0) > 0:
+    if constraints.get("cpu_isa_missing", 0) > 0:
+        hints["cpu_isa_missing"] = f"{plan.kt_method} needs AVX-512; use kt-method BF16 or LLAMAFILE"
+    if constraints.get("cpu_ram_gb", 0) > 0:
         need = model.cpu_expert_bytes_total(plan.kt_method) / GB
-        h["cpu_ram_gb"] = (f"{plan.kt_method} experts need {need:.0f} GB of host RAM (AMXINT4: "
+        hints["cpu_ram_gb"] = (f"{plan.kt_method} experts need {need:.0f} GB of host RAM (AMXINT4: "
                            f"{model.cpu_expert_bytes_total('AMXINT4') / GB:.0f} GB); free RAM or use a smaller kt-method")
-    return h
+    return hints
 
 
 def max_gpu_experts(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any], workloads: Sequence[Workload], *,
@@ -269,7 +270,8 @@ def max_gpu_experts(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any], w
     """Largest kt-num-gpu-experts whose GPU memory and KV constraints hold with the other flags
     as given (KT assumed on); 0 when none does."""
     plan = resolve_launch(model, hw, flags, workloads)
-    max_req = max((i + o for _, i, o in workloads), default=0)
-    max_in = max((i for _, i, _ in workloads), default=0)
-    n = _largest_n(model, hw, plan, calibration or MemoryCalibration(), margin_gb, max_req, max_in)
-    return n or 0
+    largest_request = max((i + o for _, i, o in workloads), default=0)
+    largest_input = max((i for _, i, _ in workloads), default=0)
+    experts = _largest_gpu_experts(model, hw, plan, calibration or MemoryCalibration(), margin_gb, largest_request,
+                                   largest_input)
+    return experts or 0

@@ -11,7 +11,7 @@ from typing import Any
 
 from tuner.config.space import AUTO, ParamSpec, SearchSpace
 from tuner.feasibility.anchor import anchor_from_observed, calibrate_from_log
-from tuner.feasibility.calibration import MemoryCalibration
+from tuner.feasibility.calibration import MemoryCalibration, calibration_from_state
 from tuner.feasibility.check import FeasibilityReport, check
 from tuner.feasibility.plan import auto_max_total_tokens, resolve_launch
 from tuner.machine.hardware import Hardware, resolve_hardware
@@ -104,7 +104,7 @@ class FeasibilityGate:
             self.calibration = anchor_from_observed(
                 observed, self.model, self.hardware, flags, base=self.calibration,
                 full_chunk_tokens=tokens if (reason is None or oom_after_ready) else 0, runtime_oom=oom_after_ready)
-        if memory_failure and marginal and not predicted_fit and self.calibration.f0_gb is not None:
+        if memory_failure and marginal and not predicted_fit and self.calibration.free_before_weights_gb is not None:
             after = self.check(flags)
             slack = after.band_slack_gb if self._testable(after) else after.bare_slack_gb
             if self.inside_margin(after) and slack is not None and slack >= 0:
@@ -113,14 +113,14 @@ class FeasibilityGate:
         if memory_failure and predicted_fit:
             self.margin_gb += MARGIN_STEP_GB
             report = self.check(flags)
-            if report.feasible and self.calibration.f0_gb is not None:
+            if report.feasible and self.calibration.free_before_weights_gb is not None:
                 slack = -max(report.constraints.get(k, 0.0) for k in ("gpu_mem_startup_gb", "gpu_mem_runtime_gb"))
                 grow = max(slack, 0.0) + ANCHOR_STEP_GB
                 spread = report.breakdown_gb.get("anchor_spread", 0.0)
                 cal = self.calibration
-                if spread > 0 and cal.anchor_rel + grow / spread <= 1.0:
+                if spread > 0 and cal.anchor_difference_share + grow / spread <= 1.0:
                     # The observed reference still holds; trust the model's differences from it less.
-                    self.calibration = dataclasses.replace(cal, anchor_rel=cal.anchor_rel + grow / spread)
+                    self.calibration = dataclasses.replace(cal, anchor_difference_share=cal.anchor_difference_share + grow / spread)
                 else:
                     self.calibration = dataclasses.replace(cal, anchor_extra_gb=cal.anchor_extra_gb + grow)
         return self.state()
@@ -157,9 +157,7 @@ class FeasibilityGate:
         if not state:
             return
         self.margin_gb = float(state.get("margin_gb", self.margin_gb))
-        known = {f.name for f in dataclasses.fields(MemoryCalibration)}
-        values = {k: v for k, v in dict(state.get("calibration") or {}).items() if k in known}
-        self.calibration = MemoryCalibration(**values)
+        self.calibration = calibration_from_state(dict(state.get("calibration") or {}))
 
 
 def _smallest_chunk(space: SearchSpace) -> int | None:

@@ -101,7 +101,7 @@ def resolve_launch(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any],
     ratio = flag_number(flags, "kt-gpu-experts-ratio", None, float)
     count = flag_number(flags, "kt-num-gpu-experts", None)
     kt = bool(flag_value(flags, "kt-weight-path")) and (ratio is not None or count is not None)
-    n = max(int(ratio * model.n_routed_experts) if ratio is not None else (count or 0), 0)
+    experts = max(int(ratio * model.n_routed_experts) if ratio is not None else (count or 0), 0)
     chunk = flag_number(flags, "chunked-prefill-size", default_chunk(vram / GIB))
     graph_bs = flag_number(flags, "cuda-graph-max-bs", default_graph_bs(vram / GIB, tp))
     mfs = flag_number(flags, "mem-fraction-static", None, float)
@@ -111,7 +111,7 @@ def resolve_launch(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any],
     model.cpu_bytes_per_expert(method)  # unknown method -> ConfigError
     kv_dtype = str(flag_value(flags, "kv-cache-dtype") or "auto").lower()
     plan = LaunchPlan(
-        tp=tp, base_gpu=base, kt_enabled=kt, n_gpu_experts=n if kt else model.n_routed_experts, kt_method=method,
+        tp=tp, base_gpu=base, kt_enabled=kt, n_gpu_experts=experts if kt else model.n_routed_experts, kt_method=method,
         cpuinfer=flag_number(flags, "kt-cpuinfer", None), threadpools=flag_number(flags, "kt-threadpool-count", 2),
         chunk=chunk, max_running=flag_number(flags, "max-running-requests", None), max_total_tokens=None,
         mfs=mfs if mfs is not None else auto_mem_fraction(vram / MIB, chunk, graph_bs, tp), mfs_auto=mfs is None,
@@ -119,10 +119,11 @@ def resolve_launch(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any],
         context_len=flag_number(flags, "context-length", model.max_position_embeddings),
         page_size=max(flag_number(flags, "page-size", 1), 1), kv_dtype_bytes=1 if "fp8" in kv_dtype else model.dtype_bytes,
         layerwise_threshold=flag_number(flags, "kt-gpu-prefill-token-threshold", 0))
-    t = flag_value(flags, "max-total-tokens")
-    if str(t).lower() == "auto":
-        t = auto_max_total_tokens(model, hw, flags, workloads)
-    return replace(plan, max_total_tokens=None if t is None else flag_number({"max-total-tokens": t}, "max-total-tokens", None))
+    total_tokens = flag_value(flags, "max-total-tokens")
+    if str(total_tokens).lower() == "auto":
+        total_tokens = auto_max_total_tokens(model, hw, flags, workloads)
+    return replace(plan, max_total_tokens=None if total_tokens is None
+                   else flag_number({"max-total-tokens": total_tokens}, "max-total-tokens", None))
 
 
 def auto_max_total_tokens(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any], workloads: Sequence[Workload],
@@ -133,7 +134,7 @@ def auto_max_total_tokens(model: ModelSizes, hw: Hardware, flags: Mapping[str, A
         raise ConfigError("max-total-tokens: auto needs at least one workload")
     need = max(i + o for _, i, o in workloads)
     prompts = max(n for n, _, _ in workloads)
-    r = min(flag_number(flags, "max-running-requests", None) or prompts, prompts)
+    running = min(flag_number(flags, "max-running-requests", None) or prompts, prompts)
     page = max(flag_number(flags, "page-size", 1), 1)
-    tokens = max(math.ceil(round(r * need * headroom, 6)), need)
+    tokens = max(math.ceil(round(running * need * headroom, 6)), need)
     return -(-tokens // page) * page
