@@ -199,13 +199,13 @@ def test_inside_the_margin_is_marginal_and_beyond_it_is_not(space: SearchSpace, 
     gate = observed_gate(space, tmp_path)
     gate.calibration = dataclasses.replace(gate.calibration, anchor_difference_share=0.5)  # an unsure model: a wide margin
     flags, rep = _marginal_candidate(space, gate)
-    assert rep.marginal and rep.bare_slack_gb is not None and rep.bare_slack_gb >= 0
+    assert rep.fits_without_margin and rep.slack_without_margin_gb is not None and rep.slack_without_margin_gb >= 0
     assert gate.allows(rep, 1) and not gate.allows(rep, 0)
     far = gate.check({**flags, "kt-num-gpu-experts": 240})
-    assert not far.feasible and not far.marginal and far.bare_slack_gb < 0
+    assert not far.feasible and not far.fits_without_margin and far.slack_without_margin_gb < 0
     assert not gate.allows(far, 5)
     unanchored = FeasibilityGate.for_space(space).check(flags)  # nothing launched: no bare prediction
-    assert unanchored.bare_slack_gb is None and not unanchored.marginal
+    assert unanchored.slack_without_margin_gb is None and not unanchored.fits_without_margin
 
 
 def test_a_failed_launch_inside_the_margin_closes_it_there(space: SearchSpace, tmp_path: Path) -> None:
@@ -213,12 +213,12 @@ def test_a_failed_launch_inside_the_margin_closes_it_there(space: SearchSpace, t
     gate.calibration = dataclasses.replace(gate.calibration, anchor_difference_share=0.5)
     flags, rep = _marginal_candidate(space, gate)
     log = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 0.04 GiB."
-    gate.observe(log, flags, "oom_kv_alloc", predicted_fit=False, marginal=True)
+    gate.observe(log, flags, "oom_kv_alloc", predicted_fit=False, inside_margin=True)
     after = gate.check(flags)
-    assert not after.feasible and not after.marginal and not gate.inside_margin(after)
+    assert not after.feasible and not after.fits_without_margin and not gate.inside_margin(after)
     # chunk 1024 is the space's smallest: the activation test there is closed too
-    assert rep.band_slack_gb is not None and rep.band_slack_gb >= rep.bare_slack_gb
-    assert gate.calibration.anchor_extra_gb == pytest.approx(rep.band_slack_gb + 0.1, abs=1e-6)
+    assert rep.slack_with_lower_activations_gb is not None and rep.slack_with_lower_activations_gb >= rep.slack_without_margin_gb
+    assert gate.calibration.anchor_extra_gb == pytest.approx(rep.slack_with_lower_activations_gb + 0.1, abs=1e-6)
     assert gate.check(gate.resolve_auto(space.launch_flags(space.baseline))).feasible  # the baseline still fits
 
 
@@ -228,7 +228,7 @@ def _activation_candidate(space: SearchSpace, gate: FeasibilityGate, chunk: int)
         flags = gate.resolve_auto(space.launch_flags({**space.baseline, "kt-num-gpu-experts": n,
                                                       "chunked-prefill-size": chunk}))
         rep = gate.check(flags)
-        if rep.activation_test:
+        if rep.fits_with_lower_activations:
             return flags, rep
     raise AssertionError(f"no activation test at chunk {chunk}")
 
@@ -238,8 +238,8 @@ def test_an_activation_test_is_launched_only_at_the_smallest_chunk(space: Search
     assert gate.test_chunk == 1024  # the smallest chunked-prefill-size the space offers
     for chunk in (1024, 4096):
         flags, rep = _activation_candidate(space, gate, chunk)
-        assert not rep.feasible and not rep.marginal
-        assert rep.band_slack_gb >= 0 > rep.bare_slack_gb  # fits only with activations below the estimate
+        assert not rep.feasible and not rep.fits_without_margin
+        assert rep.slack_with_lower_activations_gb >= 0 > rep.slack_without_margin_gb  # fits only with activations below the estimate
         assert gate.inside_margin(rep) == (chunk == 1024)
         assert gate.allows(rep, 1) == (chunk == 1024) and not gate.allows(rep, 0)
 
@@ -252,7 +252,7 @@ def test_a_run_time_oom_of_an_activation_test_bounds_activations_from_below(spac
         "\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 0.50 GiB."
     assert calibrate_log and _runtime_oom(log)
     extra = gate.calibration.anchor_extra_gb
-    gate.observe(log, flags, "server_died", predicted_fit=False, marginal=True)
+    gate.observe(log, flags, "server_died", predicted_fit=False, inside_margin=True)
     assert gate.calibration.activation_lower_bytes_per_token is not None  # α is above what that run had left
     after = gate.check(flags)
     assert not gate.inside_margin(after) and gate.calibration.anchor_extra_gb == extra
@@ -267,10 +267,10 @@ def test_a_survived_activation_test_near_the_cliff_bounds_activations_from_above
     params = {"kt-num-gpu-experts": 108, "kt-cpuinfer": 104, "chunked-prefill-size": 2048, "max-running-requests": 48}
     flags, run = launch(space, gate, params, tmp_path)
     rep = gate.check(flags)
-    assert rep.activation_test and gate.allows(rep, 1)
+    assert rep.fits_with_lower_activations and gate.allows(rep, 1)
     assert run.outcome.reason is None  # the simulated server runs it
     before = gate.check(flags).breakdown_gb["activations"]
-    gate.observe(run.log_text(), flags, None, predicted_fit=False, marginal=True)
+    gate.observe(run.log_text(), flags, None, predicted_fit=False, inside_margin=True)
     assert gate.check(flags).breakdown_gb["activations"] < 0.6 * before
     assert gate.check({**flags, "chunked-prefill-size": 8192}).breakdown_gb["activations"] < 0.6 * 4 * before
 

@@ -6,14 +6,14 @@ calibration (what the memory model learned), memory (the per-GPU breakdown), anc
 (learning from a log), check (the verdict on one flag set), gate (the study's view)."""
 from __future__ import annotations
 
-from tuner.feasibility.calibration import BOUNDARY_ACTIVATION_SHARE, boundary_calibration
+from tuner.feasibility.calibration import LOWER_ACTIVATION_SHARE, without_margin_calibration
 from tuner.feasibility.check import max_gpu_experts
 from tuner.feasibility.gate import MEMORY_REASONS, FeasibilityGate
 
 __all__ = [
-    "BOUNDARY_ACTIVATION_SHARE",
+    "LOWER_ACTIVATION_SHARE",
     "MEMORY_REASONS",
     "FeasibilityGate",
-    "boundary_calibration",
+    "without_margin_calibration",
     "max_gpu_experts",
 ]

@@ -8,12 +8,12 @@ from typing import Any
 
 from tuner.feasibility.plan import GB
 
-BOUNDARY_F0_SD_PRIOR_GB = 0.2
-BOUNDARY_SD_WEIGHT = 0.5
+WITHOUT_MARGIN_FREE_SD_PRIOR_GB = 0.2
+WITHOUT_MARGIN_FREE_SD_WEIGHT = 0.5
 # Activation estimates in the field differ about fourfold (facts §4: SGLang's reserve heuristic
 # assumes 1.5 MB per chunk token where the seed deployment only fits with <= 0.4 MB), so a
 # launch inside the margin may test whether they are a quarter of the estimate.
-BOUNDARY_ACTIVATION_SHARE = 0.25
+LOWER_ACTIVATION_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -97,23 +97,23 @@ def anchor_margin(cal: MemoryCalibration, difference: float) -> float:
     return cal.anchor_difference_share * difference + (cal.free_sd_weight * sd + cal.anchor_extra_gb) * GB
 
 
-def boundary_calibration(cal: MemoryCalibration) -> MemoryCalibration:
+def without_margin_calibration(cal: MemoryCalibration) -> MemoryCalibration:
     """The anchored model trusted exactly in its differences from the reference launch, still
     keeping free memory's launch-to-launch spread and what failures taught: a configuration
     admitted by it is one whose launch tests the model, not one that fails every few starts.
-    Until launches measure that spread, it is taken as BOUNDARY_F0_SD_PRIOR_GB (worth two
+    Until launches measure that spread, it is taken as WITHOUT_MARGIN_FREE_SD_PRIOR_GB (worth two
     launches), the scale of the fuzzy OOM band near the cliff (perf-model §3.7: ±0.4 GB).
-    BOUNDARY_SD_WEIGHT standard deviations kept free: a fresh launch fits about 70 % of the time."""
-    return replace(cal, anchor_difference_share=0.0, free_sd_weight=BOUNDARY_SD_WEIGHT,
-                   free_sd_prior_gb=BOUNDARY_F0_SD_PRIOR_GB, free_sd_prior_launches=2.0)
+    WITHOUT_MARGIN_FREE_SD_WEIGHT standard deviations kept free: a fresh launch fits about 70 % of the time."""
+    return replace(cal, anchor_difference_share=0.0, free_sd_weight=WITHOUT_MARGIN_FREE_SD_WEIGHT,
+                   free_sd_prior_gb=WITHOUT_MARGIN_FREE_SD_PRIOR_GB, free_sd_prior_launches=2.0)
 
 
-def band_calibration(cal: MemoryCalibration) -> MemoryCalibration:
-    """What a launch inside the margin may test: :func:`boundary_calibration` with activations at
-    BOUNDARY_ACTIVATION_SHARE of their estimate (never below what a run-time OOM proved). No log
+def lower_activations_calibration(cal: MemoryCalibration) -> MemoryCalibration:
+    """What a launch inside the margin may test: :func:`without_margin_calibration` with activations at
+    LOWER_ACTIVATION_SHARE of their estimate (never below what a run-time OOM proved). No log
     line reports activations; only a run next to little free memory bounds them, so such runs
     are how an overestimate is found (a survival bounds α from above, an OOM from below)."""
-    return replace(boundary_calibration(cal), activation_share=BOUNDARY_ACTIVATION_SHARE)
+    return replace(without_margin_calibration(cal), activation_share=LOWER_ACTIVATION_SHARE)
 
 
 def unlearned_calibration(cal: MemoryCalibration) -> MemoryCalibration:

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tuner.feasibility.calibration import MemoryCalibration, anchor_margin, band_calibration, boundary_calibration
+from tuner.feasibility.calibration import MemoryCalibration, anchor_margin, lower_activations_calibration, without_margin_calibration
 from tuner.feasibility.memory import GPU_MEMORY_CONSTRAINTS, GpuMemory, gpu_constraints, gpu_memory
 from tuner.feasibility.plan import GB, LaunchPlan, Workload, flag_number, flag_on, resolve_launch
 from tuner.machine.hardware import Hardware
@@ -30,12 +30,14 @@ class FeasibilityReport:
     hints: dict[str, str] = field(default_factory=dict)
     plan: LaunchPlan | None = None
     title: str = ""
-    # Not feasible only because of the anchored safety margin: the expected footprint fits.
-    marginal: bool = False
-    # Not feasible, nor marginal, but fits inside the margin if activations are below their estimate.
-    activation_test: bool = False
-    bare_slack_gb: float | None = None  # predicted GPU-memory slack without that margin (anchored only)
-    band_slack_gb: float | None = None  # the same with activations as low as a marginal launch tests
+    # Anchored only; both name launches inside the margin, which test the memory model.
+    # Not feasible only because of the safety margin: the expected footprint fits without it.
+    fits_without_margin: bool = False
+    # Not feasible, nor fits_without_margin, but fits without the margin if activations are at
+    # LOWER_ACTIVATION_SHARE of their estimate.
+    fits_with_lower_activations: bool = False
+    slack_without_margin_gb: float | None = None  # predicted GPU-memory slack without the margin
+    slack_with_lower_activations_gb: float | None = None  # the same with activations that low
 
     def fix_hint(self) -> str:
         """The smallest change that makes room, binding constraint first; "" when feasible."""
@@ -121,16 +123,16 @@ def check(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any], workloads: 
     scales = {**dict.fromkeys(GPU_MEMORY_CONSTRAINTS, max(mem.free_before_weights / GB, 1.0)), "kv_tokens_short": max(largest_request, 1),
               "context_len_short": max(largest_request, 1), "cpuinfer_over_cores": cpu.physical_cores}
     binding = _binding(constraints, scales)
-    bare_slack = band_slack = marginal = activation_test = None
+    slack_without_margin = slack_with_lower_activations = fits_without_margin = fits_with_lower_activations = None
     if mem.anchored:  # observed + difference, without the margin for the model's difference
-        bare = gpu_constraints(mem, plan, 0.0, largest_request, boundary_calibration(cal))
-        bare_slack = -max(bare[k] for k in GPU_MEMORY_CONSTRAINTS)
-        band_cal = band_calibration(cal)
-        band = gpu_constraints(gpu_memory(model, hw, plan, band_cal, largest_input), plan, 0.0, largest_request, band_cal)
-        band_slack = -max(band[k] for k in GPU_MEMORY_CONSTRAINTS)
-        others_hold = binding in GPU_MEMORY_CONSTRAINTS and all(v <= 0 for k, v in constraints.items() if k not in bare)
-        marginal = others_hold and all(v <= 0 for v in bare.values())
-        activation_test = others_hold and not marginal and all(v <= 0 for v in band.values())
+        without_margin = gpu_constraints(mem, plan, 0.0, largest_request, without_margin_calibration(cal))
+        slack_without_margin = -max(without_margin[k] for k in GPU_MEMORY_CONSTRAINTS)
+        lower_activations_cal = lower_activations_calibration(cal)
+        lower_activations = gpu_constraints(gpu_memory(model, hw, plan, lower_activations_cal, largest_input), plan, 0.0, largest_request, lower_activations_cal)
+        slack_with_lower_activations = -max(lower_activations[k] for k in GPU_MEMORY_CONSTRAINTS)
+        others_hold = binding in GPU_MEMORY_CONSTRAINTS and all(v <= 0 for k, v in constraints.items() if k not in without_margin)
+        fits_without_margin = others_hold and all(v <= 0 for v in without_margin.values())
+        fits_with_lower_activations = others_hold and not fits_without_margin and all(v <= 0 for v in lower_activations.values())
     hints = _hints(model, hw, plan, mem, constraints, cal, margin_gb, largest_request, largest_input) if binding else {}
     margin_bytes = anchor_margin(cal, mem.reference_difference) if mem.anchored else margin_gb * GB
     breakdown = {"weights_nonexpert": mem.nonexpert_weights, "gpu_experts": mem.gpu_experts, "staging": mem.staging, "kv": mem.kv_pool,
@@ -142,8 +144,8 @@ def check(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any], workloads: 
         constraints=constraints, soft_constraints=soft, feasible=binding is None, binding=binding,
         breakdown_gb={k: round(v / GB, 4) for k, v in breakdown.items()}, kv_capacity_tokens=mem.kv_tokens,
         kv_capacity_requests=mem.kv_tokens // largest_request if largest_request else 0, warnings=warns, hints=hints, plan=plan,
-        marginal=bool(marginal), activation_test=bool(activation_test), bare_slack_gb=bare_slack,
-        band_slack_gb=band_slack,
+        fits_without_margin=bool(fits_without_margin), fits_with_lower_activations=bool(fits_with_lower_activations), slack_without_margin_gb=slack_without_margin,
+        slack_with_lower_activations_gb=slack_with_lower_activations,
         title=f"{model.name} TP{plan.tp}, N={plan.n_gpu_experts}, T={plan.max_total_tokens}, C={plan.chunk}")
 
 

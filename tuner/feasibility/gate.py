@@ -22,7 +22,7 @@ from tuner.server import runtime_oom
 MEMORY_REASONS = frozenset({"oom", "oom_weights", "oom_kv_alloc", "kv_not_enough_memory", "cuda_graph_failed"})
 MARGIN_STEP_GB = 1.0
 ANCHOR_STEP_GB = 0.25  # beyond the failed config's predicted slack, so it no longer fits
-BOUNDARY_STEP_GB = 0.1  # beyond a failed inside-the-margin launch's bare slack
+INSIDE_MARGIN_STEP_GB = 0.1  # beyond a failed launch inside the margin's slack without the margin
 DEFAULT_MARGIN_GB = 2.0
 
 
@@ -34,8 +34,9 @@ class FeasibilityGate:
     margin_gb: float = DEFAULT_MARGIN_GB
     calibration: MemoryCalibration = field(default_factory=MemoryCalibration)
     last_binding: str | None = None
-    # Activation tests (FeasibilityReport.activation_test) run only at this chunk or below: the
-    # smallest the space offers, where the test is likeliest to pass. None: any chunk.
+    # Launches that fit only with lower activations (FeasibilityReport.fits_with_lower_activations)
+    # run only at this chunk or below: the smallest the space offers, where such a launch is likeliest
+    # to survive. None: any chunk.
     test_chunk: int | None = None
 
     @classmethod
@@ -87,14 +88,14 @@ class FeasibilityGate:
         return f"{b} over by {report.constraints.get(b, float('nan')):.3g}; {report.fix_hint()}"
 
     def observe(self, log_text: str, flags: Mapping[str, Any], reason: str | None, predicted_fit: bool,
-                marginal: bool = False) -> dict[str, Any]:
+                inside_margin: bool = False) -> dict[str, Any]:
         """Anchor the memory model on what a launched server logged (see
         :func:`tuner.feasibility.anchor_from_observed`). A config that was predicted to fit but
         failed for memory tightens it: a run-time OOM bounds the activations from below; any
         other memory failure (or one the bound does not explain) grows the anchored margin
-        until that config no longer fits, and the unanchored margin by a step. A `marginal`
-        launch (predicted to fit only inside the margin) that failed for memory adds just
-        enough to the anchored margin that it no longer fits even without the margin.
+        until that config no longer fits, and the unanchored margin by a step. A launch
+        `inside_margin` (see :meth:`inside_margin`) that failed for memory adds just enough to
+        the anchored margin that it no longer fits there.
         Returns the state to store (see `state`)."""
         observed = calibrate_from_log(log_text)
         oom_after_ready = runtime_oom(log_text)
@@ -104,37 +105,39 @@ class FeasibilityGate:
             self.calibration = anchor_from_observed(
                 observed, self.model, self.hardware, flags, base=self.calibration,
                 full_chunk_tokens=tokens if (reason is None or oom_after_ready) else 0, runtime_oom=oom_after_ready)
-        if memory_failure and marginal and not predicted_fit and self.calibration.free_before_weights_gb is not None:
+        if memory_failure and inside_margin and not predicted_fit and self.calibration.free_before_weights_gb is not None:
             after = self.check(flags)
-            slack = after.band_slack_gb if self._testable(after) else after.bare_slack_gb
+            slack = after.slack_with_lower_activations_gb if self._testable(after) else after.slack_without_margin_gb
             if self.inside_margin(after) and slack is not None and slack >= 0:
                 self.calibration = dataclasses.replace(
-                    self.calibration, anchor_extra_gb=self.calibration.anchor_extra_gb + slack + BOUNDARY_STEP_GB)
+                    self.calibration, anchor_extra_gb=self.calibration.anchor_extra_gb + slack + INSIDE_MARGIN_STEP_GB)
         if memory_failure and predicted_fit:
             self.margin_gb += MARGIN_STEP_GB
             report = self.check(flags)
             if report.feasible and self.calibration.free_before_weights_gb is not None:
                 slack = -max(report.constraints.get(k, 0.0) for k in ("gpu_mem_startup_gb", "gpu_mem_runtime_gb"))
                 grow = max(slack, 0.0) + ANCHOR_STEP_GB
-                spread = report.breakdown_gb.get("anchor_spread", 0.0)
+                difference = report.breakdown_gb.get("anchor_spread", 0.0)
                 cal = self.calibration
-                if spread > 0 and cal.anchor_difference_share + grow / spread <= 1.0:
+                if difference > 0 and cal.anchor_difference_share + grow / difference <= 1.0:
                     # The observed reference still holds; trust the model's differences from it less.
-                    self.calibration = dataclasses.replace(cal, anchor_difference_share=cal.anchor_difference_share + grow / spread)
+                    self.calibration = dataclasses.replace(
+                        cal, anchor_difference_share=cal.anchor_difference_share + grow / difference)
                 else:
                     self.calibration = dataclasses.replace(cal, anchor_extra_gb=cal.anchor_extra_gb + grow)
         return self.state()
 
-    def allows(self, report: FeasibilityReport, boundary_failures_left: int) -> bool:
+    def allows(self, report: FeasibilityReport, inside_margin_failures_left: int) -> bool:
         """Whether a proposal may launch: it fits, or it fits inside the margin while failed
         launches there are still allowed."""
-        return report.feasible or (self.inside_margin(report) and boundary_failures_left > 0)
+        return report.feasible or (self.inside_margin(report) and inside_margin_failures_left > 0)
 
     def inside_margin(self, report: FeasibilityReport) -> bool:
-        """A launch that tests the memory model: its expected footprint fits only inside the
-        safety margin, or it fits there if activations are below their estimate (tested at
-        `test_chunk` only)."""
-        return not report.feasible and (report.marginal or (report.activation_test and self._testable(report)))
+        """A launch inside the margin, which tests the memory model: not feasible, but it fits
+        without the safety margin, or fits there with activations below their estimate (at
+        `test_chunk` or below only)."""
+        return not report.feasible and (report.fits_without_margin
+                                        or (report.fits_with_lower_activations and self._testable(report)))
 
     def _testable(self, report: FeasibilityReport) -> bool:
         return self.test_chunk is None or (report.plan is not None and report.plan.chunk <= self.test_chunk)

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from tuner import outcome as objective
 from tuner.config.space import SearchSpace
 from tuner.errors import ConfigError, KttuneError
-from tuner.feasibility import BOUNDARY_ACTIVATION_SHARE, MEMORY_REASONS, FeasibilityGate
+from tuner.feasibility import LOWER_ACTIVATION_SHARE, MEMORY_REASONS, FeasibilityGate
 from tuner.log import Log
 from tuner.loop.progress import Progress
 from tuner.outcome import FATAL_REASONS, PRUNED, TrialOutcome
@@ -195,23 +195,23 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
             log(f"trial {trial.number}: not launched, other workers took the budget's last launches")
             continue
         skips = 0
-        if report is not None and report.bare_slack_gb is not None:
-            trial.set_user_attr(ATTR_SPARE_GB, round(report.bare_slack_gb, 3))
+        if report is not None and report.slack_without_margin_gb is not None:
+            trial.set_user_attr(ATTR_SPARE_GB, round(report.slack_without_margin_gb, 3))
         if marginal:
             trial.set_user_attr(ATTR_MARGINAL, True)
-            if report.marginal:  # type: ignore[union-attr]
-                log(f"trial {trial.number}: inside the safety margin (predicted slack {report.bare_slack_gb:.2f} GB "  # type: ignore[union-attr]
+            if report.fits_without_margin:  # type: ignore[union-attr]
+                log(f"trial {trial.number}: inside the safety margin (predicted slack {report.slack_without_margin_gb:.2f} GB "  # type: ignore[union-attr]
                     f"without it); launching it to find the memory boundary")
             else:
                 log(f"trial {trial.number}: fits only if activations are below their estimate (predicted slack "
-                    f"{report.band_slack_gb:.2f} GB at {BOUNDARY_ACTIVATION_SHARE:.0%} of it); launching it to "  # type: ignore[union-attr]
+                    f"{report.slack_with_lower_activations_gb:.2f} GB at {LOWER_ACTIVATION_SHARE:.0%} of it); launching it to "  # type: ignore[union-attr]
                     f"measure them")
         outcome, log_text = _launch(study, trial, space, flags, constraints, opts, log, summary, runner, progress,
                                     probing=probing and confirmation_of is None)
         if gate is not None:
             before = gate.state()
             after = gate.observe(log_text, flags, outcome.reason, predicted_fit=report is not None and report.feasible,
-                                 marginal=marginal)
+                                 inside_margin=marginal)
             if after != before:
                 study.set_user_attr(STUDY_ATTR_CALIBRATION, after)
                 if after["margin_gb"] != before["margin_gb"]:
