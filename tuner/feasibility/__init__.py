@@ -14,6 +14,6 @@ __all__ = [
     "LOWER_ACTIVATION_SHARE",
     "MEMORY_REASONS",
     "FeasibilityGate",
-    "without_margin_calibration",
     "max_gpu_experts",
+    "without_margin_calibration",
 ]

@@ -1,4 +1,7 @@
-"""Anchoring the memory model on what a launched server logged."""
+"""Learning from a launched server's log: its memory figures in decimal GB
+(:func:`calibrate_from_log`, parsed by :mod:`tuner.server.logscan`), and the calibration they
+give, either corrected overheads (:func:`calibration_from_observed`) or an anchor on that launch
+(:func:`anchor_from_observed`)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -12,7 +15,7 @@ from tuner.machine.hardware import GIB, Hardware
 from tuner.machine.model import ModelSizes
 from tuner.server import worst_memory_figures
 
-_GIB_GB = GIB / GB
+_GIB_GB = GIB / GB  # sglang prints GiB as "GB"
 # calibrate_from_log's keys and the worst_memory_figures keys they come from, in output order.
 _FROM_LOG = (("avail_before_weights_gb", "weight_begin_avail_gib"), ("weights_gb", "weight_mem_gib"),
              ("avail_after_weights_gb", "weight_avail_gib"), ("kv_tokens", "kv_tokens"),
@@ -24,8 +27,8 @@ _FROM_LOG = (("avail_before_weights_gb", "weight_begin_avail_gib"), ("weights_gb
 
 def calibrate_from_log(log_text: str) -> dict[str, Any]:
     """Numbers an sglang-kt server log reports about memory (:func:`tuner.server.worst_memory_figures`),
-    converted to decimal GB (the log prints GiB as "GB"); only the keys found are returned. Over
-    TP ranks: the worst rank."""
+    sizes converted to decimal GB and rounded to 4 places; only the keys found are returned, plus
+    ``oom`` and ``not_enough_memory``. Over TP ranks: the worst rank."""
     logged = worst_memory_figures(log_text)
     out: dict[str, Any] = {}
     for key, source in _FROM_LOG:
@@ -53,7 +56,8 @@ def calibration_from_observed(observed: Mapping[str, Any], model: ModelSizes, hw
         cal = replace(cal, nonexpert_weight_gb=max(observed["weights_gb"] - (mem.gpu_experts + mem.staging) / GB, 0.0))
     graph_bs = min(plan.graph_max_bs, mem.request_slots) if plan.graphs else 0
     if "cuda_graph_gb" in observed and graph_bs:
-        cal = replace(cal, graph_bytes_per_batch=max(observed["cuda_graph_gb"] - cal.runtime_base_gb, 0.0) * GB / graph_bs)
+        graph_gb = max(observed["cuda_graph_gb"] - cal.runtime_base_gb, 0.0)
+        cal = replace(cal, graph_bytes_per_batch=graph_gb * GB / graph_bs)
     return cal
 
 

@@ -1,5 +1,7 @@
-"""The verdict on one flag set: constraints, binding constraint, fix hints, warnings, and the
-largest number of GPU experts that fits."""
+"""The verdict on one flag set (:func:`check`, :class:`FeasibilityReport`): signed constraints,
+≤ 0 feasible, in natural units (GB, tokens, threads, ...), the binding one, fix hints and
+warnings; and the largest kt-num-gpu-experts that fits (:func:`max_gpu_experts`).
+``soft_constraints`` mark slow-but-working regions (retraction, oversubscribed threads)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +9,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tuner.feasibility.calibration import MemoryCalibration, anchor_margin, lower_activations_calibration, without_margin_calibration
+from tuner.feasibility.calibration import (
+    MemoryCalibration,
+    anchor_margin,
+    lower_activations_calibration,
+    without_margin_calibration,
+)
 from tuner.feasibility.memory import GPU_MEMORY_CONSTRAINTS, GpuMemory, gpu_constraints, gpu_memory
 from tuner.feasibility.plan import GB, LaunchPlan, Workload, flag_number, flag_on, resolve_launch
 from tuner.machine.hardware import Hardware
@@ -17,7 +24,8 @@ from tuner.machine.model import ModelSizes
 @dataclass(frozen=True)
 class FeasibilityReport:
     """The verdict for one flag set. ``constraints`` decide ``feasible`` (all ≤ 0);
-    ``breakdown_gb`` is per GPU (TP0, which also holds the KT staging buffer)."""
+    ``breakdown_gb`` is per GPU (TP0, which also holds the KT staging buffer); its
+    ``anchor_spread`` is the anchored model's difference from its reference launch."""
 
     constraints: dict[str, float]
     soft_constraints: dict[str, float]
@@ -45,6 +53,7 @@ class FeasibilityReport:
         return "; ".join(self.hints[k] for k in order if k in self.hints)
 
     def explain(self) -> str:
+        """The report as text: the memory breakdown, every constraint, the warnings and the fix."""
         b = self.breakdown_gb
         lines = [f"{self.title}: {'fits' if self.feasible else 'DOES NOT FIT'}"
                  + ("" if self.binding is None else f" (binding: {self.binding} = {self.constraints[self.binding]:+.3g})")]
@@ -84,7 +93,8 @@ def _binding(constraints: Mapping[str, float], scales: Mapping[str, float]) -> s
 
 def check(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any], workloads: Sequence[Workload], *,
           margin_gb: float = 2.0, calibration: MemoryCalibration | None = None) -> FeasibilityReport:
-    """Predict whether ``flags`` (dashed CLI names, no leading dashes) fit; see module doc."""
+    """Predict whether ``flags`` (dashed CLI names, no leading dashes) fit these GPUs, CPUs and
+    host RAM for ``workloads``; the memory model is :mod:`tuner.feasibility.memory`."""
     cal = calibration or MemoryCalibration()
     plan = resolve_launch(model, hw, flags, workloads)
     largest_request = max((i + o for _, i, o in workloads), default=0)
@@ -120,37 +130,43 @@ def check(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any], workloads: 
         soft["kv_tokens_per_request_short"] = max(
             i + 0.7 * o - mem.kv_tokens / max(min(running, n), 1) for n, i, o in workloads)
     warns += _warnings(model, hw, plan, mem, soft, flags)
-    scales = {**dict.fromkeys(GPU_MEMORY_CONSTRAINTS, max(mem.free_before_weights / GB, 1.0)), "kv_tokens_short": max(largest_request, 1),
-              "context_len_short": max(largest_request, 1), "cpuinfer_over_cores": cpu.physical_cores}
+    scales = {**dict.fromkeys(GPU_MEMORY_CONSTRAINTS, max(mem.free_before_weights / GB, 1.0)),
+              "kv_tokens_short": max(largest_request, 1), "context_len_short": max(largest_request, 1),
+              "cpuinfer_over_cores": cpu.physical_cores}
     binding = _binding(constraints, scales)
     slack_without_margin = slack_with_lower_activations = fits_without_margin = fits_with_lower_activations = None
     if mem.anchored:  # observed + difference, without the margin for the model's difference
         without_margin = gpu_constraints(mem, plan, 0.0, largest_request, without_margin_calibration(cal))
         slack_without_margin = -max(without_margin[k] for k in GPU_MEMORY_CONSTRAINTS)
         lower_activations_cal = lower_activations_calibration(cal)
-        lower_activations = gpu_constraints(gpu_memory(model, hw, plan, lower_activations_cal, largest_input), plan, 0.0, largest_request, lower_activations_cal)
+        lower_activations = gpu_constraints(gpu_memory(model, hw, plan, lower_activations_cal, largest_input), plan,
+                                            0.0, largest_request, lower_activations_cal)
         slack_with_lower_activations = -max(lower_activations[k] for k in GPU_MEMORY_CONSTRAINTS)
-        others_hold = binding in GPU_MEMORY_CONSTRAINTS and all(v <= 0 for k, v in constraints.items() if k not in without_margin)
+        others_hold = (binding in GPU_MEMORY_CONSTRAINTS
+                       and all(v <= 0 for k, v in constraints.items() if k not in without_margin))
         fits_without_margin = others_hold and all(v <= 0 for v in without_margin.values())
-        fits_with_lower_activations = others_hold and not fits_without_margin and all(v <= 0 for v in lower_activations.values())
+        fits_with_lower_activations = (others_hold and not fits_without_margin
+                                       and all(v <= 0 for v in lower_activations.values()))
     hints = _hints(model, hw, plan, mem, constraints, cal, margin_gb, largest_request, largest_input) if binding else {}
     margin_bytes = anchor_margin(cal, mem.reference_difference) if mem.anchored else margin_gb * GB
-    breakdown = {"weights_nonexpert": mem.nonexpert_weights, "gpu_experts": mem.gpu_experts, "staging": mem.staging, "kv": mem.kv_pool,
-                 "req_pool": mem.req_to_token_pool, "cuda_graphs": mem.cuda_graphs, "activations": mem.activations, "layerwise_slot": mem.layerwise_slot,
-                 "margin": margin_bytes, "total": mem.startup + max(margin_bytes, mem.activations + mem.layerwise_slot),
-                 "available": mem.free_before_weights, "free": mem.free, "cuda_context": mem.free - mem.free_before_weights,
-                 "anchor_spread": mem.reference_difference}
+    breakdown = {"weights_nonexpert": mem.nonexpert_weights, "gpu_experts": mem.gpu_experts, "staging": mem.staging,
+                 "kv": mem.kv_pool, "req_pool": mem.req_to_token_pool, "cuda_graphs": mem.cuda_graphs,
+                 "activations": mem.activations, "layerwise_slot": mem.layerwise_slot, "margin": margin_bytes,
+                 "total": mem.startup + max(margin_bytes, mem.activations + mem.layerwise_slot),
+                 "available": mem.free_before_weights, "free": mem.free,
+                 "cuda_context": mem.free - mem.free_before_weights, "anchor_spread": mem.reference_difference}
     return FeasibilityReport(
         constraints=constraints, soft_constraints=soft, feasible=binding is None, binding=binding,
         breakdown_gb={k: round(v / GB, 4) for k, v in breakdown.items()}, kv_capacity_tokens=mem.kv_tokens,
-        kv_capacity_requests=mem.kv_tokens // largest_request if largest_request else 0, warnings=warns, hints=hints, plan=plan,
-        fits_without_margin=bool(fits_without_margin), fits_with_lower_activations=bool(fits_with_lower_activations), slack_without_margin_gb=slack_without_margin,
-        slack_with_lower_activations_gb=slack_with_lower_activations,
+        kv_capacity_requests=mem.kv_tokens // largest_request if largest_request else 0, warnings=warns, hints=hints,
+        plan=plan, fits_without_margin=bool(fits_without_margin), fits_with_lower_activations=bool(fits_with_lower_activations),
+        slack_without_margin_gb=slack_without_margin, slack_with_lower_activations_gb=slack_with_lower_activations,
         title=f"{model.name} TP{plan.tp}, N={plan.n_gpu_experts}, T={plan.max_total_tokens}, C={plan.chunk}")
 
 
 def _warnings(model: ModelSizes, hw: Hardware, plan: LaunchPlan, mem: GpuMemory, soft: Mapping[str, float],
               flags: Mapping[str, Any]) -> list[str]:
+    """What runs, but slower or differently than the flags suggest."""
     out: list[str] = []
     cpu = hw.cpu
     if not plan.kt_enabled:
@@ -192,12 +208,14 @@ def _warnings(model: ModelSizes, hw: Hardware, plan: LaunchPlan, mem: GpuMemory,
 
 def _fits(model: ModelSizes, hw: Hardware, plan: LaunchPlan, cal: MemoryCalibration, margin_gb: float,
           largest_request: int, largest_input: int) -> bool:
+    """Whether the GPU-memory and KV constraints of ``plan`` hold."""
     mem = gpu_memory(model, hw, plan, cal, largest_input)
     return all(v <= 0 for v in gpu_constraints(mem, plan, margin_gb, largest_request, cal).values())
 
 
 def _largest_gpu_experts(model: ModelSizes, hw: Hardware, plan: LaunchPlan, cal: MemoryCalibration, margin_gb: float,
                largest_request: int, largest_input: int) -> int | None:
+    """The largest kt-num-gpu-experts for which ``plan`` (KT on) fits; None when none does."""
     for experts in range(model.n_routed_experts, -1, -1):  # memory need is not monotone in N when KV is profiled
         if _fits(model, hw, replace(plan, kt_enabled=True, n_gpu_experts=experts), cal, margin_gb, largest_request,
                  largest_input):
@@ -207,12 +225,15 @@ def _largest_gpu_experts(model: ModelSizes, hw: Hardware, plan: LaunchPlan, cal:
 
 def _hints(model: ModelSizes, hw: Hardware, plan: LaunchPlan, mem: GpuMemory, constraints: Mapping[str, float],
            cal: MemoryCalibration, margin: float, largest_request: int, largest_input: int) -> dict[str, str]:
+    """The smallest change that would make room, per violated constraint (the GPU-memory ones
+    share one hint, under the first of them)."""
     hints: dict[str, str] = {}
     cpu = hw.cpu
     gpu_bad = [k for k in (*GPU_MEMORY_CONSTRAINTS, "kv_tokens_short") if constraints.get(k, 0) > 0]
     if gpu_bad and constraints["tp_over_gpus"] <= 0:
-        fixes = []
-        experts = _largest_gpu_experts(model, hw, plan, cal, margin, largest_request, largest_input) if plan.kt_enabled else None
+        fixes: list[str] = []
+        experts = (_largest_gpu_experts(model, hw, plan, cal, margin, largest_request, largest_input)
+                   if plan.kt_enabled else None)
         if experts is not None and experts < plan.n_gpu_experts:
             fixes.append(f"lower kt-num-gpu-experts to {experts}")
         elif not plan.kt_enabled:
@@ -221,19 +242,23 @@ def _hints(model: ModelSizes, hw: Hardware, plan: LaunchPlan, mem: GpuMemory, co
         if plan.max_total_tokens is None:
             fixes.append("set max-total-tokens explicitly")
         elif excess > 0 and constraints.get("gpu_mem_static_gb", 0) <= 0:
-            tokens = int((mem.kv_tokens * mem.kv_bytes_per_token - excess) // mem.kv_bytes_per_token) // plan.page_size * plan.page_size
+            cell, page = mem.kv_bytes_per_token, plan.page_size
+            tokens = int((mem.kv_tokens * cell - excess) // cell) // page * page
             if tokens >= largest_request:
                 fixes.append(f"lower max-total-tokens to {tokens}")
         if constraints.get("gpu_mem_runtime_gb", 0) > 0 and constraints.get("gpu_mem_startup_gb", 0) <= 0:
             if mem.layerwise_slot:
                 fixes.append(f"raise kt-gpu-prefill-token-threshold above chunked-prefill-size {plan.chunk}")
-            bytes_per_chunk_token = mem.activations / max(plan.chunk, 1) + (model.hidden_size * 2 if plan.kt_enabled else 0)
+            staging_per_token = model.hidden_size * 2 if plan.kt_enabled else 0
+            bytes_per_chunk_token = mem.activations / max(plan.chunk, 1) + staging_per_token
             chunk = int((plan.chunk - constraints["gpu_mem_runtime_gb"] * GB / bytes_per_chunk_token) // 256 * 256)
             if chunk >= 256:
                 fixes.append(f"lower chunked-prefill-size to {chunk}")
-        if constraints.get("gpu_mem_static_gb", 0) > 0 and mem.free_before_weights and mem.weights / mem.free_before_weights < 0.99:
-            fixes.append(f"raise mem-fraction-static to {math.ceil(mem.weights / mem.free_before_weights * 100 + 1) / 100:.2f}")
-        if constraints.get("kv_tokens_short", 0) > 0 and plan.max_total_tokens is not None and plan.max_total_tokens < largest_request:
+        free = mem.free_before_weights
+        if constraints.get("gpu_mem_static_gb", 0) > 0 and free and mem.weights / free < 0.99:
+            fixes.append(f"raise mem-fraction-static to {math.ceil(mem.weights / free * 100 + 1) / 100:.2f}")
+        if (constraints.get("kv_tokens_short", 0) > 0 and plan.max_total_tokens is not None
+                and plan.max_total_tokens < largest_request):
             fixes.insert(0, f"raise max-total-tokens to at least {largest_request}")
         key = next(k for k in gpu_bad)
         hints[key] = " or ".join(fixes) if fixes else "the model does not fit these GPUs at this TP"

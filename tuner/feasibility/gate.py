@@ -1,6 +1,7 @@
-"""The study's view of feasibility: model sizes and hardware resolved once per study, one
-check per proposal, `auto` values filled in before a launch, and the memory model corrected
-from what launched servers really logged (stored in the study so resumed runs keep it)."""
+"""The study's view of feasibility (:class:`FeasibilityGate`): model sizes and hardware resolved
+once per study, one check per proposal, `auto` values filled in before a launch, and the memory
+model corrected from what launched servers really logged (stored in the study so resumed runs
+keep it)."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,14 +21,17 @@ from tuner.server import runtime_oom
 
 # Failures that mean "the memory model was too optimistic" when the config was predicted to fit.
 MEMORY_REASONS = frozenset({"oom", "oom_weights", "oom_kv_alloc", "kv_not_enough_memory", "cuda_graph_failed"})
-MARGIN_STEP_GB = 1.0
+MARGIN_STEP_GB = 1.0  # the unanchored margin grows by this after such a failure
 ANCHOR_STEP_GB = 0.25  # beyond the failed config's predicted slack, so it no longer fits
-INSIDE_MARGIN_STEP_GB = 0.1  # beyond a failed launch inside the margin's slack without the margin
+INSIDE_MARGIN_STEP_GB = 0.1  # beyond the slack of a failed launch inside the margin, so it no longer fits there
 DEFAULT_MARGIN_GB = 2.0
 
 
 @dataclass
 class FeasibilityGate:
+    """One study's feasibility: the model, hardware and workloads it checks against, and the
+    margin and calibration it learns as launches are observed."""
+
     model: ModelSizes
     hardware: Hardware
     workloads: list[tuple[int, int, int]]
@@ -49,12 +53,14 @@ class FeasibilityGate:
         return cls(model=model, hardware=hw, workloads=workloads, test_chunk=_smallest_chunk(space))
 
     def resolve_auto(self, flags: Mapping[str, Any]) -> dict[str, Any]:
+        """``flags`` with ``max-total-tokens: auto`` sized from the workloads."""
         out = dict(flags)
         if out.get("max-total-tokens") == AUTO:
             out["max-total-tokens"] = auto_max_total_tokens(self.model, self.hardware, out, self.workloads)
         return out
 
     def check(self, flags: Mapping[str, Any]) -> FeasibilityReport:
+        """:func:`tuner.feasibility.check.check` with this study's margin and calibration."""
         report = check(self.model, self.hardware, flags, self.workloads, margin_gb=self.margin_gb,
                        calibration=self.calibration)
         if not report.feasible:
@@ -90,7 +96,7 @@ class FeasibilityGate:
     def observe(self, log_text: str, flags: Mapping[str, Any], reason: str | None, predicted_fit: bool,
                 inside_margin: bool = False) -> dict[str, Any]:
         """Anchor the memory model on what a launched server logged (see
-        :func:`tuner.feasibility.anchor_from_observed`). A config that was predicted to fit but
+        :func:`tuner.feasibility.anchor.anchor_from_observed`). A config that was predicted to fit but
         failed for memory tightens it: a run-time OOM bounds the activations from below; any
         other memory failure (or one the bound does not explain) grows the anchored margin
         until that config no longer fits, and the unanchored margin by a step. A launch
@@ -140,6 +146,7 @@ class FeasibilityGate:
                                         or (report.fits_with_lower_activations and self._testable(report)))
 
     def _testable(self, report: FeasibilityReport) -> bool:
+        """Whether a launch that fits only with lower activations may test them: at `test_chunk` or below."""
         return self.test_chunk is None or (report.plan is not None and report.plan.chunk <= self.test_chunk)
 
     def _forward_tokens(self, flags: Mapping[str, Any], *, full_only: bool) -> int:
@@ -154,9 +161,11 @@ class FeasibilityGate:
         return min(plan.chunk, queued)
 
     def state(self) -> dict[str, Any]:
+        """What the study stores to resume with: the margin and the calibration, by field name."""
         return {"margin_gb": self.margin_gb, "calibration": dataclasses.asdict(self.calibration)}
 
     def restore(self, state: Mapping[str, Any] | None) -> None:
+        """Resume from :meth:`state` (also one saved under earlier calibration field names)."""
         if not state:
             return
         self.margin_gb = float(state.get("margin_gb", self.margin_gb))
@@ -164,6 +173,7 @@ class FeasibilityGate:
 
 
 def _smallest_chunk(space: SearchSpace) -> int | None:
+    """The smallest positive chunked-prefill-size the space offers; None when it does not search it."""
     p = next((p for p in space.params if p.flag == "chunked-prefill-size"), None)
     if p is None:
         return None
@@ -172,6 +182,7 @@ def _smallest_chunk(space: SearchSpace) -> int | None:
 
 
 def _draw(p: ParamSpec, rng: random.Random) -> Any:
+    """A uniform draw of one parameter."""
     if p.choices is not None:
         return rng.choice(p.choices)
     assert p.low is not None and p.high is not None

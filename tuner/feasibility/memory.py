@@ -1,4 +1,13 @@
-"""The per-GPU memory breakdown of one launch and the GPU-memory constraints on it."""
+"""The per-GPU memory of one launch (:class:`GpuMemory`) and the GPU-memory constraints on it.
+
+Per-GPU memory follows sglang-kt's start-up order (``ModelRunner`` in sglang's
+python/sglang/srt/model_executor/model_runner.py: load_model, init_memory_pool,
+init_cuda_graphs): weights (non-expert, GPU experts, TP0 staging buffer) → KV pool (profiled
+against ``mem-fraction-static``, then clipped by ``--max-total-tokens``) → req-to-token pool →
+CUDA graphs; at run time the first full prefill chunk adds activations and, with layerwise
+prefill, one whole MoE layer. Start-up must leave ``margin_gb`` free (room the run-time
+activations need); at run time the sum itself must fit. Sizes are bytes; constraints are GB.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -70,7 +79,8 @@ def gpu_memory(model: ModelSizes, hw: Hardware, plan: LaunchPlan, cal: MemoryCal
     free = float(min((g.free_bytes for g in used), default=0))
     reference_free = cal.free_before_weights_gb if cal.reference_tp == plan.tp else None
     anchored = reference_free is not None
-    free_before_weights = reference_free * GB if reference_free is not None else max(free - cal.cuda_context_gb * GB, 0.0)
+    free_before_weights = (reference_free * GB if reference_free is not None
+                           else max(free - cal.cuda_context_gb * GB, 0.0))
     tp, hidden = plan.tp, model.hidden_size
     chunk = plan.chunk if plan.chunk > 0 else max(largest_input, 1)
     nonexpert = (cal.nonexpert_weight_gb * GB if cal.nonexpert_weight_gb is not None
@@ -84,6 +94,7 @@ def gpu_memory(model: ModelSizes, hw: Hardware, plan: LaunchPlan, cal: MemoryCal
     page = plan.page_size
     profiled = int(left_for_kv // profiled_cell) // page * page if left_for_kv > 0 else 0
     tokens = profiled if plan.max_total_tokens is None else min(plan.max_total_tokens // page * page, profiled)
+    # Unset max-running-requests: sglang sizes the req-to-token pool from the KV pool, in [2048, 4096].
     request_slots = plan.max_running or min(max(int(tokens / max(plan.context_len, 1) * 512), 2048), 4096)
     graph_bs = min(plan.graph_max_bs, request_slots) if plan.graphs else 0
     graph_bytes_per_batch = (cal.graph_bytes_per_batch if cal.graph_bytes_per_batch is not None
@@ -95,9 +106,10 @@ def gpu_memory(model: ModelSizes, hw: Hardware, plan: LaunchPlan, cal: MemoryCal
         activation_bytes_per_token = min(activation_bytes_per_token, cal.activation_upper_bytes_per_token)
     activation_bytes_per_token *= cal.activation_share
     if cal.activation_lower_bytes_per_token is not None:
+        # an OOM proved them above the bound: assume a little more
         activation_bytes_per_token = max(activation_bytes_per_token, cal.activation_lower_bytes_per_token * 1.05)
     slot = model.layerwise_slot_bytes(tp) if plan.kt_enabled and 0 < plan.layerwise_threshold <= chunk else 0.0
-    req_to_token = request_slots * (plan.context_len + 4) * 4.0
+    req_to_token = request_slots * (plan.context_len + 4) * 4.0  # one int32 per token slot of each request
     difference = 0.0
     if anchored:
         difference = (abs(nonexpert + experts + staging - cal.reference_weights_gb * GB)

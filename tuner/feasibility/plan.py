@@ -1,5 +1,6 @@
-"""The launch as sglang will run it: flags with sglang's defaults applied, and the units and
-workload shape the feasibility model shares."""
+"""The launch as sglang will run it: :class:`LaunchPlan` (flags with sglang's defaults applied,
+after ``ServerArgs._handle_gpu_memory_settings`` in sglang's python/sglang/srt/server_args.py),
+``max-total-tokens: auto``, and the unit and workload shape the feasibility modules share."""
 from __future__ import annotations
 
 import math
@@ -11,13 +12,13 @@ from tuner.errors import ConfigError
 from tuner.machine.hardware import GIB, MIB, Hardware
 from tuner.machine.model import ModelSizes
 
-GB = 1e9
+GB = 1e9  # the model's sizes are decimal GB; sglang's logs print GiB as "GB"
 Workload = tuple[int, int, int]  # (num_prompts, input_len, output_len)
 
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """Launch flags with SGLang's defaults applied (facts §2-3)."""
+    """Launch flags with SGLang's defaults applied for what is unset."""
 
     tp: int
     base_gpu: int
@@ -40,6 +41,7 @@ class LaunchPlan:
 
 
 def flag_value(flags: Mapping[str, Any], *keys: str) -> Any:
+    """The first of ``keys`` set (not None) in ``flags``, else None."""
     for k in keys:
         if flags.get(k) is not None:
             return flags[k]
@@ -47,6 +49,8 @@ def flag_value(flags: Mapping[str, Any], *keys: str) -> Any:
 
 
 def flag_number(flags: Mapping[str, Any], key: str, default: Any, kind: type = int) -> Any:
+    """Flag ``key`` as ``kind`` (int: a whole number, "4096.0" allowed), ``default`` when unset;
+    ConfigError for anything else."""
     value = flag_value(flags, key)
     if value is None:
         return default
@@ -60,17 +64,18 @@ def flag_number(flags: Mapping[str, Any], key: str, default: Any, kind: type = i
 
 
 def flag_on(flags: Mapping[str, Any], key: str) -> bool:
+    """Whether a store-true flag is set (True, or "true", "1", "yes")."""
     value = flags.get(key)
     return value is True or str(value).lower() in ("true", "1", "yes")
 
 
 def default_chunk(vram_gib: float) -> int:
-    """SGLang's ``--chunked-prefill-size`` default by visible VRAM (facts §3)."""
+    """SGLang's ``--chunked-prefill-size`` default by visible VRAM (GiB)."""
     return 2048 if vram_gib < 35 else 4096 if vram_gib < 60 else 8192 if vram_gib < 160 else 16384
 
 
 def default_graph_bs(vram_gib: float, tp: int) -> int:
-    """SGLang's ``--cuda-graph-max-bs`` default by VRAM bucket and TP (facts §3)."""
+    """SGLang's ``--cuda-graph-max-bs`` default by VRAM bucket (GiB) and TP."""
     if vram_gib < 20:
         return 8
     if vram_gib < 35:
@@ -100,6 +105,7 @@ def resolve_launch(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any],
     vram = min((g.total_bytes for g in used), default=0)
     ratio = flag_number(flags, "kt-gpu-experts-ratio", None, float)
     count = flag_number(flags, "kt-num-gpu-experts", None)
+    # KT offloads experts only with a weight path and a GPU-expert count or ratio; else all load on the GPUs.
     kt = bool(flag_value(flags, "kt-weight-path")) and (ratio is not None or count is not None)
     experts = max(int(ratio * model.n_routed_experts) if ratio is not None else (count or 0), 0)
     chunk = flag_number(flags, "chunked-prefill-size", default_chunk(vram / GIB))
