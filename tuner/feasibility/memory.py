@@ -21,16 +21,16 @@ from tuner.machine.model import ModelSizes
 def prefill_bytes_per_token(model: ModelSizes, tp: int) -> float:
     """Activation bytes per chunk token at TP: hidden-state copies, fused-MoE caches
     (tokens×top-k×(H + 3I/TP)), attention projections and the dense/shared MLP."""
-    m, b = model, 2
+    m, bf16 = model, 2  # bytes per activation value
     heads = max(1, m.num_attention_heads // tp)
-    moe = m.top_k * (m.hidden_size + 3 * m.moe_intermediate_size / tp) * b if m.num_moe_layers else 0.0
+    moe = m.top_k * (m.hidden_size + 3 * m.moe_intermediate_size / tp) * bf16 if m.num_moe_layers else 0.0
     if m.attention == "mla":
-        attn = heads * (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) + 2 * m.v_head_dim) * b
-        attn += (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim) * b
+        attn = heads * (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) + 2 * m.v_head_dim) * bf16
+        attn += (m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim) * bf16
     else:
-        attn = 2 * (heads + 2 * max(1, m.num_kv_heads // tp)) * m.head_dim * b
-    mlp = 3 * max(m.dense_intermediate_size, m.shared_intermediate_size) / tp * b
-    return 8 * m.hidden_size * b + moe + attn + mlp
+        attn = 2 * (heads + 2 * max(1, m.num_kv_heads // tp)) * m.head_dim * bf16
+    mlp = 3 * max(m.dense_intermediate_size, m.shared_intermediate_size) / tp * bf16
+    return 8 * m.hidden_size * bf16 + moe + attn + mlp
 
 
 def decode_bytes_per_token(model: ModelSizes, tp: int) -> float:
