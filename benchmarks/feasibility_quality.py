@@ -1,5 +1,5 @@
 """Feasibility quality: how well kttune's pre-launch predictor
-(`tuner.feasibility`, through `tuner.feasibility_gate`) knows the simulated machines. Prints
+(`tuner.feasibility`, through its `FeasibilityGate`) knows the simulated machines. Prints
 tables; not a test.
 
     python benchmarks/feasibility_quality.py            # 10 seeds (~1 min on 2 cores)
@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from tuning_quality import SPACES, VARIANTS, Scene, load_scene, run_kttune  # noqa: E402
 
-from tuner.feasibility.gate import FeasibilityGate  # noqa: E402
+from tuner.feasibility import FeasibilityGate  # noqa: E402
 from tuner.loop.run import RunOptions, run_study  # noqa: E402
 from tuner.search.grid import param_grid  # noqa: E402
 from tuner.sim.inprocess import InProcessRunner  # noqa: E402

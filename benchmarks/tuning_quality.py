@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tuner.config import FeasibilitySpec, SearchSpace, load_space  # noqa: E402
-from tuner.feasibility.gate import FeasibilityGate  # noqa: E402
+from tuner.feasibility import FeasibilityGate  # noqa: E402
 from tuner.loop.run import RunOptions, run_study  # noqa: E402
 from tuner.outcome import (
     PRUNED,  # noqa: E402

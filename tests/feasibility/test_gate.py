@@ -10,8 +10,10 @@ import pytest
 
 from tests.conftest import REPO
 from tuner.config import SearchSpace, load_space
-from tuner.feasibility.gate import DEFAULT_MARGIN_GB, MARGIN_STEP_GB, FeasibilityGate, _runtime_oom
-from tuner.feasibility.memory import anchor_from_observed, calibrate_from_log
+from tuner.feasibility.anchor import anchor_from_observed, calibrate_from_log
+from tuner.feasibility.calibration import RENAMED_FIELDS
+from tuner.feasibility.gate import DEFAULT_MARGIN_GB, MARGIN_STEP_GB, FeasibilityGate
+from tuner.server.logscan import runtime_oom as _runtime_oom
 from tuner.sim.inprocess import InProcessRunner
 
 KIMI = REPO / "search_spaces" / "sim-kimi-k2-thinking-8xl20.yaml"
@@ -40,7 +42,7 @@ def observed_gate(space: SearchSpace, tmp: Path, params: dict[str, Any] | None =
 def test_nothing_observed_keeps_the_pessimistic_margin(space: SearchSpace) -> None:
     gate = FeasibilityGate.for_space(space)
     rep = gate.check(gate.resolve_auto(space.launch_flags(space.baseline)))
-    assert gate.calibration.f0_gb is None
+    assert gate.calibration.free_before_weights_gb is None
     assert rep.breakdown_gb["margin"] == pytest.approx(DEFAULT_MARGIN_GB)
 
 
@@ -81,7 +83,7 @@ def test_runtime_oom_bounds_activations_from_below(space: SearchSpace, tmp_path:
     log = run.log_text() + "\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 3.00 GiB.\n"
     assert _runtime_oom(log) and not _runtime_oom("CUDA out of memory\nKV Cache is allocated. #tokens: 1")
     gate.observe(log, flags, "server_died", predicted_fit=True)
-    assert gate.calibration.act_lower_bytes_per_token is not None
+    assert gate.calibration.activation_lower_bytes_per_token is not None
     assert not gate.check(flags).feasible
     assert gate.margin_gb == DEFAULT_MARGIN_GB + MARGIN_STEP_GB
 
@@ -98,7 +100,7 @@ def test_startup_failure_where_fit_was_predicted_tightens(space: SearchSpace, tm
            "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 0.04 GiB.")
     gate.observe(log, flags, "oom_kv_alloc", predicted_fit=True)
     assert not gate.check(flags).feasible
-    assert gate.calibration.anchor_rel > 0.05 or gate.calibration.anchor_extra_gb > 0
+    assert gate.calibration.anchor_difference_share > 0.05 or gate.calibration.anchor_extra_gb > 0
     base = gate.resolve_auto(space.launch_flags(space.baseline))
     assert gate.check(base).feasible  # the observed baseline still fits
 
@@ -124,11 +126,29 @@ def test_state_round_trip_keeps_the_anchor(space: SearchSpace, tmp_path: Path) -
     assert fresh.calibration == gate.calibration
 
 
+def test_restore_reads_a_state_saved_under_the_old_field_names(space: SearchSpace, tmp_path: Path) -> None:
+    gate = observed_gate(space, tmp_path)
+    gate.calibration = dataclasses.replace(gate.calibration, activation_upper_bytes_per_token=1.5e5,
+                                           activation_lower_bytes_per_token=0.5e5, anchor_extra_gb=0.3)
+    new_to_old = {new: old for old, new in RENAMED_FIELDS.items()}
+    state = gate.state()
+    old_state = {**state, "calibration": {new_to_old.get(k, k): v for k, v in state["calibration"].items()}}
+    assert "f0_gb" in old_state["calibration"] and "free_before_weights_gb" not in old_state["calibration"]
+    fresh = FeasibilityGate.for_space(space)
+    fresh.restore(old_state)
+    assert fresh.calibration == gate.calibration and fresh.state() == state
+    flags = gate.resolve_auto(space.launch_flags({**space.baseline, "kt-num-gpu-experts": 208}))
+    assert fresh.check(flags).constraints == gate.check(flags).constraints
+    # a current name wins over an old one; unknown keys are dropped
+    fresh.restore({"calibration": {"f0_gb": 1.0, "free_before_weights_gb": 2.0, "no_such_field": 3}})
+    assert fresh.calibration.free_before_weights_gb == 2.0
+
+
 def test_anchor_ignores_a_log_without_weights(space: SearchSpace) -> None:
     gate = FeasibilityGate.for_space(space)
     cal = anchor_from_observed({}, gate.model, gate.hardware, space.launch_flags(space.baseline))
     assert cal == gate.calibration
-    other_tp = dataclasses.replace(cal, ref_tp=4, f0_gb=10.0)  # an anchor at another TP does not apply
+    other_tp = dataclasses.replace(cal, reference_tp=4, free_before_weights_gb=10.0)  # an anchor at another TP does not apply
     gate.calibration = other_tp
     assert gate.check(gate.resolve_auto(space.launch_flags(space.baseline))).breakdown_gb["margin"] == DEFAULT_MARGIN_GB
 
@@ -137,7 +157,7 @@ def test_the_reference_itself_failing_grows_the_fixed_margin(space: SearchSpace,
     gate = observed_gate(space, tmp_path)
     flags = gate.resolve_auto(space.launch_flags(space.baseline))
     gate.observe("torch.OutOfMemoryError: CUDA out of memory.", flags, "oom", predicted_fit=True)
-    assert gate.calibration.anchor_extra_gb > 0 and gate.calibration.anchor_rel == pytest.approx(0.05)
+    assert gate.calibration.anchor_extra_gb > 0 and gate.calibration.anchor_difference_share == pytest.approx(0.05)
     assert not gate.check(flags).feasible
 
 
@@ -146,7 +166,7 @@ def test_a_failed_first_start_up_is_no_reference(space: SearchSpace) -> None:
     flags = gate.resolve_auto(space.launch_flags(space.baseline))
     log = "Load weight end. avail mem=4.00 GB, mem usage=40.00 GB.\ntorch.OutOfMemoryError: CUDA out of memory."
     gate.observe(log, flags, "oom_kv_alloc", predicted_fit=True)
-    assert gate.calibration.f0_gb is None  # still the pessimistic model, with a wider margin
+    assert gate.calibration.free_before_weights_gb is None  # still the pessimistic model, with a wider margin
     assert gate.margin_gb == DEFAULT_MARGIN_GB + MARGIN_STEP_GB
 
 
@@ -158,7 +178,7 @@ def test_free_memory_is_averaged_and_its_spread_kept_free(space: SearchSpace, tm
     for shift in (-0.4, 0.4):  # two more launches, free memory 0.4 GB lower and higher
         cal = anchor_from_observed({**obs, "avail_after_weights_gb": obs["avail_after_weights_gb"] + shift},
                                    gate.model, gate.hardware, flags, base=cal)
-    assert cal.f0_n == 3 and cal.f0_gb == pytest.approx(gate.calibration.f0_gb, abs=1e-6)
+    assert cal.free_before_weights_launches == 3 and cal.free_before_weights_gb == pytest.approx(gate.calibration.free_before_weights_gb, abs=1e-6)
     gate2 = FeasibilityGate.for_space(space)
     gate2.calibration = cal
     assert gate2.check(flags).breakdown_gb["margin"] == pytest.approx(0.4, abs=0.02)  # one standard deviation
@@ -177,28 +197,28 @@ def _marginal_candidate(space: SearchSpace, gate: FeasibilityGate) -> tuple[dict
 
 def test_inside_the_margin_is_marginal_and_beyond_it_is_not(space: SearchSpace, tmp_path: Path) -> None:
     gate = observed_gate(space, tmp_path)
-    gate.calibration = dataclasses.replace(gate.calibration, anchor_rel=0.5)  # an unsure model: a wide margin
+    gate.calibration = dataclasses.replace(gate.calibration, anchor_difference_share=0.5)  # an unsure model: a wide margin
     flags, rep = _marginal_candidate(space, gate)
-    assert rep.marginal and rep.bare_slack_gb is not None and rep.bare_slack_gb >= 0
+    assert rep.fits_without_margin and rep.slack_without_margin_gb is not None and rep.slack_without_margin_gb >= 0
     assert gate.allows(rep, 1) and not gate.allows(rep, 0)
     far = gate.check({**flags, "kt-num-gpu-experts": 240})
-    assert not far.feasible and not far.marginal and far.bare_slack_gb < 0
+    assert not far.feasible and not far.fits_without_margin and far.slack_without_margin_gb < 0
     assert not gate.allows(far, 5)
     unanchored = FeasibilityGate.for_space(space).check(flags)  # nothing launched: no bare prediction
-    assert unanchored.bare_slack_gb is None and not unanchored.marginal
+    assert unanchored.slack_without_margin_gb is None and not unanchored.fits_without_margin
 
 
 def test_a_failed_launch_inside_the_margin_closes_it_there(space: SearchSpace, tmp_path: Path) -> None:
     gate = observed_gate(space, tmp_path)
-    gate.calibration = dataclasses.replace(gate.calibration, anchor_rel=0.5)
+    gate.calibration = dataclasses.replace(gate.calibration, anchor_difference_share=0.5)
     flags, rep = _marginal_candidate(space, gate)
     log = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 0.04 GiB."
-    gate.observe(log, flags, "oom_kv_alloc", predicted_fit=False, marginal=True)
+    gate.observe(log, flags, "oom_kv_alloc", predicted_fit=False, inside_margin=True)
     after = gate.check(flags)
-    assert not after.feasible and not after.marginal and not gate.inside_margin(after)
+    assert not after.feasible and not after.fits_without_margin and not gate.inside_margin(after)
     # chunk 1024 is the space's smallest: the activation test there is closed too
-    assert rep.band_slack_gb is not None and rep.band_slack_gb >= rep.bare_slack_gb
-    assert gate.calibration.anchor_extra_gb == pytest.approx(rep.band_slack_gb + 0.1, abs=1e-6)
+    assert rep.slack_with_lower_activations_gb is not None and rep.slack_with_lower_activations_gb >= rep.slack_without_margin_gb
+    assert gate.calibration.anchor_extra_gb == pytest.approx(rep.slack_with_lower_activations_gb + 0.1, abs=1e-6)
     assert gate.check(gate.resolve_auto(space.launch_flags(space.baseline))).feasible  # the baseline still fits
 
 
@@ -208,23 +228,23 @@ def _activation_candidate(space: SearchSpace, gate: FeasibilityGate, chunk: int)
         flags = gate.resolve_auto(space.launch_flags({**space.baseline, "kt-num-gpu-experts": n,
                                                       "chunked-prefill-size": chunk}))
         rep = gate.check(flags)
-        if rep.activation_test:
+        if rep.fits_with_lower_activations:
             return flags, rep
     raise AssertionError(f"no activation test at chunk {chunk}")
 
 
-def test_an_activation_test_is_launched_only_at_the_smallest_chunk(space: SearchSpace, tmp_path: Path) -> None:
+def test_an_fits_with_lower_activations_is_launched_only_at_the_smallest_chunk(space: SearchSpace, tmp_path: Path) -> None:
     gate = observed_gate(space, tmp_path)
     assert gate.test_chunk == 1024  # the smallest chunked-prefill-size the space offers
     for chunk in (1024, 4096):
         flags, rep = _activation_candidate(space, gate, chunk)
-        assert not rep.feasible and not rep.marginal
-        assert rep.band_slack_gb >= 0 > rep.bare_slack_gb  # fits only with activations below the estimate
+        assert not rep.feasible and not rep.fits_without_margin
+        assert rep.slack_with_lower_activations_gb >= 0 > rep.slack_without_margin_gb  # fits only with activations below the estimate
         assert gate.inside_margin(rep) == (chunk == 1024)
         assert gate.allows(rep, 1) == (chunk == 1024) and not gate.allows(rep, 0)
 
 
-def test_a_run_time_oom_of_an_activation_test_bounds_activations_from_below(space: SearchSpace,
+def test_a_run_time_oom_of_an_fits_with_lower_activations_bounds_activations_from_below(space: SearchSpace,
                                                                              tmp_path: Path) -> None:
     gate = observed_gate(space, tmp_path)
     flags, rep = _activation_candidate(space, gate, 1024)
@@ -232,13 +252,13 @@ def test_a_run_time_oom_of_an_activation_test_bounds_activations_from_below(spac
         "\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 0.50 GiB."
     assert calibrate_log and _runtime_oom(log)
     extra = gate.calibration.anchor_extra_gb
-    gate.observe(log, flags, "server_died", predicted_fit=False, marginal=True)
-    assert gate.calibration.act_lower_bytes_per_token is not None  # α is above what that run had left
+    gate.observe(log, flags, "server_died", predicted_fit=False, inside_margin=True)
+    assert gate.calibration.activation_lower_bytes_per_token is not None  # α is above what that run had left
     after = gate.check(flags)
     assert not gate.inside_margin(after) and gate.calibration.anchor_extra_gb == extra
 
 
-def test_a_survived_activation_test_near_the_cliff_bounds_activations_from_above(tmp_path: Path) -> None:
+def test_a_survived_fits_with_lower_activations_near_the_cliff_bounds_activations_from_above(tmp_path: Path) -> None:
     """On the 4xH100 space the activation estimate is about twice the simulator's: the optimum
     (N=108, chunk 2048) is only reachable by testing it, and a run there tightens α."""
     space = load_space(REPO / "search_spaces" / "sim-deepseek-v3-4xh100.yaml", check_paths=False)
@@ -247,10 +267,10 @@ def test_a_survived_activation_test_near_the_cliff_bounds_activations_from_above
     params = {"kt-num-gpu-experts": 108, "kt-cpuinfer": 104, "chunked-prefill-size": 2048, "max-running-requests": 48}
     flags, run = launch(space, gate, params, tmp_path)
     rep = gate.check(flags)
-    assert rep.activation_test and gate.allows(rep, 1)
+    assert rep.fits_with_lower_activations and gate.allows(rep, 1)
     assert run.outcome.reason is None  # the simulated server runs it
     before = gate.check(flags).breakdown_gb["activations"]
-    gate.observe(run.log_text(), flags, None, predicted_fit=False, marginal=True)
+    gate.observe(run.log_text(), flags, None, predicted_fit=False, inside_margin=True)
     assert gate.check(flags).breakdown_gb["activations"] < 0.6 * before
     assert gate.check({**flags, "chunked-prefill-size": 8192}).breakdown_gb["activations"] < 0.6 * 4 * before
 

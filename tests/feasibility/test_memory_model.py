@@ -6,18 +6,10 @@ from pathlib import Path
 import pytest
 
 from tuner.errors import ConfigError
-from tuner.feasibility.memory import (
-    MemoryCalibration,
-    auto_max_total_tokens,
-    auto_mem_fraction,
-    calibrate_from_log,
-    calibration_from_observed,
-    check,
-    default_chunk,
-    default_graph_bs,
-    max_gpu_experts,
-    resolve_launch,
-)
+from tuner.feasibility.anchor import calibrate_from_log, calibration_from_observed
+from tuner.feasibility.calibration import MemoryCalibration
+from tuner.feasibility.check import check, max_gpu_experts
+from tuner.feasibility.plan import auto_max_total_tokens, auto_mem_fraction, default_chunk, default_graph_bs, resolve_launch
 from tuner.machine.hardware import GIB, MIB, CpuSpec, GpuSpec, Hardware
 from tuner.machine.model import load_model_sizes
 

@@ -258,7 +258,7 @@ def test_a_pick_found_inside_the_margin_is_said_so() -> None:
     assert boundary_notes(study, ConfirmSpec()) == []  # the pick is no longer one launched inside the margin
 
 
-def test_a_pick_found_by_an_activation_test_says_the_estimate_was_beaten() -> None:
+def test_a_pick_found_by_an_fits_with_lower_activations_says_the_estimate_was_beaten() -> None:
     from tuner.report.text import boundary_notes
     from tuner.storage.attrs import ATTR_MARGINAL, ATTR_SPARE_GB
 

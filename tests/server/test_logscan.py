@@ -11,6 +11,8 @@ from tuner.server.logscan import (
     first_failure,
     line_abort_reason,
     parse_memory_lines,
+    runtime_oom,
+    worst_memory_figures,
 )
 
 ARGS = "[2025-11-04 05:20:00] server_args=ServerArgs(model_path='/m', watchdog_timeout=300, mem_fraction_static=0.98, kt_num_gpu_experts=200)"
@@ -160,3 +162,21 @@ def test_parse_memory_lines_gqa_and_old_order() -> None:
     assert mem["kv_tokens"] == 123456 and mem["kv_size_gib"] == pytest.approx(4.24)
     assert "max_total_num_tokens" not in mem
     assert parse_memory_lines("") == {}
+
+
+def test_worst_memory_figures_take_the_worst_rank() -> None:
+    clip = "[t TP0] max_total_tokens=37000 is larger than the profiled value 36000. Use the profiled value instead.\n"
+    mem = worst_memory_figures(ARGS + "\n" + LOAD_OK + clip + KV_OK)
+    assert mem["weight_begin_avail_gib"] == 46.91
+    assert mem["weight_mem_gib"] == 42.11 and mem["weight_avail_gib"] == 4.80
+    assert mem["kv_tokens"] == 37000 and mem["kv_size_gib"] == 2.42
+    assert mem["kv_clip_requested_tokens"] == 37000 and mem["kv_clip_profiled_tokens"] == 36000
+    assert mem["cuda_graph_mem_gib"] == 0.61 and mem["available_gpu_mem_gib"] == 1.69
+    assert mem["chunked_prefill_size"] == 4096 and mem["max_running_requests"] == 37
+    assert mem["cuda_oom"] is False and mem["kv_not_enough_memory"] is False
+    assert worst_memory_figures("") == {"cuda_oom": False, "kv_not_enough_memory": False}
+
+
+def test_runtime_oom_only_after_the_server_is_ready() -> None:
+    assert runtime_oom(LOAD_OK + KV_OK + f"[t] {READY_LINE}\n" + OOM_TRACE)
+    assert not runtime_oom(LOAD_OK + OOM_TRACE)

@@ -1,3 +1,18 @@
-"""Will a configuration fit before it is launched: sglang-kt's per-GPU memory accounting
-and CPU layout as a model, its verdict with the binding constraint and a fix, and the
-per-run gate that fills `auto` values and learns from what launched servers logged."""
+"""Will a launch fit? sglang-kt's per-GPU memory, CPU and NUMA checks before a launch, and the
+per-study gate that learns from what launched servers logged.
+
+Modules, each importing only those before it: plan (flags with sglang's defaults),
+calibration (what the memory model learned), memory (the per-GPU breakdown), anchor
+(learning from a log), check (the verdict on one flag set), gate (the study's view)."""
+from __future__ import annotations
+
+from tuner.feasibility.calibration import LOWER_ACTIVATION_SHARE, without_margin_calibration
+from tuner.feasibility.check import max_gpu_experts
+from tuner.feasibility.gate import FeasibilityGate
+
+__all__ = [
+    "LOWER_ACTIVATION_SHARE",
+    "FeasibilityGate",
+    "max_gpu_experts",
+    "without_margin_calibration",
+]

@@ -1,6 +1,7 @@
-"""The study's view of feasibility: model sizes and hardware resolved once per study, one
-check per proposal, `auto` values filled in before a launch, and the memory model corrected
-from what launched servers really logged (stored in the study so resumed runs keep it)."""
+"""The study's view of feasibility (:class:`FeasibilityGate`): model sizes and hardware resolved
+once per study, one check per proposal, `auto` values filled in before a launch, and the memory
+model corrected from what launched servers really logged (stored in the study so resumed runs
+keep it)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,36 +11,36 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tuner.config import AUTO, ParamSpec, SearchSpace
-from tuner.feasibility.memory import (
-    FeasibilityReport,
-    MemoryCalibration,
-    anchor_from_observed,
-    auto_max_total_tokens,
-    calibrate_from_log,
-    check,
-    resolve_launch,
-)
+from tuner.feasibility.anchor import anchor_from_observed, calibrate_from_log
+from tuner.feasibility.calibration import MemoryCalibration, calibration_from_state
+from tuner.feasibility.check import FeasibilityReport, check
+from tuner.feasibility.plan import auto_max_total_tokens, resolve_launch
 from tuner.machine.hardware import Hardware, resolve_hardware
 from tuner.machine.model import ModelSizes, load_model_sizes
+from tuner.outcome import is_memory_reason
+from tuner.server import runtime_oom
 
 # Failures that mean "the memory model was too optimistic" when the config was predicted to fit.
-MEMORY_REASONS = frozenset({"oom", "oom_weights", "oom_kv_alloc", "kv_not_enough_memory", "cuda_graph_failed"})
-MARGIN_STEP_GB = 1.0
+MARGIN_STEP_GB = 1.0  # the unanchored margin grows by this after such a failure
 ANCHOR_STEP_GB = 0.25  # beyond the failed config's predicted slack, so it no longer fits
-BOUNDARY_STEP_GB = 0.1  # beyond a failed inside-the-margin launch's bare slack
+INSIDE_MARGIN_STEP_GB = 0.1  # beyond the slack of a failed launch inside the margin, so it no longer fits there
 DEFAULT_MARGIN_GB = 2.0
 
 
 @dataclass
 class FeasibilityGate:
+    """One study's feasibility: the model, hardware and workloads it checks against, and the
+    margin and calibration it learns as launches are observed."""
+
     model: ModelSizes
     hardware: Hardware
     workloads: list[tuple[int, int, int]]
     margin_gb: float = DEFAULT_MARGIN_GB
     calibration: MemoryCalibration = field(default_factory=MemoryCalibration)
     last_binding: str | None = None
-    # Activation tests (FeasibilityReport.activation_test) run only at this chunk or below: the
-    # smallest the space offers, where the test is likeliest to pass. None: any chunk.
+    # Launches that fit only with lower activations (FeasibilityReport.fits_with_lower_activations)
+    # run only at this chunk or below: the smallest the space offers, where such a launch is likeliest
+    # to survive. None: any chunk.
     test_chunk: int | None = None
 
     @classmethod
@@ -52,12 +53,14 @@ class FeasibilityGate:
         return cls(model=model, hardware=hw, workloads=workloads, test_chunk=_smallest_chunk(space))
 
     def resolve_auto(self, flags: Mapping[str, Any]) -> dict[str, Any]:
+        """``flags`` with ``max-total-tokens: auto`` sized from the workloads."""
         out = dict(flags)
         if out.get("max-total-tokens") == AUTO:
             out["max-total-tokens"] = auto_max_total_tokens(self.model, self.hardware, out, self.workloads)
         return out
 
     def check(self, flags: Mapping[str, Any]) -> FeasibilityReport:
+        """:func:`tuner.feasibility.check.check` with this study's margin and calibration."""
         report = check(self.model, self.hardware, flags, self.workloads, margin_gb=self.margin_gb,
                        calibration=self.calibration)
         if not report.feasible:
@@ -91,56 +94,59 @@ class FeasibilityGate:
         return f"{b} over by {report.constraints.get(b, float('nan')):.3g}; {report.fix_hint()}"
 
     def observe(self, log_text: str, flags: Mapping[str, Any], reason: str | None, predicted_fit: bool,
-                marginal: bool = False) -> dict[str, Any]:
+                inside_margin: bool = False) -> dict[str, Any]:
         """Anchor the memory model on what a launched server logged (see
-        :func:`tuner.feasibility.anchor_from_observed`). A config that was predicted to fit but
+        :func:`tuner.feasibility.anchor.anchor_from_observed`). A config that was predicted to fit but
         failed for memory tightens it: a run-time OOM bounds the activations from below; any
         other memory failure (or one the bound does not explain) grows the anchored margin
-        until that config no longer fits, and the unanchored margin by a step. A `marginal`
-        launch (predicted to fit only inside the margin) that failed for memory adds just
-        enough to the anchored margin that it no longer fits even without the margin.
+        until that config no longer fits, and the unanchored margin by a step. A launch
+        `inside_margin` (see :meth:`inside_margin`) that failed for memory adds just enough to
+        the anchored margin that it no longer fits there.
         Returns the state to store (see `state`)."""
         observed = calibrate_from_log(log_text)
-        runtime_oom = _runtime_oom(log_text)
-        memory_failure = reason in MEMORY_REASONS or runtime_oom
+        oom_after_ready = runtime_oom(log_text)
+        memory_failure = is_memory_reason(reason) or oom_after_ready
         if observed.get("weights_gb") is not None:
-            tokens = self._forward_tokens(flags, full_only=not runtime_oom)
+            tokens = self._forward_tokens(flags, full_only=not oom_after_ready)
             self.calibration = anchor_from_observed(
                 observed, self.model, self.hardware, flags, base=self.calibration,
-                full_chunk_tokens=tokens if (reason is None or runtime_oom) else 0, runtime_oom=runtime_oom)
-        if memory_failure and marginal and not predicted_fit and self.calibration.f0_gb is not None:
+                full_chunk_tokens=tokens if (reason is None or oom_after_ready) else 0, runtime_oom=oom_after_ready)
+        if memory_failure and inside_margin and not predicted_fit and self.calibration.free_before_weights_gb is not None:
             after = self.check(flags)
-            slack = after.band_slack_gb if self._testable(after) else after.bare_slack_gb
+            slack = after.slack_with_lower_activations_gb if self._testable(after) else after.slack_without_margin_gb
             if self.inside_margin(after) and slack is not None and slack >= 0:
                 self.calibration = dataclasses.replace(
-                    self.calibration, anchor_extra_gb=self.calibration.anchor_extra_gb + slack + BOUNDARY_STEP_GB)
+                    self.calibration, anchor_extra_gb=self.calibration.anchor_extra_gb + slack + INSIDE_MARGIN_STEP_GB)
         if memory_failure and predicted_fit:
             self.margin_gb += MARGIN_STEP_GB
             report = self.check(flags)
-            if report.feasible and self.calibration.f0_gb is not None:
+            if report.feasible and self.calibration.free_before_weights_gb is not None:
                 slack = -max(report.constraints.get(k, 0.0) for k in ("gpu_mem_startup_gb", "gpu_mem_runtime_gb"))
                 grow = max(slack, 0.0) + ANCHOR_STEP_GB
-                spread = report.breakdown_gb.get("anchor_spread", 0.0)
+                difference = report.breakdown_gb.get("anchor_spread", 0.0)
                 cal = self.calibration
-                if spread > 0 and cal.anchor_rel + grow / spread <= 1.0:
+                if difference > 0 and cal.anchor_difference_share + grow / difference <= 1.0:
                     # The observed reference still holds; trust the model's differences from it less.
-                    self.calibration = dataclasses.replace(cal, anchor_rel=cal.anchor_rel + grow / spread)
+                    self.calibration = dataclasses.replace(
+                        cal, anchor_difference_share=cal.anchor_difference_share + grow / difference)
                 else:
                     self.calibration = dataclasses.replace(cal, anchor_extra_gb=cal.anchor_extra_gb + grow)
         return self.state()
 
-    def allows(self, report: FeasibilityReport, boundary_failures_left: int) -> bool:
+    def allows(self, report: FeasibilityReport, inside_margin_failures_left: int) -> bool:
         """Whether a proposal may launch: it fits, or it fits inside the margin while failed
         launches there are still allowed."""
-        return report.feasible or (self.inside_margin(report) and boundary_failures_left > 0)
+        return report.feasible or (self.inside_margin(report) and inside_margin_failures_left > 0)
 
     def inside_margin(self, report: FeasibilityReport) -> bool:
-        """A launch that tests the memory model: its expected footprint fits only inside the
-        safety margin, or it fits there if activations are below their estimate (tested at
-        `test_chunk` only)."""
-        return not report.feasible and (report.marginal or (report.activation_test and self._testable(report)))
+        """A launch inside the margin, which tests the memory model: not feasible, but it fits
+        without the safety margin, or fits there with activations below their estimate (at
+        `test_chunk` or below only)."""
+        return not report.feasible and (report.fits_without_margin
+                                        or (report.fits_with_lower_activations and self._testable(report)))
 
     def _testable(self, report: FeasibilityReport) -> bool:
+        """Whether a launch that fits only with lower activations may test them: at `test_chunk` or below."""
         return self.test_chunk is None or (report.plan is not None and report.plan.chunk <= self.test_chunk)
 
     def _forward_tokens(self, flags: Mapping[str, Any], *, full_only: bool) -> int:
@@ -155,24 +161,19 @@ class FeasibilityGate:
         return min(plan.chunk, queued)
 
     def state(self) -> dict[str, Any]:
+        """What the study stores to resume with: the margin and the calibration, by field name."""
         return {"margin_gb": self.margin_gb, "calibration": dataclasses.asdict(self.calibration)}
 
     def restore(self, state: Mapping[str, Any] | None) -> None:
+        """Resume from :meth:`state` (also one saved under earlier calibration field names)."""
         if not state:
             return
         self.margin_gb = float(state.get("margin_gb", self.margin_gb))
-        known = {f.name for f in dataclasses.fields(MemoryCalibration)}
-        values = {k: v for k, v in dict(state.get("calibration") or {}).items() if k in known}
-        self.calibration = MemoryCalibration(**values)
-
-
-def _runtime_oom(log_text: str) -> bool:
-    """An out-of-memory error after the server reported itself ready (a forward, not start-up)."""
-    ready = max(log_text.rfind("available_gpu_mem="), log_text.rfind("The server is fired up"))
-    return ready >= 0 and "out of memory" in log_text[ready:]
+        self.calibration = calibration_from_state(dict(state.get("calibration") or {}))
 
 
 def _smallest_chunk(space: SearchSpace) -> int | None:
+    """The smallest positive chunked-prefill-size the space offers; None when it does not search it."""
     p = next((p for p in space.params if p.flag == "chunked-prefill-size"), None)
     if p is None:
         return None
@@ -181,6 +182,7 @@ def _smallest_chunk(space: SearchSpace) -> int | None:
 
 
 def _draw(p: ParamSpec, rng: random.Random) -> Any:
+    """A uniform draw of one parameter."""
     if p.choices is not None:
         return rng.choice(p.choices)
     assert p.low is not None and p.high is not None

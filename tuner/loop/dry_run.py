@@ -9,7 +9,7 @@ import optuna
 
 from tuner.config import SearchSpace
 from tuner.errors import KttuneError
-from tuner.feasibility.gate import FeasibilityGate
+from tuner.feasibility import FeasibilityGate
 from tuner.log import Log
 from tuner.search.recipe import warm_start
 from tuner.search.sampler import make_sampler

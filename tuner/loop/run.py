@@ -22,8 +22,8 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner import outcome
 from tuner.config import SearchSpace
 from tuner.errors import ConfigError, KttuneError
-from tuner.feasibility.gate import FeasibilityGate
-from tuner.feasibility.memory import BOUNDARY_ACTIVATION_SHARE, FeasibilityReport
+from tuner.feasibility import LOWER_ACTIVATION_SHARE, FeasibilityGate
+from tuner.feasibility.check import FeasibilityReport
 from tuner.log import Log
 from tuner.loop.launch import LaunchContext, launch
 from tuner.loop.progress import Progress
@@ -269,18 +269,18 @@ class _Loop:
         memory model (it fits only inside the safety margin). True for such a launch."""
         if report is None:
             return False
-        if report.bare_slack_gb is not None:
-            trial.set_user_attr(ATTR_SPARE_GB, round(report.bare_slack_gb, 3))
+        if report.slack_without_margin_gb is not None:
+            trial.set_user_attr(ATTR_SPARE_GB, round(report.slack_without_margin_gb, 3))
         assert self.gate is not None
         if not self.gate.inside_margin(report):
             return False
         trial.set_user_attr(ATTR_MARGINAL, True)
-        if report.marginal:
-            self.log(f"trial {trial.number}: inside the safety margin (predicted slack {report.bare_slack_gb:.2f} GB "
+        if report.fits_without_margin:
+            self.log(f"trial {trial.number}: inside the safety margin (predicted slack {report.slack_without_margin_gb:.2f} GB "
                      f"without it); launching it to find the memory boundary")
         else:
             self.log(f"trial {trial.number}: fits only if activations are below their estimate (predicted slack "
-                     f"{report.band_slack_gb:.2f} GB at {BOUNDARY_ACTIVATION_SHARE:.0%} of it); launching it to "
+                     f"{report.slack_with_lower_activations_gb:.2f} GB at {LOWER_ACTIVATION_SHARE:.0%} of it); launching it to "
                      f"measure them")
         return True
 
@@ -291,7 +291,7 @@ class _Loop:
             return
         before = self.gate.state()
         after = self.gate.observe(log_text, flags, reason, predicted_fit=report is not None and report.feasible,
-                                  marginal=marginal)
+                                  inside_margin=marginal)
         if after != before:
             self.study.set_user_attr(STUDY_ATTR_CALIBRATION, after)
             self.stored_calibration = after

@@ -8,8 +8,7 @@ import yaml
 
 from tuner.config import SearchSpace
 from tuner.errors import ConfigError
-from tuner.feasibility.gate import FeasibilityGate
-from tuner.feasibility.memory import max_gpu_experts
+from tuner.feasibility import FeasibilityGate, max_gpu_experts
 
 
 def parse_sets(sets: Sequence[str]) -> dict[str, Any]:

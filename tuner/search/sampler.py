@@ -171,7 +171,7 @@ class KttuneSampler(optuna.samplers.BaseSampler):
         """Predicted GPU memory to spare (without the safety margin); 0 where unknown."""
         flags = self._flags(params)
         try:
-            slack = self._gate.check(flags).bare_slack_gb if flags is not None and self._gate is not None else None
+            slack = self._gate.check(flags).slack_without_margin_gb if flags is not None and self._gate is not None else None
         except KttuneError:
             slack = None
         return slack if slack is not None else 0.0
@@ -184,7 +184,7 @@ class KttuneSampler(optuna.samplers.BaseSampler):
         key = tuple(sorted((k, v) for k, v in params.items() if k != self._cap))
         if key in self._boundary_cache:
             return self._boundary_cache[key]
-        from tuner.feasibility.memory import boundary_calibration, max_gpu_experts
+        from tuner.feasibility import max_gpu_experts, without_margin_calibration
         grid = self._grids[self._cap]
         found = None
         try:
@@ -193,7 +193,7 @@ class KttuneSampler(optuna.samplers.BaseSampler):
                 return None
             cal = gate.calibration  # inside-the-margin launches allowed: scan from the bare boundary
             if self._failures_left > 0:
-                cal = boundary_calibration(cal)
+                cal = without_margin_calibration(cal)
             n = max_gpu_experts(gate.model, gate.hardware, flags, gate.workloads,
                                 margin_gb=gate.margin_gb, calibration=cal)
             for v in sorted((v for v in grid if v <= n), reverse=True)[:8]:

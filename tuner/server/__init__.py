@@ -22,6 +22,8 @@ from tuner.server.logscan import (
     find_failures,
     first_failure,
     parse_memory_lines,
+    runtime_oom,
+    worst_memory_figures,
 )
 from tuner.server.readiness import is_alive, wait_ready
 from tuner.server.teardown import GpuMonitor, TeardownReport, kill_orphan, stop_server
@@ -48,7 +50,9 @@ __all__ = [
     "kill_orphan",
     "parse_memory_lines",
     "port_is_free",
+    "runtime_oom",
     "start_server",
     "stop_server",
     "wait_ready",
+    "worst_memory_figures",
 ]

@@ -1,6 +1,6 @@
 """Classify SGLang / kt-kernel server logs: failure reasons, readiness, memory figures.
 
-Reasons are stable strings that the outcome mapping keys on (facts doc §5). OOMs are
+Reasons are stable strings that the outcome mapping (tuner/outcome.py) keys on. OOMs are
 split by startup phase: ``oom_weights`` (before every TP rank logged ``Load weight
 end``), ``oom_kv_alloc`` (weights loaded, KV pool not yet allocated) and ``oom``
 (later, including run time). Sizes in SGLang logs are GiB printed as "GB"; the parsed
@@ -142,15 +142,89 @@ def line_abort_reason(line: str) -> str | None:
 _FLOAT = r"([0-9]+(?:\.[0-9]+)?)"
 _MEM_USAGE = re.compile(r"mem usage=" + _FLOAT + r" GB")
 _AVAIL = re.compile(r"avail mem=" + _FLOAT + r" GB")
+_WEIGHT_BEGIN = re.compile(r"Load weight begin\. avail mem=" + _FLOAT + " GB")
+_KV_TOKENS = re.compile(r"KV Cache is allocated\. #tokens: (\d+)")
 _KV_MLA = re.compile(r"KV Cache is allocated\. #tokens: (\d+), KV size: " + _FLOAT + " GB")
 _KV_GQA = re.compile(r"KV Cache is allocated\. #tokens: (\d+), K size: " + _FLOAT + r" GB, V size: " + _FLOAT + " GB")
 _CLIP = re.compile(r"max_total_tokens=(\d+) is larger than the profiled value (\d+)")
 _SUMMARY_INT = ("max_total_num_tokens", "chunked_prefill_size", "max_prefill_tokens", "max_running_requests", "context_len")
 _SUMMARY_AVAIL = re.compile(r"available_gpu_mem=" + _FLOAT + " GB")
+_KT_PER_LAYER = re.compile(r"Using kt_num_gpu_experts=(\d+) per layer")
+_KT_TOTAL = re.compile(r"total GPU experts: (\d+)")
+_CUDA_OOM = "CUDA out of memory"
+_NOT_ENOUGH_MEMORY = dict(_FATAL)["kv_not_enough_memory"]
+
+
+# One parser per memory line; sizes in GiB, as printed. Each returns None for other lines.
+def weight_load_begin(line: str) -> float | None:
+    """Free GiB before the weights load: ``Load weight begin. avail mem=X GB``."""
+    m = _WEIGHT_BEGIN.search(line)
+    return float(m.group(1)) if m else None
+
+
+def weight_load_end(line: str) -> tuple[float | None, float | None] | None:
+    """(avail GiB, weights GiB) from ``Load weight end. ... avail mem=X GB, mem usage=Y GB``
+    (either may be missing; their order varies between versions)."""
+    if "Load weight end" not in line:
+        return None
+    usage, avail = _MEM_USAGE.search(line), _AVAIL.search(line)
+    return (float(avail.group(1)) if avail else None, float(usage.group(1)) if usage else None)
+
+
+def kv_cache_allocated(line: str) -> tuple[int, float | None] | None:
+    """(tokens, KV GiB) from ``KV Cache is allocated. #tokens: N, KV size: X GB`` (MLA) or
+    ``..., K size: X GB, V size: Y GB`` (GQA: K + V); the size is None when neither form follows."""
+    if gqa := _KV_GQA.search(line):
+        return int(gqa.group(1)), float(gqa.group(2)) + float(gqa.group(3))
+    if mla := _KV_MLA.search(line):
+        return int(mla.group(1)), float(mla.group(2))
+    m = _KV_TOKENS.search(line)
+    return (int(m.group(1)), None) if m else None
+
+
+def kv_clip(line: str) -> tuple[int, int] | None:
+    """(requested, profiled) tokens from ``max_total_tokens=N is larger than the profiled value M``."""
+    m = _CLIP.search(line)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def memory_pool_end(line: str) -> float | None:
+    """Free GiB after the KV and req-to-token pools: ``Memory pool end. avail mem=X GB``."""
+    if "Memory pool end" not in line:
+        return None
+    m = _AVAIL.search(line)
+    return float(m.group(1)) if m else None
+
+
+def cuda_graph_end(line: str) -> tuple[float | None, float | None] | None:
+    """(graph GiB, avail GiB) from ``Capture cuda graph end. ... mem usage=X GB. avail mem=Y GB.``"""
+    if "Capture cuda graph end" not in line:
+        return None
+    usage, avail = _MEM_USAGE.search(line), _AVAIL.search(line)
+    return (float(usage.group(1)) if usage else None, float(avail.group(1)) if avail else None)
+
+
+def scheduler_figures(line: str) -> dict[str, Any]:
+    """The ``key=value`` figures of the scheduler's summary (``max_total_num_tokens=N, ...,
+    available_gpu_mem=X GB``) found in ``line``: the ints by name, ``available_gpu_mem_gib``."""
+    out: dict[str, Any] = {}
+    for key in _SUMMARY_INT:
+        if m := re.search(rf"\b{key}=(-?\d+)", line):
+            out[key] = int(m.group(1))
+    if m := _SUMMARY_AVAIL.search(line):
+        out["available_gpu_mem_gib"] = float(m.group(1))
+    return out
+
+
+def kt_gpu_experts(line: str) -> tuple[int | None, int | None]:
+    """(per layer, total) from KT's ``Using kt_num_gpu_experts=N per layer, total GPU experts: M``."""
+    per_layer, total = _KT_PER_LAYER.search(line), _KT_TOTAL.search(line)
+    return (int(per_layer.group(1)) if per_layer else None, int(total.group(1)) if total else None)
 
 
 def parse_memory_lines(text: str) -> dict[str, Any]:
-    """Memory figures from the startup log (facts §4.1); only keys that were found.
+    """Memory figures from the startup log, in the order sglang starts up (weights, KV pool,
+    CUDA graphs, scheduler summary); only keys that were found.
 
     Keys: ``weight_mem_gib`` (max over TP ranks; TP0 also holds the KT staging buffer),
     ``weight_mem_gib_by_rank`` ({rank: GiB}), ``weight_avail_gib`` (min over ranks),
@@ -172,35 +246,81 @@ def parse_memory_lines(text: str) -> dict[str, Any]:
 
     for line in text.splitlines():
         rank = _rank(line) or 0
-        if "Load weight end" in line:
-            if m := _MEM_USAGE.search(line):
-                by_rank[rank] = float(m.group(1))
-            if m := _AVAIL.search(line):
-                keep_min("weight_avail_gib", float(m.group(1)))
-        elif m := _KV_GQA.search(line):
-            keep_min("kv_tokens", int(m.group(1)))
-            keep_max("kv_size_gib", float(m.group(2)) + float(m.group(3)))
-        elif m := _KV_MLA.search(line):
-            keep_min("kv_tokens", int(m.group(1)))
-            keep_max("kv_size_gib", float(m.group(2)))
-        elif m := _CLIP.search(line):
-            out["kv_clip_requested_tokens"] = int(m.group(1))
-            keep_min("kv_clip_profiled_tokens", int(m.group(2)))
+        if (end := weight_load_end(line)) is not None:
+            avail, usage = end
+            if usage is not None:
+                by_rank[rank] = usage
+            if avail is not None:
+                keep_min("weight_avail_gib", avail)
+        elif (kv := kv_cache_allocated(line)) is not None and kv[1] is not None:
+            keep_min("kv_tokens", kv[0])
+            keep_max("kv_size_gib", kv[1])
+        elif (clip := kv_clip(line)) is not None:
+            out["kv_clip_requested_tokens"] = clip[0]
+            keep_min("kv_clip_profiled_tokens", clip[1])
         elif "Memory pool end" in line:
-            if m := _AVAIL.search(line):
-                keep_min("pool_avail_gib", float(m.group(1)))
-        elif "Capture cuda graph end" in line:
-            if m := _MEM_USAGE.search(line):
-                keep_max("cuda_graph_mem_gib", float(m.group(1)))
-            if m := _AVAIL.search(line):
-                keep_min("cuda_graph_avail_gib", float(m.group(1)))
+            if (avail := memory_pool_end(line)) is not None:
+                keep_min("pool_avail_gib", avail)
+        elif (graph := cuda_graph_end(line)) is not None:
+            usage, avail = graph
+            if usage is not None:
+                keep_max("cuda_graph_mem_gib", usage)
+            if avail is not None:
+                keep_min("cuda_graph_avail_gib", avail)
         elif "max_total_num_tokens=" in line:
-            for key in _SUMMARY_INT:
-                if m := re.search(rf"\b{key}=(-?\d+)", line):
-                    out[key] = int(m.group(1))
-            if m := _SUMMARY_AVAIL.search(line):
-                out["available_gpu_mem_gib"] = float(m.group(1))
+            out.update(scheduler_figures(line))
     if by_rank:
         out["weight_mem_gib_by_rank"] = by_rank
         out["weight_mem_gib"] = max(by_rank.values())
     return out
+
+
+_WORST_MIN = ("weight_begin_avail_gib", "weight_avail_gib", "kv_tokens", "available_gpu_mem_gib",
+              "max_total_num_tokens", "chunked_prefill_size", "max_prefill_tokens", "max_running_requests", "context_len")
+
+
+def worst_memory_figures(text: str) -> dict[str, Any]:
+    """Every memory figure of the log at its worst over all lines that report it (all TP ranks,
+    any repeats): free memory and token counts at their minimum, usage and expert counts at their
+    maximum; GiB as printed. Only keys that were found, as :func:`parse_memory_lines` names them,
+    plus ``weight_begin_avail_gib``, ``kt_gpu_experts_per_layer`` and ``kt_total_gpu_experts``;
+    ``kv_clip_*`` come from the first clip warning; the scheduler's figures are read from any
+    line that states them. Always present: ``cuda_oom`` ("CUDA out of memory" anywhere) and
+    ``kv_not_enough_memory`` (the KV profiler found no room)."""
+    found: dict[str, list[Any]] = {}
+
+    def add(key: str, value: Any) -> None:
+        if value is not None:
+            found.setdefault(key, []).append(value)
+
+    clip: tuple[int, int] | None = None
+    for line in text.splitlines():
+        add("weight_begin_avail_gib", weight_load_begin(line))
+        if (end := weight_load_end(line)) is not None:
+            add("weight_avail_gib", end[0])
+            add("weight_mem_gib", end[1])
+        if (kv := kv_cache_allocated(line)) is not None:
+            add("kv_tokens", kv[0])
+            add("kv_size_gib", kv[1])
+        if clip is None:
+            clip = kv_clip(line)
+        if (graph := cuda_graph_end(line)) is not None:
+            add("cuda_graph_mem_gib", graph[0])
+        for key, value in scheduler_figures(line).items():
+            add(key, value)
+        per_layer, total = kt_gpu_experts(line)
+        add("kt_gpu_experts_per_layer", per_layer)
+        add("kt_total_gpu_experts", total)
+    out: dict[str, Any] = {key: (min if key in _WORST_MIN else max)(values) for key, values in found.items()}
+    if clip is not None:
+        out["kv_clip_requested_tokens"], out["kv_clip_profiled_tokens"] = clip
+    out["cuda_oom"] = _CUDA_OOM in text
+    out["kv_not_enough_memory"] = bool(_NOT_ENOUGH_MEMORY.search(text))
+    return out
+
+
+def runtime_oom(text: str) -> bool:
+    """An out-of-memory error after the server reported itself ready (a forward, not start-up):
+    after the scheduler's summary (``available_gpu_mem=``) or the ready line, whichever is last."""
+    ready = max(text.rfind("available_gpu_mem="), text.rfind("The server is fired up"))
+    return ready >= 0 and "out of memory" in text[ready:]

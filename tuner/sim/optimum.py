@@ -443,7 +443,7 @@ class SpaceGrid:
         # `max-total-tokens: auto` is sized per configuration, as kttune does before a launch
         self._auto = None
         if any(v == AUTO for v in base_flags.values()) or any(AUTO in v for v in self.values.values()):
-            from tuner.feasibility.gate import FeasibilityGate
+            from tuner.feasibility import FeasibilityGate
             self._auto = FeasibilityGate.for_space(space)
         args = _parse(self._resolved(base_flags))
         name = scenario if scenario is not None else args.sim.scenario
