@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # kttune drives heartbeats itself in its ask/tell loop (tuner/study.py Heartbeat).
+    # kttune drives heartbeats itself in its ask/tell loop (tuner/storage/workers.py Heartbeat).
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)

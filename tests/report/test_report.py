@@ -1,6 +1,6 @@
 """Report data (statuses, front, weights pick, importances, baseline vs best), its rendering,
 and the `best` / `export --weights` / `report` commands, on a study built through the real
-recording path (tuner.study.record + tuner.objective) with synthetic measurements."""
+recording path (tuner.storage.record + tuner.outcome) with synthetic measurements."""
 from __future__ import annotations
 
 import json

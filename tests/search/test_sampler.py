@@ -1,4 +1,4 @@
-"""tuner.strategy: the warm start, the local search with dependent capacity bounds, and the
+"""tuner.search: the warm start, the local search with dependent capacity bounds, and the
 study loop driving it (through `run_study` with the in-process simulated server)."""
 from __future__ import annotations
 

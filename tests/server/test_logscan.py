@@ -1,4 +1,4 @@
-"""Log classification on realistic SGLang / kt-kernel log snippets (facts doc §4-§6)."""
+"""Log classification on realistic SGLang / kt-kernel log snippets, in the formats sglang-kt 0.7.2 prints."""
 from __future__ import annotations
 
 import pytest

@@ -187,7 +187,7 @@ class ModelSizes:
         return 2 * max(1, self.num_kv_heads // tp) * self.head_dim * self.kv_layers * b
 
     def sglang_kt_profile_cell(self, tp: int, kv_dtype_bytes: int | None = None) -> int:
-        """Per-token cell sglang-kt 0.7.2's KV profiler divides by (facts §4.3): for non-GLM MLA
+        """Per-token cell sglang-kt 0.7.2's KV profiler divides by: for non-GLM MLA
         models (qk_nope + rope)·layers·bytes, a third of the real 576-wide cell."""
         if self.attention == "mla" and not self.model_type.startswith("glm"):
             b = kv_dtype_bytes or self.dtype_bytes

@@ -1,4 +1,4 @@
-"""Wait until a launched server is really ready (facts doc §6), or say why it never will be.
+"""Wait until a launched server is really ready, or say why it never will be.
 
 Ready means the log printed READY_LINE (after the warmup request), or ``GET /health``
 returned 200 once the log showed the HTTP server up (``/health`` earlier is no gate).

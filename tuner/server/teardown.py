@@ -1,4 +1,4 @@
-"""Stop a server tree for good (facts doc §7): signals, port, GPU memory, /dev/shm.
+"""Stop a server tree for good: signals, port, GPU memory, /dev/shm.
 
 The tree is every process that is a descendant of the launcher, shares its process
 group or session, or carries the launch token in its environment (which finds
