@@ -85,7 +85,7 @@ def failures(sc: Scene, seeds: Sequence[int], tmp: Path) -> list[tuple[str, floa
         for seed in seeds:
             run = run_kttune(sc, seed, 20, 0.025, tmp, strategy=strat)
             launches += len(run.launches)
-            mem += sum(1 for l in run.launches if l.reason in MEMORY_FAILURES)
+            mem += sum(1 for x in run.launches if x.reason in MEMORY_FAILURES)
         rows.append((name, mem / max(launches, 1), mem, launches))
     return rows
 

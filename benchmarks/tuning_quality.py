@@ -57,10 +57,7 @@ sys.path.insert(0, str(REPO))
 from tuner.config import FeasibilitySpec, SearchSpace, load_space  # noqa: E402
 from tuner.feasibility import FeasibilityGate  # noqa: E402
 from tuner.loop.run import RunOptions, run_study  # noqa: E402
-from tuner.outcome import (
-    PRUNED,  # noqa: E402
-    is_config_reason,  # noqa: E402
-)
+from tuner.outcome import PRUNED, is_config_reason  # noqa: E402
 from tuner.search.gp import denoised_best  # noqa: E402
 from tuner.search.grid import param_grid  # noqa: E402
 from tuner.search.sampler import DEFAULT_STRATEGY, Strategy  # noqa: E402
@@ -266,7 +263,7 @@ def run_kt(sc: Scene, seed: int, budget: int, noise: float, tmp: Path) -> Run:
         launch = sc.launch(runner, {**base, flag: grid[mid]}, tmp)
         out.launches.append(launch)
         lo, hi = (mid, hi) if launch.value is not None else (lo, mid - 1)
-    if lo == hi and len(out.launches) < budget and not any(l.params[flag] == grid[lo] for l in out.launches):
+    if lo == hi and len(out.launches) < budget and not any(x.params[flag] == grid[lo] for x in out.launches):
         out.launches.append(sc.launch(runner, {**base, flag: grid[lo]}, tmp))
     return out
 
@@ -299,15 +296,15 @@ class Score:
 
 def score(sc: Scene, run: Run, k: int) -> Score:
     first = run.launches[:k]
-    ok = [l for l in first if l.value is not None]
-    wasted = sum(1 for l in first if l.reason is not None and is_config_reason(l.reason))
+    ok = [x for x in first if x.value is not None]
+    wasted = sum(1 for x in first if x.reason is not None and is_config_reason(x.reason))
     if not ok:
         return Score(0.0, 0.0, 0.0, 0.0, wasted, len(first))
-    best = max(ok, key=lambda l: sc.sign * l.value)  # type: ignore[operator]
+    best = max(ok, key=lambda x: sc.sign * x.value)  # type: ignore[operator]
     if run.pick is not None and k >= len(run.launches):   # the method's own pick (confirmed mean)
-        best = next((l for l in ok if l.params == run.pick), best)
-    found = max((sc.true(l.params) for l in ok), key=lambda v: sc.sign * v)
-    rec = denoised_best(sc.grids, [SimpleNamespace(params=l.params, values=[l.value]) for l in ok], sc.sign)
+        best = next((x for x in ok if x.params == run.pick), best)
+    found = max((sc.true(x.params) for x in ok), key=lambda v: sc.sign * v)
+    rec = denoised_best(sc.grids, [SimpleNamespace(params=x.params, values=[x.value]) for x in ok], sc.sign)
     return Score(sc.true(best.params) / sc.optimum, sc.true(rec.params) / sc.optimum,  # type: ignore[arg-type]
                  best.value / sc.optimum, found / sc.optimum, wasted, len(first),  # type: ignore[operator]
                  sc.fail_rate(best.params))

@@ -17,7 +17,7 @@ from tuner.loop.run import RunOptions, run_study
 from tuner.search.gp import denoised_best, gp_posterior_mean
 from tuner.search.grid import param_grid, snap
 from tuner.search.recipe import recipe
-from tuner.search.sampler import KttuneSampler, Strategy, make_sampler
+from tuner.search.sampler import DEFAULT_STRATEGY, KttuneSampler, Strategy, make_sampler
 from tuner.selection import direction_sign, measured
 from tuner.sim.inprocess import InProcessRunner
 from tuner.sim.optimum import SpaceGrid
@@ -31,7 +31,7 @@ def sim_space(name: str) -> SearchSpace:
 
 
 def study_of(space: SearchSpace, tmp_path: Path, budget: int, *, seed: int = 0, noise: float = 0.0,
-             feasibility: bool = True, strategy: Strategy = Strategy()) -> optuna.Study:
+             feasibility: bool = True, strategy: Strategy = DEFAULT_STRATEGY) -> optuna.Study:
     storage = optuna.storages.InMemoryStorage()
     opts = RunOptions(study_name="s", storage=storage, budget=budget, seed=seed,
                       studies_dir=tmp_path, check_feasibility=feasibility, strategy=strategy)

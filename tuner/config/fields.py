@@ -19,7 +19,7 @@ def fail(where: str, problem: str, fix: str) -> ConfigError:
     return ConfigError(f"{where}: {problem}; {fix}")
 
 
-def check_keys(where: str, data: Mapping[str, Any], allowed: set[str], required: set[str] = set()) -> None:
+def check_keys(where: str, data: Mapping[str, Any], allowed: set[str], required: frozenset[str] | set[str] = frozenset()) -> None:
     for key in data:
         if key not in allowed:
             raise fail(f"{where}.{key}", "unknown key", f"use one of: {', '.join(sorted(allowed))}")

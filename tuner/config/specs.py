@@ -7,11 +7,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 
 from tuner.config.quality import QualitySpec
+
+Direction = Literal["maximize", "minimize"]
 
 Scalar = int | float | str | bool
 #: A flag value kttune computes before launch (max-total-tokens: from the model and the machine).
@@ -134,7 +136,7 @@ class ProbeSpec:
 class ObjectiveSpec:
     workload: str
     metric: str
-    direction: str  # "maximize" | "minimize"
+    direction: Direction
 
     @property
     def key(self) -> str:
@@ -203,7 +205,7 @@ class SearchSpace:
         raise KeyError(name)
 
     @property
-    def directions(self) -> list[str]:
+    def directions(self) -> list[Direction]:
         return [o.direction for o in self.objectives]
 
 

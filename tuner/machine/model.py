@@ -217,7 +217,7 @@ class _Cfg:
         return value
 
     def int(self, *keys: str, why: str, default: int | None = None) -> int:
-        value = self.get(*keys) if default is not None else self.need(*keys, why=why)
+        value: Any = self.get(*keys) if default is not None else self.need(*keys, why=why)
         value = default if value is None else value
         try:
             return int(value)
@@ -371,7 +371,8 @@ def load_model_sizes(model_path: str | Path, overrides: Mapping[str, Any] | None
     max_pos = cfg.int("max_position_embeddings", "max_sequence_length", "seq_length", why="context length")
 
     if "expert_format" in special and "nonexpert_format" in special:
-        fmts, gsize = {}, 128  # both given: quantization_config need not be understood
+        fmts: dict[str, WeightFormat] = {}  # both given: quantization_config need not be understood
+        gsize = 128
     else:
         fmts, gsize = _checkpoint_formats(cfg, dtype_bytes)
     if "expert_format" in special:
