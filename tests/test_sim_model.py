@@ -8,15 +8,9 @@ import pytest
 import yaml
 
 from tuner.errors import ConfigError
-from tuner.sim.perfmodel import (
-    SimConfig,
-    StepModel,
-    decode_step_time,
-    prefill_chunk_time,
-    runtime_extra_gb,
-    runtime_oom,
-    startup_check,
-)
+from tuner.sim.perfmodel.config import SimConfig
+from tuner.sim.perfmodel.startup import runtime_extra_gb, runtime_oom, startup_check
+from tuner.sim.perfmodel.steptime import StepModel, decode_step_time, prefill_chunk_time
 from tuner.sim.scenario import SCENARIO_DIR, list_scenarios, load_scenario, scenario_from_dict
 
 KIMI = "kimi-k2-thinking-8xl20"

@@ -85,7 +85,8 @@ class _Launcher:
     async def run(self) -> int:
         from tuner.errors import ConfigError
         from tuner.sim.args import to_sim_config
-        from tuner.sim.perfmodel import resolve, startup_check
+        from tuner.sim.perfmodel.config import resolve
+        from tuner.sim.perfmodel.startup import startup_check
         from tuner.sim.scenario import load_scenario
 
         a, log = self.args, self.log

@@ -18,7 +18,7 @@ import yaml
 from tuner.sim.faults import Faults, parse_faults
 
 if TYPE_CHECKING:
-    from tuner.sim.perfmodel import SimConfig
+    from tuner.sim.perfmodel.config import SimConfig
 
 PROG = "launch_server.py"
 REMOVED_PREFIXES = ("--kt-amx-",)
@@ -271,7 +271,7 @@ def merge_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
 
 def to_sim_config(args: SimArgs) -> SimConfig:
     """Map the parsed flags onto the performance model's configuration."""
-    from tuner.sim.perfmodel import SimConfig
+    from tuner.sim.perfmodel.config import SimConfig
 
     s = args.server
     return SimConfig(

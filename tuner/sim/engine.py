@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tuner.errors import InfeasibleConfig
-from tuner.sim.perfmodel import SimConfig, StartupResult, StepModel, runtime_oom, startup_check
+from tuner.sim.perfmodel.config import SimConfig
+from tuner.sim.perfmodel.startup import StartupResult, runtime_oom, startup_check
+from tuner.sim.perfmodel.steptime import StepModel
 from tuner.sim.scenario import Scenario
 
 # Per-step log-jitter a*Z + b*(Exp-1), fitted so that at sigma=0.025 the ITL P95/median = 1.053

@@ -37,11 +37,13 @@ from tuner.errors import ConfigError, KttuneError
 from tuner.server.argv import flag_args
 from tuner.sim.args import UsageError, parse_args, to_sim_config
 from tuner.sim.engine import Engine
-from tuner.sim.perfmodel import ResolvedConfig, SimConfig, StartupResult, StepModel, resolve, runtime_extra_gb, startup_check
+from tuner.sim.perfmodel.config import ResolvedConfig, SimConfig, resolve
+from tuner.sim.perfmodel.startup import StartupResult, runtime_extra_gb, startup_check
+from tuner.sim.perfmodel.steptime import StepModel
 from tuner.sim.scenario import Scenario, load_scenario
 
 WorkloadShape = tuple[int, int, int]  # (num_prompts, input_len, output_len)
-#: SimConfig fields that never change the start-up footprint (perfmodel._footprint).
+#: SimConfig fields that never change the start-up footprint (perfmodel.startup._footprint).
 CPU_FIELDS = ("kt_cpuinfer", "kt_threadpool_count", "kt_max_deferred_experts_per_token")
 #: ResolvedConfig fields the step-time model reads (StepModel, cpu_capability).
 _PERF_FIELDS = ("tp", "kt_on", "gpu_experts", "cpuinfer", "threadpool", "method", "deferral",
