@@ -66,7 +66,7 @@ from tuner.search.gp import denoised_best  # noqa: E402
 from tuner.search.grid import param_grid  # noqa: E402
 from tuner.search.sampler import Strategy  # noqa: E402
 from tuner.sim.inprocess import InProcessRunner  # noqa: E402
-from tuner.sim.optimum import SpaceGrid  # noqa: E402
+from tuner.sim.optimum.grid import SpaceGrid  # noqa: E402
 from tuner.storage.attrs import ATTR_LAUNCHED, ATTR_REASON, STUDY_ATTR_CALIBRATION  # noqa: E402
 from tuner.testing.probe import ProbeEmulator  # noqa: E402
 from tuner.outcome import PRUNED  # noqa: E402

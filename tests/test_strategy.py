@@ -19,7 +19,7 @@ from tuner.search.grid import param_grid, snap
 from tuner.search.recipe import recipe
 from tuner.search.sampler import KttuneSampler, Strategy, make_sampler
 from tuner.sim.inprocess import InProcessRunner
-from tuner.sim.optimum import SpaceGrid
+from tuner.sim.optimum.grid import SpaceGrid
 from tuner.storage.attrs import ATTR_DUPLICATE_OF, ATTR_LAUNCHED, ATTR_REASON, ATTR_WARM_START
 
 SPACES = REPO / "search_spaces"

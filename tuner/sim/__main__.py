@@ -55,7 +55,7 @@ while os.getppid() == ppid:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["optimum"]:  # `python -m tuner.sim optimum --scenario NAME --space FILE`
-        from tuner.sim.optimum import main as optimum_main
+        from tuner.sim.optimum.cli import main as optimum_main
 
         return optimum_main(argv[1:])
     try:

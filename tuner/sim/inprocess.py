@@ -31,7 +31,8 @@ from tuner.config.space import SearchSpace
 from tuner.server import classify_failure, parse_memory_lines
 from tuner.server.argv import flag_args
 from tuner.sim.args import PROG, UsageError, parse_args, to_sim_config
-from tuner.sim.optimum import METRICS, SimEvaluator
+from tuner.sim.optimum.evaluator import SimEvaluator
+from tuner.sim.optimum.traces import METRICS
 from tuner.sim.perfmodel.startup import StartupResult, startup_check
 from tuner.sim.scenario import Scenario, load_scenario
 from tuner.trial.launch import TrialRun, server_argv
