@@ -31,7 +31,9 @@ from typing import Any, Sequence
 
 from tuner.sim.args import PROG, ConfigFileError, SimArgs, UsageError, format_server_args, parse_args
 from tuner.sim.faults import ProcessTree, native_crash_lines, scheduler_exception_lines
-from tuner.sim.server import Log, ServerInfo, SimServer
+from tuner.sim.log import Log
+from tuner.sim.server.routes import build_app
+from tuner.sim.server.state import ServerInfo, SimServer
 
 _WARMUP_POLLS = 120
 _CHILD_CODE = """
@@ -207,7 +209,7 @@ class _Launcher:
             make_output_text=offline.make_output_text, log=log, tree=self.tree, time_scale=self.scale,
             faults=self.faults, seed=self.seed, watchdog_timeout_s=float(self.args.server["watchdog_timeout"]),
         )
-        runner = web.AppRunner(srv.app(), access_log=None, handle_signals=False)
+        runner = web.AppRunner(build_app(srv), access_log=None, handle_signals=False)
         await runner.setup()
         log.uvicorn("INFO", f"Started server process [{os.getpid()}]")
         log.uvicorn("INFO", "Waiting for application startup.")
