@@ -36,7 +36,7 @@ class Faults:
 
 def parse_faults(spec: str) -> Faults:
     """Parse `a,b=1,...`; raises ValueError naming the bad item and the known switches."""
-    fields: dict[str, object] = {}
+    fields: dict[str, Any] = {}
     for raw in spec.split(","):
         item = raw.strip()
         if not item:
@@ -54,7 +54,7 @@ def parse_faults(spec: str) -> Faults:
             raise ValueError(f"fault {name!r} takes no value, got {value!r}")
         else:
             fields[name] = True
-    return Faults(**fields)  # type: ignore[arg-type]
+    return Faults(**fields)
 
 
 def _number(name: str, value: str, kind: type) -> float | int:

@@ -15,7 +15,7 @@ from tuner.sim.scenario import Scenario
 
 #: ResolvedConfig fields the step-time model reads (StepModel, cpu_capability).
 PERF_FIELDS = ("tp", "kt_on", "gpu_experts", "cpuinfer", "threadpool", "method", "deferral",
-                "layerwise_threshold")
+               "layerwise_threshold")
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,8 @@ class _TraceEntry:
     kv_hi: int
 
     def covers(self, chunk: int, kv: int) -> bool:
-        t = self.trace
-        return (t.chunk == chunk or 0 < t.chunk_floor <= chunk) and self.kv_lo <= kv <= self.kv_hi
+        trace = self.trace
+        return (trace.chunk == chunk or 0 < trace.chunk_floor <= chunk) and self.kv_lo <= kv <= self.kv_hi
 
 
 class SimEvaluator:
@@ -51,19 +51,20 @@ class SimEvaluator:
 
     def _key(self, startup: StartupResult, name: str) -> tuple[tuple[Any, ...], int]:
         """(scheduling key without KV size, effective KV size); values that cannot bind are
-        collapsed: at most n requests ever run, and they never hold more than n*(in+out)."""
-        n, inp, out = shape = self.workloads[name]
+        collapsed: at most num_prompts requests ever run, and they never hold more than
+        num_prompts * (input_len + output_len) tokens."""
+        num_prompts, input_len, output_len = shape = self.workloads[name]
         rc = startup.config
         assert rc is not None
-        return ((name, shape, min(startup.max_running_requests, n), rc.mixed_chunk, rc.context_len),
-                min(startup.kv_tokens, n * (inp + out)))
+        return ((name, shape, min(startup.max_running_requests, num_prompts), rc.mixed_chunk, rc.context_len),
+                min(startup.kv_tokens, num_prompts * (input_len + output_len)))
 
     def find(self, startup: StartupResult, name: str) -> Trace | None:
         key, kv = self._key(startup, name)
         chunk = startup.config.chunk if startup.config else 0
-        for e in self._traces.get(key, ()):
-            if e.covers(chunk, kv):
-                return e.trace
+        for entry in self._traces.get(key, ()):
+            if entry.covers(chunk, kv):
+                return entry.trace
         return None
 
     def trace(self, cfg: SimConfig, startup: StartupResult, name: str, fuzz_seed: int | None = None) -> Trace:
@@ -71,10 +72,10 @@ class SimEvaluator:
         if found is not None:
             return found
         key, kv = self._key(startup, name)
-        t = record_trace(self.scn, cfg, startup, self.workloads[name], fuzz_seed)
+        recorded_trace = record_trace(self.scn, cfg, startup, self.workloads[name], fuzz_seed)
         self.recorded += 1
-        self._traces.setdefault(key, []).append(_TraceEntry(t, kv, kv))
-        return t
+        self._traces.setdefault(key, []).append(_TraceEntry(recorded_trace, kv, kv))
+        return recorded_trace
 
     def prepare(self, items: Sequence[tuple[SimConfig, StartupResult]], name: str) -> None:
         """Record the traces `items` need with few engine runs: the scheduling is the same
@@ -87,30 +88,30 @@ class SimEvaluator:
             per_kv = by_key[key]
             kvs = sorted(per_kv)
 
-            def get(i: int) -> Trace:
-                cfg, st = per_kv[kvs[i]]
+            def get(index: int) -> Trace:
+                cfg, st = per_kv[kvs[index]]
                 return self.trace(cfg, st, name)
 
-            def bisect(i: int, j: int, ti: Trace, tj: Trace) -> None:
-                if j - i <= 1:
+            def bisect(lo: int, hi: int, trace_lo: Trace, trace_hi: Trace) -> None:
+                if hi - lo <= 1:
                     return
-                if ti is tj or ti.same(tj):
-                    self._traces[key[:-1]].append(_TraceEntry(ti, kvs[i], kvs[j]))
+                if trace_lo is trace_hi or trace_lo.same(trace_hi):
+                    self._traces[key[:-1]].append(_TraceEntry(trace_lo, kvs[lo], kvs[hi]))
                     return
-                m = (i + j) // 2
-                tm = get(m)
-                bisect(i, m, ti, tm)
-                bisect(m, j, tm, tj)
+                mid = (lo + hi) // 2
+                trace_mid = get(mid)
+                bisect(lo, mid, trace_lo, trace_mid)
+                bisect(mid, hi, trace_mid, trace_hi)
 
             bisect(0, len(kvs) - 1, get(0), get(len(kvs) - 1))
 
     def model(self, rc: ResolvedConfig, startup: StartupResult, trace: Trace) -> StepModel:
         captured = min(rc.graph_max_bs, startup.max_running_requests, max(trace.max_batch, 1))
         key = tuple(getattr(rc, f) for f in PERF_FIELDS) + (captured,)
-        sm = self._models.get(key)
-        if sm is None:
-            sm = self._models[key] = StepModel.build(self.scn, rc, captured_bs=captured)
-        return sm
+        step_model = self._models.get(key)
+        if step_model is None:
+            step_model = self._models[key] = StepModel.build(self.scn, rc, captured_bs=captured)
+        return step_model
 
     def runtime_failure(self, rc: ResolvedConfig, startup: StartupResult, trace: Trace) -> str | None:
         if trace.fatal:
@@ -126,14 +127,14 @@ class SimEvaluator:
         """A workload's failure without its trace where bounds decide it: a request longer
         than the KV pool or the context is refused; a runtime OOM needs a forward above the
         free memory, and no forward exceeds min(chunk, all tokens + one rider per request)."""
-        n, inp, out = self.workloads[name]
+        num_prompts, input_len, output_len = self.workloads[name]
         rc = startup.config
         assert rc is not None
         limit = min(startup.kv_tokens, rc.context_len)
-        if inp + min(out, 32) > limit or inp + out > limit:
+        if input_len + min(output_len, 32) > limit or input_len + output_len > limit:
             return self.runtime_failure(rc, startup, self.trace(cfg, startup, name, fuzz_seed))
-        q_hi = min(rc.chunk, n * (inp + out + 1))
-        if runtime_extra_gb(self.scn, rc, q_hi) <= startup.runtime_free_gb:
+        max_forward = min(rc.chunk, num_prompts * (input_len + output_len + 1))
+        if runtime_extra_gb(self.scn, rc, max_forward) <= startup.runtime_free_gb:
             return None
         return self.runtime_failure(rc, startup, self.trace(cfg, startup, name, fuzz_seed))
 

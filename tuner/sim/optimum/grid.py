@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,8 +41,8 @@ def param_values(p: ParamSpec) -> list[Any]:
         step = int(p.step or 1)
         return list(range(int(p.low), int(p.high) + 1, step))
     if p.step:
-        k = int(math.floor((p.high - p.low) / p.step + 1e-9))
-        return [round(p.low + i * p.step, 12) for i in range(k + 1)]
+        steps = int(math.floor((p.high - p.low) / p.step + 1e-9))
+        return [round(p.low + i * p.step, 12) for i in range(steps + 1)]
     if p.log:
         return [float(v) for v in np.geomspace(p.low, p.high, FLOAT_GRID_POINTS)]
     return [float(v) for v in np.linspace(p.low, p.high, FLOAT_GRID_POINTS)]
@@ -67,6 +67,15 @@ class OptimumResult:
     entries: tuple[OptimumEntry, ...]
     seconds: float
     inert: tuple[str, ...] = ()     # tuned flags the simulator ignores
+
+
+class _Score(NamedTuple):
+    """Objective values shared by the memory-knob combinations of one group at one CPU-knob combination."""
+
+    values: list[float]                    # per objective, in the space's order
+    mem_combos: list[tuple[int, ...]]      # value indices of the memory knobs
+    cpu_combo: tuple[int, ...]             # value indices of the CPU knobs
+    configs: int                           # len(mem_combos): grid configurations it stands for
 
 
 class SpaceGrid:
@@ -99,7 +108,7 @@ class SpaceGrid:
         shapes = {w.name: (w.num_prompts, w.input_len, w.output_len) for w in space.workloads}
         self.evaluator = SimEvaluator(self.scn, shapes)
         self._memo: dict[SimConfig, Evaluation] = {}
-        self._scores: tuple[list[str], list[str], list[Any]] | None = None
+        self._scores: tuple[list[str], list[str], list[_Score]] | None = None
 
     def _resolved(self, flags: Mapping[str, Any]) -> dict[str, Any]:
         return self._auto.resolve_auto(flags) if self._auto is not None else dict(flags)
@@ -155,19 +164,19 @@ class SpaceGrid:
 
     def optimum(self) -> OptimumResult:
         started = time.monotonic()
-        ev = self.evaluator
+        evaluator = self.evaluator
         inert = set(self.inert)
         live = [p.flag for p in self.space.params if p.flag not in inert]
-        cpu = [f for f in live if all(set(d) <= set(CPU_FIELDS) for d in self.deltas[f])]
-        mem = [f for f in live if f not in cpu]
-        scored = sorted({o.workload for o in self.space.objectives} | {s.workload for s in self.space.slos})
+        cpu_flags = [f for f in live if all(set(d) <= set(CPU_FIELDS) for d in self.deltas[f])]
+        mem_flags = [f for f in live if f not in cpu_flags]
+        scored = sorted({objective.workload for objective in self.space.objectives} | {slo.workload for slo in self.space.slos})
         # 1. start-up per combination of the memory knobs (CPU knobs at a neutral 1 thread, 1 pool)
         probe_cpu = {"kt_cpuinfer": 1, "kt_threadpool_count": 1, "kt_max_deferred_experts_per_token": 0}
         items: list[tuple[tuple[int, ...], SimConfig, SimConfig, StartupResult]] = []
-        for combo in itertools.product(*(range(len(self.values[f])) for f in mem)):
-            cfg_mem = replace(self.base, **self._merge(mem, combo))
+        for combo in itertools.product(*(range(len(self.values[f])) for f in mem_flags)):
+            cfg_mem = replace(self.base, **self._merge(mem_flags, combo))
             if self._auto is not None:
-                cfg_mem = self._finish(cfg_mem, self._params(mem, combo, [], []))
+                cfg_mem = self._finish(cfg_mem, self._params(mem_flags, combo, [], []))
             probe = replace(cfg_mem, **probe_cpu)
             st = startup_check(self.scn, probe)
             if st.ok and st.config is not None:
@@ -175,66 +184,72 @@ class SpaceGrid:
         # 2. traces of the scored workloads (recorded on the probe: scheduling ignores the CPU
         # knobs); the other workloads only need to not fail
         for name in scored:
-            ev.prepare([(p, s) for _, _, p, s in items], name)
+            evaluator.prepare([(p, s) for _, _, p, s in items], name)
         groups: dict[tuple[Any, ...], list[tuple[int, ...]]] = {}
-        reps: dict[tuple[Any, ...], tuple[SimConfig, StartupResult, dict[str, Trace]]] = {}
+        representatives: dict[tuple[Any, ...], tuple[SimConfig, StartupResult, dict[str, Trace]]] = {}
         for combo, cfg_mem, probe, st in items:
             rc = st.config
             assert rc is not None
-            traces = {name: ev.trace(probe, st, name) for name in scored}
-            if any(ev.runtime_failure(rc, st, t) for t in traces.values()):
+            traces = {name: evaluator.trace(probe, st, name) for name in scored}
+            if any(evaluator.runtime_failure(rc, st, t) for t in traces.values()):
                 continue
-            if any(ev.quick_failure(probe, st, w) for w in ev.workloads if w not in traces):
+            if any(evaluator.quick_failure(probe, st, workload) for workload in evaluator.workloads
+                   if workload not in traces):
                 continue
-            top = max((t.max_batch for t in traces.values()), default=1)
+            top_batch = max((t.max_batch for t in traces.values()), default=1)
             key = (tuple(getattr(rc, f) for f in PERF_FIELDS if f not in ("cpuinfer", "threadpool", "deferral")),
-                   tuple(id(traces[w]) for w in scored), min(rc.graph_max_bs, st.max_running_requests, max(top, 1)))
+                   tuple(id(traces[workload]) for workload in scored),
+                   min(rc.graph_max_bs, st.max_running_requests, max(top_batch, 1)))
             groups.setdefault(key, []).append(combo)
-            reps.setdefault(key, (cfg_mem, st, traces))
+            representatives.setdefault(key, (cfg_mem, st, traces))
         # 3. every CPU-knob combination on each group's representative
-        want: dict[str, set[str]] = {}
+        wanted: dict[str, set[str]] = {}
         for item in (*self.space.objectives, *self.space.slos):
-            want.setdefault(item.workload, set()).add(item.metric)
-        cpu_combos = list(itertools.product(*(range(len(self.values[f])) for f in cpu)))
+            wanted.setdefault(item.workload, set()).add(item.metric)
+        cpu_combos = list(itertools.product(*(range(len(self.values[f])) for f in cpu_flags)))
         cpu_verdict: dict[tuple[Any, ...], bool] = {}
-        scores: list[tuple[list[float], tuple[int, ...], tuple[int, ...], int]] = []
+        scores: list[_Score] = []
         for key, combos in groups.items():
-            cfg_mem, st, traces = reps[key]
-            for cc in cpu_combos:
-                cfg = replace(cfg_mem, **self._merge(cpu, cc))
-                ck = (cfg.kt_cpuinfer, cfg.kt_threadpool_count, cfg.kt_method, cfg.kt_weight_path is not None,
+            cfg_mem, st, traces = representatives[key]
+            for cpu_combo in cpu_combos:
+                cfg = replace(cfg_mem, **self._merge(cpu_flags, cpu_combo))
+                cpu_key = (cfg.kt_cpuinfer, cfg.kt_threadpool_count, cfg.kt_method, cfg.kt_weight_path is not None,
                       cfg.kt_num_gpu_experts is None, cfg.kt_gpu_experts_ratio is None)
-                ok = cpu_verdict.get(ck)
+                ok = cpu_verdict.get(cpu_key)
                 if ok is None:
                     full = startup_check(self.scn, cfg)
                     ok = full.ok
                     if full.ok or full.stage == "cpu":   # the CPU check alone decided it
-                        cpu_verdict[ck] = ok
+                        cpu_verdict[cpu_key] = ok
                 if not ok:
                     continue
                 rc = resolve(self.scn, cfg)
-                got: dict[str, float] = {}
-                for w, names in want.items():
-                    got.update({f"{w}.{k}": v for k, v in
-                                workload_metrics(ev.model(rc, st, traces[w]), traces[w], names).items()})
-                if any(slo.violation(got[slo.key]) > 0 for slo in self.space.slos):
+                metrics: dict[str, float] = {}
+                for workload, names in wanted.items():
+                    step_model = evaluator.model(rc, st, traces[workload])
+                    metrics.update({f"{workload}.{metric}": value for metric, value in
+                                    workload_metrics(step_model, traces[workload], names).items()})
+                if any(slo.violation(metrics[slo.key]) > 0 for slo in self.space.slos):
                     continue
-                scores.append(([got[o.key] for o in self.space.objectives], combos, cc, len(combos)))
-        self._scores = (mem, cpu, scores)
+                objective_values = [metrics[objective.key] for objective in self.space.objectives]
+                scores.append(_Score(objective_values, combos, cpu_combo, len(combos)))
+        self._scores = (mem_flags, cpu_flags, scores)
         entries = []
-        feasible = sum(s[3] for s in scores)
-        for j, o in enumerate(self.space.objectives):
+        feasible = sum(score.configs for score in scores)
+        for obj_index, objective in enumerate(self.space.objectives):
             if not scores:
                 break
-            sign = 1.0 if o.direction == "maximize" else -1.0
-            best = max(scores, key=lambda s: sign * s[0][j])
-            v = best[0][j]
-            ties = sum(s[3] for s in scores if math.isclose(s[0][j], v, rel_tol=1e-9))
-            near = {f"{int(r * 100)}%": sum(s[3] for s in scores if _within(s[0][j], v, r, sign)) / feasible
-                    for r in (0.02, 0.05)}
-            entries.append(OptimumEntry(o.key, o.direction, v, self._params(mem, best[1][0], cpu, best[2]), ties, near))
-        n_inert = math.prod(len(self.values[f]) for f in inert) if inert else 1
-        return OptimumResult(self.space.name, self.scn.name, self.grid_size(), feasible * n_inert,
+            sign = 1.0 if objective.direction == "maximize" else -1.0
+            best = max(scores, key=lambda score: sign * score.values[obj_index])
+            best_value = best.values[obj_index]
+            ties = sum(score.configs for score in scores if math.isclose(score.values[obj_index], best_value, rel_tol=1e-9))
+            near = {f"{int(rel * 100)}%": sum(score.configs for score in scores
+                                              if _within(score.values[obj_index], best_value, rel, sign)) / feasible
+                    for rel in (0.02, 0.05)}
+            params = self._params(mem_flags, best.mem_combos[0], cpu_flags, best.cpu_combo)
+            entries.append(OptimumEntry(objective.key, objective.direction, best_value, params, ties, near))
+        inert_combos = math.prod(len(self.values[f]) for f in inert) if inert else 1
+        return OptimumResult(self.space.name, self.scn.name, self.grid_size(), feasible * inert_combos,
                              tuple(entries), time.monotonic() - started, tuple(sorted(inert)))
 
     def ranked(self, within: float = 0.05, objective: int = 0) -> list[tuple[float, dict[str, Any]]]:
@@ -243,33 +258,33 @@ class SpaceGrid:
         if self._scores is None:
             self.optimum()
         assert self._scores is not None
-        mem, cpu, scores = self._scores
+        mem_flags, cpu_flags, scores = self._scores
         if not scores:
             return []
         sign = 1.0 if self.space.objectives[objective].direction == "maximize" else -1.0
-        best = max(sign * s[0][objective] for s in scores)
-        out = []
-        for vals, combos, cc, _ in scores:
-            v = vals[objective]
-            if _within(v, sign * best, within, sign):
-                out.extend((v, self._params(mem, mc, cpu, cc)) for mc in combos)
+        best = max(sign * score.values[objective] for score in scores)
+        out: list[tuple[float, dict[str, Any]]] = []
+        for values, combos, cpu_combo, _ in scores:
+            value = values[objective]
+            if _within(value, sign * best, within, sign):
+                out.extend((value, self._params(mem_flags, mem_combo, cpu_flags, cpu_combo)) for mem_combo in combos)
         out.sort(key=lambda item: -sign * item[0])
         return out
 
     def _merge(self, flags: Sequence[str], combo: Sequence[int]) -> dict[str, Any]:
         merged: dict[str, Any] = {}
-        for f, i in zip(flags, combo):
-            merged.update(self.deltas[f][i])
+        for flag, index in zip(flags, combo):
+            merged.update(self.deltas[flag][index])
         return merged
 
-    def _params(self, mem: Sequence[str], mc: Sequence[int], cpu: Sequence[str], cc: Sequence[int]
-                ) -> dict[str, Any]:
-        idx = dict(zip(mem, mc)) | dict(zip(cpu, cc))
-        return {p.flag: self.values[p.flag][idx.get(p.flag, 0)] for p in self.space.params}
+    def _params(self, mem_flags: Sequence[str], mem_combo: Sequence[int], cpu_flags: Sequence[str],
+                cpu_combo: Sequence[int]) -> dict[str, Any]:
+        index = dict(zip(mem_flags, mem_combo)) | dict(zip(cpu_flags, cpu_combo))
+        return {p.flag: self.values[p.flag][index.get(p.flag, 0)] for p in self.space.params}
 
 
-def _within(x: float, best: float, r: float, sign: float) -> bool:
-    return sign * (best - x) <= r * abs(best)
+def _within(value: float, best: float, rel: float, sign: float) -> bool:
+    return sign * (best - value) <= rel * abs(best)
 
 
 def _parse(flags: Mapping[str, Any]) -> Any:

@@ -61,57 +61,57 @@ class ResolvedConfig:
     notes: tuple[str, ...] = ()
 
 
-def _bucket(v_gib: float, tp: int) -> tuple[int, int]:
+def _vram_defaults(visible_gib: float, tp: int) -> tuple[int, int]:
     """(chunked_prefill_size, cuda_graph_max_bs) defaults by visible VRAM (facts §3)."""
-    chunk = 2048 if v_gib < 35 else 4096 if v_gib < 60 else 8192 if v_gib < 160 else 16384
-    small = tp < 4
-    bs = 8 if v_gib < 20 else (24 if small else 80) if v_gib < 35 else \
-        (32 if small else 160) if v_gib < 60 else (256 if small else 512)
-    return chunk, bs
+    chunk = 2048 if visible_gib < 35 else 4096 if visible_gib < 60 else 8192 if visible_gib < 160 else 16384
+    small_tp = tp < 4
+    graph_bs = 8 if visible_gib < 20 else (24 if small_tp else 80) if visible_gib < 35 else \
+        (32 if small_tp else 160) if visible_gib < 60 else (256 if small_tp else 512)
+    return chunk, graph_bs
 
 
 def resolve(scn: Scenario, cfg: SimConfig) -> ResolvedConfig:
-    m, notes = scn.model, []
-    chunk_default, bs_default = _bucket(scn.gpu.visible_memory_gib, cfg.tp)
+    model, notes = scn.model, []
+    chunk_default, graph_bs_default = _vram_defaults(scn.gpu.visible_memory_gib, cfg.tp)
     chunk = chunk_default if cfg.chunked_prefill_size is None else cfg.chunked_prefill_size
     reserve_chunk = max(chunk, 2048)
     if chunk <= 0 and cfg.kt_weight_path is None:
-        chunk = max(MAX_PREFILL_TOKENS, m.context_len)   # chunking disabled
+        chunk = max(MAX_PREFILL_TOKENS, model.context_len)   # chunking disabled
     kt_on = cfg.kt_weight_path is not None
     if kt_on and cfg.kt_num_gpu_experts is None and cfg.kt_gpu_experts_ratio is None:
         notes.append("Either kt_num_gpu_experts or kt_gpu_experts_ratio is required but not set.")
         kt_on = False
     if not kt_on:
-        n, total = float(m.experts), m.experts * m.layers_moe
+        gpu_experts_per_layer, total_gpu_experts = float(model.experts), model.experts * model.layers_moe
     elif cfg.kt_gpu_experts_ratio is not None:
-        total = int(m.experts * m.layers_moe * min(1.0, max(0.0, cfg.kt_gpu_experts_ratio)))
-        n = total / m.layers_moe
+        total_gpu_experts = int(model.experts * model.layers_moe * min(1.0, max(0.0, cfg.kt_gpu_experts_ratio)))
+        gpu_experts_per_layer = total_gpu_experts / model.layers_moe
     else:
-        n = float(min(m.experts, max(0, cfg.kt_num_gpu_experts or 0)))
-        total = int(n) * m.layers_moe
+        gpu_experts_per_layer = float(min(model.experts, max(0, cfg.kt_num_gpu_experts or 0)))
+        total_gpu_experts = int(gpu_experts_per_layer) * model.layers_moe
     if kt_on:
-        notes.append(f"Using kt_num_gpu_experts={round(n)} per layer, total GPU experts: {total}")
-    bs = cfg.cuda_graph_max_bs if cfg.cuda_graph_max_bs is not None else bs_default
-    mfs = cfg.mem_fraction_static
-    if mfs is None:   # SGLang auto: (VRAM - reserve) / VRAM
-        v_mib = scn.gpu.visible_memory_gib * 1024
-        reserve = 512 + 1.5 * reserve_chunk + 2 * bs + 1024 * cfg.tp / 8
+        notes.append(f"Using kt_num_gpu_experts={round(gpu_experts_per_layer)} per layer, total GPU experts: {total_gpu_experts}")
+    graph_max_bs = cfg.cuda_graph_max_bs if cfg.cuda_graph_max_bs is not None else graph_bs_default
+    mem_fraction = cfg.mem_fraction_static
+    if mem_fraction is None:   # SGLang auto: (VRAM - reserve) / VRAM
+        visible_mib = scn.gpu.visible_memory_gib * 1024
+        reserve_mib = 512 + 1.5 * reserve_chunk + 2 * graph_max_bs + 1024 * cfg.tp / 8
         if scn.gpu.visible_memory_gib > 60:
-            reserve = max(reserve, 10 * 1024)
-        mfs = round((v_mib - reserve) / v_mib, 3)
+            reserve_mib = max(reserve_mib, 10 * 1024)
+        mem_fraction = round((visible_mib - reserve_mib) / visible_mib, 3)
     method = (cfg.kt_method or "AMXINT4").upper()
-    thr = cfg.kt_gpu_prefill_token_threshold or 0
-    if kt_on and thr > 0 and method not in NATIVE_KT_METHODS:
-        notes.append(f"kt_gpu_prefill_token_threshold={thr} ignored: kt_method {method} is not native")
-        thr = 0
+    layerwise_threshold = cfg.kt_gpu_prefill_token_threshold or 0
+    if kt_on and layerwise_threshold > 0 and method not in NATIVE_KT_METHODS:
+        notes.append(f"kt_gpu_prefill_token_threshold={layerwise_threshold} ignored: kt_method {method} is not native")
+        layerwise_threshold = 0
     return ResolvedConfig(
-        tp=cfg.tp, kt_on=kt_on, gpu_experts=n, total_gpu_experts=total,
+        tp=cfg.tp, kt_on=kt_on, gpu_experts=gpu_experts_per_layer, total_gpu_experts=total_gpu_experts,
         cpuinfer=cfg.kt_cpuinfer or 0, method=method,
         threadpool=2 if cfg.kt_threadpool_count is None else cfg.kt_threadpool_count,
         deferral=max(0, cfg.kt_max_deferred_experts_per_token or 0) if kt_on else 0,
-        layerwise_threshold=thr if (kt_on and 0 < thr <= chunk) else 0,
+        layerwise_threshold=layerwise_threshold if (kt_on and 0 < layerwise_threshold <= chunk) else 0,
         chunk=chunk, chunk_flag=cfg.chunked_prefill_size, max_running=cfg.max_running_requests,
-        max_total_tokens=cfg.max_total_tokens, mfs=mfs,
-        graph_max_bs=0 if cfg.disable_cuda_graph else bs, mixed_chunk=cfg.enable_mixed_chunk,
-        context_len=cfg.context_length or m.context_len, notes=tuple(notes))
+        max_total_tokens=cfg.max_total_tokens, mfs=mem_fraction,
+        graph_max_bs=0 if cfg.disable_cuda_graph else graph_max_bs, mixed_chunk=cfg.enable_mixed_chunk,
+        context_len=cfg.context_length or model.context_len, notes=tuple(notes))
 

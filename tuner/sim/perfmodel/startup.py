@@ -37,8 +37,8 @@ def _cuda_oom(alloc_gib: float, scn: Scenario, free_gib: float) -> str:
             f"{max(0.0, free_gib) * 1024:.2f} MiB is free.")
 
 
-_SCHED_DEAD = ["Scheduler hit an exception:",
-               "Received sigquit from a child process. It usually means the child failed."]
+_SCHEDULER_DIED = ["Scheduler hit an exception:",
+                   "Received sigquit from a child process. It usually means the child failed."]
 
 
 def activation_gb(scn: Scenario, rc: ResolvedConfig, q_tokens: int) -> float:
@@ -78,11 +78,11 @@ def _fail(stage: str, errors: list[str], logs: list[str], mem: dict[str, float],
 
 
 def _check_args(scn: Scenario, cfg: SimConfig) -> str | None:
-    m = scn.model
+    model = scn.model
     if cfg.tp < 1 or cfg.tp > scn.gpu.count:
         return f"--tensor-parallel-size must be in [1, {scn.gpu.count}] on this machine, got {cfg.tp}"
-    if m.num_heads % cfg.tp:
-        return (f"Total number of attention heads ({m.num_heads}) must be divisible by tensor "
+    if model.num_heads % cfg.tp:
+        return (f"Total number of attention heads ({model.num_heads}) must be divisible by tensor "
                 f"parallel size ({cfg.tp}).")
     if cfg.mem_fraction_static is not None and not 0 < cfg.mem_fraction_static <= 1:
         return f"--mem-fraction-static must be in (0, 1], got {cfg.mem_fraction_static}"
@@ -93,59 +93,59 @@ def _check_args(scn: Scenario, cfg: SimConfig) -> str | None:
                         ("cuda-graph-max-bs", cfg.cuda_graph_max_bs)):
         if value is not None and value < 1:
             return f"--{flag} must be >= 1, got {value}"
-    if cfg.context_length is not None and not 0 < cfg.context_length <= m.context_len:
+    if cfg.context_length is not None and not 0 < cfg.context_length <= model.context_len:
         return (f"User-specified context_length ({cfg.context_length}) is greater than the derived "
-                f"context_length ({m.context_len}).")
+                f"context_length ({model.context_len}).")
     return None
 
 
 def _check_cpu(scn: Scenario, rc: ResolvedConfig, cfg: SimConfig) -> list[str]:
-    cpu, m = scn.cpu, scn.model
-    dead = ["Rank 0 scheduler is dead. Please check if there are relevant logs."]
+    cpu, model = scn.cpu, scn.model
+    scheduler_dead = ["Rank 0 scheduler is dead. Please check if there are relevant logs."]
     if cfg.kt_cpuinfer is None:
         return ["TypeError: unsupported operand type(s) for //: 'NoneType' and 'int'"]
-    if rc.method not in m.cpu_bytes_per_expert:
-        return [f"ValueError: Unsupported kt_method {rc.method!r} for {m.name}; "
-                f"available: {sorted(m.cpu_bytes_per_expert)}"]
+    if rc.method not in model.cpu_bytes_per_expert:
+        return [f"ValueError: Unsupported kt_method {rc.method!r} for {model.name}; "
+                f"available: {sorted(model.cpu_bytes_per_expert)}"]
     if rc.threadpool < 1 or rc.cpuinfer < rc.threadpool:
         return [f"ValueError: kt_cpuinfer ({rc.cpuinfer}) must be >= kt_threadpool_count "
                 f"({rc.threadpool}) >= 1"]
     if rc.threadpool > cpu.numa_nodes:   # perf-model §3.2: treated as a launch failure
-        return dead + [f"Exit code: -11 (kt_threadpool_count={rc.threadpool} > {cpu.numa_nodes} "
-                       "NUMA nodes)"]
-    if m.moe_intermediate % rc.threadpool:
-        return [f"ValueError: moe_intermediate_size ({m.moe_intermediate}) must be divisible by "
+        return scheduler_dead + [f"Exit code: -11 (kt_threadpool_count={rc.threadpool} > {cpu.numa_nodes} "
+                                 "NUMA nodes)"]
+    if model.moe_intermediate % rc.threadpool:
+        return [f"ValueError: moe_intermediate_size ({model.moe_intermediate}) must be divisible by "
                 f"kt_threadpool_count ({rc.threadpool})"]
-    host_gb = m.experts * m.layers_moe * m.cpu_bytes_per_expert[rc.method] / GIB
+    host_gb = model.experts * model.layers_moe * model.cpu_bytes_per_expert[rc.method] / GIB
     if host_gb > 0.95 * cpu.ram_gib:
-        return dead + [f"Exit code: -9 (CPU expert weights {host_gb:.0f} GiB > host RAM "
-                       f"{cpu.ram_gib:.0f} GiB)"]
+        return scheduler_dead + [f"Exit code: -9 (CPU expert weights {host_gb:.0f} GiB > host RAM "
+                                 f"{cpu.ram_gib:.0f} GiB)"]
     return []
 
 
-def _footprint(scn: Scenario, rc: ResolvedConfig, f0: float) -> tuple[dict[str, float], int, int]:
+def _footprint(scn: Scenario, rc: ResolvedConfig, free_gib: float) -> tuple[dict[str, float], int, int]:
     """Per-GPU GiB of every startup component, the KV tokens SGLang would use (M_eff, or the
     profiled value when M is unset), and the profiled token count."""
-    m, g = scn.model, rc.tp
-    experts = rc.total_gpu_experts * m.gpu_bytes_per_expert / g / GIB
-    staging = max(rc.chunk, 0) * m.hidden * 2 / GIB if rc.kt_on else 0.0
-    lazy_slot = slot_gb(scn, rc)
-    w = m.nonexpert_gb(g) * 1e9 / GIB + experts + staging + (lazy_slot if rc.method == "MXFP4" else 0.0)
-    rest = (f0 - w) - f0 * (1 - rc.mfs)
-    quirk = scn.c("mla_profile_quirk") > 0
-    profiled = int(rest * GIB // m.kv_profile_bytes_per_token(g, quirk)) if rest > 0 else 0
+    model, tp = scn.model, rc.tp
+    experts_gib = rc.total_gpu_experts * model.gpu_bytes_per_expert / tp / GIB
+    staging_gib = max(rc.chunk, 0) * model.hidden * 2 / GIB if rc.kt_on else 0.0
+    slot_gib = slot_gb(scn, rc)
+    weights_gib = model.nonexpert_gb(tp) * 1e9 / GIB + experts_gib + staging_gib + (slot_gib if rc.method == "MXFP4" else 0.0)
+    kv_budget_gib = (free_gib - weights_gib) - free_gib * (1 - rc.mfs)
+    mla_quirk = scn.c("mla_profile_quirk") > 0
+    profiled = int(kv_budget_gib * GIB // model.kv_profile_bytes_per_token(tp, mla_quirk)) if kv_budget_gib > 0 else 0
     tokens = profiled if rc.max_total_tokens is None else min(rc.max_total_tokens, profiled)
     running = rc.max_running or min(max(int(tokens / rc.context_len * 512), 2048), 4096)
     captured = min(rc.graph_max_bs, running)
     mem = {
         "context": scn.c("ctx_mem_gib") + scn.gpu.reserved_by_others_gib,
-        "weights": w, "experts": experts,
-        "kv": tokens * m.kv_bytes_per_token(g) / GIB,
+        "weights": weights_gib, "experts": experts_gib,
+        "kv": tokens * model.kv_bytes_per_token(tp) / GIB,
         "req_pool": running * (rc.context_len + 4) * 4 / GIB,
-        "graphs": scn.c("graph_base_gib") + (scn.c("nccl_gib") if g > 1 else 0.0)
-        + captured * scn.c("graph_bytes_per_bs") * m.hidden * m.layers_total / GIB,
+        "graphs": scn.c("graph_base_gib") + (scn.c("nccl_gib") if tp > 1 else 0.0)
+        + captured * scn.c("graph_bytes_per_bs") * model.hidden * model.layers_total / GIB,
         "activations": activation_gb(scn, rc, max(rc.chunk, 0)),
-        "slot": 0.0 if rc.method == "MXFP4" else lazy_slot,
+        "slot": 0.0 if rc.method == "MXFP4" else slot_gib,
     }
     mem["total"] = sum(mem[k] for k in ("context", "weights", "kv", "req_pool", "graphs",
                                         "activations", "slot"))
@@ -161,33 +161,34 @@ def startup_check(scn: Scenario, cfg: SimConfig, *, fuzz_seed: int | None = None
     cannot fit. fuzz_seed draws a fixed offset in +-oom_band_gib on the free memory
     (perf-model §3.7); None disables the fuzz.
     """
-    m, gpu, logs = scn.model, scn.gpu, []
-    bad = _check_args(scn, cfg)
-    if bad:
-        return _fail("args", [f"error: {bad}"], logs, {"capacity": gpu.visible_memory_gib}, None)
+    model, gpu, logs = scn.model, scn.gpu, []
+    arg_error = _check_args(scn, cfg)
+    if arg_error:
+        return _fail("args", [f"error: {arg_error}"], logs, {"capacity": gpu.visible_memory_gib}, None)
     rc = resolve(scn, cfg)
     logs.extend(rc.notes)
-    fuzz = 0.0
+    fuzz_gib = 0.0
     if fuzz_seed is not None:
-        fuzz = random.Random(f"oom-band/{fuzz_seed}").uniform(-1, 1) * scn.c("oom_band_gib")
-    f0 = gpu.visible_memory_gib - scn.c("ctx_mem_gib") - gpu.reserved_by_others_gib + fuzz
-    mem, tokens, profiled = _footprint(scn, rc, f0)
+        fuzz_gib = random.Random(f"oom-band/{fuzz_seed}").uniform(-1, 1) * scn.c("oom_band_gib")
+    free_gib = gpu.visible_memory_gib - scn.c("ctx_mem_gib") - gpu.reserved_by_others_gib + fuzz_gib
+    mem, tokens, profiled = _footprint(scn, rc, free_gib)
     if rc.kt_on:
         cpu_err = _check_cpu(scn, rc, cfg)
         if cpu_err:
             return _fail("cpu", cpu_err, logs, mem, rc)
         if rc.chunk <= 0:
             return _fail("weights", ["RuntimeError: Trying to create tensor with negative dimension "
-                                     f"{rc.chunk * m.hidden}: [{rc.chunk}, {m.hidden}]"] + _SCHED_DEAD,
+                                     f"{rc.chunk * model.hidden}: [{rc.chunk}, {model.hidden}]"] + _SCHEDULER_DIED,
                          logs, mem, rc)
-    w = mem["weights"]
-    if w > f0:   # experts load layer by layer: the first layer that does not fit fails
-        per_layer = max(mem["experts"] / m.layers_moe, 0.01)
-        base = w - mem["experts"]
-        free = f0 - base if base > f0 else f0 - base - per_layer * math.floor((f0 - base) / per_layer)
-        return _fail("weights", [_cuda_oom(per_layer, scn, free)] + _SCHED_DEAD, logs, mem, rc)
-    logs.append(f"Load weight end. type={m.name}, dtype=torch.bfloat16, avail mem={f0 - w:.2f} GB, "
-                f"mem usage={w:.2f} GB.")
+    weights_gib = mem["weights"]
+    if weights_gib > free_gib:   # experts load layer by layer: the first layer that does not fit fails
+        layer_gib = max(mem["experts"] / model.layers_moe, 0.01)
+        base_gib = weights_gib - mem["experts"]
+        free = (free_gib - base_gib if base_gib > free_gib
+                else free_gib - base_gib - layer_gib * math.floor((free_gib - base_gib) / layer_gib))
+        return _fail("weights", [_cuda_oom(layer_gib, scn, free)] + _SCHEDULER_DIED, logs, mem, rc)
+    logs.append(f"Load weight end. type={model.name}, dtype=torch.bfloat16, avail mem={free_gib - weights_gib:.2f} GB, "
+                f"mem usage={weights_gib:.2f} GB.")
     if rc.max_total_tokens is not None and rc.max_total_tokens > profiled > 0:
         logs.append(f"max_total_tokens={rc.max_total_tokens} is larger than the profiled value "
                     f"{profiled}. Use the profiled value instead.")
@@ -195,13 +196,13 @@ def startup_check(scn: Scenario, cfg: SimConfig, *, fuzz_seed: int | None = None
         return _fail("kv_profile", ["RuntimeError: Not enough memory. Please try to increase "
                                     "--mem-fraction-static. Current value: "
                                     f"self.server_args.mem_fraction_static={rc.mfs}"], logs, mem, rc)
-    avail = f0 - w
+    avail = free_gib - weights_gib
     if mem["kv"] + mem["req_pool"] > avail:
-        alloc, free = mem["kv"] / m.layers_total, avail - mem["req_pool"]   # one buffer per layer
+        alloc, free = mem["kv"] / model.layers_total, avail - mem["req_pool"]   # one buffer per layer
         free = free - alloc * math.floor(free / alloc) if free > 0 else avail
-        return _fail("kv_alloc", [_cuda_oom(alloc, scn, free)] + _SCHED_DEAD, logs, mem, rc, tokens)
+        return _fail("kv_alloc", [_cuda_oom(alloc, scn, free)] + _SCHEDULER_DIED, logs, mem, rc, tokens)
     avail -= mem["kv"] + mem["req_pool"]
-    if m.attention == "mla":
+    if model.attention == "mla":
         logs.append(f"KV Cache is allocated. #tokens: {tokens}, KV size: {mem['kv']:.2f} GB")
     else:
         logs.append(f"KV Cache is allocated. #tokens: {tokens}, K size: {mem['kv'] / 2:.2f} GB, "
@@ -230,8 +231,8 @@ def startup_check(scn: Scenario, cfg: SimConfig, *, fuzz_seed: int | None = None
     logs.append(f"max_total_num_tokens={tokens}, chunked_prefill_size={rc.chunk}, "
                 f"max_prefill_tokens={MAX_PREFILL_TOKENS}, max_running_requests={running}, "
                 f"context_len={rc.context_len}, available_gpu_mem={avail:.2f} GB")
-    host_gb = m.experts * m.layers_moe * m.cpu_bytes_per_expert.get(rc.method, 0.0) / 1e9
-    load_s = scn.c("load_base_s") + (host_gb / scn.c("load_gbs") if rc.kt_on else 0.0) + 2 * w
+    host_gb = model.experts * model.layers_moe * model.cpu_bytes_per_expert.get(rc.method, 0.0) / 1e9
+    load_s = scn.c("load_base_s") + (host_gb / scn.c("load_gbs") if rc.kt_on else 0.0) + 2 * weights_gib
     return StartupResult(True, None, logs, [], tokens, mem, running, rc.chunk, avail,
                          mem["activations"] + mem["slot"] <= avail, load_s, rc)
 

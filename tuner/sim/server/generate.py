@@ -23,8 +23,8 @@ class GenerateHandlers:
     async def h_generate(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
-            sp = body.get("sampling_params") or {}
-            max_new = int(sp.get("max_new_tokens") if sp.get("max_new_tokens") is not None else DEFAULT_MAX_NEW_TOKENS)
+            sampling = body.get("sampling_params") or {}
+            max_new = int(sampling.get("max_new_tokens") if sampling.get("max_new_tokens") is not None else DEFAULT_MAX_NEW_TOKENS)
             text, ids = body.get("text"), body.get("input_ids")
             if isinstance(text, list) or (isinstance(ids, list) and ids and isinstance(ids[0], list)):
                 return await self._generate_batch(body, max_new)
@@ -39,11 +39,11 @@ class GenerateHandlers:
         if body.get("stream"):
             return await self._stream_generate(request, req)
         try:
-            async for text_out, n, _ in self.server.tokens(req):
+            async for text_out, completion_tokens, _ in self.server.tokens(req):
                 pass
         finally:
             self.server.release(req)
-        return web.json_response(self._generate_obj(req, text_out, n, True))
+        return web.json_response(self._generate_obj(req, text_out, completion_tokens, True))
 
     async def _generate_batch(self, body: dict[str, Any], max_new: int) -> web.StreamResponse:
         if body.get("stream"):
@@ -60,24 +60,24 @@ class GenerateHandlers:
 
         async def one(req: PendingRequest) -> dict[str, Any]:
             try:
-                async for out, n, _ in self.server.tokens(req):
+                async for out, completion_tokens, _ in self.server.tokens(req):
                     pass
             finally:
                 self.server.release(req)
-            return self._generate_obj(req, out, n, True)
+            return self._generate_obj(req, out, completion_tokens, True)
 
         return web.json_response(list(await asyncio.gather(*(one(r) for r in reqs))))
 
-    def _generate_obj(self, req: PendingRequest, text: str, n: int, finished: bool) -> dict[str, Any]:
+    def _generate_obj(self, req: PendingRequest, text: str, completion_tokens: int, finished: bool) -> dict[str, Any]:
         return {
             "text": text,
             "meta_info": {
                 "id": req.rid,
-                "finish_reason": {"type": "length", "length": n} if finished else None,
+                "finish_reason": {"type": "length", "length": completion_tokens} if finished else None,
                 "prompt_tokens": req.prompt_tokens,
                 "weight_version": "default",
                 "total_retractions": 0,
-                "completion_tokens": n,
+                "completion_tokens": completion_tokens,
                 "cached_tokens": 0,
                 "e2e_latency": round(time.monotonic() - req.created, 6),
             },
@@ -87,8 +87,8 @@ class GenerateHandlers:
         resp = _sse_response()
         try:
             await resp.prepare(request)
-            async for text, n, finished in self.server.tokens(req):
-                await resp.write(_sse(self._generate_obj(req, text, n, finished)))
+            async for text, completion_tokens, finished in self.server.tokens(req):
+                await resp.write(_sse(self._generate_obj(req, text, completion_tokens, finished)))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
@@ -112,12 +112,13 @@ class GenerateHandlers:
                 prompt = self.server.prompt_len(prompt_text, None)
                 max_new = body.get("max_completion_tokens") or body.get("max_tokens")
             else:
-                p = body.get("prompt")
-                if isinstance(p, list) and p and isinstance(p[0], str):
-                    if len(p) != 1:
+                prompt_field = body.get("prompt")
+                if isinstance(prompt_field, list) and prompt_field and isinstance(prompt_field[0], str):
+                    if len(prompt_field) != 1:
                         raise BadRequest("The simulator supports one prompt per completion request.")
-                    p = p[0]
-                prompt = self.server.prompt_len(p if isinstance(p, str) else None, p if isinstance(p, list) else None)
+                    prompt_field = prompt_field[0]
+                prompt = self.server.prompt_len(prompt_field if isinstance(prompt_field, str) else None,
+                                                prompt_field if isinstance(prompt_field, list) else None)
                 max_new = body.get("max_tokens", 16)
             max_new = int(max_new if max_new is not None else DEFAULT_MAX_NEW_TOKENS)
             self.server.admit(prompt, max_new)
@@ -133,7 +134,7 @@ class GenerateHandlers:
         kind = "chat.completion" if chat else "text_completion"
         if not body.get("stream"):
             try:
-                async for text, n, _ in self.server.tokens(req):
+                async for text, completion_tokens, _ in self.server.tokens(req):
                     pass
             finally:
                 self.server.release(req)
@@ -144,7 +145,7 @@ class GenerateHandlers:
                 choice["text"] = text
             return web.json_response({
                 "id": oid, "object": kind, "created": created, "model": model, "choices": [choice],
-                "usage": _usage(req.prompt_tokens, n),
+                "usage": _usage(req.prompt_tokens, completion_tokens),
             })
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         resp = _sse_response()
@@ -154,20 +155,20 @@ class GenerateHandlers:
             if chat:
                 first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 await resp.write(_sse({"id": oid, "object": obj, "created": created, "model": model, "choices": [first]}))
-            sent, n = 0, 0
-            async for text, n, finished in self.server.tokens(req):
+            sent, completion_tokens = 0, 0
+            async for text, completion_tokens, finished in self.server.tokens(req):
                 delta = text[sent:]
                 sent = len(text)
                 reason = "length" if finished else None
-                c: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
+                chunk_choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
                 if chat:
-                    c["delta"] = {"content": delta}
+                    chunk_choice["delta"] = {"content": delta}
                 else:
-                    c["text"] = delta
-                await resp.write(_sse({"id": oid, "object": obj, "created": created, "model": model, "choices": [c]}))
+                    chunk_choice["text"] = delta
+                await resp.write(_sse({"id": oid, "object": obj, "created": created, "model": model, "choices": [chunk_choice]}))
             if include_usage:
                 await resp.write(_sse({"id": oid, "object": obj, "created": created, "model": model,
-                                       "choices": [], "usage": _usage(req.prompt_tokens, n)}))
+                                       "choices": [], "usage": _usage(req.prompt_tokens, completion_tokens)}))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         finally:

@@ -163,21 +163,21 @@ class SimServer:
                 self._wake.clear()
                 deadline = loop.time()
                 while self.engine.has_work() and not self._frozen():
-                    r = self.engine.step()
-                    dur = float(r.duration_s) * (0.5 if self.faults.garbage_output else 1.0)
-                    if dur > self.watchdog_s:
+                    result = self.engine.step()
+                    duration_s = float(result.duration_s) * (0.5 if self.faults.garbage_output else 1.0)
+                    if duration_s > self.watchdog_s:
                         await asyncio.sleep((self.watchdog_s + 5.0) * self.scale)
                         self.fatal([watchdog_line(self.watchdog_s)])
                     # Absolute deadlines: event-loop overhead does not accumulate into the timing.
-                    deadline = max(deadline, loop.time() - 0.05) + dur * self.scale
+                    deadline = max(deadline, loop.time() - 0.05) + duration_s * self.scale
                     await asyncio.sleep(max(0.0, deadline - loop.time()))
-                    for line in getattr(r, "log_lines", ()):
+                    for line in getattr(result, "log_lines", ()):
                         self.log(line, tp=0)
-                    self._deliver(r.emitted)
-                    if r.fatal:
-                        self.fatal(scheduler_exception_lines(str(r.fatal)))
-                    self._stats(r, dur)
-                    if dur <= 0 and not r.emitted:
+                    self._deliver(result.emitted)
+                    if result.fatal:
+                        self.fatal(scheduler_exception_lines(str(result.fatal)))
+                    self._stats(result, duration_s)
+                    if duration_s <= 0 and not result.emitted:
                         break  # nothing admissible now: wait for a new request or an abort
         except asyncio.CancelledError:
             raise
@@ -202,36 +202,36 @@ class SimServer:
         """A scheduler that died after start-up: nothing is answered any more (real behaviour)."""
         return self.tree.dead_child() is not None
 
-    def _stats(self, r: Any, dur: float) -> None:
+    def _stats(self, result: Any, duration_s: float) -> None:
         """`Decode batch. ...` every decode_log_interval decode forwards (simulated throughput)."""
-        if getattr(r, "kind", "") != "decode":
+        if getattr(result, "kind", "") != "decode":
             return
         self._decode_steps += 1
-        self._gen_tokens += len(r.emitted)
-        self._gen_time += dur
+        self._gen_tokens += len(result.emitted)
+        self._gen_time += duration_s
         if self._decode_steps % self.decode_log_interval:
             return
         used = getattr(self.engine, "kv_used", 0)
         cap = max(1, self.info.max_total_num_tokens)
-        tput = self._gen_tokens / self._gen_time if self._gen_time > 0 else 0.0
+        throughput = self._gen_tokens / self._gen_time if self._gen_time > 0 else 0.0
         self._gen_tokens, self._gen_time = 0, 0.0
-        self.last_gen_throughput = tput
-        running = getattr(self.engine, "num_running", len(r.emitted))
-        graph = 0 < len(r.emitted) <= self.info.captured_bs
+        self.last_gen_throughput = throughput
+        running = getattr(self.engine, "num_running", len(result.emitted))
+        graph = 0 < len(result.emitted) <= self.info.captured_bs
         self.log(
             f"Decode batch, #running-req: {running}, "
             f"#token: {used}, token usage: {used / cap:.2f}, cuda graph: {graph}, "
-            f"gen throughput (token/s): {tput:.2f}, #queue-req: {getattr(self.engine, 'num_waiting', 0)}, ",
+            f"gen throughput (token/s): {throughput:.2f}, #queue-req: {getattr(self.engine, 'num_waiting', 0)}, ",
             tp=0,
         )
 
     def _deliver(self, emitted: Sequence[tuple[str, int, bool]]) -> None:
         if emitted:
             self.last_emit = time.monotonic()
-        for rid, n, finished in emitted:
+        for rid, tokens, finished in emitted:
             req = self.reqs.get(rid)
             if req is not None:
-                req.queue.put_nowait((int(n), bool(finished)))
+                req.queue.put_nowait((int(tokens), bool(finished)))
 
     def submit(self, prompt_tokens: int, max_new_tokens: int, rid: str | None, *, user: bool) -> PendingRequest:
         self._counter += 1
@@ -246,14 +246,14 @@ class SimServer:
         self._wake.set()
         return req
 
-    def _pieces(self, n: int) -> list[str]:
+    def _pieces(self, count: int) -> list[str]:
         """Output pieces (one non-empty piece per token): a seeded rotation of one shared pool,
         since generating text per request costs milliseconds that 1/time_scale amplifies."""
         pool = self._pool
         if self.faults.garbage_output:
-            return [pool[0]] * n
+            return [pool[0]] * count
         start = random.Random(self.seed * 1_000_003 + self._counter).randrange(len(pool))
-        return [pool[(start + i) % len(pool)] for i in range(n)]
+        return [pool[(start + i) % len(pool)] for i in range(count)]
 
     def release(self, req: PendingRequest) -> None:
         self.reqs.pop(req.rid, None)
