@@ -1,6 +1,7 @@
 """`python -m tuner.sim [launch_server flags]`: a simulated `python -m sglang.launch_server`.
 
-Start-up replays the real order (facts §4.1, §6): server_args line, scheduler child
+Start-up replays the real launcher's order (sglang python/sglang/srt/entrypoints/http_server.py,
+`launch_server`): server_args line, scheduler child
 `sglang::scheduler_TP0`, weight loading (simulated time), KV / graph / summary lines, then
 uvicorn start, bind, warmup, `The server is fired up and ready to roll!`. Failures print the
 real text and end the way the real launcher does:

@@ -1,4 +1,5 @@
-"""Continuous-batching scheduler emulation (perf-model.md §3.5) and a virtual-time benchmark.
+"""Continuous-batching scheduler emulation (FCFS admission against a KV reservation, chunked
+prefill, decode, retraction when the KV pool is full) and a virtual-time benchmark.
 
 `Engine` has no clock: `step()` runs one forward and says how long it took, so the same class
 drives a live HTTP server (sleep duration_s x time_scale, then deliver) and `run_workload`.
@@ -20,7 +21,8 @@ from tuner.sim.perfmodel.steptime import StepModel
 from tuner.sim.scenario import Scenario
 
 # Per-step log-jitter a*Z + b*(Exp-1), fitted so that at sigma=0.025 the ITL P95/median = 1.053
-# and P99/median = 1.084 (perf-model §3.7, seed decode run).
+# and P99/median = 1.084, the ratios of the seed decode benchmark (840.06 and 864.96 ms over a
+# median of 797.89 ms in kvcache-ai/ktransformers doc/en/Kimi-K2-Thinking.md).
 _JITTER_A, _JITTER_B, _SIGMA_REF = 0.0235, 0.0175, 0.025
 _RATIO_RECOVERY_STEPS = 100     # decode steps for the reservation ratio to fall back after a retraction
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from tuner.sim.scenario import Scenario
 
 MAX_PREFILL_TOKENS = 16384
-#: kt-methods that can stream their weights to the GPU for layerwise prefill (facts §2).
+#: kt-methods whose weights can also be streamed to the GPU for layerwise prefill; with any other
+#: method kt-gpu-prefill-token-threshold is ignored.
 NATIVE_KT_METHODS = frozenset({"RAWINT4", "FP8", "FP8_PERCHANNEL", "BF16", "MXFP4", "GPTQ_INT4"})
 
 
@@ -62,7 +63,8 @@ class ResolvedConfig:
 
 
 def _vram_defaults(visible_gib: float, tp: int) -> tuple[int, int]:
-    """(chunked_prefill_size, cuda_graph_max_bs) defaults by visible VRAM (facts §3)."""
+    """(chunked_prefill_size, cuda_graph_max_bs) defaults by visible VRAM, bucketed the way SGLang's
+    python/sglang/srt/server_args.py picks them from the GPU memory (a smaller graph batch below TP4)."""
     chunk = 2048 if visible_gib < 35 else 4096 if visible_gib < 60 else 8192 if visible_gib < 160 else 16384
     small_tp = tp < 4
     graph_bs = 8 if visible_gib < 20 else (24 if small_tp else 80) if visible_gib < 35 else \

@@ -110,7 +110,7 @@ def _check_cpu(scn: Scenario, rc: ResolvedConfig, cfg: SimConfig) -> list[str]:
     if rc.threadpool < 1 or rc.cpuinfer < rc.threadpool:
         return [f"ValueError: kt_cpuinfer ({rc.cpuinfer}) must be >= kt_threadpool_count "
                 f"({rc.threadpool}) >= 1"]
-    if rc.threadpool > cpu.numa_nodes:   # perf-model §3.2: treated as a launch failure
+    if rc.threadpool > cpu.numa_nodes:   # more pools than NUMA nodes: a native crash at launch
         return scheduler_dead + [f"Exit code: -11 (kt_threadpool_count={rc.threadpool} > {cpu.numa_nodes} "
                                  "NUMA nodes)"]
     if model.moe_intermediate % rc.threadpool:
@@ -155,11 +155,12 @@ def _footprint(scn: Scenario, rc: ResolvedConfig, free_gib: float) -> tuple[dict
 
 
 def startup_check(scn: Scenario, cfg: SimConfig, *, fuzz_seed: int | None = None) -> StartupResult:
-    """Replay sglang-kt startup (facts §4.1) and report the first failing stage, if any.
+    """Replay sglang-kt's start-up in its order (argument checks, KT CPU checks, weights, KV
+    profile and pool, CUDA graphs) and report the first failing stage, if any.
 
     mem_per_gpu_gb holds the predicted footprint (also on failure); "excess" > 0 means it
-    cannot fit. fuzz_seed draws a fixed offset in +-oom_band_gib on the free memory
-    (perf-model §3.7); None disables the fuzz.
+    cannot fit. fuzz_seed draws a fixed offset in +-oom_band_gib on the free memory, since a
+    real server near the limit fits on one launch and not on the next; None disables the fuzz.
     """
     model, gpu, logs = scn.model, scn.gpu, []
     arg_error = _check_args(scn, cfg)

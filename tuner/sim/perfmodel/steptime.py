@@ -17,7 +17,9 @@ class CpuCapability:
 
 
 def cpu_capability(scn: Scenario, rc: ResolvedConfig) -> CpuCapability:
-    """perf-model §3.2."""
+    """What kt-cpuinfer threads in kt-threadpool-count pools give the CPU experts: DRAM bandwidth
+    (at most one pool per NUMA node, saturating with threads per node), AMX TOP/s, and a slowdown
+    for threads beyond the cores the GPU ranks leave free and for more threads than a node has."""
     cpu, threads, pools = scn.cpu, max(rc.cpuinfer, 1), max(rc.threadpool, 1)
     cores_per_node, nodes = cpu.cores_per_node, cpu.numa_nodes
     threads_per_pool = threads / pools
@@ -66,7 +68,10 @@ class StepModel:
         return base + (0.0 if graphed else const("no_graph_ms") / 1e3)
 
     def decode(self, batch: int, ctx_tokens: float) -> float:
-        """T_step of one decode forward (§3.3)."""
+        """Seconds of one decode forward of `batch` requests with `ctx_tokens` context each: per MoE
+        layer the slower of the CPU and GPU experts plus a fixed GPU cost (deferral overlaps part of
+        the CPU time with it), the fixed cost of the dense layers, the KV-cache read, and a per-step
+        overhead (scheduler, sampling, lm_head)."""
         if batch <= 0:
             return 0.0
         scn, model, const, cpu_share = self.scn, self.scn.model, self.scn.c, self.cpu_expert_share
@@ -88,7 +93,10 @@ class StepModel:
         return model.layers_moe * layer_s + dense_s + kv_read_s + const("t_step0_ms") / 1e3
 
     def prefill(self, q_tokens: int, ctx_tokens: float = 0.0) -> float:
-        """T_chunk of one prefill forward of q_tokens (§3.4); ctx_tokens = mean prior context."""
+        """Seconds of one prefill forward of q_tokens new tokens (ctx_tokens: mean prior context):
+        per MoE layer the CPU experts (compute or weight streaming, plus the PCIe round trip of the
+        activations) against the GPU experts, or above the layerwise threshold the CPU experts streamed
+        to the GPU; attention linear in the tokens and in tokens x context; TP all-reduces."""
         if q_tokens <= 0:
             return 0.0
         scn, model, const, rc, cpu_share = self.scn, self.scn.model, self.scn.c, self.rc, self.cpu_expert_share
@@ -100,8 +108,8 @@ class StepModel:
         else:
             cpu_s = 0.0
             if cpu_share > 0:
-                # Deviation from §3.4: the AVX branch uses a flat e_avx (with the m/(m+m½) factor a
-                # 10-token prefill would take seconds); AMX never falls below it.
+                # Below the AMX threshold the efficiency is a flat e_avx: the m / (m + m_half) curve would
+                # make a 10-token prefill take seconds. AMX never falls below it.
                 tokens_per_expert = tokens * model.top_k / model.experts
                 use_amx = scn.cpu.amx and tokens > model.amx_threshold
                 efficiency = (max(const("e_avx"), tokens_per_expert / (tokens_per_expert + const("m_half")))
