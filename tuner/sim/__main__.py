@@ -28,13 +28,18 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from tuner.sim.args import PROG, ConfigFileError, SimArgs, UsageError, format_server_args, parse_args
 from tuner.sim.faults import ProcessTree, native_crash_lines, scheduler_exception_lines
 from tuner.sim.log import Log
 from tuner.sim.server.routes import build_app
 from tuner.sim.server.state import ServerInfo, SimServer
+
+if TYPE_CHECKING:   # imported where used: the model is not needed for a usage error
+    from tuner.sim.perfmodel.config import SimConfig
+    from tuner.sim.perfmodel.startup import StartupResult
+    from tuner.sim.scenario import Scenario
 
 _WARMUP_POLLS = 120
 _CHILD_CODE = """
@@ -147,7 +152,8 @@ class _Launcher:
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True,
             ))
 
-    async def _load_and_serve(self, scn: Any, cfg: Any, server: dict[str, Any], st: Any, tokenizer: Any) -> int:
+    async def _load_and_serve(self, scn: Scenario, cfg: SimConfig, server: dict[str, Any], st: StartupResult,
+                              tokenizer: Any) -> int:
         log, model = self.log, scn.model
         if st.stage == "args":
             for line in st.error_lines:
@@ -199,7 +205,7 @@ class _Launcher:
         )
         return await self._serve(engine, info, tokenizer, st)
 
-    async def _serve(self, engine: Any, info: ServerInfo, tokenizer: Any, st: Any) -> int:
+    async def _serve(self, engine: Any, info: ServerInfo, tokenizer: Any, st: StartupResult) -> int:
         from aiohttp import web
 
         from tuner.sim import offline
@@ -320,7 +326,7 @@ def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
-def _load_share(st: Any, free_gib: float) -> float:
+def _load_share(st: StartupResult, free_gib: float) -> float:
     """Share of the weight-loading time spent before the start-up outcome is known."""
     if st.ok or st.stage not in ("cpu", "weights"):
         return 1.0
@@ -342,7 +348,7 @@ def _hf_config(model_path: str, model_name: str) -> dict[str, Any]:
     return {"model_type": None, "architectures": ()}
 
 
-def _load_time(scn: Any, mem: dict[str, float], cfg: Any) -> float:
+def _load_time(scn: Scenario, mem: dict[str, float], cfg: SimConfig) -> float:
     """Load time when the start-up check failed before computing one (same constants)."""
     model = scn.model
     host_gb = 0.0

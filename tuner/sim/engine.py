@@ -289,7 +289,9 @@ class WorkloadResult:
 
 
 def _failed(fatal: str) -> WorkloadResult:
-    return WorkloadResult(0.0, 0, 0, 0, *([0.0] * 14), fatal=fatal)
+    """A run that produced nothing: every count, rate and latency 0."""
+    return WorkloadResult(0.0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                          fatal=fatal)
 
 
 def _drive(engine: Engine, clock_s: float, times: dict[str, list[float]]) -> tuple[float, str | None]:

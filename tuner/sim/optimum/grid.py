@@ -17,10 +17,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from tuner.config.space import AUTO, ParamSpec, SearchSpace
+from tuner.config.space import AUTO, ObjectiveSpec, ParamSpec, SearchSpace, SloSpec
 from tuner.errors import ConfigError
 from tuner.server.argv import flag_args
-from tuner.sim.args import UsageError, parse_args, to_sim_config
+from tuner.sim.args import SimArgs, UsageError, parse_args, to_sim_config
 from tuner.sim.optimum.evaluator import PERF_FIELDS, Evaluation, SimEvaluator
 from tuner.sim.optimum.traces import Trace, workload_metrics
 from tuner.sim.perfmodel.config import SimConfig, resolve
@@ -171,7 +171,7 @@ class SpaceGrid:
         mem_flags = [f for f in live if f not in cpu_flags]
         scored = sorted({objective.workload for objective in self.space.objectives} | {slo.workload for slo in self.space.slos})
         # 1. start-up per combination of the memory knobs (CPU knobs at a neutral 1 thread, 1 pool)
-        probe_cpu = {"kt_cpuinfer": 1, "kt_threadpool_count": 1, "kt_max_deferred_experts_per_token": 0}
+        probe_cpu: dict[str, Any] = {"kt_cpuinfer": 1, "kt_threadpool_count": 1, "kt_max_deferred_experts_per_token": 0}
         items: list[tuple[tuple[int, ...], SimConfig, SimConfig, StartupResult]] = []
         for combo in itertools.product(*(range(len(self.values[f])) for f in mem_flags)):
             cfg_mem = replace(self.base, **self._merge(mem_flags, combo))
@@ -204,7 +204,8 @@ class SpaceGrid:
             representatives.setdefault(key, (cfg_mem, st, traces))
         # 3. every CPU-knob combination on each group's representative
         wanted: dict[str, set[str]] = {}
-        for item in (*self.space.objectives, *self.space.slos):
+        scored_items: tuple[ObjectiveSpec | SloSpec, ...] = (*self.space.objectives, *self.space.slos)
+        for item in scored_items:
             wanted.setdefault(item.workload, set()).add(item.metric)
         cpu_combos = list(itertools.product(*(range(len(self.values[f])) for f in cpu_flags)))
         cpu_verdict: dict[tuple[Any, ...], bool] = {}
@@ -287,7 +288,7 @@ def _within(value: float, best: float, rel: float, sign: float) -> bool:
     return sign * (best - value) <= rel * abs(best)
 
 
-def _parse(flags: Mapping[str, Any]) -> Any:
+def _parse(flags: Mapping[str, Any]) -> SimArgs:
     try:
         return parse_args(flag_args(flags) + ["--host", "127.0.0.1", "--port", "30000"])
     except UsageError as exc:

@@ -162,7 +162,8 @@ def startup_check(scn: Scenario, cfg: SimConfig, *, fuzz_seed: int | None = None
     cannot fit. fuzz_seed draws a fixed offset in +-oom_band_gib on the free memory, since a
     real server near the limit fits on one launch and not on the next; None disables the fuzz.
     """
-    model, gpu, logs = scn.model, scn.gpu, []
+    model, gpu = scn.model, scn.gpu
+    logs: list[str] = []
     arg_error = _check_args(scn, cfg)
     if arg_error:
         return _fail("args", [f"error: {arg_error}"], logs, {"capacity": gpu.visible_memory_gib}, None)

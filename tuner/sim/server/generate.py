@@ -23,8 +23,9 @@ class GenerateHandlers:
     async def h_generate(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
-            sampling = body.get("sampling_params") or {}
-            max_new = int(sampling.get("max_new_tokens") if sampling.get("max_new_tokens") is not None else DEFAULT_MAX_NEW_TOKENS)
+            sampling: dict[str, Any] = body.get("sampling_params") or {}
+            requested = sampling.get("max_new_tokens")
+            max_new = int(requested if requested is not None else DEFAULT_MAX_NEW_TOKENS)
             text, ids = body.get("text"), body.get("input_ids")
             if isinstance(text, list) or (isinstance(ids, list) and ids and isinstance(ids[0], list)):
                 return await self._generate_batch(body, max_new)
@@ -49,7 +50,7 @@ class GenerateHandlers:
         if body.get("stream"):
             raise BadRequest("Batch streaming is not supported by the simulator.")
         texts = body.get("text")
-        ids = body.get("input_ids")
+        ids: Any = body.get("input_ids")
         items = [(t, None) for t in texts] if isinstance(texts, list) else [(None, i) for i in ids]
         reqs = []
         for t, i in items:

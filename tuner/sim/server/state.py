@@ -14,7 +14,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, AsyncIterator, Callable, Protocol, Sequence
 
 from tuner.sim.faults import Faults, ProcessTree, scheduler_exception_lines, watchdog_line
 from tuner.sim.log import Log
@@ -264,7 +264,7 @@ class SimServer:
             except Exception:  # noqa: BLE001 - finished requests may be unknown to the engine
                 pass
 
-    async def tokens(self, req: PendingRequest) -> Any:
+    async def tokens(self, req: PendingRequest) -> AsyncIterator[tuple[str, int, bool]]:
         """Yield (cumulative_text, completion_tokens, finished) as the driver delivers."""
         text, done = "", 0
         while True:
