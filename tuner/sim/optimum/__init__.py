@@ -1,7 +1,7 @@
 """Ground truth for tuning quality: enumerate a search space's grid on the simulator's model
 (noise off) and report the true optimum per objective.
 
-`python -m tuner.sim optimum --scenario NAME --space FILE` prints it (see `main`).
+`python -m tuner.sim optimum --scenario NAME --space FILE` prints it (see `cli.main`).
 
 A full grid is 10^5-10^6 configurations and one `api.predict` replays hundreds of scheduler
 steps, so the enumeration is exact but shares work (`SimEvaluator` holds the caches):
@@ -23,7 +23,16 @@ from __future__ import annotations
 from tuner.sim.optimum.cli import format_result, main, optimum
 from tuner.sim.optimum.evaluator import PERF_FIELDS, Evaluation, SimEvaluator
 from tuner.sim.optimum.grid import CPU_FIELDS, FLOAT_GRID_POINTS, OptimumEntry, OptimumResult, SpaceGrid, param_values
-from tuner.sim.optimum.traces import METRICS, Trace, WorkloadShape, record_trace, step_durations, total_duration, trace_metrics, workload_metrics
+from tuner.sim.optimum.traces import (
+    METRICS,
+    Trace,
+    WorkloadShape,
+    record_trace,
+    step_durations,
+    total_duration,
+    trace_metrics,
+    workload_metrics,
+)
 
 __all__ = [
     "CPU_FIELDS", "FLOAT_GRID_POINTS", "METRICS", "PERF_FIELDS", "Evaluation", "OptimumEntry", "OptimumResult",

@@ -169,7 +169,8 @@ class SpaceGrid:
         live = [p.flag for p in self.space.params if p.flag not in inert]
         cpu_flags = [f for f in live if all(set(d) <= set(CPU_FIELDS) for d in self.deltas[f])]
         mem_flags = [f for f in live if f not in cpu_flags]
-        scored = sorted({objective.workload for objective in self.space.objectives} | {slo.workload for slo in self.space.slos})
+        scored = sorted({objective.workload for objective in self.space.objectives}
+                        | {slo.workload for slo in self.space.slos})
         # 1. start-up per combination of the memory knobs (CPU knobs at a neutral 1 thread, 1 pool)
         probe_cpu: dict[str, Any] = {"kt_cpuinfer": 1, "kt_threadpool_count": 1, "kt_max_deferred_experts_per_token": 0}
         items: list[tuple[tuple[int, ...], SimConfig, SimConfig, StartupResult]] = []
@@ -243,7 +244,8 @@ class SpaceGrid:
             sign = 1.0 if objective.direction == "maximize" else -1.0
             best = max(scores, key=lambda score: sign * score.values[obj_index])
             best_value = best.values[obj_index]
-            ties = sum(score.configs for score in scores if math.isclose(score.values[obj_index], best_value, rel_tol=1e-9))
+            ties = sum(score.configs for score in scores
+                       if math.isclose(score.values[obj_index], best_value, rel_tol=1e-9))
             near = {f"{int(rel * 100)}%": sum(score.configs for score in scores
                                               if _within(score.values[obj_index], best_value, rel, sign)) / feasible
                     for rel in (0.02, 0.05)}

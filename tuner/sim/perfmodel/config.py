@@ -92,7 +92,8 @@ def resolve(scn: Scenario, cfg: SimConfig) -> ResolvedConfig:
         gpu_experts_per_layer = float(min(model.experts, max(0, cfg.kt_num_gpu_experts or 0)))
         total_gpu_experts = int(gpu_experts_per_layer) * model.layers_moe
     if kt_on:
-        notes.append(f"Using kt_num_gpu_experts={round(gpu_experts_per_layer)} per layer, total GPU experts: {total_gpu_experts}")
+        notes.append(f"Using kt_num_gpu_experts={round(gpu_experts_per_layer)} per layer, "
+                     f"total GPU experts: {total_gpu_experts}")
     graph_max_bs = cfg.cuda_graph_max_bs if cfg.cuda_graph_max_bs is not None else graph_bs_default
     mem_fraction = cfg.mem_fraction_static
     if mem_fraction is None:   # SGLang auto: (VRAM - reserve) / VRAM

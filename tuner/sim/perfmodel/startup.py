@@ -130,7 +130,8 @@ def _footprint(scn: Scenario, rc: ResolvedConfig, free_gib: float) -> tuple[dict
     experts_gib = rc.total_gpu_experts * model.gpu_bytes_per_expert / tp / GIB
     staging_gib = max(rc.chunk, 0) * model.hidden * 2 / GIB if rc.kt_on else 0.0
     slot_gib = slot_gb(scn, rc)
-    weights_gib = model.nonexpert_gb(tp) * 1e9 / GIB + experts_gib + staging_gib + (slot_gib if rc.method == "MXFP4" else 0.0)
+    weights_gib = (model.nonexpert_gb(tp) * 1e9 / GIB + experts_gib + staging_gib
+                   + (slot_gib if rc.method == "MXFP4" else 0.0))
     kv_budget_gib = (free_gib - weights_gib) - free_gib * (1 - rc.mfs)
     mla_quirk = scn.c("mla_profile_quirk") > 0
     profiled = int(kv_budget_gib * GIB // model.kv_profile_bytes_per_token(tp, mla_quirk)) if kv_budget_gib > 0 else 0

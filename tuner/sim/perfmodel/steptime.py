@@ -76,8 +76,9 @@ class StepModel:
             return 0.0
         scn, model, const, cpu_share = self.scn, self.scn.model, self.scn.c, self.cpu_expert_share
         experts_hit = self.distinct(batch)
-        cpu_s = self.capability.slowdown * (const("t0_ms") / 1e3 + cpu_share * experts_hit * self._cpu_bytes_per_expert()
-                                            / (self.capability.bw_gbs * 1e9)) if cpu_share > 0 else 0.0
+        cpu_s = self.capability.slowdown * (const("t0_ms") / 1e3 + cpu_share * experts_hit
+                                            * self._cpu_bytes_per_expert() / (self.capability.bw_gbs * 1e9)) \
+            if cpu_share > 0 else 0.0
         gpu_experts_s = (1 - cpu_share) * experts_hit * model.gpu_bytes_per_expert / \
             (self.rc.tp * const("eta_g") * scn.gpu.bandwidth_gbs * 1e9)
         fixed_s = self._fixed_layer_s(0 < batch <= self.captured_bs)
@@ -117,7 +118,8 @@ class StepModel:
                 if not rc.method.startswith("AMXINT") and rc.method not in ("RAWINT4", "GPTQ_INT4"):
                     efficiency *= const("bf16_compute_factor")
                 compute_s = expert_flops * cpu_share / (self.capability.ops_tops * 1e12 * efficiency)
-                stream_s = cpu_share * self.distinct(tokens) * self._cpu_bytes_per_expert() / (self.capability.bw_gbs * 1e9)
+                stream_s = (cpu_share * self.distinct(tokens) * self._cpu_bytes_per_expert()
+                            / (self.capability.bw_gbs * 1e9))
                 pcie_s = 2 * tokens * model.hidden * 2 / (scn.gpu.pcie_gbs * 1e9)
                 cpu_s = self.capability.slowdown * (max(compute_s, stream_s) + pcie_s)
             moe_s = max(cpu_s, expert_flops * (1 - cpu_share) / (tp * gpu_flops))

@@ -166,7 +166,8 @@ class GenerateHandlers:
                     chunk_choice["delta"] = {"content": delta}
                 else:
                     chunk_choice["text"] = delta
-                await resp.write(_sse({"id": oid, "object": obj, "created": created, "model": model, "choices": [chunk_choice]}))
+                await resp.write(_sse({"id": oid, "object": obj, "created": created, "model": model,
+                                       "choices": [chunk_choice]}))
             if include_usage:
                 await resp.write(_sse({"id": oid, "object": obj, "created": created, "model": model,
                                        "choices": [], "usage": _usage(req.prompt_tokens, completion_tokens)}))

@@ -25,6 +25,8 @@ OUTPUT_POOL = 4096
 
 
 class EngineLike(Protocol):
+    """What the server needs of `engine.Engine`."""
+
     def submit(self, req_id: str, prompt_tokens: int, max_new_tokens: int) -> str | None: ...
     def has_work(self) -> bool: ...
     def step(self) -> Any: ...
@@ -32,6 +34,8 @@ class EngineLike(Protocol):
 
 @dataclass
 class PendingRequest:
+    """A request in flight: the driver puts (completion tokens, finished) on its queue."""
+
     rid: str
     prompt_tokens: int
     max_new_tokens: int
@@ -57,12 +61,12 @@ class ServerInfo:
 
 
 class BadRequest(Exception):
+    """A request the server refuses; answered with `status` and `message`."""
+
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
-
-
 
 
 class SimServer:
@@ -238,7 +242,8 @@ class SimServer:
         rid = rid or uuid.uuid4().hex
         if rid in self.reqs:
             raise BadRequest(f"Duplicate request ID: {rid}")
-        req = PendingRequest(rid, prompt_tokens, max_new_tokens, self._pieces(max_new_tokens), time.monotonic(), user=user)
+        req = PendingRequest(rid, prompt_tokens, max_new_tokens, self._pieces(max_new_tokens), time.monotonic(),
+                             user=user)
         err = self.engine.submit(rid, prompt_tokens, max_new_tokens)
         if err:
             raise BadRequest(err)
