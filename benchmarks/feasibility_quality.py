@@ -43,7 +43,7 @@ from tuner.feasibility import FeasibilityGate  # noqa: E402
 from tuner.loop.run import RunOptions, run_study  # noqa: E402
 from tuner.search.grid import param_grid  # noqa: E402
 from tuner.sim.inprocess import InProcessRunner  # noqa: E402
-from tuner.sim.perfmodel import startup_check  # noqa: E402
+from tuner.sim.perfmodel.startup import startup_check  # noqa: E402
 from tuner.storage.attrs import STUDY_ATTR_CALIBRATION  # noqa: E402
 
 GIB_GB = (1 << 30) / 1e9

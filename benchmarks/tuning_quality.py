@@ -63,7 +63,7 @@ from tuner.search.grid import param_grid  # noqa: E402
 from tuner.search.sampler import DEFAULT_STRATEGY, Strategy  # noqa: E402
 from tuner.selection import pick  # noqa: E402
 from tuner.sim.inprocess import InProcessRunner  # noqa: E402
-from tuner.sim.optimum import SpaceGrid  # noqa: E402
+from tuner.sim.optimum.grid import SpaceGrid  # noqa: E402
 from tuner.storage.attrs import ATTR_LAUNCHED, ATTR_REASON, STUDY_ATTR_CALIBRATION, timings_of  # noqa: E402
 from tuner.testing.probe import ProbeEmulator  # noqa: E402
 

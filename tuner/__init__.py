@@ -60,7 +60,7 @@ __all__ = [
 if TYPE_CHECKING:
     from tuner.config import SearchSpace, load_space
     from tuner.errors import ConfigError, KttuneError
-    from tuner.feasibility.gate import FeasibilityGate
+    from tuner.feasibility import FeasibilityGate
     from tuner.loop.dry_run import dry_run
     from tuner.loop.run import RunOptions, RunSummary, StudyStopped, run_study
     from tuner.outcome import Fault, Reason, TrialOutcome

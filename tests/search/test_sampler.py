@@ -12,7 +12,7 @@ import yaml
 from tests.conftest import REPO
 from tuner.config import ParamSpec, SearchSpace, load_space, parse_space
 from tuner.errors import KttuneError
-from tuner.feasibility.gate import FeasibilityGate
+from tuner.feasibility import FeasibilityGate
 from tuner.loop.run import RunOptions, run_study
 from tuner.search.gp import denoised_best, gp_posterior_mean
 from tuner.search.grid import param_grid, snap
@@ -20,7 +20,7 @@ from tuner.search.recipe import recipe
 from tuner.search.sampler import DEFAULT_STRATEGY, KttuneSampler, Strategy, make_sampler
 from tuner.selection import direction_sign, measured
 from tuner.sim.inprocess import InProcessRunner
-from tuner.sim.optimum import SpaceGrid
+from tuner.sim.optimum.grid import SpaceGrid
 from tuner.storage.attrs import ATTR_DUPLICATE_OF, ATTR_LAUNCHED, ATTR_REASON, ATTR_WARM_START
 
 SPACES = REPO / "search_spaces"

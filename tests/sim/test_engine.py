@@ -9,7 +9,7 @@ import pytest
 from tuner.errors import InfeasibleConfig
 from tuner.sim.api import SEED_WORKLOADS, predict
 from tuner.sim.engine import Engine, run_workload
-from tuner.sim.perfmodel import SimConfig
+from tuner.sim.perfmodel.config import SimConfig
 from tuner.sim.scenario import load_scenario
 
 SEED = SimConfig(tp=8, kt_weight_path="/w", kt_num_gpu_experts=200, kt_cpuinfer=56,

@@ -8,15 +8,9 @@ import pytest
 import yaml
 
 from tuner.errors import ConfigError
-from tuner.sim.perfmodel import (
-    SimConfig,
-    StepModel,
-    decode_step_time,
-    prefill_chunk_time,
-    runtime_extra_gb,
-    runtime_oom,
-    startup_check,
-)
+from tuner.sim.perfmodel.config import SimConfig
+from tuner.sim.perfmodel.startup import runtime_extra_gb, runtime_oom, startup_check
+from tuner.sim.perfmodel.steptime import StepModel, decode_step_time, prefill_chunk_time
 from tuner.sim.scenario import SCENARIO_DIR, list_scenarios, load_scenario, scenario_from_dict
 
 KIMI = "kimi-k2-thinking-8xl20"
@@ -53,7 +47,7 @@ def test_shipped_scenarios_load_with_model_facts():
     for name, thr in thresholds.items():
         m = load_scenario(name).model
         assert m.amx_threshold == thr
-        # AMXINT4 bytes per expert = sum over 3 matrices of n*k/2 + 4n (facts §6)
+        # AMXINT4 bytes per expert = sum over 3 matrices of n*k/2 + 4n (INT4 weights plus scales)
         h, i = m.hidden, m.moe_intermediate
         amx4 = 2 * (i * h / 2 + 4 * i) + (h * i / 2 + 4 * h)
         assert m.cpu_bytes_per_expert["AMXINT4"] == pytest.approx(amx4, rel=0.01)

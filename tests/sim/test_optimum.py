@@ -17,7 +17,8 @@ from tuner.sim import optimum as opt_mod
 from tuner.sim.api import predict
 from tuner.sim.args import parse_args, to_sim_config
 from tuner.sim.inprocess import InProcessRunner, apply_noise
-from tuner.sim.optimum import METRICS, SpaceGrid, param_values
+from tuner.sim.optimum.grid import SpaceGrid, param_values
+from tuner.sim.optimum.traces import METRICS
 
 SPACES = {name: REPO / "search_spaces" / f"sim-{name}.yaml"
           for name in ("kimi-k2-thinking-8xl20", "deepseek-v3-8x4090-48g", "qwen3-30b-a3b-1x4090")}

@@ -1,4 +1,5 @@
-"""The simulated server looks like `python -m sglang.launch_server` from outside (facts §2-§7)."""
+"""The simulated server looks like `python -m sglang.launch_server` from outside: log lines, exit
+codes, endpoints, payloads and the process tree."""
 from __future__ import annotations
 
 import json

@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 
 from tuner.config import CAPACITY_FLAGS, SearchSpace
-from tuner.feasibility.gate import FeasibilityGate
+from tuner.feasibility import FeasibilityGate
 from tuner.log import Log
 from tuner.search.grid import _ordered, param_grid, snap
 from tuner.storage.attrs import ATTR_WARM_START, STUDY_ATTR_WARM_STARTED

@@ -37,7 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import CAPACITY_FLAGS, SearchSpace
 from tuner.errors import KttuneError
-from tuner.feasibility.gate import FeasibilityGate
+from tuner.feasibility import FeasibilityGate
 from tuner.search.gp import denoised_best
 from tuner.search.grid import _index, _ladder, _ordered, param_grid
 from tuner.search.recipe import recipe

@@ -1,6 +1,7 @@
 """`python -m tuner.sim [launch_server flags]`: a simulated `python -m sglang.launch_server`.
 
-Start-up replays the real order (facts §4.1, §6): server_args line, scheduler child
+Start-up replays the real launcher's order (sglang python/sglang/srt/entrypoints/http_server.py,
+`launch_server`): server_args line, scheduler child
 `sglang::scheduler_TP0`, weight loading (simulated time), KV / graph / summary lines, then
 uvicorn start, bind, warmup, `The server is fired up and ready to roll!`. Failures print the
 real text and end the way the real launcher does:
@@ -27,11 +28,18 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from tuner.sim.args import PROG, ConfigFileError, SimArgs, UsageError, format_server_args, parse_args
 from tuner.sim.faults import ProcessTree, native_crash_lines, scheduler_exception_lines
-from tuner.sim.server import Log, ServerInfo, SimServer
+from tuner.sim.log import Log
+from tuner.sim.server.routes import build_app
+from tuner.sim.server.state import ServerInfo, SimServer
+
+if TYPE_CHECKING:   # imported where used: the model is not needed for a usage error
+    from tuner.sim.perfmodel.config import SimConfig
+    from tuner.sim.perfmodel.startup import StartupResult
+    from tuner.sim.scenario import Scenario
 
 _WARMUP_POLLS = 120
 _CHILD_CODE = """
@@ -55,7 +63,7 @@ while os.getppid() == ppid:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["optimum"]:  # `python -m tuner.sim optimum --scenario NAME --space FILE`
-        from tuner.sim.optimum import main as optimum_main
+        from tuner.sim.optimum.cli import main as optimum_main
 
         return optimum_main(argv[1:])
     try:
@@ -85,20 +93,21 @@ class _Launcher:
     async def run(self) -> int:
         from tuner.errors import ConfigError
         from tuner.sim.args import to_sim_config
-        from tuner.sim.perfmodel import resolve, startup_check
+        from tuner.sim.perfmodel.config import resolve
+        from tuner.sim.perfmodel.startup import startup_check
         from tuner.sim.scenario import load_scenario
 
-        a, log = self.args, self.log
+        args, log = self.args, self.log
         try:
-            scn = load_scenario(a.sim.scenario)
+            scn = load_scenario(args.sim.scenario)
         except ConfigError as exc:
             log(f"ERROR: simulator scenario: {exc}")
             return 1
-        cfg = to_sim_config(a)
-        server = dict(a.server)
-        if a.unknown:
-            log(f"WARNING: unrecognized arguments ignored by this server version: {' '.join(a.unknown)}")
-        if a.kt_enabled and not server["disable_shared_experts_fusion"]:
+        cfg = to_sim_config(args)
+        server = dict(args.server)
+        if args.unknown:
+            log(f"WARNING: unrecognized arguments ignored by this server version: {' '.join(args.unknown)}")
+        if args.kt_enabled and not server["disable_shared_experts_fusion"]:
             server["disable_shared_experts_fusion"] = True
             log("KTransformers EP is enabled. --disable-shared-experts-fusion is automatically set "
                 "to prevent shared experts from being offloaded to CPU.")
@@ -111,7 +120,7 @@ class _Launcher:
                           mem_fraction_static=rc.mfs, cuda_graph_max_bs=rc.graph_max_bs or server["cuda_graph_max_bs"])
         except Exception:  # noqa: BLE001 - invalid combos are reported by startup_check below
             pass
-        server.update(tokenizer_path=a.tokenizer_path, served_model_name=a.served_model_name,
+        server.update(tokenizer_path=args.tokenizer_path, served_model_name=args.served_model_name,
                       random_seed=server["random_seed"] if server["random_seed"] is not None else self.seed % 10**9)
         log(format_server_args(server))
 
@@ -119,7 +128,7 @@ class _Launcher:
         if tokenizer is None:
             return 1
         self._spawn_children()
-        noisy = a.sim.noise > 0
+        noisy = args.sim.noise > 0
         startup = startup_check(scn, cfg, fuzz_seed=self.seed if noisy else None)
         return await self._load_and_serve(scn, cfg, server, startup, tokenizer)
 
@@ -143,21 +152,22 @@ class _Launcher:
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True,
             ))
 
-    async def _load_and_serve(self, scn: Any, cfg: Any, server: dict[str, Any], st: Any, tokenizer: Any) -> int:
-        log, m = self.log, scn.model
+    async def _load_and_serve(self, scn: Scenario, cfg: SimConfig, server: dict[str, Any], st: StartupResult,
+                              tokenizer: Any) -> int:
+        log, model = self.log, scn.model
         if st.stage == "args":
             for line in st.error_lines:
                 log(line)
             self.tree.kill_children()
             return 1
         mem = st.mem_per_gpu_gb
-        f0 = mem.get("capacity", scn.gpu.visible_memory_gib) - mem.get("context", 0.5)
+        free_gib = mem.get("capacity", scn.gpu.visible_memory_gib) - mem.get("context", 0.5)
         load_s = st.load_time_s or _load_time(scn, mem, cfg)
         await self.sleep(2.0)
         log("Init torch distributed begin.", tp=0)
         await self.sleep(1.0)
         log("Init torch distributed ends. elapsed=1.00 s, mem usage=0.09 GB", tp=0)
-        log(f"Load weight begin. avail mem={f0:.2f} GB", tp=0)
+        log(f"Load weight begin. avail mem={free_gib:.2f} GB", tp=0)
         lines = list(st.log_lines)
         while lines and not lines[0].startswith("Load weight end"):
             log(lines.pop(0), tp=0)  # KT placement lines come from model init, before the weights
@@ -166,7 +176,7 @@ class _Launcher:
         if self.faults.crash_at_start:
             await self.sleep(0.3 * load_s)
             return self._native_crash()
-        await self.sleep(self.faults.slow_start_s + load_s * _load_share(st, f0))
+        await self.sleep(self.faults.slow_start_s + load_s * _load_share(st, free_gib))
         for line in lines:
             if line.startswith("Capture cuda graph end"):
                 found = re.search(r"Time elapsed: ([0-9.]+) s", line)
@@ -186,16 +196,16 @@ class _Launcher:
             server_args=server,
             served_model_name=self.args.served_model_name,
             tokenizer_path=self.args.tokenizer_path,
-            context_len=(st.config.context_len if st.config else m.context_len),
+            context_len=(st.config.context_len if st.config else model.context_len),
             max_total_num_tokens=st.kv_tokens,
             memory_usage={"weight": round(mem.get("weights", 0.0), 2), "kvcache": round(mem.get("kv", 0.0), 2),
                           "token_capacity": int(st.kv_tokens), "graph": round(mem.get("graphs", 0.0), 2)},
             captured_bs=min(st.config.graph_max_bs, st.max_running_requests) if st.config else 0,
-            **_hf_config(self.args.server["model_path"], m.name),
+            **_hf_config(self.args.server["model_path"], model.name),
         )
         return await self._serve(engine, info, tokenizer, st)
 
-    async def _serve(self, engine: Any, info: ServerInfo, tokenizer: Any, st: Any) -> int:
+    async def _serve(self, engine: Any, info: ServerInfo, tokenizer: Any, st: StartupResult) -> int:
         from aiohttp import web
 
         from tuner.sim import offline
@@ -206,7 +216,7 @@ class _Launcher:
             make_output_text=offline.make_output_text, log=log, tree=self.tree, time_scale=self.scale,
             faults=self.faults, seed=self.seed, watchdog_timeout_s=float(self.args.server["watchdog_timeout"]),
         )
-        runner = web.AppRunner(srv.app(), access_log=None, handle_signals=False)
+        runner = web.AppRunner(build_app(srv), access_log=None, handle_signals=False)
         await runner.setup()
         log.uvicorn("INFO", f"Started server process [{os.getpid()}]")
         log.uvicorn("INFO", "Waiting for application startup.")
@@ -316,14 +326,14 @@ def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
-def _load_share(st: Any, f0: float) -> float:
+def _load_share(st: StartupResult, free_gib: float) -> float:
     """Share of the weight-loading time spent before the start-up outcome is known."""
     if st.ok or st.stage not in ("cpu", "weights"):
         return 1.0
     if st.stage == "cpu":
         return 0.05  # KT argument errors surface at model init, before the experts load
     weights = st.mem_per_gpu_gb.get("weights", 0.0)
-    return min(1.0, f0 / weights) if weights > 0 else 1.0
+    return min(1.0, free_gib / weights) if weights > 0 else 1.0
 
 
 def _hf_config(model_path: str, model_name: str) -> dict[str, Any]:
@@ -338,12 +348,12 @@ def _hf_config(model_path: str, model_name: str) -> dict[str, Any]:
     return {"model_type": None, "architectures": ()}
 
 
-def _load_time(scn: Any, mem: dict[str, float], cfg: Any) -> float:
+def _load_time(scn: Scenario, mem: dict[str, float], cfg: SimConfig) -> float:
     """Load time when the start-up check failed before computing one (same constants)."""
-    m = scn.model
+    model = scn.model
     host_gb = 0.0
     if cfg.kt_weight_path is not None:
-        host_gb = m.experts * m.layers_moe * m.cpu_bytes_per_expert.get(cfg.kt_method.upper(), 0.0) / 1e9
+        host_gb = model.experts * model.layers_moe * model.cpu_bytes_per_expert.get(cfg.kt_method.upper(), 0.0) / 1e9
     return scn.c("load_base_s") + host_gb / scn.c("load_gbs") + 2 * mem.get("weights", 0.0)
 
 

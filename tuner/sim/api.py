@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from tuner.sim.engine import WorkloadResult, run_workload
-from tuner.sim.perfmodel import SimConfig, StartupResult, startup_check
+from tuner.sim.perfmodel.config import SimConfig
+from tuner.sim.perfmodel.startup import StartupResult, startup_check
 from tuner.sim.scenario import Scenario
 
 #: The seed document's two bench_serving jobs: (num_prompts, input_len, output_len).

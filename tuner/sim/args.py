@@ -18,7 +18,7 @@ import yaml
 from tuner.sim.faults import Faults, parse_faults
 
 if TYPE_CHECKING:
-    from tuner.sim.perfmodel import SimConfig
+    from tuner.sim.perfmodel.config import SimConfig
 
 PROG = "launch_server.py"
 REMOVED_PREFIXES = ("--kt-amx-",)
@@ -271,27 +271,27 @@ def merge_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
 
 def to_sim_config(args: SimArgs) -> SimConfig:
     """Map the parsed flags onto the performance model's configuration."""
-    from tuner.sim.perfmodel import SimConfig
+    from tuner.sim.perfmodel.config import SimConfig
 
-    s = args.server
+    server = args.server
     return SimConfig(
-        tp=s["tp_size"],
-        kt_weight_path=s["kt_weight_path"],
-        kt_num_gpu_experts=s["kt_num_gpu_experts"],
-        kt_gpu_experts_ratio=s["kt_gpu_experts_ratio"],
-        kt_cpuinfer=s["kt_cpuinfer"],
-        kt_threadpool_count=s["kt_threadpool_count"],
-        kt_method=s["kt_method"],
-        kt_max_deferred_experts_per_token=s["kt_max_deferred_experts_per_token"] or 0,
-        kt_gpu_prefill_token_threshold=s["kt_gpu_prefill_token_threshold"] or 0,
-        chunked_prefill_size=s["chunked_prefill_size"],
-        max_running_requests=s["max_running_requests"],
-        max_total_tokens=s["max_total_tokens"],
-        mem_fraction_static=s["mem_fraction_static"],
-        cuda_graph_max_bs=s["cuda_graph_max_bs"],
-        enable_mixed_chunk=s["enable_mixed_chunk"],
-        disable_cuda_graph=s["disable_cuda_graph"],
-        context_length=s["context_length"],
+        tp=server["tp_size"],
+        kt_weight_path=server["kt_weight_path"],
+        kt_num_gpu_experts=server["kt_num_gpu_experts"],
+        kt_gpu_experts_ratio=server["kt_gpu_experts_ratio"],
+        kt_cpuinfer=server["kt_cpuinfer"],
+        kt_threadpool_count=server["kt_threadpool_count"],
+        kt_method=server["kt_method"],
+        kt_max_deferred_experts_per_token=server["kt_max_deferred_experts_per_token"] or 0,
+        kt_gpu_prefill_token_threshold=server["kt_gpu_prefill_token_threshold"] or 0,
+        chunked_prefill_size=server["chunked_prefill_size"],
+        max_running_requests=server["max_running_requests"],
+        max_total_tokens=server["max_total_tokens"],
+        mem_fraction_static=server["mem_fraction_static"],
+        cuda_graph_max_bs=server["cuda_graph_max_bs"],
+        enable_mixed_chunk=server["enable_mixed_chunk"],
+        disable_cuda_graph=server["disable_cuda_graph"],
+        context_length=server["context_length"],
     )
 
 

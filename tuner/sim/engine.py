@@ -1,4 +1,5 @@
-"""Continuous-batching scheduler emulation (perf-model.md §3.5) and a virtual-time benchmark.
+"""Continuous-batching scheduler emulation (FCFS admission against a KV reservation, chunked
+prefill, decode, retraction when the KV pool is full) and a virtual-time benchmark.
 
 `Engine` has no clock: `step()` runs one forward and says how long it took, so the same class
 drives a live HTTP server (sleep duration_s x time_scale, then deliver) and `run_workload`.
@@ -9,17 +10,29 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from tuner.errors import InfeasibleConfig
-from tuner.sim.perfmodel import SimConfig, StartupResult, StepModel, runtime_oom, startup_check
+from tuner.sim.perfmodel.config import SimConfig
+from tuner.sim.perfmodel.startup import StartupResult, runtime_oom, startup_check
+from tuner.sim.perfmodel.steptime import StepModel
 from tuner.sim.scenario import Scenario
 
 # Per-step log-jitter a*Z + b*(Exp-1), fitted so that at sigma=0.025 the ITL P95/median = 1.053
-# and P99/median = 1.084 (perf-model §3.7, seed decode run).
+# and P99/median = 1.084, the ratios of the seed decode benchmark (840.06 and 864.96 ms over a
+# median of 797.89 ms in kvcache-ai/ktransformers doc/en/Kimi-K2-Thinking.md).
 _JITTER_A, _JITTER_B, _SIGMA_REF = 0.0235, 0.0175, 0.025
 _RATIO_RECOVERY_STEPS = 100     # decode steps for the reservation ratio to fall back after a retraction
+
+
+class StepTimes(Protocol):
+    """What the engine asks of its step-time model: `StepModel`, or a stand-in that records forwards."""
+
+    def decode(self, batch: int, ctx_tokens: float) -> float: ...
+
+    def prefill(self, q_tokens: int, ctx_tokens: float = 0.0) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -66,8 +79,8 @@ class Engine:
         self.kv_tokens = self.startup.kv_tokens
         self.max_running = self.startup.max_running_requests
         self.chunk = self.rc.chunk
-        self._model = StepModel.build(scenario, self.rc,
-                                      captured_bs=min(self.rc.graph_max_bs, self.max_running))
+        self._model: StepTimes = StepModel.build(scenario, self.rc,
+                                                 captured_bs=min(self.rc.graph_max_bs, self.max_running))
         self._waiting: deque[_Req] = deque()
         self._running: list[_Req] = []
         self._live: set[str] = set()
@@ -175,8 +188,8 @@ class Engine:
         if self._sigma <= 0:
             return 1.0
         scale = self._sigma / _SIGMA_REF
-        z, e = self._rng.gauss(0.0, 1.0), self._rng.expovariate(1.0)
-        return self.run_multiplier * math.exp(scale * (_JITTER_A * z + _JITTER_B * (e - 1.0)))
+        gauss, expo = self._rng.gauss(0.0, 1.0), self._rng.expovariate(1.0)
+        return self.run_multiplier * math.exp(scale * (_JITTER_A * gauss + _JITTER_B * (expo - 1.0)))
 
     def step(self) -> StepResult:
         """Run one forward (prefill chunk or decode step); tokens are due when it ends."""
@@ -198,13 +211,13 @@ class Engine:
 
     def _prefill(self, segments: list[tuple[_Req, int]], riders: list[_Req],
                  logs: list[str]) -> StepResult:
-        q = sum(t for _, t in segments) + len(riders)
-        oom = runtime_oom(self.scenario, self.rc, q, self.startup)
+        q_tokens = sum(t for _, t in segments) + len(riders)
+        oom = runtime_oom(self.scenario, self.rc, q_tokens, self.startup)
         if oom is not None:
             self.fatal = oom
             return StepResult(0.0, [], oom, kind="prefill")
         attended = sum(t * (r.prefilled + t / 2) for r, t in segments) + sum(r.kv for r in riders)
-        duration = self._model.prefill(q, attended / q) * self._noise()
+        duration = self._model.prefill(q_tokens, attended / q_tokens) * self._noise()
         emitted: list[tuple[str, int, bool]] = []
         for r, take in segments:
             if r not in self._running:
@@ -276,21 +289,23 @@ class WorkloadResult:
 
 
 def _failed(fatal: str) -> WorkloadResult:
-    return WorkloadResult(0.0, 0, 0, 0, *([0.0] * 14), fatal=fatal)
+    """A run that produced nothing: every count, rate and latency 0."""
+    return WorkloadResult(0.0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                          fatal=fatal)
 
 
-def _drive(engine: Engine, t: float, times: dict[str, list[float]]) -> tuple[float, str | None]:
+def _drive(engine: Engine, clock_s: float, times: dict[str, list[float]]) -> tuple[float, str | None]:
     """Step until idle; append each token's arrival time; return the clock and any fatal."""
     while engine.has_work():
         res = engine.step()
-        t += res.duration_s
+        clock_s += res.duration_s
         if res.fatal:
-            return t, res.fatal
+            return clock_s, res.fatal
         if res.duration_s <= 0 and not res.emitted:
-            return t, "scheduler stalled: queued requests can never be admitted"
+            return clock_s, "scheduler stalled: queued requests can never be admitted"
         for rid, _, _ in res.emitted:
-            times.setdefault(rid, []).append(t)
-    return t, None
+            times.setdefault(rid, []).append(clock_s)
+    return clock_s, None
 
 
 def run_workload(scenario: Scenario, cfg: SimConfig, *, num_prompts: int, input_len: int,
@@ -321,7 +336,7 @@ def run_workload(scenario: Scenario, cfg: SimConfig, *, num_prompts: int, input_
     e2e = [ts[-1] for ts in done]
     tpot = [(ts[-1] - ts[0]) / (len(ts) - 1) for ts in done if len(ts) > 1]
     n_in, n_out = input_len * len(done), sum(len(ts) for ts in done)
-    per_s = (lambda x: x / duration) if duration > 0 else (lambda x: 0.0)
+    rate = (lambda x: x / duration) if duration > 0 else (lambda x: 0.0)
 
     def ms(values: list[float], q: float | None = None) -> float:
         arr = np.asarray(values or [0.0]) * 1000
@@ -329,10 +344,10 @@ def run_workload(scenario: Scenario, cfg: SimConfig, *, num_prompts: int, input_
 
     return WorkloadResult(
         duration=duration, completed=len(done), total_input_tokens=n_in,
-        total_output_tokens=n_out, request_throughput=per_s(len(done)),
-        input_throughput=per_s(n_in), output_throughput=per_s(n_out),
+        total_output_tokens=n_out, request_throughput=rate(len(done)),
+        input_throughput=rate(n_in), output_throughput=rate(n_out),
         mean_ttft_ms=ms(ttft), median_ttft_ms=ms(ttft, 50), p99_ttft_ms=ms(ttft, 99),
         mean_itl_ms=ms(itl), median_itl_ms=ms(itl, 50), p95_itl_ms=ms(itl, 95),
         p99_itl_ms=ms(itl, 99), max_itl_ms=ms(itl, 100), mean_tpot_ms=ms(tpot),
-        mean_e2e_latency_ms=ms(e2e), concurrency=per_s(sum(e2e)), fatal=fatal,
+        mean_e2e_latency_ms=ms(e2e), concurrency=rate(sum(e2e)), fatal=fatal,
         errors=tuple(errors))

@@ -19,7 +19,10 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    import subprocess
 
 KNOWN = ("crash_at_start", "hang_at_start", "slow_start", "crash_after", "port_in_use", "garbage_output")
 
@@ -36,7 +39,7 @@ class Faults:
 
 def parse_faults(spec: str) -> Faults:
     """Parse `a,b=1,...`; raises ValueError naming the bad item and the known switches."""
-    fields: dict[str, object] = {}
+    fields: dict[str, Any] = {}
     for raw in spec.split(","):
         item = raw.strip()
         if not item:
@@ -54,7 +57,7 @@ def parse_faults(spec: str) -> Faults:
             raise ValueError(f"fault {name!r} takes no value, got {value!r}")
         else:
             fields[name] = True
-    return Faults(**fields)  # type: ignore[arg-type]
+    return Faults(**fields)
 
 
 def _number(name: str, value: str, kind: type) -> float | int:
@@ -71,7 +74,7 @@ class ProcessTree:
     """The launcher's children (fake schedulers) and the real server's ways of dying."""
 
     def __init__(self) -> None:
-        self.children: list[Any] = []  # subprocess.Popen objects
+        self.children: list[subprocess.Popen[bytes]] = []
 
     def kill_children(self) -> None:
         for child in self.children:
@@ -100,7 +103,7 @@ class ProcessTree:
         time.sleep(5)  # the signal is delivered before this returns
         os._exit(128 + sig)
 
-    def dead_child(self) -> Any | None:
+    def dead_child(self) -> subprocess.Popen[bytes] | None:
         for child in self.children:
             if child.poll() is not None:
                 return child

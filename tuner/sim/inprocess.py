@@ -31,8 +31,9 @@ from tuner.config import SearchSpace
 from tuner.server import classify_failure, parse_memory_lines
 from tuner.server.argv import flag_args
 from tuner.sim.args import PROG, UsageError, parse_args, to_sim_config
-from tuner.sim.optimum import METRICS, SimEvaluator
-from tuner.sim.perfmodel import StartupResult, startup_check
+from tuner.sim.optimum.evaluator import SimEvaluator
+from tuner.sim.optimum.traces import METRICS
+from tuner.sim.perfmodel.startup import StartupResult, startup_check
 from tuner.sim.scenario import Scenario, load_scenario
 from tuner.trial.launch import TrialRun, server_argv
 
@@ -47,22 +48,22 @@ def run_multiplier(scn: Scenario, sigma: float, seed: int) -> float:
     if sigma <= 0:
         return 1.0
     rng = random.Random(f"engine/{seed}")
-    m = math.exp(rng.gauss(0.0, sigma))
+    multiplier = math.exp(rng.gauss(0.0, sigma))
     if rng.random() < scn.c("slow_run_prob"):
-        m *= rng.uniform(1.05, 1.15)
-    return m
+        multiplier *= rng.uniform(1.05, 1.15)
+    return multiplier
 
 
 def apply_noise(metrics: Mapping[str, float], multiplier: float) -> dict[str, float]:
     """Slower steps: rates divide by the factor, durations and latencies multiply."""
     out = {}
-    for key, v in metrics.items():
+    for key, value in metrics.items():
         metric = key.rpartition(".")[2]
         if metric.endswith(_RATE_SUFFIXES):
-            v = v / multiplier
+            value = value / multiplier
         elif metric == "duration" or metric.endswith(_TIME_SUFFIXES):
-            v = v * multiplier
-        out[key] = v
+            value = value * multiplier
+        out[key] = value
     return out
 
 

@@ -1,7 +1,7 @@
 """Hardware + model scenarios for the simulated server, loaded from YAML.
 
-A scenario states the facts the analytical model needs (perf-model.md §2, §6, §7) explicitly;
-model constants default to perf-model.md §4 and may be overridden per scenario.
+A scenario states the hardware and model facts the analytical model needs explicitly; model
+constants default to DEFAULT_CONSTANTS and may be overridden per scenario.
 Memory sizes of the GPU are GiB (what SGLang prints as "GB"); weight sizes are decimal bytes.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ from tuner.errors import ConfigError
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 
-#: perf-model.md §4 defaults; a scenario's `constants:` block may override any of them.
+#: Model constants, tagged [F] fitted to the seed deployment, [A] assumed, [S] taken from a source
+#: (SGLang, KTransformers); a scenario's `constants:` block may override any of them.
 DEFAULT_CONSTANTS: Mapping[str, float] = MappingProxyType({
     "eta_bw": 0.29,              # share of theoretical DRAM bandwidth KT reaches [F]
     "tau": 6.0,                  # threads per node to saturate a node's bandwidth [A]
@@ -48,7 +49,7 @@ DEFAULT_CONSTANTS: Mapping[str, float] = MappingProxyType({
     "oom_band_gib": 0.4,         # fuzzy OOM band half-width [A]
     "slow_run_prob": 0.05,       # chance of a 5-15 % slower run [A]
     "kv_new_token_ratio": 0.7,   # admission reserves in + ratio*out [S: SGLang init ratio]
-    "mla_profile_quirk": 1.0,    # 1: sglang-kt profiles MLA KV with (nope+rope) cell (facts §4.3)
+    "mla_profile_quirk": 1.0,    # 1: sglang-kt sizes the MLA KV pool with a (nope+rope) cell per token
     "load_base_s": 30.0,         # startup time base [A]
     "load_gbs": 2.0,             # CPU weight load rate, GB/s [A]
 })
@@ -135,7 +136,8 @@ class ModelSpec:
         return 2.0 * heads * self.head_dim * self.layers_total * 2.0
 
     def kv_profile_bytes_per_token(self, tp: int, quirk: bool) -> float:
-        """Cell the sglang-kt profiler divides by (facts §4.3): (nope + rope) for MLA."""
+        """Bytes per token the sglang-kt profiler divides the free memory by: with the quirk, MLA
+        counts a (nope + rope) cell although the pool stores (kv_lora + rope)."""
         if self.attention == "mla" and quirk:
             return (self.qk_nope_dim + self.qk_rope_dim) * self.layers_total * 2.0
         return self.kv_bytes_per_token(tp)
@@ -161,7 +163,7 @@ class Scenario:
     description: str = ""
 
     def c(self, key: str) -> float:
-        """A model constant (scenario override or perf-model default)."""
+        """A model constant (scenario override or DEFAULT_CONSTANTS)."""
         return float(self.constants[key])
 
 
