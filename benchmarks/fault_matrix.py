@@ -322,8 +322,7 @@ def run_matrix(work: Path, schedule: Sequence[Fault] | None = None, *, seed: int
 
 def _collect(h: Harness, codes: list[int], before: dict[int, tuple[str, Any]], orphans: list[str],
              wall_s: float, log: Callable[[str], None]) -> MatrixResult:
-    from tuner.storage.attrs import ATTR_LAUNCHED, ATTR_REASON, ATTR_TRIAL_DIR, timings_of
-    from tuner.storage.workers import launched_count
+    from tuner.storage import ATTR_LAUNCHED, ATTR_REASON, ATTR_TRIAL_DIR, launched_count, timings_of
 
     study = optuna.load_study(study_name=STUDY, storage=h.storage)
     trials = study.get_trials()

@@ -40,11 +40,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from tuning_quality import SPACES, VARIANTS, Scene, load_scene, run_kttune  # noqa: E402
 
 from tuner.feasibility import FeasibilityGate  # noqa: E402
-from tuner.loop.run import RunOptions, run_study  # noqa: E402
-from tuner.search.grid import param_grid  # noqa: E402
+from tuner.loop import RunOptions, run_study  # noqa: E402
+from tuner.search import param_grid  # noqa: E402
 from tuner.sim.inprocess import InProcessRunner  # noqa: E402
 from tuner.sim.perfmodel.startup import startup_check  # noqa: E402
-from tuner.storage.attrs import STUDY_ATTR_CALIBRATION  # noqa: E402
+from tuner.storage import STUDY_ATTR_CALIBRATION  # noqa: E402
 
 GIB_GB = (1 << 30) / 1e9
 MEMORY_FAILURES = frozenset({"oom", "oom_weights", "oom_kv_alloc", "kv_not_enough_memory", "cuda_graph_failed",

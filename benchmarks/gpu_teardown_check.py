@@ -18,7 +18,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from tuner.machine.gpu import gpu_processes, probe_gpus, used_bytes_total
+from tuner.machine import gpu_processes, probe_gpus, used_bytes_total
 from tuner.server import find_free_port, kill_orphan, start_server, stop_server, wait_ready
 
 GIB = 1 << 30

@@ -56,15 +56,18 @@ sys.path.insert(0, str(REPO))
 
 from tuner.config import FeasibilitySpec, SearchSpace, load_space  # noqa: E402
 from tuner.feasibility import FeasibilityGate  # noqa: E402
-from tuner.loop.run import RunOptions, run_study  # noqa: E402
+from tuner.loop import RunOptions, run_study  # noqa: E402
 from tuner.outcome import PRUNED, is_config_reason  # noqa: E402
-from tuner.search.gp import denoised_best  # noqa: E402
-from tuner.search.grid import param_grid  # noqa: E402
-from tuner.search.sampler import DEFAULT_STRATEGY, Strategy  # noqa: E402
+from tuner.search import (  # noqa: E402
+    DEFAULT_STRATEGY,
+    Strategy,
+    denoised_best,  # noqa: E402
+    param_grid,  # noqa: E402
+)
 from tuner.selection import pick  # noqa: E402
 from tuner.sim.inprocess import InProcessRunner  # noqa: E402
 from tuner.sim.optimum.grid import SpaceGrid  # noqa: E402
-from tuner.storage.attrs import ATTR_LAUNCHED, ATTR_REASON, STUDY_ATTR_CALIBRATION, timings_of  # noqa: E402
+from tuner.storage import ATTR_LAUNCHED, ATTR_REASON, STUDY_ATTR_CALIBRATION, timings_of  # noqa: E402
 from tuner.testing.probe import ProbeEmulator  # noqa: E402
 
 SPACES = sorted(str(p.relative_to(REPO)) for p in (REPO / "search_spaces").glob("sim-*.yaml"))

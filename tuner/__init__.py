@@ -19,7 +19,7 @@ _EXPORTS = {
     "load_space": "tuner.config", "SearchSpace": "tuner.config",
     # running a study
     "run_study": "tuner.loop.run", "RunOptions": "tuner.loop.run", "RunSummary": "tuner.loop.run",
-    "StudyStopped": "tuner.loop.run", "dry_run": "tuner.loop.dry_run",
+    "StudyStopped": "tuner.loop.run", "dry_run": "tuner.loop.preview",
     "TrialRunner": "tuner.trial.protocols", "TrialRun": "tuner.trial.launch", "run_trial": "tuner.trial.launch",
     # outcomes and the pick
     "Reason": "tuner.outcome", "Fault": "tuner.outcome", "TrialOutcome": "tuner.outcome",
@@ -61,15 +61,12 @@ if TYPE_CHECKING:
     from tuner.config import SearchSpace, load_space
     from tuner.errors import ConfigError, KttuneError
     from tuner.feasibility import FeasibilityGate
-    from tuner.loop.dry_run import dry_run
-    from tuner.loop.run import RunOptions, RunSummary, StudyStopped, run_study
+    from tuner.loop import RunOptions, RunSummary, StudyStopped, dry_run, run_study
     from tuner.outcome import Fault, Reason, TrialOutcome
-    from tuner.report.data import compute_report
-    from tuner.report.export import export_profile
+    from tuner.report import compute_report, export_profile
     from tuner.selection import pick
-    from tuner.storage.open import load_study, make_storage
-    from tuner.trial.launch import TrialRun, run_trial
-    from tuner.trial.protocols import TrialRunner
+    from tuner.storage import load_study, make_storage
+    from tuner.trial import TrialRun, TrialRunner, run_trial
 
 
 def __getattr__(name: str) -> Any:

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve(args: argparse.Namespace, *, check_paths: bool = True) -> tuple[SearchSpace, str, str]:
     from tuner.config import load_space
-    from tuner.storage.open import default_storage
+    from tuner.storage import default_storage
 
     space = load_space(args.space, check_paths=check_paths)
     study_name = args.study or space.name
@@ -86,8 +86,7 @@ def _resolve(args: argparse.Namespace, *, check_paths: bool = True) -> tuple[Sea
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tuner.loop.dry_run import dry_run
-    from tuner.loop.run import RunOptions, run_study
+    from tuner.loop import RunOptions, dry_run, run_study
 
     if args.budget < 1:
         raise ConfigError(f"--budget: must be ≥ 1, got {args.budget}")
@@ -96,12 +95,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         dry_run(space, budget=args.budget, seed=args.seed)
         return 0
     if not args.no_compat_check:  # refuse flags the installed server/bench reject, before any write
-        from tuner.preflight.compat import check_space_compat
+        from tuner.preflight import check_space_compat
 
         check_space_compat(space)
     opts = RunOptions(study_name=study_name, storage=storage, budget=args.budget, seed=args.seed,
                       studies_dir=Path(args.studies_dir), check_feasibility=not args.no_feasibility)
-    from tuner.loop.progress import Progress
+    from tuner.loop import Progress
 
     with Progress(budget=opts.budget, objectives=[(o.key, o.direction) for o in space.objectives],
                   stream=sys.stdout) as progress:
@@ -112,25 +111,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if summary.stopped_reason:
         print(f"stopped early: {summary.stopped_reason}", file=sys.stderr)
         return 1
-    from tuner.report.text import print_best
+    from tuner.report import print_best
     print_best(space, study_name, storage)
     return 0
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from tuner.report.text import print_best
+    from tuner.report import print_best
 
     space, study_name, storage = _resolve(args, check_paths=False)
     return 0 if print_best(space, study_name, storage) else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tuner.report.export import export_profile
+    from tuner.report import export_profile
 
     space, study_name, storage = _resolve(args, check_paths=False)
     weights = None
     if args.weights is not None:
-        from tuner.report.export import parse_weights
+        from tuner.report import parse_weights
 
         weights = parse_weights(args.weights, [o.key for o in space.objectives])
     path = export_profile(space, study_name, storage, Path(args.out), trial_number=args.trial, weights=weights)
@@ -139,7 +138,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from tuner.preflight.plan import plan_report
+    from tuner.preflight import plan_report
 
     space, _study, _storage = _resolve(args, check_paths=False)
     text, fits = plan_report(space, args.set)
@@ -148,9 +147,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tuner.report.data import compute_report
-    from tuner.report.html import write_report
-    from tuner.storage.open import load_study
+    from tuner.report import compute_report, write_report
+    from tuner.storage import load_study
 
     space, study_name, storage = _resolve(args, check_paths=False)
     out = Path(args.out) if args.out else Path(args.studies_dir) / study_name / "report"
@@ -160,7 +158,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from tuner.preflight.doctor import DoctorOptions, exit_code, render_checks, run_checks
+    from tuner.preflight import DoctorOptions, exit_code, render_checks, run_checks
 
     checks = run_checks(DoctorOptions(space_path=args.space, study=args.study, storage=args.storage,
                                       studies_dir=Path(args.studies_dir), timeout_s=args.timeout))
@@ -171,12 +169,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
-    from tuner.report.artifacts import prepare_dashboard
+    from tuner.report import prepare_dashboard
 
     space, study_name, storage = _resolve(args, check_paths=False)
     store, store_dir = prepare_dashboard(study_name, storage, Path(args.studies_dir), space.confirm)
     print(f"optuna-dashboard on http://{args.host}:{args.port} (study {study_name}, {storage}; artifacts in {store_dir})")
-    from tuner.storage.open import make_storage
+    from tuner.storage import make_storage
 
     optuna_dashboard.run_server(make_storage(storage), host=args.host, port=args.port, artifact_store=store)
     return 0

@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import CAPACITY_FLAGS, ConfirmSpec
 from tuner.errors import KttuneError
-from tuner.storage.attrs import ATTR_LAUNCHED, ATTR_REASON, ATTR_SPARE_GB
+from tuner.storage import ATTR_LAUNCHED, ATTR_REASON, ATTR_SPARE_GB
 
 # A configuration tied with the best mean (within this many standard errors of the
 # difference) may win on memory to spare.

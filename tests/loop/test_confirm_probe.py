@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from tests.search.test_sampler import sim_space
 from tuner import outcome as objective
 from tuner.config import ConfirmSpec, ProbeSpec, SearchSpace
-from tuner.loop.dry_run import dry_run
+from tuner.loop.preview import dry_run
 from tuner.loop.run import RunOptions, repeating_fault, run_study
 from tuner.outcome import PRUNED
 from tuner.report.text import best_table

@@ -19,8 +19,7 @@ from typing import Any
 from tuner.bench.metrics import MetricKind, metric_kind
 from tuner.config import BenchSpec, Workload
 from tuner.errors import BenchmarkError
-from tuner.server.argv import flag_args
-from tuner.server.launch import die_with_tuner
+from tuner.server import die_with_tuner, flag_args
 
 RESULT_SCHEMA_VERSION = 1
 

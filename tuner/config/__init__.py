@@ -1,6 +1,8 @@
 """The search space: a YAML file loaded and validated into frozen specs (params, server,
 workloads, objectives, SLOs, bench, confirmation, probe, quality), the one seam to Optuna's
 distributions and to launch flags."""
+from __future__ import annotations
+
 from tuner.config.parse import load_space, parse_space
 from tuner.config.quality import QualitySpec
 from tuner.config.specs import (
@@ -8,24 +10,32 @@ from tuner.config.specs import (
     CAPACITY_FLAGS,
     BenchSpec,
     ConfirmSpec,
+    Direction,
     FeasibilitySpec,
+    ObjectiveSpec,
     ParamSpec,
     ProbeSpec,
     SearchSpace,
+    ServerSpec,
+    SloSpec,
     Workload,
     is_finite,
 )
 
 __all__ = [
     "AUTO",
-    "CAPACITY_FLAGS",
     "BenchSpec",
+    "CAPACITY_FLAGS",
     "ConfirmSpec",
+    "Direction",
     "FeasibilitySpec",
+    "ObjectiveSpec",
     "ParamSpec",
     "ProbeSpec",
     "QualitySpec",
     "SearchSpace",
+    "ServerSpec",
+    "SloSpec",
     "Workload",
     "is_finite",
     "load_space",

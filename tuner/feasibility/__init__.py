@@ -6,13 +6,14 @@ calibration (what the memory model learned), memory (the per-GPU breakdown), anc
 (learning from a log), check (the verdict on one flag set), gate (the study's view)."""
 from __future__ import annotations
 
-from tuner.feasibility.gate import FeasibilityGate
 from tuner.feasibility.calibration import LOWER_ACTIVATION_SHARE, without_margin_calibration
-from tuner.feasibility.check import max_gpu_experts
+from tuner.feasibility.check import FeasibilityReport, max_gpu_experts
+from tuner.feasibility.gate import FeasibilityGate
 
 __all__ = [
-    "LOWER_ACTIVATION_SHARE",
     "FeasibilityGate",
+    "FeasibilityReport",
+    "LOWER_ACTIVATION_SHARE",
     "max_gpu_experts",
     "without_margin_calibration",
 ]

@@ -11,8 +11,7 @@ from typing import Any
 from tuner.feasibility.calibration import MemoryCalibration, unlearned_calibration
 from tuner.feasibility.memory import gpu_memory
 from tuner.feasibility.plan import GB, resolve_launch
-from tuner.machine.hardware import GIB, Hardware
-from tuner.machine.model import ModelSizes
+from tuner.machine import GIB, Hardware, ModelSizes
 from tuner.server import worst_memory_figures
 
 _GIB_GB = GIB / GB  # sglang prints GiB as "GB"

@@ -17,8 +17,7 @@ from tuner.feasibility.calibration import (
 )
 from tuner.feasibility.memory import GPU_MEMORY_CONSTRAINTS, GpuMemory, gpu_constraints, gpu_memory
 from tuner.feasibility.plan import GB, LaunchPlan, Workload, flag_number, flag_on, resolve_launch
-from tuner.machine.hardware import Hardware
-from tuner.machine.model import ModelSizes
+from tuner.machine import Hardware, ModelSizes
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,7 @@ from tuner.feasibility.anchor import anchor_from_observed, calibrate_from_log
 from tuner.feasibility.calibration import MemoryCalibration, calibration_from_state
 from tuner.feasibility.check import FeasibilityReport, check
 from tuner.feasibility.plan import auto_max_total_tokens, resolve_launch
-from tuner.machine.hardware import Hardware, resolve_hardware
-from tuner.machine.model import ModelSizes, load_model_sizes
+from tuner.machine import Hardware, ModelSizes, load_model_sizes, resolve_hardware
 from tuner.outcome import is_memory_reason
 from tuner.server import runtime_oom
 

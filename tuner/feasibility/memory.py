@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from tuner.feasibility.calibration import MemoryCalibration, anchor_margin
 from tuner.feasibility.plan import GB, LaunchPlan
-from tuner.machine.hardware import Hardware
-from tuner.machine.model import ModelSizes
+from tuner.machine import Hardware, ModelSizes
 
 
 def prefill_bytes_per_token(model: ModelSizes, tp: int) -> float:

@@ -9,8 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tuner.errors import ConfigError
-from tuner.machine.hardware import GIB, MIB, Hardware
-from tuner.machine.model import ModelSizes
+from tuner.machine import GIB, MIB, Hardware, ModelSizes
 
 GB = 1e9  # the model's sizes are decimal GB; sglang's logs print GiB as "GB"
 Workload = tuple[int, int, int]  # (num_prompts, input_len, output_len)

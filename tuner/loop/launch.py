@@ -16,8 +16,8 @@ from tuner.config import SearchSpace
 from tuner.log import Log
 from tuner.loop.progress import Progress
 from tuner.outcome import Reason, TrialOutcome
-from tuner.report.artifacts import note_baseline_and_best, try_upload_trial_artifacts
-from tuner.storage.attrs import (
+from tuner.report import note_baseline_and_best, try_upload_trial_artifacts
+from tuner.storage import (
     ATTR_ARGV,
     ATTR_CONFIRMATION_OF,
     ATTR_LAUNCHED,
@@ -28,10 +28,10 @@ from tuner.storage.attrs import (
     ATTR_TRIAL_DIR,
     ATTR_WALL_S,
     STUDY_ATTR_QUALITY_REF,
+    Heartbeat,
+    record,
 )
-from tuner.storage.record import record
-from tuner.storage.workers import Heartbeat
-from tuner.trial.protocols import TrialRunner
+from tuner.trial import TrialRunner
 
 
 @dataclass(frozen=True)

@@ -22,18 +22,14 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner import outcome
 from tuner.config import SearchSpace
 from tuner.errors import ConfigError, KttuneError
-from tuner.feasibility import LOWER_ACTIVATION_SHARE, FeasibilityGate
-from tuner.feasibility.check import FeasibilityReport
+from tuner.feasibility import LOWER_ACTIVATION_SHARE, FeasibilityGate, FeasibilityReport
 from tuner.log import Log
 from tuner.loop.launch import LaunchContext, launch
 from tuner.loop.progress import Progress
 from tuner.outcome import PRUNED, Reason
-from tuner.search.pruner import BelowBestPruner
-from tuner.search.recipe import warm_start
-from tuner.search.remeasure import queue_remeasurement
-from tuner.search.sampler import DEFAULT_STRATEGY, Strategy, make_sampler
+from tuner.search import DEFAULT_STRATEGY, BelowBestPruner, Strategy, make_sampler, queue_remeasurement, warm_start
 from tuner.selection import best_trials, pick
-from tuner.storage.attrs import (
+from tuner.storage import (
     ATTR_BASELINE,
     ATTR_CONFIRMATION_OF,
     ATTR_DUPLICATE_OF,
@@ -43,25 +39,21 @@ from tuner.storage.attrs import (
     ATTR_SPARE_GB,
     ATTR_WORKER,
     STUDY_ATTR_CALIBRATION,
-    boundary_failures,
-)
-from tuner.storage.open import open_study
-from tuner.storage.record import record
-from tuner.storage.workers import (
     beat_once,
+    boundary_failures,
     claim_launch,
     enqueue_baseline_once,
     find_duplicate,
     heartbeat_interval_s,
     heartbeat_on,
     launched_count,
+    open_study,
     pruned_twin,
+    record,
     recover_stale_trials,
     worker_id,
 )
-from tuner.trial.launch import run_trial
-from tuner.trial.probe import probe_workload
-from tuner.trial.protocols import TrialRunner
+from tuner.trial import TrialRunner, probe_workload, run_trial
 
 # Proposals that are not launched (predicted infeasible, duplicates) per launch, before we
 # conclude the sampler is stuck in a region that cannot be launched.

@@ -1,2 +1,23 @@
 """The machine a study runs on: GPUs (NVML), CPU topology, RAM, and the model's sizes from
 its config.json; a space's `hardware:` block can describe another machine."""
+from __future__ import annotations
+
+from tuner.machine.gpu import GpuInfo, NvmlSession, gpu_processes, probe_gpus, used_bytes_total
+from tuner.machine.hardware import GIB, MIB, Hardware, detect_cpu, detect_hardware, resolve_hardware
+from tuner.machine.model import ModelSizes, load_model_sizes
+
+__all__ = [
+    "GIB",
+    "GpuInfo",
+    "Hardware",
+    "MIB",
+    "ModelSizes",
+    "NvmlSession",
+    "detect_cpu",
+    "detect_hardware",
+    "gpu_processes",
+    "load_model_sizes",
+    "probe_gpus",
+    "resolve_hardware",
+    "used_bytes_total",
+]

@@ -1,3 +1,17 @@
 """Before the first launch: `kttune doctor` (interpreters, flags, GPUs, CPU, model, storage),
 the server's and bench client's accepted flags, and `kttune plan` (one configuration's
 memory breakdown, nothing launched)."""
+from __future__ import annotations
+
+from tuner.preflight.compat import check_space_compat
+from tuner.preflight.doctor import DoctorOptions, exit_code, render_checks, run_checks
+from tuner.preflight.plan import plan_report
+
+__all__ = [
+    "DoctorOptions",
+    "check_space_compat",
+    "exit_code",
+    "plan_report",
+    "render_checks",
+    "run_checks",
+]

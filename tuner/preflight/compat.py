@@ -236,7 +236,7 @@ def server_flags(space: Any) -> dict[str, str]:
 
 def bench_flags(space: Any) -> dict[str, str]:
     """Every bench_serving flag kttune may pass (its own ones and each workload's extra_args)."""
-    from tuner.bench.client import build_bench_argv
+    from tuner.bench import build_bench_argv
 
     out: dict[str, str] = {}
     for w in space.workloads:

@@ -179,7 +179,7 @@ def _gpu_checks(space: Any, simulated: bool, probe_gpus: Callable[[], Sequence[A
 
 
 def _cpu_checks(space: Any, simulated: bool) -> list[Check]:
-    from tuner.machine.hardware import detect_cpu
+    from tuner.machine import detect_cpu
 
     cpu = detect_cpu()
     detail = (f"{cpu.model}: {cpu.sockets} socket(s), {cpu.physical_cores} cores / {cpu.logical_cores} threads, "
@@ -214,8 +214,7 @@ def _cpu_checks(space: Any, simulated: bool) -> list[Check]:
 
 
 def _model_checks(space: Any, simulated: bool) -> list[Check]:
-    from tuner.machine.hardware import detect_hardware
-    from tuner.machine.model import load_model_sizes
+    from tuner.machine import detect_hardware, load_model_sizes
 
     args = space.server.args
     path = args.get("model-path", args.get("model"))
@@ -253,7 +252,7 @@ def _model_checks(space: Any, simulated: bool) -> list[Check]:
 
 
 def _bench_input_checks(space: Any, simulated: bool) -> list[Check]:
-    from tuner.trial.launch import bench_tokenizer
+    from tuner.trial import bench_tokenizer
 
     out = []
     offline = space.bench.env.get("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "")) in ("1", "true", "True")
@@ -299,7 +298,7 @@ def _storage_checks(url: str, study: str | None, artifact_dir: Path | None) -> l
         out.append(Check("storage", OK if ok else FAIL, f"{url}: not created yet ({parent} {'is' if ok else 'is not'} writable)",
                          "" if ok else "choose a writable --studies-dir or --storage"))
     else:
-        from tuner.storage.open import make_storage
+        from tuner.storage import make_storage
 
         try:
             import optuna
@@ -368,7 +367,7 @@ def _bench_checks(space: Any, timeout_s: float, run: Runner) -> list[Check]:
 def run_checks(opts: DoctorOptions, *, run: Runner = run_process,
                probe_gpus: Callable[[], Sequence[Any]] | None = None) -> list[Check]:
     from tuner.config import load_space
-    from tuner.machine.gpu import probe_gpus as nvml_probe
+    from tuner.machine import probe_gpus as nvml_probe
 
     checks = [Check("kttune", OK, f"python {sys.version.split()[0]} at {sys.executable}")]
     space = None

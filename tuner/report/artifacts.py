@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial
 
 from tuner.config import ConfirmSpec
 from tuner.selection import pick
-from tuner.storage.attrs import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_TRIAL_DIR, STUDY_ATTR_ARTIFACT_DIR, metrics_of, objective_keys
+from tuner.storage import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_TRIAL_DIR, STUDY_ATTR_ARTIFACT_DIR, metrics_of, objective_keys
 
 ARTIFACT_DIR_NAME = "artifacts"
 # Files of a trial folder worth seeing in the dashboard (written by tuner.trial / tuner.bench).
@@ -249,7 +249,7 @@ def prepare_dashboard(study_name: str, storage: str, studies_dir: Path, confirm:
     trials that have none yet and refreshing the baseline/best note. A study that does not
     exist yet gets an empty store at the default place (the dashboard still lists others)."""
     from tuner.errors import ConfigError
-    from tuner.storage.open import load_study
+    from tuner.storage import load_study
 
     try:
         study = load_study(study_name, storage)

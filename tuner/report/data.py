@@ -11,7 +11,7 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial
 
-from tuner.bench.metrics import higher_is_better
+from tuner.bench import higher_is_better
 from tuner.config import SearchSpace, is_finite
 from tuner.report.status import (
     FEASIBLE,
@@ -27,7 +27,7 @@ from tuner.selection import (
     pick,
     pick_by_weights,
 )
-from tuner.storage.attrs import ATTR_BASELINE, ATTR_REASON, metrics_of, wall_s_of
+from tuner.storage import ATTR_BASELINE, ATTR_REASON, metrics_of, wall_s_of
 
 
 @dataclass(frozen=True)
@@ -185,8 +185,8 @@ def compute_report(space: SearchSpace, study: optuna.Study) -> ReportData:
     notes = []
     if not front:
         notes.append(no_feasible_message(study))
-    elif len(front) > 1:
-        notes.append(f"{len(front)} trials are Pareto-optimal; trial {recommended.number} is the equal-weights pick "  # type: ignore[union-attr]
+    elif len(front) > 1 and recommended is not None:
+        notes.append(f"{len(front)} trials are Pareto-optimal; trial {recommended.number} is the equal-weights pick "
                      "(kttune export --weights KEY=W,... picks another)")
     if base is not None and recommended is not None and base.number == recommended.number:
         notes.append(f"the baseline (trial {base.number}) is still the best trial")

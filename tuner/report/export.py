@@ -17,7 +17,7 @@ from tuner.selection import (
     pick,
     pick_by_weights,
 )
-from tuner.storage.open import load_study
+from tuner.storage import load_study
 
 
 def parse_weights(text: str, objective_keys: Sequence[str]) -> dict[str, float]:

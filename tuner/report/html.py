@@ -83,7 +83,7 @@ def render_html(data: ReportData, images: dict[str, bytes]) -> str:
         parts.append('<p class="muted">★ = recommended: the best trial, or on a front the equal-weights pick '
                      '(each objective rescaled to [0, 1] over the front).</p>')
     parts += _img(images, "pareto")
-    if data.comparison:
+    if data.comparison and data.baseline is not None and data.recommended is not None:
         parts.append(f"<h2>Baseline (trial {data.baseline}) vs best (trial {data.recommended}), measured</h2>")
         rows = []
         for c in data.comparison:
@@ -92,7 +92,7 @@ def render_html(data: ReportData, images: dict[str, bytes]) -> str:
             cls = "" if good is None else ("good" if good else "bad")
             rows.append([c.metric, c.baseline, c.best, _Raw(f'<span class="{cls}">{"-" if pct is None else f"{pct:+.1f}%"}</span>')])
         parts.append(_table(["metric", "baseline", "best", "change"], rows))
-        base, best = data.row(data.baseline), data.row(data.recommended)  # type: ignore[arg-type]
+        base, best = data.row(data.baseline), data.row(data.recommended)
         parts.append(_table(["knob", "baseline", "best"], [[p, base.params.get(p, ""), best.params.get(p, "")] for p in data.params]))
         parts += _img(images, "comparison")
     for name in ("history", "importance", "slices", "contours"):

@@ -16,7 +16,7 @@ import yaml
 from optuna.trial import FrozenTrial
 
 from tuner.errors import ConfigError
-from tuner.storage.attrs import ATTR_FLAGS, metrics_of
+from tuner.storage import ATTR_FLAGS, metrics_of
 
 
 def profile_flags(trial: FrozenTrial) -> dict[str, Any]:

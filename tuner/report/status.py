@@ -9,7 +9,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import is_finite
 from tuner.outcome import PRUNED
-from tuner.storage.attrs import ATTR_DUPLICATE_OF, ATTR_REASON
+from tuner.storage import ATTR_DUPLICATE_OF, ATTR_REASON
 
 # Trial statuses as the report sees them.
 FEASIBLE = "feasible"  # measured, every constraint (SLOs included) met

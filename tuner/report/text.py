@@ -11,8 +11,7 @@ from tuner.selection import (
     pick,
     repeat_groups,
 )
-from tuner.storage.attrs import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_MARGINAL, metrics_of
-from tuner.storage.open import load_study
+from tuner.storage import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_MARGINAL, load_study, metrics_of
 
 SHOWN_METRICS = ("output_throughput", "input_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms")
 

@@ -12,7 +12,7 @@ from tuner.config import CAPACITY_FLAGS, SearchSpace
 from tuner.feasibility import FeasibilityGate
 from tuner.log import Log
 from tuner.search.grid import _ordered, param_grid, snap
-from tuner.storage.attrs import ATTR_WARM_START, STUDY_ATTR_WARM_STARTED
+from tuner.storage import ATTR_WARM_START, STUDY_ATTR_WARM_STARTED
 
 
 def recipe(space: SearchSpace, gate: FeasibilityGate | None) -> dict[str, Any]:

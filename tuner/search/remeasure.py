@@ -11,7 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import ConfirmSpec
 from tuner.selection import pooled_noise, repeat_groups
-from tuner.storage.attrs import ATTR_CONFIRMATION_OF
+from tuner.storage import ATTR_CONFIRMATION_OF
 
 
 def leader_to_recheck(study: optuna.Study, prior_noise: float, z: float = 1.0) -> FrozenTrial | None:

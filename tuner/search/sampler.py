@@ -42,7 +42,7 @@ from tuner.search.gp import denoised_best
 from tuner.search.grid import _index, _ladder, _ordered, param_grid
 from tuner.search.recipe import recipe
 from tuner.selection import best_by_mean, config_key, direction_sign, measured, pareto_front
-from tuner.storage.attrs import ATTR_LAUNCHED, boundary_failures
+from tuner.storage import ATTR_LAUNCHED, boundary_failures
 
 FINE_STEPS = (1, 2)      # capacity moves (grid points) tried before the coarse ones
 SMALL_GRID = 6           # an ordered param with at most this many values has each tried as a move
@@ -297,7 +297,9 @@ class KttuneSampler(optuna.samplers.BaseSampler):
                     room = self._strategy.room_first and cap is not None and at_boundary and cand[cap] > inc[cap]
                     (roomier if room else out).append(cand)
         # the most room first; at equal room, the most memory to spare (the likeliest to start)
-        roomier.sort(key=lambda c: (-c[cap], -self._spare_gb(c)))  # type: ignore[index]
+        if cap is not None:
+            key_flag: str = cap
+            roomier.sort(key=lambda c: (-c[key_flag], -self._spare_gb(c)))
         return head + roomier + out
 
     def _follow(self, study: optuna.Study, cand: dict[str, Any], at_boundary: bool) -> dict[str, Any]:

@@ -1,11 +1,13 @@
 """Server process management: launch, readiness, log classification, teardown."""
 from __future__ import annotations
 
+from tuner.server.argv import build_server_argv, flag_args
 from tuner.server.launch import (
     PID_FILE_NAME,
     TOKEN_ENV,
     ServerHandle,
     client_host,
+    die_with_tuner,
     find_free_port,
     port_is_free,
     start_server,
@@ -31,21 +33,24 @@ from tuner.server.teardown import GpuMonitor, TeardownReport, kill_orphan, stop_
 __all__ = [
     "ABORT_REASONS",
     "FATAL_REASONS",
+    "FailureMatch",
+    "GpuMonitor",
     "HTTP_UP_MARKERS",
     "OOM_REASONS",
     "PID_FILE_NAME",
     "READY_LINE",
-    "TOKEN_ENV",
-    "WARNING_REASONS",
-    "FailureMatch",
-    "GpuMonitor",
     "ServerHandle",
+    "TOKEN_ENV",
     "TeardownReport",
+    "WARNING_REASONS",
+    "build_server_argv",
     "classify_failure",
     "client_host",
+    "die_with_tuner",
     "find_failures",
     "find_free_port",
     "first_failure",
+    "flag_args",
     "is_alive",
     "kill_orphan",
     "parse_memory_lines",

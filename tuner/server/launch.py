@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 
 from tuner.errors import ConfigError, ServerLaunchError
-from tuner.machine.gpu import used_bytes_total
+from tuner.machine import used_bytes_total
 
 TOKEN_ENV = "KTTUNE_SERVER_TOKEN"
 PID_FILE_NAME = "server.pid"

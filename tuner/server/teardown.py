@@ -20,7 +20,7 @@ from typing import Protocol
 import psutil
 
 from tuner.errors import TeardownError
-from tuner.machine.gpu import GpuInfo, NvmlSession
+from tuner.machine import GpuInfo, NvmlSession
 from tuner.server.launch import TOKEN_ENV, ServerHandle, port_is_free
 
 SHM_DIR = Path("/dev/shm")

@@ -27,8 +27,9 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tuner.sim.args import PROG, ConfigFileError, SimArgs, UsageError, format_server_args, parse_args
 from tuner.sim.faults import ProcessTree, native_crash_lines, scheduler_exception_lines

@@ -1,8 +1,8 @@
 """One-call prediction: startup feasibility plus noise-free benchmark results for a config."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from tuner.sim.engine import WorkloadResult, run_workload
 from tuner.sim.perfmodel.config import SimConfig

@@ -28,14 +28,13 @@ from typing import Any
 
 from tuner import outcome
 from tuner.config import SearchSpace
-from tuner.server import classify_failure, parse_memory_lines
-from tuner.server.argv import flag_args
+from tuner.server import classify_failure, flag_args, parse_memory_lines
 from tuner.sim.args import PROG, UsageError, parse_args, to_sim_config
 from tuner.sim.optimum.evaluator import SimEvaluator
 from tuner.sim.optimum.traces import METRICS
 from tuner.sim.perfmodel.startup import StartupResult, startup_check
 from tuner.sim.scenario import Scenario, load_scenario
-from tuner.trial.launch import TrialRun, server_argv
+from tuner.trial import TrialRun, server_argv
 
 _RATE_SUFFIXES = ("_throughput",)
 _TIME_SUFFIXES = ("_ms",)

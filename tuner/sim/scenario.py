@@ -6,10 +6,11 @@ Memory sizes of the GPU are GiB (what SGLang prints as "GB"); weight sizes are d
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from tuner import outcome
-from tuner.bench.metrics import MetricKind, metric_kind
+from tuner.bench import MetricKind, metric_kind
 from tuner.config import SearchSpace
-from tuner.trial.launch import PhaseCallback, ProbeHook, TrialRun
-from tuner.trial.probe import PROBE_SUFFIX, probe_workload
+from tuner.trial import PROBE_SUFFIX, PhaseCallback, ProbeHook, TrialRun, probe_workload
 
 
 class ProbeEmulator:

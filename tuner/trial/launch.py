@@ -12,12 +12,20 @@ from pathlib import Path
 from typing import Any
 
 from tuner import outcome
-from tuner.bench.client import run_workload
+from tuner.bench import run_workload
 from tuner.config import QualitySpec, SearchSpace
 from tuner.errors import BenchmarkError, ServerLaunchError, TeardownError
 from tuner.outcome import TrialOutcome
-from tuner.server import ServerHandle, find_free_port, is_alive, parse_memory_lines, start_server, stop_server, wait_ready
-from tuner.server.argv import build_server_argv
+from tuner.server import (
+    ServerHandle,
+    build_server_argv,
+    find_free_port,
+    is_alive,
+    parse_memory_lines,
+    start_server,
+    stop_server,
+    wait_ready,
+)
 from tuner.trial.probe import PROBE_SUFFIX, probe_workload
 from tuner.trial.quality import check_quality
 

@@ -163,7 +163,7 @@ def _post(url: str, body: Mapping[str, Any], headers: Mapping[str, str], timeout
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")[:300] if exc.fp else ""
         raise _ProbeError("http", f"HTTP {exc.code} {detail}".strip(), exc.code) from None
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         raise _ProbeError("timeout", f"no answer within {timeout_s:g} s") from None
     except urllib.error.URLError as exc:
         kind = "timeout" if isinstance(exc.reason, (TimeoutError, socket.timeout)) else "conn"

@@ -19,7 +19,7 @@ import numpy as np
 
 from tuner.config import AUTO, ObjectiveSpec, ParamSpec, SearchSpace, SloSpec
 from tuner.errors import ConfigError
-from tuner.server.argv import flag_args
+from tuner.server import flag_args
 from tuner.sim.args import SimArgs, UsageError, parse_args, to_sim_config
 from tuner.sim.optimum.evaluator import PERF_FIELDS, Evaluation, SimEvaluator
 from tuner.sim.optimum.traces import Trace, workload_metrics

@@ -13,8 +13,9 @@ import signal
 import time
 import traceback
 import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 from tuner.sim.faults import Faults, ProcessTree, scheduler_exception_lines, watchdog_line
 from tuner.sim.log import Log

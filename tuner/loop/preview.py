@@ -11,10 +11,9 @@ from tuner.config import SearchSpace
 from tuner.errors import KttuneError
 from tuner.feasibility import FeasibilityGate
 from tuner.log import Log
-from tuner.search.recipe import warm_start
-from tuner.search.sampler import make_sampler
-from tuner.storage.workers import enqueue_baseline_once
-from tuner.trial.launch import server_argv
+from tuner.search import make_sampler, warm_start
+from tuner.storage import enqueue_baseline_once
+from tuner.trial import server_argv
 
 
 def dry_run(space: SearchSpace, *, budget: int, seed: int | None, log: Log = print) -> list[list[str]]:
