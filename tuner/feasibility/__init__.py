@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from tuner.feasibility.calibration import LOWER_ACTIVATION_SHARE, without_margin_calibration
 from tuner.feasibility.check import FeasibilityReport, max_gpu_experts
-from tuner.feasibility.gate import FeasibilityGate
+from tuner.feasibility.gate import FeasibilityGate, launch_flags
 
 __all__ = [
     "FeasibilityGate",
+    "launch_flags",
     "FeasibilityReport",
     "LOWER_ACTIVATION_SHARE",
     "max_gpu_experts",

@@ -75,7 +75,7 @@ class FeasibilityGate:
             candidates.append({p.flag: _draw(p, rng) for p in space.params})
         best: tuple[float, FeasibilityReport] | None = None
         for params in candidates:
-            report = check(self.model, self.hardware, self.resolve_auto(space.launch_flags(params)),
+            report = check(self.model, self.hardware, launch_flags(space, params, self),
                            self.workloads, margin_gb=self.margin_gb, calibration=self.calibration)
             if report.feasible:
                 return report
@@ -189,3 +189,10 @@ def _draw(p: ParamSpec, rng: random.Random) -> Any:
         return rng.uniform(p.low, p.high)
     step = int(p.step or 1)
     return int(p.low) + step * rng.randrange(int((p.high - p.low) // step) + 1)
+
+
+def launch_flags(space: SearchSpace, params: Mapping[str, Any], gate: FeasibilityGate | None) -> dict[str, Any]:
+    """The flags a proposal launches with: the space's fixed args with the params on top
+    (`SearchSpace.launch_flags`), `auto` values sized by the gate where there is one."""
+    flags = space.launch_flags(params)
+    return gate.resolve_auto(flags) if gate is not None else flags

@@ -9,7 +9,7 @@ import optuna
 
 from tuner.config import SearchSpace
 from tuner.errors import KttuneError
-from tuner.feasibility import FeasibilityGate
+from tuner.feasibility import FeasibilityGate, launch_flags
 from tuner.log import Log
 from tuner.search import make_sampler, warm_start
 from tuner.storage import enqueue_baseline_once
@@ -31,10 +31,9 @@ def dry_run(space: SearchSpace, *, budget: int, seed: int | None, log: Log = pri
     argvs = []
     for i in range(budget):
         trial = study.ask(space.distributions())
-        flags = space.launch_flags(trial.params)
+        flags = launch_flags(space, trial.params, gate)
         note = ""
         if gate is not None:
-            flags = gate.resolve_auto(flags)
             report = gate.check(flags)
             note = "" if report.feasible else f"   # predicted infeasible: {gate.summary(report)}"
         argv = server_argv(space, flags, space.server.port or 30000 + i)

@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner import outcome
 from tuner.config import SearchSpace
 from tuner.errors import ConfigError, KttuneError
-from tuner.feasibility import LOWER_ACTIVATION_SHARE, FeasibilityGate, FeasibilityReport
+from tuner.feasibility import LOWER_ACTIVATION_SHARE, FeasibilityGate, FeasibilityReport, launch_flags
 from tuner.log import Log
 from tuner.loop.launch import LaunchContext, launch
 from tuner.loop.progress import Progress
@@ -190,9 +190,7 @@ class _Loop:
         trial.set_user_attr(ATTR_WORKER, worker_id())  # first: a kill from here on is recoverable on this host
         beat_once(study, trial)
         confirmation_of = trial.user_attrs.get(ATTR_CONFIRMATION_OF)
-        flags = space.launch_flags(trial.params)
-        if self.gate is not None:
-            flags = self.gate.resolve_auto(flags)
+        flags = launch_flags(space, trial.params, self.gate)
         trial.set_user_attr(ATTR_FLAGS, dict(flags))
         report = self.gate.check(flags) if self.gate is not None else None
         forced = bool(trial.user_attrs.get(ATTR_BASELINE)) or confirmation_of is not None

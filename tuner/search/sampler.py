@@ -37,7 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import CAPACITY_FLAGS, SearchSpace
 from tuner.errors import KttuneError
-from tuner.feasibility import FeasibilityGate
+from tuner.feasibility import FeasibilityGate, launch_flags
 from tuner.search.gp import denoised_best
 from tuner.search.grid import _index, _ladder, _ordered, param_grid
 from tuner.search.recipe import recipe
@@ -156,7 +156,7 @@ class KttuneSampler(optuna.samplers.BaseSampler):
     def _flags(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
         if self._gate is None:
             return None
-        return self._gate.resolve_auto(self._space.launch_flags(params))
+        return launch_flags(self._space, params, self._gate)
 
     def _fits(self, params: Mapping[str, Any]) -> bool:
         flags = self._flags(params)
