@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study_args(exp)
     exp.add_argument("--out", required=True, help="output .yaml file")
     exp.add_argument("--trial", type=int, help="trial number (default: the best)")
+    exp.add_argument("--keep-bench-flags", action="store_true",
+                     help="keep the benchmark-only switches (disable-radix-cache, disable-chunked-prefix-cache)")
     exp.add_argument("--weights", metavar="KEY=W,...",
                      help="pick off the Pareto front by preference, e.g. decode.output_throughput=2,prefill.input_throughput=1 "
                           "(objectives rescaled to [0, 1] over the front)")
@@ -132,7 +134,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         from tuner.report import parse_weights
 
         weights = parse_weights(args.weights, [o.key for o in space.objectives])
-    path = export_profile(space, study_name, storage, Path(args.out), trial_number=args.trial, weights=weights)
+    path = export_profile(space, study_name, storage, Path(args.out), trial_number=args.trial, weights=weights,
+                          keep_benchmark_flags=args.keep_bench_flags)
     print(f"wrote {path}")
     return 0
 

@@ -11,11 +11,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import SearchSpace
 from tuner.errors import ConfigError, KttuneError
-from tuner.report.profile import render_profile, write_atomic
+from tuner.report.profile import SIMULATOR_MODULE, render_profile, servable_profile, write_atomic
 from tuner.report.status import no_feasible_message
 from tuner.selection import (
     pick,
     pick_by_weights,
+    repeat_groups,
 )
 from tuner.storage import load_study
 
@@ -69,9 +70,16 @@ def pick_trial(study: optuna.Study, trial_number: int | None, *, space: SearchSp
 
 
 def export_profile(space: SearchSpace, study_name: str, storage: str, out: Path,
-                   trial_number: int | None = None, weights: Mapping[str, float] | None = None) -> Path:
+                   trial_number: int | None = None, weights: Mapping[str, float] | None = None, *,
+                   keep_benchmark_flags: bool = False) -> Path:
     study = load_study(study_name, storage)
     trial = pick_trial(study, trial_number, space=space, weights=weights)
-    text = render_profile(trial, study_name=study_name, objectives=[o.key for o in space.objectives])
+    simulated = space.server.module == SIMULATOR_MODULE
+    profile = servable_profile(trial, simulated=simulated, keep_benchmark_flags=keep_benchmark_flags)
+    group = next((g for g in repeat_groups(study) if g.first.number == trial.number), None)
+    measured = "" if group is None or len(group.values) < 2 else \
+        f"{len(group.values)} launches, objective mean {group.mean:.4g} ± {group.spread:.2g}"
+    text = render_profile(trial, profile, study_name=study_name, objectives=[o.key for o in space.objectives],
+                          measured=measured)
     write_atomic(out, text)
     return out

@@ -1,7 +1,9 @@
 """Export a trial as a launch profile that `sglang.launch_server --config FILE` accepts as-is.
 
 SGLang's config parser wants a flat mapping of dashed flag names; store_true switches as
-booleans, lists for multi-value flags, scalars otherwise. Provenance goes in comments.
+booleans, lists for multi-value flags, scalars otherwise. Only server flags go in: not the
+deployment's host and port, not the simulator's flags, not the switches that exist for a fair
+benchmark. Provenance, what was left out and the values to replace go in comments.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import datetime as _dt
 import os
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +21,80 @@ from optuna.trial import FrozenTrial
 from tuner.errors import ConfigError
 from tuner.storage import ATTR_FLAGS, metrics_of
 
+# Set per deployment, not per profile.
+DEPLOYMENT_FLAGS = ("host", "port")
+# The simulator's own flags (`python -m tuner.sim` adds --sim-*); no SGLang flag starts so.
+SIMULATOR_PREFIX = "sim-"
+# Switches that make a benchmark fair and a production server slower: with the radix cache (and
+# the chunked prefix cache) on, repeated benchmark prompts would be served from cache.
+BENCHMARK_ONLY_FLAGS = ("disable-radix-cache", "disable-chunked-prefix-cache")
+# Flags naming files of the model; on a simulated study they point at the simulator's stand-ins.
+PATH_FLAGS = ("model-path", "model", "tokenizer-path", "kt-weight-path", "init-expert-location")
+SIMULATOR_MODULE = "tuner.sim"
 
-def profile_flags(trial: FrozenTrial) -> dict[str, Any]:
+
+@dataclass(frozen=True)
+class Profile:
+    """The flags to deploy, what was left out of the measured flags and why, and the flags
+    whose values are stand-ins to replace (paths of a simulated study)."""
+
+    flags: dict[str, Any]
+    dropped: dict[str, str] = field(default_factory=dict)
+    placeholders: tuple[str, ...] = ()
+
+
+def recorded_flags(trial: FrozenTrial) -> dict[str, Any]:
     flags = trial.user_attrs.get(ATTR_FLAGS)
     if not isinstance(flags, Mapping):
         raise ConfigError(f"--trial: trial {trial.number} has no recorded launch flags; pick a launched trial")
-    return {k: v for k, v in flags.items() if k not in ("host", "port")}
+    return dict(flags)
 
 
-def render_profile(trial: FrozenTrial, *, study_name: str, objectives: list[str], now: _dt.datetime | None = None) -> str:
-    flags = profile_flags(trial)
+def servable_profile(trial: FrozenTrial, *, simulated: bool, keep_benchmark_flags: bool = False) -> Profile:
+    """What `sglang.launch_server --config` should get from `trial`: its launch flags without
+    the deployment's own (host, port), the simulator's, and, unless kept, the benchmark-only
+    switches. `simulated`: the study ran on the simulator, so model paths are stand-ins."""
+    flags: dict[str, Any] = {}
+    dropped: dict[str, str] = {}
+    for key, value in recorded_flags(trial).items():
+        if key in DEPLOYMENT_FLAGS:
+            continue
+        if key.startswith(SIMULATOR_PREFIX):
+            dropped[key] = "the simulator's own flag"
+        elif key in BENCHMARK_ONLY_FLAGS and not keep_benchmark_flags:
+            dropped[key] = "benchmark hygiene only (pass --keep-bench-flags to keep it)"
+        else:
+            flags[key] = value
+    placeholders = tuple(k for k in PATH_FLAGS if k in flags) if simulated else ()
+    return Profile(flags, dropped, placeholders)
+
+
+def render_profile(trial: FrozenTrial, profile: Profile, *, study_name: str, objectives: list[str],
+                   measured: str = "", now: _dt.datetime | None = None) -> str:
+    """The profile as YAML with a short header: provenance, what was measured (`measured`:
+    one line on repeats, if any), what was left out, which values are stand-ins."""
     metrics = metrics_of(trial)
     stamp = (now or _dt.datetime.now(_dt.timezone.utc)).isoformat(timespec="seconds")
-    lines = ["# kttune profile: python -m sglang.launch_server --config THIS_FILE",
+    lines = ["# kttune profile: python -m sglang.launch_server --config THIS_FILE --host HOST --port PORT",
              f"# study: {study_name}", f"# trial: {trial.number}", f"# exported: {stamp}"]
+    if measured:
+        lines.append(f"# measured: {measured}")
     for key in objectives:
         if key in metrics:
             lines.append(f"# {key}: {metrics[key]:.4g}")
     for key in sorted(metrics):
         if key not in objectives and key.rsplit(".", 1)[-1] in ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms"):
             lines.append(f"# {key}: {metrics[key]:.4g}")
-    body = yaml.safe_dump(flags, sort_keys=False, default_flow_style=False)
-    return "\n".join(lines) + "\n" + body
+    for key, why in profile.dropped.items():
+        lines.append(f"# left out: {key} ({why})")
+    if profile.placeholders:
+        lines.append("# measured on the simulator: the values marked PLACEHOLDER are its stand-ins; "
+                     "set your model's paths before launching")
+    body = []
+    for line in yaml.safe_dump(profile.flags, sort_keys=False, default_flow_style=False).splitlines():
+        key = line.split(":", 1)[0]
+        body.append(f"{line}  # PLACEHOLDER: the simulator's stand-in" if key in profile.placeholders else line)
+    return "\n".join(lines + body) + "\n"
 
 
 def write_atomic(path: Path, text: str) -> None:
