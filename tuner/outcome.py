@@ -62,6 +62,8 @@ class Reason(str, enum.Enum):
     BENCH_INCOMPLETE = "bench_incomplete", Fault.CONFIG
     BENCH_TIMEOUT = "bench_timeout", Fault.CONFIG
     QUALITY = "quality", Fault.CONFIG
+    # The server refused the workload's requests as too long for its KV pool or context.
+    REQUEST_TOO_LONG = "request_too_long", Fault.CONFIG
     QUALITY_TIMEOUT = "quality_timeout", Fault.CONFIG
     INFEASIBLE_PREDICTED = "infeasible_predicted", Fault.CONFIG
     # Faults that say nothing about the configuration.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -22,6 +23,13 @@ from tuner.errors import BenchmarkError
 from tuner.server import die_with_tuner, flag_args
 
 RESULT_SCHEMA_VERSION = 1
+# How sglang refuses a request too long for the KV pool or the context, as the client logs the
+# HTTP 400 body (python/sglang/srt/managers/utils.py validate_input_length and
+# python/sglang/srt/managers/tokenizer_manager.py): the configuration's fault, not the client's.
+REQUEST_TOO_LONG = re.compile(
+    r"Input length \(\d+ tokens\) exceeds the maximum allowed length \(\d+ tokens\)"
+    r"|is longer than the model's context length \(\d+ tokens\)"
+    r"|Requested token count exceeds the model's maximum context length")
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,10 @@ def run_workload(bench: BenchSpec, w: Workload, *, host: str, port: int, trial_d
     if reason == "bench_timeout":
         raise BenchmarkError(f"workload {w.name} ran past bench.timeout_s={bench.timeout_s:g}", reason="bench_timeout")
     raw = read_last_result(output_file, lines_before=before)
+    refused = request_refusal(log_file) if raw is None or int(raw.get("completed", 0) or 0) < w.num_prompts else None
+    if refused is not None:
+        raise BenchmarkError(f"the server refused workload {w.name}'s requests as too long: {refused}",
+                             reason="request_too_long")
     if raw is None:
         raise BenchmarkError(f"bench_serving wrote no result for {w.name} (rc={proc.returncode}): {_tail(log_file)}",
                              reason="bench_no_result")
@@ -133,6 +145,21 @@ def run_workload(bench: BenchSpec, w: Workload, *, host: str, port: int, trial_d
         raise BenchmarkError(f"workload {w.name} completed {completed} of {w.num_prompts} requests",
                              reason="bench_incomplete")
     return result
+
+
+def request_refusal(log_file: Path) -> str | None:
+    """The server's words when the bench log shows a request refused as too long, else None."""
+    try:
+        text = log_file.read_text(errors="replace")
+    except OSError:
+        return None
+    m = REQUEST_TOO_LONG.search(text)
+    if m is None:
+        return None
+    line_start = text.rfind("\n", 0, m.start()) + 1
+    line_end = text.find("\n", m.end())
+    line = text[line_start:line_end if line_end >= 0 else len(text)].strip()
+    return line[-400:]
 
 
 def _watch(proc: subprocess.Popen[bytes], timeout_s: float, server_alive: Callable[[], bool] | None,

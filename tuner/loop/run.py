@@ -318,7 +318,7 @@ def repeating_fault(recent: list[str | None]) -> bool:
     failures legitimately repeat while the sampler explores a cliff)."""
     tail = recent[-REPEAT_LIMIT:]
     return (len(tail) == REPEAT_LIMIT and tail[0] is not None and len(set(tail)) == 1
-            and not outcome.is_memory_reason(tail[0]) and tail[0] not in (Reason.QUALITY, Reason.SERVER_DIED, PRUNED))
+            and not outcome.is_memory_reason(tail[0]) and tail[0] not in (Reason.QUALITY, Reason.SERVER_DIED, Reason.REQUEST_TOO_LONG, PRUNED))
 
 
 def _accepts(runner: Any, name: str) -> bool:

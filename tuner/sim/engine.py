@@ -125,8 +125,10 @@ class Engine:
                     f"{self.rc.context_len} tokens. You requested a total of {total} tokens: "
                     f"{prompt_tokens} tokens from the input and {max_new_tokens} for the completion.")
         if total > self.kv_tokens:
-            return (f"Input length ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) "
-                    f"exceeds the KV cache capacity (max_total_num_tokens={self.kv_tokens}).")
+            # sglang's scheduler refuses it in these words (python/sglang/srt/managers/utils.py,
+            # validate_input_length); the simulator counts the output tokens in too.
+            return (f"Input length ({total} tokens) exceeds the maximum allowed length ({self.kv_tokens} tokens). "
+                    "Use a shorter input or enable --allow-auto-truncate.")
         self._live.add(req_id)
         self._waiting.append(_Req(req_id, prompt_tokens, max_new_tokens, prompt_tokens))
         return None

@@ -11,6 +11,7 @@ Injected faults (`--sim-fault` / KTTUNE_SIM_FAULT) are comma-separated switches,
 | `crash_after=N` | the (N+1)-th user generate request kills the server (server warmup and /health excluded) |
 | `port_in_use` | behave as if the HTTP bind failed after the full load |
 | `garbage_output` | degenerate text (one token repeated) produced at twice the speed |
+| `empty_output` | the completion counts its tokens but their text is empty (a broken detokenizer) |
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import subprocess
 
-KNOWN = ("crash_at_start", "hang_at_start", "slow_start", "crash_after", "port_in_use", "garbage_output")
+KNOWN = ("crash_at_start", "hang_at_start", "slow_start", "crash_after", "port_in_use", "garbage_output",
+         "empty_output")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Faults:
     crash_after: int | None = None
     port_in_use: bool = False
     garbage_output: bool = False
+    empty_output: bool = False
 
 
 def parse_faults(spec: str) -> Faults:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner import outcome
+from tuner.bench import REQUEST_TOO_LONG
 from tuner.config import SearchSpace
 from tuner.server import classify_failure, flag_args, parse_memory_lines
 from tuner.sim.args import PROG, UsageError, parse_args, to_sim_config
@@ -178,4 +179,6 @@ def _runtime_reason(message: str) -> tuple[str, str]:
         return "server_died", "torch.OutOfMemoryError: CUDA out of memory. " + message
     if "stalled" in message:
         return "bench_timeout", message
+    if REQUEST_TOO_LONG.search(message):
+        return "request_too_long", message
     return "bench_incomplete", message

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from tuner import outcome
-from tuner.bench import run_workload
+from tuner.bench import MIN_RETOKENIZED_SHARE, retokenized_share, run_workload
 from tuner.config import QualitySpec, SearchSpace
 from tuner.errors import BenchmarkError, ServerLaunchError, TeardownError
-from tuner.outcome import TrialOutcome
+from tuner.outcome import Reason, TrialOutcome
 from tuner.server import (
     ServerHandle,
     build_server_argv,
@@ -131,6 +131,14 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
                                    server_alive=lambda: is_alive(handle))
                 metrics.update({f"{w.name}.{k}": v for k, v in res.metrics.items()})
                 run.timings[f"bench_{w.name}_s"] = res.wall_s
+                share = retokenized_share(res.metrics)
+                if share is not None and share < MIN_RETOKENIZED_SHARE:
+                    # Checked whether or not the quality guard ran: garbage must never be measured.
+                    run.outcome = outcome.failure(
+                        space, Reason.QUALITY, f"workload {w.name}: the client re-tokenized {share:.1%} of the "
+                        f"{res.metrics['total_output_tokens']:.0f} tokens the server generated (text lost or garbled)",
+                        metrics)
+                    return run  # the finally below still tears the server down
             run.outcome = outcome.success(space, metrics, {})
         except ServerLaunchError as exc:
             run.outcome = outcome.failure(space, exc.reason, str(exc), metrics)

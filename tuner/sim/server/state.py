@@ -258,6 +258,8 @@ class SimServer:
         pool = self._pool
         if self.faults.garbage_output:
             return [pool[0]] * count
+        if self.faults.empty_output:
+            return [""] * count
         start = random.Random(self.seed * 1_000_003 + self._counter).randrange(len(pool))
         return [pool[(start + i) % len(pool)] for i in range(count)]
 
