@@ -38,19 +38,6 @@ WORKERS = 3
 HEARTBEAT_S = 2  # grace: 4 beats = 8 s
 TIME_SCALE = 0.002
 STUDY = "pg"
-PARAMS = {"a": 1, "b": 2}
-
-
-def trial(number: int, state: TrialState, *, launched: bool = False, reason: str | None = None,
-          params: dict[str, int] | None = None) -> FrozenTrial:
-    attrs: dict[str, object] = {ATTR_LAUNCHED: True} if launched else {}
-    if reason is not None:
-        attrs[ATTR_REASON] = reason
-    p = dict(PARAMS if params is None else params)
-    return FrozenTrial(number=number, state=state, value=1.0 if state == TrialState.COMPLETE else None,
-                       datetime_start=None, datetime_complete=None, params=p,
-                       distributions={k: optuna.distributions.IntDistribution(0, 10) for k in p},
-                       user_attrs=attrs, system_attrs={}, intermediate_values={}, trial_id=number + 100)
 
 
 def _unavailable(why: str) -> NoReturn:

@@ -18,11 +18,7 @@ from tuner.storage.attrs import ATTR_BASELINE, ATTR_DUPLICATE_OF, ATTR_LAUNCHED,
 from tuner.storage.open import make_storage, open_study
 from tuner.storage.workers import enqueue_baseline_once, find_duplicate, launched_count
 
-BUDGET = 6
-WORKERS = 3
 HEARTBEAT_S = 2  # grace: 4 beats = 8 s
-TIME_SCALE = 0.002
-STUDY = "pg"
 PARAMS = {"a": 1, "b": 2}
 
 
