@@ -72,3 +72,16 @@ def test_benchmark_flags_kept_when_asked_and_real_paths_are_not_placeholders() -
     assert kept.flags == recorded and not kept.dropped and not kept.placeholders
     dropped = servable_profile(_trial(recorded), simulated=False)
     assert "disable-radix-cache" in dropped.dropped and "disable-radix-cache" not in dropped.flags
+
+
+def test_the_header_names_measured_workloads_not_the_probe() -> None:
+    from tuner.storage.attrs import METRIC_PREFIX
+
+    metrics = {"decode.output_throughput": 48.6, "decode.median_itl_ms": 761.2, "decode-probe.median_itl_ms": 761.9,
+               "prefill.median_itl_ms": 0.0, "prefill.median_ttft_ms": 5849.0}
+    trial = optuna.trial.create_trial(value=48.6, user_attrs={ATTR_FLAGS: {"kt-num-gpu-experts": 208},
+                                                              **{METRIC_PREFIX + k: v for k, v in metrics.items()}})
+    text = render_profile(trial, servable_profile(trial, simulated=False), study_name="s",
+                          objectives=["decode.output_throughput"])
+    assert "# decode.output_throughput: 48.6" in text and "# decode.median_itl_ms: 761.2" in text
+    assert "probe" not in text and "prefill.median_itl_ms" not in text and "# prefill.median_ttft_ms: 5849" in text

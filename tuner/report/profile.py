@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial
 
 from tuner.errors import ConfigError
 from tuner.storage import ATTR_FLAGS, metrics_of
+from tuner.trial import PROBE_SUFFIX
 
 # Set per deployment, not per profile.
 DEPLOYMENT_FLAGS = ("host", "port")
@@ -62,7 +63,7 @@ def servable_profile(trial: FrozenTrial, *, simulated: bool, keep_benchmark_flag
         if key.startswith(SIMULATOR_PREFIX):
             dropped[key] = "the simulator's own flag"
         elif key in BENCHMARK_ONLY_FLAGS and not keep_benchmark_flags:
-            dropped[key] = "benchmark hygiene only (pass --keep-bench-flags to keep it)"
+            dropped[key] = "benchmark hygiene only; --keep-bench-flags keeps it"
         else:
             flags[key] = value
     placeholders = tuple(k for k in PATH_FLAGS if k in flags) if simulated else ()
@@ -83,7 +84,11 @@ def render_profile(trial: FrozenTrial, profile: Profile, *, study_name: str, obj
         if key in metrics:
             lines.append(f"# {key}: {metrics[key]:.4g}")
     for key in sorted(metrics):
-        if key not in objectives and key.rsplit(".", 1)[-1] in ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms"):
+        workload, _, metric = key.rpartition(".")
+        # the early-stop probe is the tuner's own short run; a 1-token workload has no ITL
+        if key in objectives or workload.endswith(PROBE_SUFFIX) or not metrics[key]:
+            continue
+        if metric in ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms"):
             lines.append(f"# {key}: {metrics[key]:.4g}")
     for key, why in profile.dropped.items():
         lines.append(f"# left out: {key} ({why})")
