@@ -1,7 +1,7 @@
 """GPU-memory probe and release check on a real NVIDIA GPU (needs torch + nvidia-ml-py).
 
 Launches a stand-in "server" through kttune's own start_server: it allocates GPU memory in
-itself and in a child, announces ready, and waits. Then prints what NVML sees (tuner.gpu),
+itself and in a child, announces ready, and waits. Then prints what NVML sees (tuner.machine.gpu),
 tears the tree down with stop_server (which waits for NVML to show the memory released) and
 prints the timings. A second round SIGKILLs the launching "tuner" process instead and checks
 that the die-with-tuner shim frees the GPU too. Prints figures; not a test.
