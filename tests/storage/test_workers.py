@@ -137,3 +137,15 @@ def test_heartbeat_interval_from_the_environment(tmp_path: Path, monkeypatch: py
         monkeypatch.setenv("KTTUNE_HEARTBEAT_S", bad)
         with pytest.raises(ConfigError, match="KTTUNE_HEARTBEAT_S"):
             make_storage(url)
+
+
+def test_a_long_message_keeps_its_head_and_tail() -> None:
+    from tuner.storage.record import MESSAGE_HEAD, MESSAGE_TAIL, stored_message
+
+    short = "port 127.0.0.1:30000 is already in use"
+    assert stored_message(short) == short
+    lines = ["RuntimeError: the decisive first line"] + [f"log line {i:04d} of the server" for i in range(400)]
+    kept = stored_message("\n".join(lines))
+    assert kept.startswith("RuntimeError: the decisive first line\n") and kept.endswith("log line 0399 of the server")
+    assert "characters left out" in kept and len(kept) <= MESSAGE_HEAD + MESSAGE_TAIL + 60
+    assert all(line in lines or "left out" in line for line in kept.splitlines())  # whole lines only
