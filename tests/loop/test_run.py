@@ -29,3 +29,42 @@ def test_repeating_environment_fault_stops_but_memory_cliffs_do_not() -> None:
     assert not repeating_fault(["oom"] * 5)
     assert not repeating_fault(["bench_no_result", None, "bench_no_result"])
     assert not repeating_fault([None, None, None])
+
+
+def test_a_launch_that_never_started_a_server_spends_no_budget(tmp_path: Path) -> None:
+    import optuna
+
+    from tests.search.test_sampler import sim_space
+    from tuner.loop.run import RunOptions, StudyStopped, run_study
+    from tuner.outcome import failure
+    from tuner.sim.inprocess import InProcessRunner
+    from tuner.storage.attrs import ATTR_LAUNCHED, ATTR_REASON
+    from tuner.trial import TrialRun
+
+    space = sim_space("qwen3-30b-a3b-1x4090")
+    inner = InProcessRunner(noise_sigma=0.0)
+    taken = {"left": 2}
+
+    def runner(space, flags, trial_dir, *, on_phase=None):  # the port is taken for the first launches
+        if taken["left"]:
+            taken["left"] -= 1
+            return TrialRun(outcome=failure(space, "port_in_use", "port 30000 is already in use before launch"),
+                            argv=[], trial_dir=trial_dir, started=False)
+        return inner(space, flags, trial_dir, on_phase=on_phase)
+
+    storage = optuna.storages.InMemoryStorage()
+    opts = RunOptions(study_name="s", storage=storage, budget=3, seed=0, studies_dir=tmp_path, check_feasibility=False)
+    summary = run_study(space, opts, log=lambda _m: None, runner=runner)
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    refused = [t for t in trials if t.user_attrs.get(ATTR_REASON) == "port_in_use"]
+    assert summary.launched == 3 and len(refused) == 2
+    assert not any(t.user_attrs.get(ATTR_LAUNCHED) for t in refused)
+    assert sum(1 for t in trials if t.user_attrs.get(ATTR_LAUNCHED)) == 3
+    taken["left"] = 5  # a port taken for good: bounded retries, then the study stops
+    opts = RunOptions(study_name="t", storage=storage, budget=3, seed=0, studies_dir=tmp_path, check_feasibility=False)
+    try:
+        run_study(space, opts, log=lambda _m: None, runner=runner)
+    except StudyStopped as exc:
+        assert "port_in_use" in str(exc)
+    else:
+        raise AssertionError("a port taken for good must stop the study")

@@ -75,6 +75,9 @@ def launch(ctx: LaunchContext, trial: optuna.Trial, flags: dict[str, Any], const
         record(study, trial, outcome.failure(space, Reason.INTERRUPTED, "the tuner was stopped"), {})
         raise
     result = run.outcome
+    if not getattr(run, "started", True):  # no server ever ran: the budget is not spent
+        trial.set_user_attr(ATTR_LAUNCHED, False)
+        log(f"  trial {trial.number}: no server was started ({result.reason}); the launch is not counted")
     # What was measured overrides what was predicted: a launched trial carries the
     # prediction only as information, never as a constraint.
     attrs: dict[str, Any] = {ATTR_ARGV: run.argv, ATTR_TIMINGS: run.timings, ATTR_MEMORY: run.memory,

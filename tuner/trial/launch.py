@@ -50,6 +50,9 @@ class TrialRun:
     # tuner.trial.quality.QualityResult.to_attr(); "reference" holds what later trials are
     # compared with when this trial's check passed (the loop keeps the first one).
     quality: dict[str, Any] = field(default_factory=dict)
+    # False when no server process was ever started (the port was taken, the interpreter
+    # cannot run): such a launch spends nothing of the budget.
+    started: bool = True
 
     def log_text(self) -> str:
         return _read(self.trial_dir / "server.log")
@@ -98,6 +101,7 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
                               env=dict(space.server.env))
     except ServerLaunchError as exc:  # port taken before launch, interpreter cannot start
         run.outcome = outcome.failure(space, exc.reason, str(exc))
+        run.started = False
         return run
     metrics: dict[str, float] = {}
     try:
