@@ -77,13 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(args: argparse.Namespace, *, check_paths: bool = True) -> tuple[SearchSpace, str, str]:
+def _resolve(args: argparse.Namespace, *, check_paths: bool = True, create: bool = False) -> tuple[SearchSpace, str, str]:
+    """Space, study name and storage URL; `create`: a command that writes the study (run)."""
     from tuner.config import load_space
     from tuner.storage import default_storage
 
     space = load_space(args.space, check_paths=check_paths)
     study_name = args.study or space.name
-    storage = args.storage or default_storage(study_name, Path(args.studies_dir))
+    storage = args.storage or default_storage(study_name, Path(args.studies_dir), create=create)
     return space, study_name, storage
 
 
@@ -92,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.budget < 1:
         raise ConfigError(f"--budget: must be ≥ 1, got {args.budget}")
-    space, study_name, storage = _resolve(args, check_paths=not args.dry_run)
+    space, study_name, storage = _resolve(args, check_paths=not args.dry_run, create=not args.dry_run)
     if args.dry_run:
         dry_run(space, budget=args.budget, seed=args.seed)
         return 0
@@ -174,7 +175,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     from tuner.report import prepare_dashboard
 
-    space, study_name, storage = _resolve(args, check_paths=False)
+    space, study_name, storage = _resolve(args, check_paths=False, create=True)
     store, store_dir = prepare_dashboard(study_name, storage, Path(args.studies_dir), space.confirm)
     print(f"optuna-dashboard on http://{args.host}:{args.port} (study {study_name}, {storage}; artifacts in {store_dir})")
     from tuner.storage import make_storage

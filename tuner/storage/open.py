@@ -17,8 +17,10 @@ HEARTBEAT_GRACE_S = 120
 
 
 
-def default_storage(study_name: str, studies_dir: Path) -> str:
-    studies_dir.mkdir(parents=True, exist_ok=True)
+def default_storage(study_name: str, studies_dir: Path, *, create: bool = True) -> str:
+    """`sqlite:///<studies_dir>/<study>.db`; the folder is made only when `create` (a run)."""
+    if create:
+        studies_dir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{studies_dir / (study_name + '.db')}"
 
 
@@ -84,6 +86,13 @@ def open_study(space: SearchSpace, *, study_name: str, storage: str | optuna.sto
 
 
 def load_study(study_name: str, storage: str) -> optuna.Study:
+    """An existing study, for commands that only read: a SQLite file that does not exist is an
+    error (opening it would create an empty database), as is a study the storage lacks."""
+    if storage.startswith("sqlite:///") and storage != "sqlite:///:memory:":
+        path = Path(storage[len("sqlite:///"):])
+        if not path.exists():
+            raise ConfigError(f"--study: no study database at {path}; run `kttune run` first, "
+                              "or point --studies-dir / --storage at the study")
     store = make_storage(storage)
     try:
         return optuna.load_study(study_name=study_name, storage=store)
