@@ -20,3 +20,13 @@ def test_read_only_commands_on_a_missing_study_create_nothing(tmp_path: Path, co
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "no study database" in err and "kttune run" in err
     assert not studies.exists() and not list(tmp_path.iterdir())
+
+
+def test_version_and_a_missing_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("kttune 0.")
+    with pytest.raises(SystemExit) as done:
+        main([])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1 and "(see kttune --help)" in err

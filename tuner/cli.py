@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2, like every other bad input
-        self.exit(2, f"kttune: error: {message} (see kttune {self.prog.split()[-1]} --help)\n")
+        command = self.prog.split()[-1]
+        usage = "kttune --help" if command == "kttune" else f"kttune {command} --help"
+        self.exit(2, f"kttune: error: {message} (see {usage})\n")
 
 
 def _add_study_args(p: argparse.ArgumentParser) -> None:
@@ -36,7 +38,10 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tuner import __version__
+
     parser = _Parser(prog="kttune", description="Tune SGLang + KTransformers launch flags with Optuna.")
+    parser.add_argument("--version", action="version", version=f"kttune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run (or resume) a study until --budget launches are done")
     _add_study_args(run)
