@@ -116,9 +116,6 @@ def is_memory_reason(reason: str | None) -> bool:
 
 _BY_VALUE = {r.value: r for r in Reason}
 _MEMORY = frozenset(r.value for r in Reason if r.memory)
-MEMORY_REASONS = _MEMORY
-CONFIG_REASONS = frozenset(r.value for r in Reason if r.fault is Fault.CONFIG)
-FATAL_REASONS = frozenset(r.value for r in Reason if r.fault is Fault.FATAL)
 
 
 @dataclass

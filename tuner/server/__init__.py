@@ -14,7 +14,7 @@ from tuner.server.launch import (
 )
 from tuner.server.logscan import (
     ABORT_REASONS,
-    FATAL_REASONS,
+    FAILURE_REASONS,
     HTTP_UP_MARKERS,
     OOM_REASONS,
     READY_LINE,
@@ -32,7 +32,7 @@ from tuner.server.teardown import GpuMonitor, TeardownReport, kill_orphan, stop_
 
 __all__ = [
     "ABORT_REASONS",
-    "FATAL_REASONS",
+    "FAILURE_REASONS",
     "FailureMatch",
     "GpuMonitor",
     "HTTP_UP_MARKERS",

@@ -15,8 +15,8 @@ from typing import Any
 READY_LINE = "The server is fired up and ready to roll!"
 HTTP_UP_MARKERS = ("Uvicorn running on", "Application startup complete")
 
-# Fatal reasons, most specific first: classify_failure() returns the first that matched.
-_FATAL: tuple[tuple[str, re.Pattern[str]], ...] = (
+# Failure lines (the server did not start or is dying), most specific first: classify_failure() returns the first that matched.
+_FAILURES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("unrecognized_args", re.compile(r"error: unrecognized arguments")),
     ("invalid_args", re.compile(r"error: argument -")),
     ("port_in_use", re.compile(r"address already in use", re.IGNORECASE)),
@@ -38,13 +38,13 @@ _WARNING: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 
 OOM_REASONS = frozenset({"oom_weights", "oom_kv_alloc", "oom"})
-FATAL_REASONS = frozenset({name for name, _ in _FATAL if name != "oom"} | OOM_REASONS)
+FAILURE_REASONS = frozenset({name for name, _ in _FAILURES if name != "oom"} | OOM_REASONS)
 WARNING_REASONS = frozenset(name for name, _ in _WARNING)
 # Lines that mean the server is dying or useless even while the process still runs.
 # A bare traceback is left out: SGLang logs some recoverable ones.
-ABORT_REASONS = FATAL_REASONS - {"python_exception"}
+ABORT_REASONS = FAILURE_REASONS - {"python_exception"}
 
-_PRIORITY = {name: i for i, (name, _) in enumerate(_FATAL + _WARNING)}
+_PRIORITY = {name: i for i, (name, _) in enumerate(_FAILURES + _WARNING)}
 _RANK_TAG = re.compile(r"^\[[^\]]*?\bTP(\d+)\b[^\]]*\]")
 
 
@@ -101,7 +101,7 @@ def find_failures(text: str) -> list[FailureMatch]:
     phase = _Phase()
     found: list[FailureMatch] = []
     for line_no, line in enumerate(text.splitlines(), start=1):
-        for reason, pattern in _FATAL + _WARNING:
+        for reason, pattern in _FAILURES + _WARNING:
             if pattern.search(line):
                 if reason == "oom":
                     reason = phase.oom_reason()
@@ -133,7 +133,7 @@ def line_abort_reason(line: str) -> str | None:
 
     Cheap per-line check for readiness polling; classify the whole log for the final reason.
     """
-    for reason, pattern in _FATAL:
+    for reason, pattern in _FAILURES:
         if pattern.search(line):
             return reason if reason == "oom" or reason in ABORT_REASONS else None
     return None
@@ -152,7 +152,7 @@ _SUMMARY_AVAIL = re.compile(r"available_gpu_mem=" + _FLOAT + " GB")
 _KT_PER_LAYER = re.compile(r"Using kt_num_gpu_experts=(\d+) per layer")
 _KT_TOTAL = re.compile(r"total GPU experts: (\d+)")
 _CUDA_OOM = "CUDA out of memory"
-_NOT_ENOUGH_MEMORY = dict(_FATAL)["kv_not_enough_memory"]
+_NOT_ENOUGH_MEMORY = dict(_FAILURES)["kv_not_enough_memory"]
 
 
 # One parser per memory line; sizes in GiB, as printed. Each returns None for other lines.
