@@ -3,6 +3,7 @@ workloads, objectives, SLOs, bench, confirmation, probe, quality), the one seam 
 distributions and to launch flags."""
 from __future__ import annotations
 
+from tuner.config.fields import RESERVED_FLAGS
 from tuner.config.parse import load_space, parse_space
 from tuner.config.quality import QualitySpec
 from tuner.config.specs import (
@@ -33,6 +34,7 @@ __all__ = [
     "ParamSpec",
     "ProbeSpec",
     "QualitySpec",
+    "RESERVED_FLAGS",
     "SearchSpace",
     "ServerSpec",
     "SloSpec",

@@ -12,6 +12,7 @@ from typing import Any
 from tuner.errors import ConfigError
 
 # kttune sets these per trial; a space must not fix or tune them.
+# Set by kttune for every trial (and by the deployment, not a profile).
 RESERVED_FLAGS = frozenset({"host", "port"})
 
 

@@ -18,12 +18,11 @@ from typing import Any
 import yaml
 from optuna.trial import FrozenTrial
 
+from tuner.config import RESERVED_FLAGS
 from tuner.errors import ConfigError
 from tuner.storage import ATTR_FLAGS, metrics_of
 from tuner.trial import PROBE_SUFFIX
 
-# Set per deployment, not per profile.
-DEPLOYMENT_FLAGS = ("host", "port")
 # The simulator's own flags (`python -m tuner.sim` adds --sim-*); no SGLang flag starts so.
 SIMULATOR_PREFIX = "sim-"
 # Switches that make a benchmark fair and a production server slower: with the radix cache (and
@@ -58,7 +57,7 @@ def servable_profile(trial: FrozenTrial, *, simulated: bool, keep_benchmark_flag
     flags: dict[str, Any] = {}
     dropped: dict[str, str] = {}
     for key, value in recorded_flags(trial).items():
-        if key in DEPLOYMENT_FLAGS:
+        if key in RESERVED_FLAGS:  # the deployment gives host and port
             continue
         if key.startswith(SIMULATOR_PREFIX):
             dropped[key] = "the simulator's own flag"
