@@ -130,14 +130,14 @@ def run_workload(bench: BenchSpec, w: Workload, *, host: str, port: int, trial_d
     if reason == "bench_timeout":
         raise BenchmarkError(f"workload {w.name} ran past bench.timeout_s={bench.timeout_s:g}", reason="bench_timeout")
     raw = read_last_result(output_file, lines_before=before)
-    refused = request_refusal(log_file) if raw is None or int(raw.get("completed", 0) or 0) < w.num_prompts else None
+    completed = int(raw.get("completed", 0) or 0) if raw is not None else 0
+    refused = request_refusal(log_file) if completed < w.num_prompts else None
     if refused is not None:
         raise BenchmarkError(f"the server refused workload {w.name}'s requests as too long: {refused}",
                              reason="request_too_long")
     if raw is None:
         raise BenchmarkError(f"bench_serving wrote no result for {w.name} (rc={proc.returncode}): {_tail(log_file)}",
                              reason="bench_no_result")
-    completed = int(raw.get("completed", 0) or 0)
     metrics = rescale_metrics(raw, bench.time_scale)
     result = BenchResult(workload=w.name, metrics=metrics, output_file=output_file, wall_s=wall,
                          completed=completed, requested=w.num_prompts)
