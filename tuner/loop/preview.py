@@ -8,9 +8,9 @@ import shlex
 import optuna
 
 from tuner.config import SearchSpace
-from tuner.errors import KttuneError
-from tuner.feasibility import FeasibilityGate, launch_flags
+from tuner.feasibility import launch_flags
 from tuner.log import Log
+from tuner.loop.run import build_gate
 from tuner.search import make_sampler, warm_start
 from tuner.storage import enqueue_baseline_once
 from tuner.trial import server_argv
@@ -20,11 +20,7 @@ def dry_run(space: SearchSpace, *, budget: int, seed: int | None, log: Log = pri
     """Print the argv of the first `budget` proposals of the strategy a run uses (baseline,
     warm start, then the sampler); launches nothing, writes nothing. Nothing is measured, so
     after the enqueued trials the proposals are the sampler's measurement-free ones."""
-    try:
-        gate: FeasibilityGate | None = FeasibilityGate.for_space(space)
-    except KttuneError as exc:
-        gate = None
-        log(f"# feasibility not checked here: {exc}")
+    gate = build_gate(space, required=False, log=lambda m: log("# " + m))
     study = optuna.create_study(directions=space.directions, sampler=make_sampler(space, seed, gate=gate))
     enqueue_baseline_once(study, space)
     warm_start(study, space, gate, log=lambda m: log("# " + m))

@@ -97,14 +97,17 @@ class RunSummary:
     pick: list[int] = field(default_factory=list)  # `tuner.selection.pick` at the end of the run
 
 
-def build_gate(space: SearchSpace, *, required: bool) -> FeasibilityGate | None:
+def build_gate(space: SearchSpace, *, required: bool, log: Log | None = None) -> FeasibilityGate | None:
     """The run's one feasibility gate. Where model or hardware cannot be resolved: an error
-    when the run checks feasibility, else None (the search then works without it)."""
+    when the run checks feasibility, else None (the search then works without it; `log`
+    hears why)."""
     try:
         return FeasibilityGate.for_space(space)
-    except KttuneError:
+    except KttuneError as exc:
         if required:
             raise
+        if log is not None:
+            log(f"feasibility not checked here: {exc}")
         return None
 
 
