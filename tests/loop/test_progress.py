@@ -30,9 +30,9 @@ def test_plain_lines_with_elapsed_best_and_eta() -> None:
         p.trial_finished(1, "oom", [0.0], feasible=False)
     lines = out.getvalue().splitlines()
     assert lines[0] == "trial 0 (launch 1/3): kt-num-gpu-experts=200"
-    assert lines[1] == "  trial 0: benchmarking decode (30s in trial, 30s elapsed)"
-    assert lines[2] == ("trial 0: ok  objective = 45.9  | 1/3 launches done, elapsed 1m40s, "
-                        "best decode.output_throughput 45.9, ETA 3m20s")
+    assert lines[1] == "  trial 0: benchmarking decode (launching took 30s, 30s in trial)"
+    assert lines[2] == ("trial 0: ok  objective = 45.9 (1m40s; benchmarking decode took 1m10s)  | 1/3 launches done, "
+                        "elapsed 1m40s, best decode.output_throughput 45.9, ETA 3m20s")
     assert lines[-1].startswith("trial 1: oom  objective = 0") and "best decode.output_throughput 45.9" in lines[-1]
     assert "ETA 1m10s" in lines[-1]  # mean of 100 s and 40 s, one launch left
 
@@ -46,14 +46,15 @@ def test_infeasible_results_never_become_best_and_minimize_works() -> None:
     assert p.eta() is None and "ETA ?" in p.status_line()
 
 
-def test_status_line_names_trial_phase_and_time() -> None:
+def test_status_line_times_the_phase_not_the_trial() -> None:
     clock = Clock()
     p = Progress(budget=20, objectives=OBJ, stream=io.StringIO(), clock=clock)
     p.trial_started(7, 4, 20, {})
     clock.t += 65
-    p.phase("checking output quality")
+    p.phase("tearing down")
+    clock.t += 0.2
     line = p.status_line()
-    assert line.startswith("trial 7 · launch 4/20 · checking output quality 1m05s · elapsed 1m05s")
+    assert line.startswith("trial 7 · launch 4/20 · tearing down 0.2s (trial 1m05s) · elapsed 1m05s")
 
 
 class Tty(io.StringIO):
@@ -75,4 +76,4 @@ def test_live_line_on_a_terminal_keeps_log_lines() -> None:
 
 
 def test_fmt_duration() -> None:
-    assert [fmt_duration(s) for s in (None, 5, 65, 3600 * 2 + 60 * 5)] == ["?", "5s", "1m05s", "2h05m"]
+    assert [fmt_duration(s) for s in (None, 0.2, 5, 65, 3600 * 2 + 60 * 5)] == ["?", "0.2s", "5.0s", "1m05s", "2h05m"]

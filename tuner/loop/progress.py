@@ -5,27 +5,19 @@ pipe, a log file) every event is one plain line. The loop calls the same methods
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from tuner.report import fmt_seconds as fmt_duration
+
 
 @dataclass(frozen=True)
 class ObjectiveLabel:
     key: str
     direction: str  # "maximize" | "minimize"
-
-
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    s = int(round(max(seconds, 0.0)))
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
 class Progress:
@@ -46,6 +38,7 @@ class Progress:
         self._launch_i = 0
         self._trial_started: float | None = None
         self._phase = "starting"
+        self._phase_started = self._started
         self._durations: list[float] = []
         self._best: list[float | None] = [None] * len(self.objectives)
         isatty = getattr(self._stream, "isatty", lambda: False)()
@@ -88,32 +81,36 @@ class Progress:
     def trial_started(self, number: int, launch_i: int, budget: int, params: Mapping[str, Any]) -> None:
         self.budget = budget
         self._trial, self._launch_i = number, launch_i
-        self._trial_started = self._clock()
+        self._trial_started = self._phase_started = self._clock()
         self._phase = "launching"
         knobs = " ".join(f"{k}={v}" for k, v in params.items())
         self.log(f"trial {number} (launch {launch_i}/{budget}): {knobs}")
 
     def phase(self, name: str) -> None:
-        self._phase = name
+        """A new phase of the running trial; the line names how long the one before took."""
+        previous, took = self._phase, self._in_phase()
+        self._phase, self._phase_started = name, self._clock()
         if self._live is None:
-            self.log(f"  trial {self._trial}: {name} ({fmt_duration(self._in_trial())} in trial, "
-                     f"{fmt_duration(self.elapsed())} elapsed)")
+            self.log(f"  trial {self._trial}: {name} ({previous} took {fmt_duration(took)}, "
+                     f"{fmt_duration(self._in_trial())} in trial)")
 
     def trial_finished(self, number: int, verdict: str, values: Sequence[float] | None, *,
                        feasible: bool = True, launched: bool = True) -> None:
         """`verdict` is "ok" or the failure reason; `values` the objective values (None for a
         failed trial). Infeasible results (an SLO missed, a config that did not fit) are shown
         but never become the best. `launched=False` for trials told without a launch."""
+        last = ""
         if launched and self._trial == number and self._trial_started is not None:
             self._durations.append(self._clock() - self._trial_started)
+            last = f" ({fmt_duration(self._durations[-1])}; {self._phase} took {fmt_duration(self._in_phase())})"
         if launched and self._trial == number:
             self._trial_started = None
-            self._phase = "between trials"
+            self._phase, self._phase_started = "between trials", self._clock()
         if values is not None and feasible and verdict == "ok":
             self.observe(values)
         shown = "-" if values is None else ", ".join(f"{v:.4g}" for v in values)
         tag = verdict if feasible or verdict != "ok" else "ok, misses a constraint"
-        self.log(f"trial {number}: {tag}  objective = {shown}  | {self.summary()}")
+        self.log(f"trial {number}: {tag}  objective = {shown}{last}  | {self.summary()}")
 
     def observe(self, values: Sequence[float]) -> None:
         """Fold a feasible result into best-so-far (also for results of an earlier run)."""
@@ -125,6 +122,9 @@ class Progress:
     # ---------------------------------------------------------------- derived
     def elapsed(self) -> float:
         return self._clock() - self._started
+
+    def _in_phase(self) -> float:
+        return self._clock() - self._phase_started
 
     def _in_trial(self) -> float:
         return 0.0 if self._trial_started is None else self._clock() - self._trial_started
@@ -148,5 +148,6 @@ class Progress:
 
     def status_line(self) -> str:
         trial = "waiting" if self._trial is None else f"trial {self._trial} · launch {self._launch_i}/{self.budget}"
-        return (f"{trial} · {self._phase} {fmt_duration(self._in_trial())} · elapsed {fmt_duration(self.elapsed())}"
+        in_trial = "" if self._trial_started is None else f" (trial {fmt_duration(self._in_trial())})"
+        return (f"{trial} · {self._phase} {fmt_duration(self._in_phase())}{in_trial} · elapsed {fmt_duration(self.elapsed())}"
                 f" · {self.best_text()} · ETA {fmt_duration(self.eta())}")
