@@ -79,6 +79,10 @@ class RunOptions:
     probe: bool = True
     # The search strategy; its variants exist for the tuning benchmark's ablations.
     strategy: Strategy = DEFAULT_STRATEGY
+    # The dry run (tuner.loop.preview): its runner only prints, so a model or machine that cannot
+    # be resolved here leaves the run without a gate instead of stopping it, and its "launches"
+    # (all told as not started) never count as a repeating fault.
+    preview: bool = False
 
     def confirm_runs(self, space: SearchSpace) -> int:
         if self.confirm is not None:
@@ -118,7 +122,7 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
     # optuna-dashboard (for the study note after each trial) takes ~2 s to import: once, before
     # the first launch, not between trials (not in a thread: concurrent imports can deadlock).
     import optuna_dashboard  # noqa: F401
-    gate = build_gate(space, required=opts.check_feasibility)
+    gate = build_gate(space, required=opts.check_feasibility and not opts.preview, log=log)
     checks = gate if opts.check_feasibility else None
     if checks is not None:
         fitting = checks.find_fitting(space, seed=opts.seed or 0)
@@ -215,7 +219,8 @@ class _Loop:
                                   probing=self.probing and confirmation_of is None)
         self.summary.new_trials.append(trial.number)
         self._observe(log_text, flags, result.reason, report, marginal)
-        self._stop_on_repeating_faults(trial, result)
+        if not opts.preview:
+            self._stop_on_repeating_faults(trial, result)
         return True
 
     def _sync_calibration(self) -> None:
@@ -253,6 +258,10 @@ class _Loop:
             trial.report(dup.intermediate_values[max(dup.intermediate_values)], 0)
         if not dup.state.is_finished():
             self.log(f"trial {trial.number}: not launched, trial {dup.number} runs the same configuration")
+        else:
+            self.log(f"trial {trial.number}: not launched, the same configuration as trial {dup.number} "
+                     f"({'measured' if dup.state == TrialState.COMPLETE else dup.state.name.lower()}); "
+                     f"{self.skips + 1} proposal(s) skipped since the last launch")
         record(self.study, trial, told, {ATTR_DUPLICATE_OF: dup.number})
         self.skips += 1
         return True
