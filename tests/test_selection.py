@@ -48,7 +48,7 @@ def test_confirm_noise_reaches_every_command_and_the_loop(tmp_path: Path, noise:
     expected = next(t.number for t in study.trials if t.params == winner)
     assert [t.number for t in pick(study, space.confirm)] == [expected]
     # kttune best
-    assert best_table(space, study)[1][0].startswith(f"{expected} ")
+    assert best_table(space, study)[0][1].startswith(f"{expected} ")
     # kttune export
     out = export_profile(space, "pick", url, tmp_path / "best.yaml")
     assert f"# trial: {expected}\n" in out.read_text()

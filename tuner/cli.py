@@ -5,6 +5,9 @@ Exit codes: 0 ok, 1 a fault while running, 2 bad input (one line, no traceback),
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import signal
 import sys
 import warnings
@@ -17,10 +20,7 @@ from tuner.errors import ConfigError, KttuneError
 if TYPE_CHECKING:
     from tuner.config import SearchSpace
 
-DEFAULT_SPACE = "search_spaces/sim-kimi-k2-thinking-8xl20.yaml"
-
-if TYPE_CHECKING:
-    from tuner.config import SearchSpace
+SHIPPED_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,8 +30,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"kttune: error: {message} (see {usage})\n")
 
 
+def _add_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: %(default)s)")
+
+
 def _add_study_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--space", default=DEFAULT_SPACE, help="search-space YAML (default: %(default)s)")
+    p.add_argument("--space", help="search-space YAML (required; kttune init writes one)")
     p.add_argument("--study", help="study name (default: the space's name)")
     p.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db)")
     p.add_argument("--studies-dir", default="studies", help="where trial folders and default databases go")
@@ -53,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not read --help of the server and bench client before the first launch")
     best = sub.add_parser("best", help="show the best trial (the Pareto front for several objectives)")
     _add_study_args(best)
+    _add_format(best)
+    show = sub.add_parser("show", help="show one trial as stored: params, flags, metrics, constraints, phases, files")
+    show.add_argument("trial", type=int, metavar="TRIAL", help="trial number")
+    _add_study_args(show)
+    _add_format(show)
+    studies = sub.add_parser("studies", help="list the studies of a storage: name, trials, best, storage")
+    studies.add_argument("--storage", help="SQLAlchemy URL (default: every study database in --studies-dir)")
+    studies.add_argument("--studies-dir", default="studies", help="where kttune run puts databases (default: %(default)s)")
+    _add_format(studies)
     exp = sub.add_parser("export", help="write a trial as a YAML profile for sglang.launch_server --config")
     _add_study_args(exp)
     exp.add_argument("--out", required=True, help="output .yaml file")
@@ -71,10 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///<studies-dir>/<study>.db)")
     doc.add_argument("--studies-dir", default="studies", help="where trial folders and default databases go")
     doc.add_argument("--timeout", type=float, default=120.0, help="seconds per interpreter probe (default: %(default)s)")
+    _add_format(doc)
     plan = sub.add_parser("plan", help="predict memory, KV capacity and CPU layout of a config; launch nothing")
     _add_study_args(plan)
     plan.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
                       help="override a flag (default values: the space's baseline); repeatable")
+    _add_format(plan)
+    init = sub.add_parser("init", help="write a search space for a model on this machine (or one described by --gpus/--cpu)")
+    init.add_argument("--model", required=True, help="the model's Hugging Face folder (with config.json)")
+    init.add_argument("--kt-weight-path", help="the CPU expert weights (default: the model folder)")
+    init.add_argument("--kt-method", default="AMXINT4", help="CPU expert format (default: %(default)s)")
+    init.add_argument("--gpus", metavar="COUNTx NAME-MEM", help='describe the GPUs, e.g. "8x L20-48G" or "4x H100-81559MiB"')
+    init.add_argument("--cpu", metavar="SOCKETSxCORES", help="describe the CPU, e.g. 2x32 (two sockets of 32 physical cores)")
+    init.add_argument("--numa-nodes", type=int, help="NUMA nodes of the described CPU (default: one per socket)")
+    init.add_argument("--amx", action=argparse.BooleanOptionalAction, default=None, help="the described CPU has AMX")
+    init.add_argument("--ram-gib", type=int, help="host RAM of the described machine in GiB")
+    init.add_argument("--dataset", help="ShareGPT JSON for bench_serving (offline benchmarks)")
+    init.add_argument("--name", help="the space's name (default: model and GPUs)")
+    init.add_argument("--out", help="output YAML (default: <name>.yaml)")
+    init.add_argument("--force", action="store_true", help="overwrite --out")
+    comp = sub.add_parser("completion", help="print a shell completion script: eval \"$(kttune completion bash)\"")
+    comp.add_argument("shell", choices=("bash", "zsh"))
     dash = sub.add_parser("dashboard", help="serve optuna-dashboard on the study's storage")
     _add_study_args(dash)
     dash.add_argument("--host", default="127.0.0.1")
@@ -87,6 +117,11 @@ def _resolve(args: argparse.Namespace, *, check_paths: bool = True, create: bool
     from tuner.config import load_space
     from tuner.storage import default_storage
 
+    if args.space is None:
+        shipped = sorted(SHIPPED_SPACES.glob("*.yaml"))
+        listed = ", ".join(os.path.relpath(p) for p in shipped) or "none found"
+        raise ConfigError(f"--space: required; pass a search-space YAML (shipped: {listed}), "
+                          "or write one with kttune init --model DIR")
     space = load_space(args.space, check_paths=check_paths)
     study_name = args.study or space.name
     storage = args.storage or default_storage(study_name, Path(args.studies_dir), create=create)
@@ -100,7 +135,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--budget: must be ≥ 1, got {args.budget}")
     space, study_name, storage = _resolve(args, check_paths=not args.dry_run, create=not args.dry_run)
     if args.dry_run:
-        dry_run(space, budget=args.budget, seed=args.seed)
+        dry_run(space, budget=args.budget, seed=args.seed, studies_dir=Path(args.studies_dir),
+                check_feasibility=not args.no_feasibility)
         return 0
     if not args.no_compat_check:  # refuse flags the installed server/bench reject, before any write
         from tuner.preflight import check_space_compat
@@ -124,11 +160,74 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=1, default=str))
+
+
 def cmd_best(args: argparse.Namespace) -> int:
-    from tuner.report import print_best
+    from tuner.report import best_data, print_best
 
     space, study_name, storage = _resolve(args, check_paths=False)
+    if args.format == "json":
+        from tuner.storage import load_study
+
+        data = best_data(space, load_study(study_name, storage))
+        _print_json(data)
+        return 0 if data["picked"] else 1
     return 0 if print_best(space, study_name, storage) else 1
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tuner.report import get_trial, render_trial, trial_json
+    from tuner.storage import load_study
+
+    _space, study_name, storage = _resolve(args, check_paths=False)
+    study = load_study(study_name, storage)
+    trial = get_trial(study, args.trial)
+    if args.format == "json":
+        _print_json(trial_json(study, trial))
+    else:
+        render_trial(study, trial, Console(highlight=False))
+    return 0
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tuner.report import list_studies, render_studies, storages_in, studies_json
+
+    storages = [args.storage] if args.storage else storages_in(Path(args.studies_dir))
+    if args.storage and args.storage.startswith("sqlite:///") and not Path(args.storage[len("sqlite:///"):]).exists():
+        raise ConfigError(f"--storage: no database at {args.storage[len('sqlite:///'):]}; give an existing one")
+    rows = list_studies(storages)
+    if args.format == "json":
+        _print_json(studies_json(rows))
+    elif rows:
+        render_studies(rows, Console(highlight=False))
+    else:
+        print(f"no study databases in {args.studies_dir} (kttune run writes them there; --storage URL for another)")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from tuner.preflight import InitOptions, build_space, write_space
+
+    result = build_space(InitOptions(model=args.model, kt_weight_path=args.kt_weight_path, gpus=args.gpus, cpu=args.cpu,
+                                     numa_nodes=args.numa_nodes, amx=args.amx, ram_gib=args.ram_gib,
+                                     kt_method=args.kt_method, name=args.name, dataset=args.dataset))
+    out = write_space(result, Path(args.out or f"{result.data['name']}.yaml"), force=args.force)
+    print("\n".join(result.summary))
+    print(f"wrote {out}; next: kttune plan --space {out}, then kttune run --space {out} --dry-run")
+    return 0
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from tuner.completion import SHELLS
+
+    print(SHELLS[args.shell](build_parser()), end="")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -150,6 +249,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tuner.preflight import plan_report
 
     space, _study, _storage = _resolve(args, check_paths=False)
+    if args.format == "json":
+        from tuner.preflight import plan_data
+
+        data = plan_data(space, args.set)
+        _print_json(data)
+        return 0 if data["feasible"] else 1
     text, fits = plan_report(space, args.set)
     print(text)
     return 0 if fits else 1
@@ -171,7 +276,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     checks = run_checks(DoctorOptions(space_path=args.space, study=args.study, storage=args.storage,
                                       studies_dir=Path(args.studies_dir), timeout_s=args.timeout))
-    print(render_checks(checks))
+    if args.format == "json":
+        _print_json([dataclasses.asdict(c) for c in checks])
+    else:
+        print(render_checks(checks))
     return exit_code(checks)
 
 
@@ -189,8 +297,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "best": cmd_best, "export": cmd_export, "report": cmd_report,
-            "doctor": cmd_doctor, "dashboard": cmd_dashboard}
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "best": cmd_best, "show": cmd_show, "studies": cmd_studies,
+            "export": cmd_export, "report": cmd_report, "doctor": cmd_doctor, "dashboard": cmd_dashboard,
+            "init": cmd_init, "completion": cmd_completion}
 
 
 def _sigterm_as_interrupt(_signum: int, _frame: object) -> None:

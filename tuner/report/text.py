@@ -2,8 +2,13 @@
 notes on picks launched inside the safety margin."""
 from __future__ import annotations
 
+from typing import Any
+
 import optuna
 from optuna.trial import FrozenTrial
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 from tuner.config import ConfirmSpec, SearchSpace
 from tuner.report.status import failure_counts, no_feasible_message
@@ -11,33 +16,35 @@ from tuner.selection import (
     pick,
     repeat_groups,
 )
-from tuner.storage import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_MARGINAL, load_study, metrics_of
-
-SHOWN_METRICS = ("output_throughput", "input_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms")
-
-
-def _fmt(v: object) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
+from tuner.report.units import fmt_metric, fmt_number
+from tuner.storage import ATTR_BASELINE, ATTR_FLAGS, ATTR_LAUNCHED, ATTR_MARGINAL, load_study, metrics_of
 
 def _repeats_note(study: optuna.Study, t: FrozenTrial) -> str:
     g = next((g for g in repeat_groups(study) if g.first.number == t.number), None)
-    return "" if g is None or len(g.values) < 2 else f" (mean {g.mean:.4g} ± {g.spread:.2g} of {len(g.values)})"
+    return "" if g is None or len(g.values) < 2 else f" (mean {fmt_number(g.mean)} ± {g.spread:.2g} of {len(g.values)})"
 
 
 def best_table(space: SearchSpace, study: optuna.Study) -> list[list[str]]:
-    """Rows (header first) for the feasible best trial(s), computed, not printed."""
+    """Rows (header first) for the feasible best trial(s), computed, not printed: one column per
+    picked trial and one row per knob and metric, so it fits a terminal however many there are."""
     best = pick(study, space.confirm)
     keys = [o.key for o in space.objectives]
-    extra = [k for k in headline_metrics(space) if k not in keys]
-    params = [p.flag for p in space.params]
-    rows = [["trial", *params, *keys, *extra]]
-    for t in best:
-        m = metrics_of(t)
-        rows.append([str(t.number) + (" (baseline)" if t.user_attrs.get(ATTR_BASELINE) else "") + _repeats_note(study, t),
-                     *(_fmt(t.params.get(p, "")) for p in params),
-                     *(_fmt(m.get(k, "")) for k in keys), *(_fmt(m.get(k, "")) for k in extra)])
+    metrics = [*keys, *(k for k in headline_metrics(space) if k not in keys)]
+    rows = [["trial", *(str(t.number) + (" (baseline)" if t.user_attrs.get(ATTR_BASELINE) else "")
+                        + _repeats_note(study, t) for t in best)]]
+    rows += [[p.flag, *(str(t.params.get(p.flag, "")) for t in best)] for p in space.params]
+    rows += [[k, *(fmt_metric(k, metrics_of(t).get(k)) for t in best)] for k in metrics]
     return rows
+
+
+def best_data(space: SearchSpace, study: optuna.Study) -> dict[str, Any]:
+    """`kttune best --format json`: the picked trial(s) with params, flags and metrics."""
+    keys = [o.key for o in space.objectives]
+    return {"study": study.study_name, "objectives": keys,
+            "picked": [{"trial": t.number, "baseline": bool(t.user_attrs.get(ATTR_BASELINE)), "params": dict(t.params),
+                        "values": dict(zip(keys, t.values or [])), "flags": t.user_attrs.get(ATTR_FLAGS, {}),
+                        "metrics": metrics_of(t)} for t in pick(study, space.confirm)],
+            "not_measured": failure_counts(study)}
 
 
 def headline_metrics(space: SearchSpace) -> list[str]:
@@ -53,30 +60,33 @@ def headline_metrics(space: SearchSpace) -> list[str]:
     return out
 
 
-def _render(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+def _render(rows: list[list[str]]) -> Table:
+    table = Table(*rows[0], box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for r in rows[1:]:
+        table.add_row(*r)
+    return table
 
 
-def print_best(space: SearchSpace, study_name: str, storage: str) -> bool:
+def print_best(space: SearchSpace, study_name: str, storage: str, *, console: Console | None = None) -> bool:
+    out = console or Console(highlight=False)
     study = load_study(study_name, storage)
     trials = study.get_trials(deepcopy=False)
     launched = sum(1 for t in trials if t.user_attrs.get(ATTR_LAUNCHED))
     rows = best_table(space, study)
     title = "Pareto front" if len(space.objectives) > 1 else "best trial"
-    print(f"study {study_name}: {len(trials)} trials, {launched} launched")
+    out.print(f"study {study_name}: {len(trials)} trials, {launched} launched", markup=False)
     fails = failure_counts(study)
     if fails:
-        print("not measured: " + ", ".join(f"{k} ×{v}" for k, v in sorted(fails.items())))
+        out.print("not measured: " + ", ".join(f"{k} ×{v}" for k, v in sorted(fails.items())), markup=False)
     if space.slos:
-        print("SLOs: " + "; ".join(s.describe() for s in space.slos))
-    if len(rows) == 1:
-        print(no_feasible_message(study))
+        out.print("SLOs: " + "; ".join(s.describe() for s in space.slos), markup=False)
+    if len(rows[0]) == 1:
+        out.print(no_feasible_message(study), markup=False)
         return False
-    print(f"{title}:")
-    print(_render(rows))
+    out.print(f"{title}:", markup=False)
+    out.print(_render(rows))
     for line in boundary_notes(study, space.confirm):
-        print(line)
+        out.print(line, markup=False)
     return True
 
 
