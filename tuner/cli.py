@@ -180,16 +180,17 @@ def cmd_best(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from tuner.report import get_trial, render_trial, trial_json
+    from tuner.report import get_trial, headline_metrics, render_trial, trial_json
     from tuner.storage import load_study
 
-    _space, study_name, storage = _resolve(args, check_paths=False)
+    space, study_name, storage = _resolve(args, check_paths=False)
     study = load_study(study_name, storage)
     trial = get_trial(study, args.trial)
     if args.format == "json":
         _print_json(trial_json(study, trial))
     else:
-        render_trial(study, trial, Console(highlight=False))
+        keys = [o.key for o in space.objectives]
+        render_trial(study, trial, [*keys, *(k for k in headline_metrics(space) if k not in keys)], Console(highlight=False))
     return 0
 
 

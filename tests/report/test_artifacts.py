@@ -122,7 +122,7 @@ def test_note_names_baseline_and_best(tmp_path: Path) -> None:
     body = note_baseline_and_best(study, ConfirmSpec())
     assert get_note(study) == body == study_note(study, ConfirmSpec())
     assert "trial 0: decode.output_throughput = 40" in body
-    assert "trial 1: decode.output_throughput = 44 (vs baseline: decode.output_throughput +10.0%)" in body
+    assert "trial 1: decode.output_throughput = 44 tok/s (vs baseline: decode.output_throughput +10.0%)" in body
     assert study.metric_names == [KEY]
     assert "Baseline" in get_note(optuna.Trial(study, study.trials[0]._trial_id))
 

@@ -16,7 +16,8 @@ from tuner import outcome as objective
 from tuner.cli import main
 from tuner.config import parse_space
 from tuner.errors import ConfigError, KttuneError
-from tuner.report.data import compute_report
+from tuner.report.data import _comparison, compute_report
+from tuner.report.html import render_html
 from tuner.report.export import export_profile, parse_weights, pick_trial
 from tuner.report.status import DUPLICATE, FAILED, FEASIBLE, INFEASIBLE, VIOLATES, classify_trial
 from tuner.report.text import print_best
@@ -113,12 +114,25 @@ def test_report_data_front_baseline_and_counts(mo) -> None:
     json.dumps(data.to_dict())  # serialisable as report.json
 
 
+def test_a_baseline_that_is_still_the_best_is_not_compared_with_itself(mo) -> None:
+    space, study, _ = mo
+    data = compute_report(space, study)
+    assert data.recommended == data.baseline == 0  # this study's equal-weights pick is the baseline
+    assert data.comparison == ()
+    assert any("baseline (trial 0) is still the best" in n and "no comparison" in n for n in data.notes)
+    html = render_html(data, {})
+    assert "vs best" not in html and "+0.0%" not in html
+
+
 def test_baseline_vs_best_uses_measured_numbers(mo) -> None:
     space, study, _ = mo
     data = compute_report(space, study)
-    base, best = metrics_of(study.trials[0]), metrics_of(study.trials[data.recommended])
-    by_metric = {c.metric: c for c in data.comparison}
-    assert [c.metric for c in data.comparison[:3]] == ["decode.output_throughput", "prefill.input_throughput", "decode.p99_itl_ms"]
+    other = next(n for n in data.front if n != data.baseline)
+    keys = ["decode.output_throughput", "prefill.input_throughput", "decode.p99_itl_ms"]
+    comparison = _comparison(data.row(0), data.row(other), keys)
+    base, best = metrics_of(study.trials[0]), metrics_of(study.trials[other])
+    by_metric = {c.metric: c for c in comparison}
+    assert [c.metric for c in comparison[:3]] == keys
     c = by_metric["prefill.input_throughput"]
     assert c.baseline == base["prefill.input_throughput"] and c.best == best["prefill.input_throughput"]
     assert c.change_pct == pytest.approx(100 * (c.best - c.baseline) / c.baseline)

@@ -8,7 +8,7 @@ from tuner.report.data import compute_report
 from tuner.report.export import export_profile, parse_weights
 from tuner.report.html import write_report
 from tuner.report.studies import get_trial, list_studies, render_studies, render_trial, storages_in, studies_json, trial_json
-from tuner.report.text import best_data, print_best
+from tuner.report.text import best_data, headline_metrics, print_best
 from tuner.report.units import fmt_metric, fmt_seconds
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "fmt_metric",
     "fmt_seconds",
     "get_trial",
+    "headline_metrics",
     "list_studies",
     "note_baseline_and_best",
     "parse_weights",

@@ -23,6 +23,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial
 
 from tuner.config import ConfirmSpec
+from tuner.report.units import fmt_metric
 from tuner.selection import pick
 from tuner.storage import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_TRIAL_DIR, STUDY_ATTR_ARTIFACT_DIR, metrics_of, objective_keys
 
@@ -177,7 +178,7 @@ def list_artifacts(study: optuna.Study, trial: FrozenTrial) -> list[dict[str, st
 
 def _md_values(t: FrozenTrial, keys: Sequence[str]) -> str:
     m = metrics_of(t)
-    return ", ".join(f"{k} = {m[k]:.4g}" if k in m else f"{k} = -" for k in keys)
+    return ", ".join(f"{k} = {fmt_metric(k, m.get(k))}" for k in keys)
 
 
 def study_note(study: optuna.Study, confirm: ConfirmSpec) -> str:
@@ -200,9 +201,14 @@ def study_note(study: optuna.Study, confirm: ConfirmSpec) -> str:
             m = metrics_of(t)
             deltas = [f"{k} {100 * (m[k] - bm[k]) / abs(bm[k]):+.1f}%" for k in keys if k in m and bm.get(k)]
             vs = f" (vs baseline: {', '.join(deltas)})" if deltas else ""
+            if base is not None and t.number == base.number:
+                vs = " (the baseline itself: no configuration tried beat it)"
             lines.append(f"- trial {t.number}: {_md_values(t, keys)}{vs}")
     lines += ["", "Only trials that meet every constraint (SLOs included) count here; the dashboard's own "
-              "*Best Trial* badges and Pareto plot do not apply constraints.",
+              "*Best Trial* badges and Pareto plot do not apply constraints. Its *Hyperparameter Importance* "
+              "panel counts every COMPLETE trial, configurations predicted not to fit (told with a placeholder "
+              "value) and repeats included; `kttune report` ranks knobs over feasible measured trials only, and "
+              "only those that took more than one value.",
               "", "Each launched trial has its server log, bench_serving JSONL and argv under *Artifacts*."]
     return "\n".join(lines)
 

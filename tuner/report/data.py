@@ -123,13 +123,22 @@ def choose_evaluator(n_trials: int) -> optuna.importance.BaseImportanceEvaluator
     return optuna.importance.FanovaImportanceEvaluator(seed=0)
 
 
+# Fewer feasible measured trials than this and an importance ranking is decided by single
+# trials: fANOVA's forest (and PED-ANOVA's top quantile) then rank the run-to-run noise.
+MIN_IMPORTANCE_TRIALS = 10
+
+
 def _importance(trials: Sequence[FrozenTrial], key: str, direction: str, params: Sequence[str]) -> Importance:
-    """Importances of the tuned knobs for one measured metric, over feasible measured trials
-    only: pessimistic placeholder values of configs that never ran would swamp the signal."""
+    """Importances of the knobs that took more than one value, for one measured metric, over
+    feasible measured trials only (the pessimistic placeholder values of configurations that
+    never ran would swamp the signal); with too few trials, none, and the note says why."""
     usable = [t for t in trials if classify_trial(t) == FEASIBLE and is_finite(metrics_of(t).get(key))]
     varying = [p for p in params if len({repr(t.params.get(p)) for t in usable if p in t.params}) > 1]
-    if len(usable) < 4 or not varying:
-        return Importance(key, None, {}, f"needs ≥ 4 feasible measured trials that vary a knob (has {len(usable)})")
+    fixed = [p for p in params if p not in varying]
+    if len(usable) < MIN_IMPORTANCE_TRIALS or not varying:
+        why = (f"{len(usable)} feasible measured trial(s); a ranking needs ≥ {MIN_IMPORTANCE_TRIALS}, fewer rank the "
+               "run-to-run noise" if len(usable) < MIN_IMPORTANCE_TRIALS else "no knob took more than one value")
+        return Importance(key, None, {}, f"not computed: {why}")
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created in memory" line
     try:
@@ -147,7 +156,10 @@ def _importance(trials: Sequence[FrozenTrial], key: str, direction: str, params:
     except (RuntimeError, ValueError, ZeroDivisionError) as exc:
         return Importance(key, name, {}, f"{name} failed: {exc}")
     ordered = dict(sorted(((p, float(v)) for p, v in values.items()), key=lambda kv: -kv[1]))
-    return Importance(key, name, ordered, "" if any(ordered.values()) else "no knob explains the spread")
+    note = "" if any(ordered.values()) else "no knob explains the spread"
+    if fixed:
+        note = "; ".join(filter(None, [note, f"left out, one value in every measured trial: {', '.join(fixed)}"]))
+    return Importance(key, name, ordered, note)
 
 
 def _comparison(base: TrialRow | None, best: TrialRow | None, keys: Sequence[str]) -> tuple[Comparison, ...]:
@@ -185,11 +197,12 @@ def compute_report(space: SearchSpace, study: optuna.Study) -> ReportData:
     notes = []
     if not front:
         notes.append(no_feasible_message(study))
-    elif len(front) > 1 and recommended is not None:
+    elif len(objectives) > 1 and len(front) > 1 and recommended is not None:
         notes.append(f"{len(front)} trials are Pareto-optimal; trial {recommended.number} is the equal-weights pick "
                      "(kttune export --weights KEY=W,... picks another)")
     if base is not None and recommended is not None and base.number == recommended.number:
-        notes.append(f"the baseline (trial {base.number}) is still the best trial")
+        notes.append(f"the baseline (trial {base.number}) is still the best trial: no tried configuration beat it, "
+                     "so there is no comparison to show")
     if base is not None and base.violated:
         missed = ", ".join(f"{k} by {v:.3g}" for k, v in sorted(base.violated.items()))
         notes.append(f"the baseline (trial {base.number}) itself misses {missed}: the best trial is the best that meets "
@@ -204,7 +217,7 @@ def compute_report(space: SearchSpace, study: optuna.Study) -> ReportData:
         choices={p.flag: tuple(p.choices) for p in space.params if p.choices is not None},
         slos=tuple(s.describe() for s in space.slos), trials=rows, front=tuple(t.number for t in front),
         recommended=recommended.number if recommended else None, baseline=base.number if base else None,
-        comparison=_comparison(base, best_row, list(dict.fromkeys([*(o.key for o in objectives), *(x.key for x in space.slos)]))),
+        comparison=() if base is best_row else _comparison(base, best_row, list(dict.fromkeys([*(o.key for o in objectives), *(x.key for x in space.slos)]))),
         importances=tuple(_importance(trials, o.key, o.direction, params) for o in objectives),
         status_counts=statuses, failure_counts=failure_counts(study), violation_counts=violation_counts(trials),
         elapsed_s=_elapsed(trials), notes=tuple(notes))

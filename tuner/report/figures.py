@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from tuner.errors import KttuneError
 from tuner.report.data import ReportData
 from tuner.report.status import DUPLICATE, FAILED, FEASIBLE, INFEASIBLE, VIOLATES
+from tuner.report.units import fmt_metric
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -145,11 +146,13 @@ def plot_slices(data: ReportData) -> bytes | None:
 
 
 def _contour_pair(data: ReportData, key: str) -> tuple[str, str] | None:
+    """The two most important knobs; without importances, the two with the most values tried."""
     imp = next((i for i in data.importances if i.objective == key and len(i.values) >= 2), None)
     if imp is not None:
         a, b = list(imp.values)[:2]
         return a, b
-    varying = [p for p in data.params if len({repr(r.params.get(p)) for r in data.trials if p in r.params}) > 1]
+    tried = {p: len({repr(r.params.get(p)) for r in data.measured(key) if p in r.params}) for p in data.params}
+    varying = sorted((p for p in data.params if tried[p] > 1), key=lambda p: -tried[p])
     return (varying[0], varying[1]) if len(varying) >= 2 else None
 
 
@@ -188,7 +191,9 @@ def plot_contours(data: ReportData) -> bytes | None:
         ax.set_xlabel(pa, fontsize=8)
         ax.set_ylabel(pb, fontsize=8)
         ax.set_title(f"{obj.key}\n(● feasible, ✕ misses a constraint{'; shading interpolated' if shaded else ''})", fontsize=9)
-    fig.suptitle("Two most important knobs", fontsize=11)
+    ranked = all(any(i.objective == o.key and len(i.values) >= 2 for i in data.importances) for o, _p, _t in panels)
+    fig.suptitle("Two most important knobs" if ranked else "Two knobs with the most values tried\n"
+                 "(importances not computed)", fontsize=11)
     return _png(fig)
 
 
@@ -272,7 +277,7 @@ def plot_comparison(data: ReportData) -> bytes | None:
     _ratio_ticks(ax, span)
     for y, ((c, base, best), v) in enumerate(zip(rows, logs)):
         ax.text(v + (0.03 * span if v >= 0 else -0.03 * span), y,
-                f"{base:.4g} → {best:.4g} ({c.change_pct:+.1f}%)",
+                f"{fmt_metric(c.metric, base)} → {fmt_metric(c.metric, best)} ({c.change_pct:+.1f}%)",
                 va="center", ha="left" if v >= 0 else "right", fontsize=8)
     ax.set_xlabel("best ÷ baseline (log scale); green = better, red = worse")
     ax.tick_params(axis="y", labelsize=8)
@@ -323,6 +328,6 @@ FIGURES: dict[str, tuple[str, Callable[[ReportData], bytes | None]]] = {
     "comparison": ("Baseline vs best, change per metric", plot_comparison),
     "importance": ("Parameter importances", plot_importances),
     "slices": ("Slices: each knob against each objective", plot_slices),
-    "contours": ("Contours of the two most important knobs", plot_contours),
+    "contours": ("Contours: two knobs against each objective", plot_contours),
     "failures": ("Failures and infeasibility", plot_failures),
 }

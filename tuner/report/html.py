@@ -17,6 +17,7 @@ from typing import Any
 from tuner.errors import ConfigError
 from tuner.report.data import ReportData, TrialRow
 from tuner.report.figures import FIGURES, STATUS_LABEL
+from tuner.report.units import fmt_metric, fmt_number, fmt_seconds
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
 h1{font-size:1.5em}h2{font-size:1.15em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
@@ -28,7 +29,7 @@ th{background:#f4f4f4}td.l,th.l{text-align:left}img{max-width:100%;border:1px so
 
 def _e(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return fmt_number(v)
     return html.escape("" if v is None else str(v))
 
 
@@ -46,16 +47,10 @@ class _Raw(str):
     """Already-escaped HTML for a table cell."""
 
 
-def _fmt_s(s: float | None) -> str:
-    if s is None:
-        return "-"
-    h, rem = divmod(int(s), 3600)
-    return f"{h}h {rem // 60:02d}m" if h else f"{rem // 60}m {rem % 60:02d}s"
-
-
 def _trial_cells(data: ReportData, r: TrialRow, keys: Sequence[str]) -> list[Any]:
     label = f"{r.number}" + (" (baseline)" if r.baseline else "") + (" ★" if r.number == data.recommended else "")
-    return [label, *(r.params.get(p, "") for p in data.params), *(r.metrics.get(k) for k in keys)]
+    return [label, *(r.params.get(p, "") for p in data.params),
+            *(fmt_metric(k, r.metrics[k]) if k in r.metrics else "" for k in keys)]
 
 
 def _img(images: dict[str, bytes], name: str) -> list[str]:
@@ -73,13 +68,15 @@ def render_html(data: ReportData, images: dict[str, bytes]) -> str:
     summary = [("space", data.space_name), ("trials", len(data.trials)),
                ("outcomes", ", ".join(f"{STATUS_LABEL.get(k, k)} {v}" for k, v in sorted(data.status_counts.items()))),
                ("objectives", "; ".join(f"{o.key} ({o.direction})" for o in data.objectives)),
-               ("SLOs", "; ".join(data.slos) or "none"), ("wall time", _fmt_s(data.elapsed_s))]
+               ("SLOs", "; ".join(data.slos) or "none"), ("wall time", fmt_seconds(data.elapsed_s))]
     parts.append(_table(None, summary))
     parts += [f'<div class="note">{_e(n)}</div>' for n in data.notes]
+    # One objective: the pick alone (a repeat of it ties on the front but is the same configuration).
+    shown = data.front if data.multi_objective or data.recommended is None else (data.recommended,)
     if data.front:
         parts.append(f"<h2>{'Pareto front' if data.multi_objective else 'Best trial'} (trials meeting every constraint)</h2>")
         parts.append(_table(["trial", *data.params, *keys, *slo_keys],
-                            [_trial_cells(data, data.row(n), [*keys, *slo_keys]) for n in data.front]))
+                            [_trial_cells(data, data.row(n), [*keys, *slo_keys]) for n in shown]))
         parts.append('<p class="muted">★ = recommended: the best trial, or on a front the equal-weights pick '
                      '(each objective rescaled to [0, 1] over the front).</p>')
     parts += _img(images, "pareto")
@@ -90,7 +87,7 @@ def render_html(data: ReportData, images: dict[str, bytes]) -> str:
             pct = c.change_pct
             good = None if not pct or c.higher_is_better is None else (pct > 0) == c.higher_is_better
             cls = "" if good is None else ("good" if good else "bad")
-            rows.append([c.metric, c.baseline, c.best, _Raw(f'<span class="{cls}">{"-" if pct is None else f"{pct:+.1f}%"}</span>')])
+            rows.append([c.metric, fmt_metric(c.metric, c.baseline), fmt_metric(c.metric, c.best), _Raw(f'<span class="{cls}">{"-" if pct is None else f"{pct:+.1f}%"}</span>')])
         parts.append(_table(["metric", "baseline", "best", "change"], rows))
         base, best = data.row(data.baseline), data.row(data.recommended)
         parts.append(_table(["knob", "baseline", "best"], [[p, base.params.get(p, ""), best.params.get(p, "")] for p in data.params]))
@@ -104,15 +101,16 @@ def render_html(data: ReportData, images: dict[str, bytes]) -> str:
             used = sorted({i.evaluator for i in data.importances if i.evaluator})
             if used:
                 parts.append(f'<p class="muted">Evaluator: {_e(", ".join(used))} (Optuna), over feasible measured trials.</p>')
-    if data.failure_counts or data.violation_counts or "failures" in images:
+    counts = sorted({**data.failure_counts, **data.violation_counts}.items(), key=lambda kv: -kv[1])
+    if counts or "failures" in images:
         parts.append("<h2>Failures and infeasibility</h2>")
         parts += _img(images, "failures")
-        parts.append(_table(["reason / constraint", "trials"],
-                            sorted({**data.failure_counts, **data.violation_counts}.items(), key=lambda kv: -kv[1])))
+        if counts:
+            parts.append(_table(["reason / constraint", "trials"], counts))
     parts.append("<h2>All trials</h2>")
     parts.append(_table(["trial", *data.params, *keys, *slo_keys, "status", "reason / missed", "wall"],
                         [[*_trial_cells(data, r, [*keys, *slo_keys]), r.status,
-                          r.reason or ", ".join(f"{k} {v:.3g}" for k, v in r.violated.items()), _fmt_s(r.wall_s)]
+                          r.reason or ", ".join(f"{k} {v:.3g}" for k, v in r.violated.items()), fmt_seconds(r.wall_s) if r.wall_s is not None else "-"]
                          for r in data.trials]))
     parts.append("</body></html>")
     return "\n".join(parts)

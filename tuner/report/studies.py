@@ -21,7 +21,6 @@ from tuner.report.units import fmt_metric, fmt_seconds
 from tuner.selection import pick
 from tuner.storage import (
     ATTR_DUPLICATE_OF,
-    ATTR_FLAGS,
     ATTR_LAUNCHED,
     ATTR_MESSAGE,
     ATTR_REASON,
@@ -92,14 +91,28 @@ def studies_json(rows: Sequence[StudyRow]) -> list[dict[str, Any]]:
     return [asdict(r) for r in rows]
 
 
+def _short_url(url: str) -> str:
+    """A SQLite URL relative to the working directory when the file is under it."""
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        if path.is_absolute() and path.resolve().is_relative_to(Path.cwd()):
+            return "sqlite:///" + str(path.resolve().relative_to(Path.cwd()))
+    return url
+
+
 def render_studies(rows: Sequence[StudyRow], console: Console) -> None:
-    table = Table("study", "trials", "launched", "best", "storage", box=box.SIMPLE_HEAD, show_edge=False,
-                  pad_edge=False)
-    for r in rows:
-        best = "-" if r.best_trial is None else (f"trial {r.best_trial}: "
-                                                 + ", ".join(f"{k} {fmt_metric(k, v)}" for k, v in r.best.items()))
-        table.add_row(r.name, str(r.trials), str(r.launched), best, r.storage)
-    console.print(table)
+    """Per storage, one row per study: trials, launches, and its best trial's objective values."""
+    for url in dict.fromkeys(r.storage for r in rows):
+        table = Table("study", "trials", "launched", "best", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                      title=f"storage {_short_url(url)}", title_justify="left")
+        for r in rows:
+            if r.storage == url:
+                best = "-" if r.best_trial is None else f"trial {r.best_trial}: " + ", ".join(
+                    f"{k} {fmt_metric(k, v)}" for k, v in r.best.items())
+                table.add_row(r.name, str(r.trials), str(r.launched), best)
+        for column in table.columns:
+            column.overflow = "fold"
+        console.print(table)
 
 
 def get_trial(study: optuna.Study, number: int) -> FrozenTrial:
@@ -121,7 +134,8 @@ def trial_json(study: optuna.Study, t: FrozenTrial) -> dict[str, Any]:
             "datetime_complete": str(t.datetime_complete) if t.datetime_complete else None}
 
 
-def render_trial(study: optuna.Study, t: FrozenTrial, console: Console) -> None:
+def render_trial(study: optuna.Study, t: FrozenTrial, headline: Sequence[str], console: Console) -> None:
+    """The trial's params, the `headline` metrics, constraints, phase times and its folder."""
     attrs = t.user_attrs
     head = f"study {study.study_name}, trial {t.number}: {classify_trial(t)} ({t.state.name})"
     if attrs.get(ATTR_REASON):
@@ -132,18 +146,20 @@ def render_trial(study: optuna.Study, t: FrozenTrial, console: Console) -> None:
     table = Table("", "", box=None, show_header=False, pad_edge=False)
     for k, v in t.params.items():
         table.add_row(k, str(v))
-    flags = {k: v for k, v in (attrs.get(ATTR_FLAGS) or {}).items() if k not in t.params}
-    if flags:
-        table.add_row("other flags", " ".join(f"{k}={v}" for k, v in flags.items()))
-    for k, v in metrics_of(t).items():
-        table.add_row(k, fmt_metric(k, v))
+    metrics = metrics_of(t)
+    for k in headline:  # every metric and flag: --format json
+        if k in metrics:
+            table.add_row(k, fmt_metric(k, metrics[k]))
     for k, v in t.constraints.items():
         table.add_row(f"constraint {k}", f"{v:+.3g}" + ("  violated" if v > 0 else ""))
     timings = attrs.get(ATTR_TIMINGS) or {}
     if timings:
-        table.add_row("phases", ", ".join(f"{k.removesuffix('_s')} {fmt_seconds(v)}" for k, v in timings.items()))
+        table.add_row("phases", ", ".join(f"{k.removesuffix('_s')} {fmt_seconds(v)}" for k, v in timings.items()),
+                      end_section=False)
     if attrs.get(ATTR_WALL_S) is not None:
         table.add_row("wall time", fmt_seconds(attrs[ATTR_WALL_S]))
     if attrs.get(ATTR_TRIAL_DIR):
         table.add_row("files", str(attrs[ATTR_TRIAL_DIR]))
+    for column in table.columns:
+        column.overflow = "fold"
     console.print(table)
