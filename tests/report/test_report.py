@@ -17,8 +17,8 @@ from tuner.cli import main
 from tuner.config import parse_space
 from tuner.errors import ConfigError, KttuneError
 from tuner.report.data import _comparison, compute_report
-from tuner.report.html import render_html
 from tuner.report.export import export_profile, parse_weights, pick_trial
+from tuner.report.html import render_html
 from tuner.report.status import DUPLICATE, FAILED, FEASIBLE, INFEASIBLE, VIOLATES, classify_trial
 from tuner.report.text import print_best
 from tuner.search.sampler import make_sampler

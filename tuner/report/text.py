@@ -12,12 +12,13 @@ from rich.table import Table
 
 from tuner.config import ConfirmSpec, SearchSpace
 from tuner.report.status import failure_counts, no_feasible_message
+from tuner.report.units import fmt_metric, fmt_number
 from tuner.selection import (
     pick,
     repeat_groups,
 )
-from tuner.report.units import fmt_metric, fmt_number
 from tuner.storage import ATTR_BASELINE, ATTR_FLAGS, ATTR_LAUNCHED, ATTR_MARGINAL, load_study, metrics_of
+
 
 def _repeats_note(study: optuna.Study, t: FrozenTrial) -> str:
     g = next((g for g in repeat_groups(study) if g.first.number == t.number), None)

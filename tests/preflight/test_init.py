@@ -1,0 +1,109 @@
+"""`kttune init` on each shipped model config, for the machine its simulator scenario describes:
+the written space loads unchanged in `kttune plan` and `kttune run --dry-run`, its ranges
+come from the feasibility model; bad input is one line, exit 2, nothing written."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tuner.preflight.init import InitOptions, build_space, parse_gpus
+
+MODELS = sorted(p.name for p in (REPO / "tuner" / "sim" / "models").iterdir() if (p / "config.json").is_file())
+
+
+def kttune(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "tuner.cli", *args], cwd=cwd, env=env, text=True,
+                          capture_output=True, timeout=300)
+
+
+def machine_flags(model: str) -> list[str]:
+    """The `hardware:` block of the first shipped simulator space of `model`, as init's flags."""
+    for path in sorted((REPO / "search_spaces").glob("sim-*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        if data["server"]["args"]["model-path"].endswith(f"/{model}"):
+            hw: dict[str, Any] = data["hardware"]
+            gpu, cpu = hw["gpu"], hw["cpu"]
+            memory = f"{gpu['memory_mib']}MiB" if "memory_mib" in gpu else f"{gpu['memory_gib']}G"
+            return ["--gpus", f"{gpu['count']}x {gpu['name']}-{memory}",
+                    "--cpu", f"{cpu['sockets']}x{cpu['cores_per_socket']}", "--numa-nodes", str(cpu["numa_nodes"]),
+                    "--amx" if cpu.get("amx") else "--no-amx", "--ram-gib", str(hw["ram_gib"])]
+    raise AssertionError(f"no shipped simulator space uses {model}")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_init_writes_a_space_that_plan_and_the_dry_run_accept(tmp_path: Path, model: str) -> None:
+    out = tmp_path / f"{model}.yaml"
+    res = kttune("init", "--model", str(REPO / "tuner" / "sim" / "models" / model), *machine_flags(model),
+                 "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert f"wrote {out}" in res.stdout and "kt-num-gpu-experts 0.." in res.stdout
+    space = yaml.safe_load(out.read_text())
+    experts = space["params"]["kt-num-gpu-experts"]
+    assert set(space["workloads"]) == {"prefill", "decode"} and space["hardware"]["gpu"]["count"] >= 1
+    plan = kttune("plan", "--space", str(out))
+    assert plan.returncode == 0, plan.stdout + plan.stderr  # the baseline fits
+    largest = int(plan.stdout.rsplit("fits with these settings: ", 1)[1].split()[0])
+    assert space["baseline"]["kt-num-gpu-experts"] <= largest
+    loosest = kttune("plan", "--space", str(out), "--set", "kt-num-gpu-experts=0", "--set", "chunked-prefill-size=1024",
+                     "--set", "max-running-requests=8")
+    boundary = int(loosest.stdout.rsplit("fits with these settings: ", 1)[1].split()[0])
+    assert experts["high"] <= boundary < experts["high"] + experts["step"]  # the range ends on the boundary
+    cores = space["hardware"]["cpu"]["sockets"] * space["hardware"]["cpu"]["cores_per_socket"]
+    cpuinfer = space["params"]["kt-cpuinfer"]
+    assert cpuinfer["high"] <= cores and cpuinfer["low"] <= space["baseline"]["kt-cpuinfer"] <= cpuinfer["high"]
+    pools = (space["params"]["kt-threadpool-count"]["choices"] if "kt-threadpool-count" in space["params"]
+             else [space["server"]["args"]["kt-threadpool-count"]])
+    assert max(pools) <= space["hardware"]["cpu"]["numa_nodes"]
+    dry = kttune("run", "--space", str(out), "--dry-run", "--budget", "3")
+    assert dry.returncode == 0, dry.stderr
+    servers = [ln for ln in dry.stdout.splitlines() if ln.startswith("  server: ")]
+    assert len(servers) == 3 and all("sglang.launch_server" in ln for ln in servers)
+    assert not (tmp_path / "studies").exists() and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["--gpus", "lots of H100"], "--gpus"),
+    (["--gpus", "8x L20-48G", "--cpu", "many"], "--cpu"),
+    (["--gpus", "8x L20-48G", "--numa-nodes", "2"], "--numa-nodes"),
+    (["--gpus", "1x RTX4090-24G", "--cpu", "1x24", "--ram-gib", "16"], "--model"),  # Kimi-K2 on one 4090
+])
+def test_bad_machine_descriptions_are_one_line_and_write_nothing(tmp_path: Path, args: list[str], field: str) -> None:
+    res = kttune("init", "--model", str(REPO / "tuner" / "sim" / "models" / "kimi-k2-thinking"), *args,
+                 "--out", str(tmp_path / "x.yaml"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert res.stderr.startswith(f"kttune: error: {field}") and not list(tmp_path.iterdir())
+
+
+def test_init_refuses_a_folder_without_config_json_and_an_existing_out(tmp_path: Path) -> None:
+    res = kttune("init", "--model", str(tmp_path), "--gpus", "1x L20-48G")
+    assert res.returncode == 2 and "config.json" in res.stderr
+    out = tmp_path / "x.yaml"
+    out.write_text("mine\n")
+    res = kttune("init", "--model", str(REPO / "tuner" / "sim" / "models" / "qwen3-30b-a3b"),
+                 *machine_flags("qwen3-30b-a3b"), "--out", str(out))
+    assert res.returncode == 2 and "--force" in res.stderr and out.read_text() == "mine\n"
+
+
+def test_gpu_descriptions() -> None:
+    assert parse_gpus("8x L20-48G") == {"count": 8, "name": "L20", "memory_gib": 48}
+    assert parse_gpus("4 x NVIDIA H100 80GB HBM3-81559MiB") == {"count": 4, "name": "NVIDIA H100 80GB HBM3",
+                                                                "memory_mib": 81559}
+    assert parse_gpus("2x A6000") == {"count": 2, "name": "A6000"}
+
+
+def test_interpreters_come_from_path_and_the_seed_rule_sets_cpuinfer() -> None:
+    result = build_space(InitOptions(model=str(REPO / "tuner" / "sim" / "models" / "kimi-k2-thinking"),
+                                     gpus="8x L20-46068MiB", cpu="2x32", amx=True, ram_gib=1024),
+                         interpreters=(["/opt/kt/bin/python"], ["/opt/bench/bin/python"]))
+    data = result.data
+    assert data["server"]["python"] == "/opt/kt/bin/python" and data["bench"]["python"] == "/opt/bench/bin/python"
+    assert data["baseline"]["kt-cpuinfer"] == 64 - 8  # physical cores − GPU ranks
+    assert data["server"]["args"]["tensor-parallel-size"] == 8 and data["params"]["kt-threadpool-count"] == {"choices": [1, 2]}
