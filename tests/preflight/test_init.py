@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO
-from tuner.preflight.init import InitOptions, build_space, parse_gpus
+from tests.conftest import REPO, requires_bench_client
+from tuner.preflight.init import InitOptions, build_space, find_interpreters, parse_gpus
 
 MODELS = sorted(p.name for p in (REPO / "tuner" / "sim" / "models").iterdir() if (p / "config.json").is_file())
 
@@ -107,3 +107,11 @@ def test_interpreters_come_from_path_and_the_seed_rule_sets_cpuinfer() -> None:
     assert data["server"]["python"] == "/opt/kt/bin/python" and data["bench"]["python"] == "/opt/bench/bin/python"
     assert data["baseline"]["kt-cpuinfer"] == 64 - 8  # physical cores − GPU ranks
     assert data["server"]["args"]["tensor-parallel-size"] == 8 and data["params"]["kt-threadpool-count"] == {"choices": [1, 2]}
+
+
+@requires_bench_client
+def test_interpreters_on_path_are_the_ones_that_have_the_module() -> None:
+    bench_dir = str(REPO / ".venv-bench" / "bin")
+    found = find_interpreters(["sglang.bench_serving"], 60, path=os.pathsep.join([bench_dir, "/usr/bin"]))
+    assert found and Path(found[0]).parent == Path(bench_dir)
+    assert find_interpreters(["no_such_module_kttune"], 60, path=bench_dir) == []

@@ -1,6 +1,6 @@
 """Before the first launch: `kttune doctor` (interpreters, flags, GPUs, CPU, model, storage),
-the server's and bench client's accepted flags, and `kttune plan` (one configuration's
-memory breakdown, nothing launched), and `kttune init` (a space for a model and machine)."""
+the server's and bench client's accepted flags, `kttune plan` (one configuration's memory
+breakdown, nothing launched) and `kttune init` (a search space for a model and a machine)."""
 from __future__ import annotations
 
 from tuner.preflight.compat import check_space_compat

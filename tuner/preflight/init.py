@@ -9,7 +9,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,9 @@ import yaml
 
 from tuner.config import AUTO, parse_space
 from tuner.errors import ConfigError
-from tuner.feasibility import FeasibilityGate, max_gpu_experts
-from tuner.machine import Hardware, ModelSizes, load_model_sizes, resolve_hardware
-from tuner.preflight.doctor import probe_modules
+from tuner.feasibility import FeasibilityGate, FeasibilityReport, max_gpu_experts
+from tuner.machine import Hardware, load_model_sizes, resolve_hardware
+from tuner.preflight.doctor import run_process
 
 # The seed deployment's workloads, objective and the knobs it tuned by hand (sglang-kt's
 # Kimi-K2-Thinking guide): a long-prompt prefill job and a short-prompt decode job of 37 requests.
@@ -37,6 +37,7 @@ EXPERT_GRID_POINTS = 32
 CPUINFER_GRID_POINTS = 12
 
 _GPUS = re.compile(r"^\s*(\d+)\s*[x×]\s*(.+?)(?:[\s:@-]+(\d+(?:\.\d+)?)\s*(GiB|GB|G|MiB|MB|M))?\s*$", re.IGNORECASE)
+_FIND = "import importlib.util as u, sys; print(all(u.find_spec(m) is not None for m in sys.argv[1:]))"
 _CPU = re.compile(r"^\s*(\d+)\s*[x×]\s*(\d+)\s*c?\s*$", re.IGNORECASE)
 
 
@@ -112,8 +113,9 @@ def find_interpreters(modules: Sequence[str], timeout_s: float, path: str | None
             if exe is None or os.path.realpath(exe) in seen:
                 continue
             seen.add(os.path.realpath(exe))
-            probe, _err = probe_modules(exe, list(modules), {}, timeout_s)
-            if probe is not None and all(probe["modules"].get(m, {}).get("ok") for m in modules):
+            # Found, not imported: importing sglang takes seconds per interpreter (doctor does that).
+            res = run_process([exe, "-c", _FIND, *modules], {}, timeout_s)
+            if res.rc == 0 and res.out.strip().endswith("True"):
                 found.append(exe)
     return found
 
@@ -124,7 +126,7 @@ def _grid(low: int, high: int, points: int) -> tuple[int, int, int]:
     return low, low + (high - low) // step * step, step
 
 
-def _tp(model: ModelSizes, hw: Hardware, gate_flags: Mapping[str, Any], check: Any) -> int:
+def _tp(hw: Hardware, gate_flags: Mapping[str, Any], check: Callable[[Mapping[str, Any]], FeasibilityReport]) -> int:
     """The largest tensor-parallel size over the GPUs that divides the model's attention heads."""
     for tp in range(hw.gpu_count, 0, -1):
         report = check({**gate_flags, "tensor-parallel-size": tp})
@@ -155,7 +157,7 @@ def build_space(opts: InitOptions, *, interpreters: tuple[list[str], list[str]] 
     probe_flags = {**args, "kt-num-gpu-experts": 0, "kt-cpuinfer": max(cpu.physical_cores - hw.gpu_count, 1),
                    "kt-threadpool-count": 1, "chunked-prefill-size": min(CHUNK_CHOICES),
                    "max-running-requests": SEED_RUNNING}
-    tp = _tp(model, hw, gate.resolve_auto(probe_flags), gate.check)
+    tp = _tp(hw, gate.resolve_auto(probe_flags), gate.check)
     args["tensor-parallel-size"] = tp
     cpuinfer = max(cpu.physical_cores - tp, 1)  # the seed rule: one core per GPU rank stays free
     pools = [p for p in range(1, cpu.numa_nodes + 1) if model.moe_intermediate_size % p == 0]
