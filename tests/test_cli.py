@@ -142,7 +142,7 @@ def test_dry_run_prints_the_server_and_bench_argvs_of_distinct_launches() -> Non
     benches = [ln for ln in res.stdout.splitlines() if ln.startswith("  bench ")]
     assert len(servers) == 3 and len(set(servers)) == 3  # the warm start's copy of the baseline is skipped
     assert len(benches) == 3 * 3 and all("sglang.bench_serving" in b for b in benches)  # probe, prefill, decode
-    assert "the same configuration as trial 0" in res.stdout
+    assert "the same configuration as trial 0 (printed above)" in res.stdout
 
 
 def test_completion_scripts_complete_commands_options_and_choices() -> None:

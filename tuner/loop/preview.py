@@ -61,7 +61,7 @@ def dry_run(space: SearchSpace, *, budget: int, seed: int | None, log: Log = pri
     skips; returns the server argvs. Launches nothing, writes nothing."""
     def preview_log(msg: str) -> None:  # nothing was measured: no verdict to show
         told = _TOLD.match(msg)
-        log(f"trial {told[1]}: printed, not launched" if told else msg)
+        log(f"trial {told[1]}: printed, not launched" if told else msg.replace(" (measured);", " (printed above);"))
 
     runner = PreviewRunner(preview_log)
     opts = RunOptions(study_name=space.name, storage=optuna.storages.InMemoryStorage(), budget=budget, seed=seed,
