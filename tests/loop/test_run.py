@@ -21,16 +21,6 @@ def test_space_where_nothing_fits_is_refused_before_the_study_exists(tmp_path: P
     assert not (tmp_path / "x.db").exists()
 
 
-def test_repeating_environment_fault_stops_but_memory_cliffs_do_not() -> None:
-    from tuner.loop.run import repeating_fault
-
-    assert repeating_fault([None, "bench_no_result", "bench_no_result", "bench_no_result"])
-    assert repeating_fault(["python_exception"] * 3)
-    assert not repeating_fault(["oom"] * 5)
-    assert not repeating_fault(["bench_no_result", None, "bench_no_result"])
-    assert not repeating_fault([None, None, None])
-
-
 def test_a_launch_that_never_started_a_server_spends_no_budget(tmp_path: Path) -> None:
     import optuna
 

@@ -20,14 +20,16 @@ from tuner.server.logscan import (
     READY_LINE,
     WARNING_REASONS,
     FailureMatch,
+    PHASES,
     classify_failure,
+    decisive_line,
     find_failures,
     first_failure,
     parse_memory_lines,
     runtime_oom,
     worst_memory_figures,
 )
-from tuner.server.readiness import is_alive, wait_ready
+from tuner.server.readiness import LogTail, failure_message, is_alive, wait_ready
 from tuner.server.teardown import GpuMonitor, TeardownReport, kill_orphan, stop_server
 
 __all__ = [
@@ -36,7 +38,9 @@ __all__ = [
     "FailureMatch",
     "GpuMonitor",
     "HTTP_UP_MARKERS",
+    "LogTail",
     "OOM_REASONS",
+    "PHASES",
     "PID_FILE_NAME",
     "READY_LINE",
     "ServerHandle",
@@ -45,6 +49,8 @@ __all__ = [
     "WARNING_REASONS",
     "build_server_argv",
     "classify_failure",
+    "decisive_line",
+    "failure_message",
     "client_host",
     "die_with_tuner",
     "find_failures",
