@@ -207,6 +207,18 @@ COMMANDS = {"run": cmd_run, "plan": cmd_plan, "best": cmd_best, "export": cmd_ex
             "doctor": cmd_doctor, "dashboard": cmd_dashboard}
 
 
+# Commands that open a study say so when dead kttune runs left servers running (`run` stops them).
+_NOTES_LEFTOVERS = frozenset({"best", "export", "report", "doctor", "dashboard"})
+
+
+def _note_leftovers() -> None:
+    from tuner.server import find_leftovers, leftover_note
+
+    note = leftover_note(find_leftovers())
+    if note is not None:
+        print(f"kttune: warning: {note}", file=sys.stderr)
+
+
 def _sigterm_as_interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -221,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
+        if args.command in _NOTES_LEFTOVERS:
+            _note_leftovers()
         return COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"kttune: error: {exc}", file=sys.stderr)

@@ -29,6 +29,7 @@ from tuner.loop.progress import Progress
 from tuner.outcome import Reason
 from tuner.search import DEFAULT_STRATEGY, BelowBestPruner, Strategy, make_sampler, queue_remeasurement, warm_start
 from tuner.selection import best_trials, pick
+from tuner.server import reap_leftovers
 from tuner.storage import (
     ATTR_BASELINE,
     ATTR_CONFIRMATION_OF,
@@ -161,6 +162,7 @@ class _Loop:
         study, space, log = self.study, self.space, self.log
         if self.probing:
             study.pruner = BelowBestPruner(space.probe.prune_below, space.probe.min_trials)
+        reap_leftovers(log)  # any study's: a dead run's servers may hold this run's GPUs
         recovered = recover_stale_trials(study, log)
         if recovered:
             log(f"marked {recovered} trial(s) of a dead run as interrupted")

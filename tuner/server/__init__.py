@@ -7,20 +7,20 @@ from tuner.server.launch import (
     TOKEN_ENV,
     ServerHandle,
     client_host,
-    die_with_tuner,
     find_free_port,
     port_is_free,
     start_server,
 )
+from tuner.server.leftovers import Leftover, find_leftovers, leftover_note, reap_leftovers
 from tuner.server.logscan import (
     ABORT_REASONS,
     FAILURE_REASONS,
     HTTP_UP_MARKERS,
     OOM_REASONS,
+    PHASES,
     READY_LINE,
     WARNING_REASONS,
     FailureMatch,
-    PHASES,
     classify_failure,
     decisive_line,
     find_failures,
@@ -31,6 +31,7 @@ from tuner.server.logscan import (
 )
 from tuner.server.readiness import LogTail, failure_message, is_alive, wait_ready
 from tuner.server.teardown import GpuMonitor, TeardownReport, kill_orphan, stop_server
+from tuner.server.watchdog import die_with_tuner
 
 __all__ = [
     "ABORT_REASONS",
@@ -38,6 +39,7 @@ __all__ = [
     "FailureMatch",
     "GpuMonitor",
     "HTTP_UP_MARKERS",
+    "Leftover",
     "LogTail",
     "OOM_REASONS",
     "PHASES",
@@ -54,13 +56,16 @@ __all__ = [
     "client_host",
     "die_with_tuner",
     "find_failures",
+    "find_leftovers",
     "find_free_port",
     "first_failure",
     "flag_args",
     "is_alive",
     "kill_orphan",
+    "leftover_note",
     "parse_memory_lines",
     "port_is_free",
+    "reap_leftovers",
     "runtime_oom",
     "start_server",
     "stop_server",

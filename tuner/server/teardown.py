@@ -13,14 +13,16 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import psutil
 
 from tuner.errors import TeardownError
 from tuner.machine import GpuInfo, NvmlSession
+from tuner.server import registry
 from tuner.server.launch import TOKEN_ENV, ServerHandle, port_is_free
 
 SHM_DIR = Path("/dev/shm")
@@ -305,7 +307,9 @@ def _orphan_shm_files(started_at: float) -> set[Path]:
 
 
 def _remove_pid_file(path: Path, token: str) -> None:
-    """Remove the pid file unless a later launch has since overwritten it."""
+    """Remove the pid file unless a later launch has since overwritten it, and the launch's
+    entry in the host's registry."""
+    registry.unregister(token)
     try:
         if json.loads(path.read_text()).get("token") in (token, None):
             path.unlink()
@@ -375,6 +379,23 @@ def stop_server(
     return report
 
 
+def _spec_of(data: Mapping[str, Any]) -> _TreeSpec:
+    """The tree a pid file describes (raises KeyError, ValueError or TypeError if malformed)."""
+    pid = int(data["pid"])
+    return _TreeSpec(root_pid=pid, pgid=int(data.get("pgid", pid)), sid=int(data.get("sid", pid)),
+                     token=str(data.get("token", "")) or "\0", create_time=float(data["create_time"]))
+
+
+def live_tree(data: Mapping[str, Any]) -> list[int]:
+    """PIDs of the tree a pid-file payload describes that are still alive (signals nothing);
+    [] for a malformed payload."""
+    try:
+        spec = _spec_of(data)
+    except (KeyError, ValueError, TypeError):
+        return []
+    return sorted(_collect(spec, []))
+
+
 def kill_orphan(
     pid_file: Path,
     *,
@@ -393,17 +414,10 @@ def kill_orphan(
     the PIDs when processes survive SIGKILL or the GPU is not released in time.
     """
     try:
-        data = json.loads(Path(pid_file).read_text())
-        pid = int(data["pid"])
-        spec = _TreeSpec(
-            root_pid=pid,
-            pgid=int(data.get("pgid", pid)),
-            sid=int(data.get("sid", pid)),
-            token=str(data.get("token", "")) or "\0",
-            create_time=float(data["create_time"]),
-        )
-    except (OSError, ValueError, KeyError, TypeError):
+        spec = _spec_of(json.loads(Path(pid_file).read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+    pid = spec.root_pid
     sent, _, leftover, tree_pids, shm = _terminate(spec, None, term_timeout_s, kill_timeout_s)
     _remove_files(shm)
     problems = []
