@@ -183,6 +183,8 @@ class _Launcher:
                 found = re.search(r"Time elapsed: ([0-9.]+) s", line)
                 await self.sleep(float(found.group(1)) if found else 5.0)
             log(line, tp=0)
+            if self.faults.stalls_after(line):
+                await asyncio.Event().wait()
         if not st.ok:
             if any(e.startswith("Rank 0 scheduler is dead") for e in st.error_lines):
                 return self._native_crash(st.error_lines)
@@ -238,6 +240,10 @@ class _Launcher:
             await self.sleep(1.0)
             log("Initialization failed. warmup error: " + "\n".join(st.error_lines))
             self.tree.die(signal.SIGKILL)
+        if self.faults.unhealthy:  # the warm-up request never comes back: /health stays 503
+            await asyncio.Event().wait()
+        if self.faults.slow_warmup_s:
+            await self._slow_warmup(self.faults.slow_warmup_s)
         if not self.args.server["skip_server_warmup"]:
             ok, err = await self._warmup(f"http://{_connect_host(host)}:{port}", srv)
             if not ok:
@@ -287,6 +293,17 @@ class _Launcher:
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 return False, f"Traceback (most recent call last):\n{type(exc).__name__}: {exc}"
         return True, ""
+
+    async def _slow_warmup(self, seconds: float) -> None:
+        """A warm-up forward that takes long but shows it is moving: its batches are logged."""
+        self.log("Prefill batch. #new-seq: 1, #new-token: 7, #cached-token: 0, token usage: 0.00, "
+                 "#running-req: 0, #queue-req: 0, ", tp=0)
+        left = seconds
+        while left > 0:
+            await self.sleep(min(10.0, left))
+            left -= 10.0
+            self.log("Decode batch, #running-req: 1, #token: 8, token usage: 0.00, cuda graph: True, "
+                     "gen throughput (token/s): 0.10, #queue-req: 0, ", tp=0)
 
     async def _bind_failed(self, host: str, port: int) -> int:
         """uvicorn exits 1, but first joins the warmup thread, which polls whoever owns the port."""
