@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
@@ -19,7 +20,7 @@ import pytest
 from benchmarks.fault_matrix import SLOW_START_S, START_TIMEOUT_S, STUDY, Fault, marked_processes, prepare, run_matrix
 from tests.conftest import REPO, requires_bench_client
 from tuner.errors import TeardownError
-from tuner.machine.gpu import GpuInfo
+from tuner.machine.gpu import GpuInfo, visible_indices
 from tuner.server import ServerHandle, find_free_port, kill_orphan, start_server
 from tuner.storage.attrs import ATTR_LAUNCHED, ATTR_REASON, ATTR_TRIAL_DIR
 
@@ -113,12 +114,15 @@ class _GpuHeldBy:
     def probe_gpus(self) -> list[GpuInfo]:
         return [GpuInfo(0, "Fake", 80 << 30, 70 << 30, 10 << 30)]
 
-    def gpu_processes(self) -> dict[int, int]:
+    def gpu_processes(self, indices: Sequence[int] | None = None) -> dict[int, int]:
         self.polls += 1
         return {pid: 1 << 30 for pid in self.pids} if self.polls <= self.busy_polls else {}
 
-    def used_bytes_total(self) -> int | None:
+    def used_bytes_total(self, indices: Sequence[int] | None = None) -> int | None:
         return 10 << 30
+
+    def visible(self, spec: str | None) -> list[int] | None:
+        return visible_indices(spec, self.probe_gpus())
 
 
 def _orphan(tmp_path: Path) -> ServerHandle:

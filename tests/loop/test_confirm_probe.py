@@ -13,8 +13,7 @@ from tuner import outcome as objective
 from tuner.config import ConfirmSpec, ProbeSpec, SearchSpace
 from tuner.loop.preview import dry_run
 from tuner.loop.run import RunOptions, run_study
-from tuner.outcome import stop_cause
-from tuner.outcome import PRUNED
+from tuner.outcome import PRUNED, stop_cause
 from tuner.report.text import best_table
 from tuner.search.pruner import BelowBestPruner
 from tuner.search.remeasure import leader_to_recheck

@@ -9,14 +9,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tuner.errors import ConfigError, ReadinessTimeout, ServerLaunchError, TeardownError
-from tuner.machine.gpu import GpuInfo, gpu_processes, probe_gpus, used_bytes_total
+from tuner.machine.gpu import GpuInfo, gpu_processes, probe_gpus, used_bytes_total, visible_indices
 from tuner.server import (
     OOM_REASONS,
     PID_FILE_NAME,
@@ -45,12 +45,15 @@ class FakeGpu:
     def probe_gpus(self) -> list[GpuInfo]:
         return [GpuInfo(0, "Fake", 80 << 30, 70 << 30, self.used_idle)]
 
-    def gpu_processes(self) -> dict[int, int]:
+    def gpu_processes(self, indices: Sequence[int] | None = None) -> dict[int, int]:
         self.polls += 1
         return {pid: 1 << 30 for pid in self.pids} if self.polls <= self.busy_polls else {}
 
-    def used_bytes_total(self) -> int | None:
+    def used_bytes_total(self, indices: Sequence[int] | None = None) -> int | None:
         return self.used_busy if self.polls <= self.busy_polls else self.used_idle
+
+    def visible(self, spec: str | None) -> list[int] | None:
+        return visible_indices(spec, self.probe_gpus())
 
 
 @pytest.fixture

@@ -57,6 +57,8 @@ class ServerHandle:
     log_offset: int
     pid_file: Path
     baseline_gpu_used: int | None = None
+    # The server's CUDA_VISIBLE_DEVICES (None: unset, every GPU): teardown watches those only.
+    visible_devices: str | None = None
 
     @property
     def pgid(self) -> int:
@@ -157,7 +159,8 @@ def start_server(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
     child_env = {**os.environ, **_DEFAULT_ENV, **(env or {}), TOKEN_ENV: token}
-    baseline = used_bytes_total()
+    visible = child_env.get("CUDA_VISIBLE_DEVICES")
+    baseline = used_bytes_total(visible)
     argv_t = tuple(argv)
     with open(log_path, "ab") as log:
         log_offset = log.tell()
@@ -195,6 +198,7 @@ def start_server(
         log_offset=log_offset,
         pid_file=pid_file,
         baseline_gpu_used=baseline,
+        visible_devices=visible,
     )
     payload: dict[str, object] = {
         "pid": proc.pid,
@@ -207,6 +211,7 @@ def start_server(
         "port": port,
         "log_path": str(log_path),
         "started_at": started_at,
+        "visible_devices": visible,
         # The tuner that owns the tree: once it is gone, a live tree is a leftover.
         "owner_pid": os.getpid(),
         "owner_create_time": psutil.Process().create_time(),

@@ -192,6 +192,11 @@ class _Launcher:
                 return self._scheduler_exception(st.error_lines)
         if self.tree.dead_child() is not None:
             return self._native_crash()
+        if st.ok and self.tree.children:
+            from tuner.sim.gpus import hold_gpu_memory
+
+            held = sum(mem.get(k, 0.0) for k in ("weights", "kv", "graphs"))
+            hold_gpu_memory(self.tree.children[0].pid, held, int(self.args.server.get("tp_size") or 1))
         from tuner.sim.engine import Engine
 
         engine = Engine(scn, cfg, noise_sigma=self.args.sim.noise, seed=self.seed) if st.ok else None
