@@ -158,7 +158,7 @@ def decisive_line(text: str) -> str | None:
             return detail[:_DECISIVE_MAX]
     if match is None:
         return None
-    if match.reason == "python_exception":
+    if match.reason == "python_exception" or match.line.endswith("Traceback (most recent call last):"):
         after = lines[match.line_no:]
         # The exception line: the first unindented line after the frames.
         exc = next((ln.strip() for ln in after if ln.strip() and not ln.startswith((" ", "\t"))), None)

@@ -48,7 +48,8 @@ class LogTail:
             return []
         self._pos += len(data)
         data = self._partial + data
-        cut = data.rfind(b"\n") + 1
+        # Progress bars (tqdm) redraw with a bare carriage return: it ends a line too.
+        cut = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
         self._partial = data[cut:]
         return data[:cut].decode(errors="replace").splitlines()
 

@@ -177,7 +177,7 @@ class _Launcher:
         if self.faults.crash_at_start:
             await self.sleep(0.3 * load_s)
             return self._native_crash()
-        await self.sleep(self.faults.slow_start_s + load_s * _load_share(st, free_gib))
+        await self._load_weights(self.faults.slow_start_s + load_s * _load_share(st, free_gib))
         for line in lines:
             if line.startswith("Capture cuda graph end"):
                 found = re.search(r"Time elapsed: ([0-9.]+) s", line)
@@ -298,6 +298,12 @@ class _Launcher:
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 return False, f"Traceback (most recent call last):\n{type(exc).__name__}: {exc}"
         return True, ""
+
+    async def _load_weights(self, seconds: float, shards: int = 10) -> None:
+        """The weight load, with the checkpoint-shard progress lines the real loader prints."""
+        for k in range(1, shards + 1):
+            await self.sleep(seconds / shards)
+            self.log.raw(f"Loading safetensors checkpoint shards: {100 * k // shards:3d}% Completed | {k}/{shards}")
 
     async def _slow_warmup(self, seconds: float) -> None:
         """A warm-up forward that takes long but shows it is moving: its batches are logged."""
