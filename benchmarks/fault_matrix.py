@@ -141,6 +141,7 @@ class CaseResult:
     rc: int
     message: str  # the first failed trial's message, first line
     stderr_tail: str
+    storage: str = ""
     left: list[str] = field(default_factory=list)  # processes alive LEFT_AFTER_S after the tuner died
     teardown_s: list[float] = field(default_factory=list)
     _done: threading.Event = field(default_factory=threading.Event)
@@ -290,7 +291,7 @@ def _collect(h: Harness, case: Case, rc: int, wall: float, log_path: Path) -> Ca
     failed = next((t for t in attempted if t.user_attrs.get(ATTR_REASON)), None)
     message = str(failed.user_attrs.get("message", "")).splitlines()[0] if failed is not None else ""
     return CaseResult(case, reasons, [_classes(r) for r in reasons], launched_count(trials), wall, rc,
-                      message, "\n".join(tail),
+                      message, "\n".join(tail), h.storage,
                       teardown_s=[timings_of(t)["teardown_s"] for t in attempted if "teardown_s" in timings_of(t)])
 
 

@@ -112,3 +112,26 @@ def test_new_sim_faults_parse() -> None:
     assert f.stalls_after("KV Cache is allocated. #tokens: 1") and not f.stalls_after("Load weight end.")
     with pytest.raises(ValueError, match="needs a phase"):
         parse_faults("stall_after=nowhere")
+
+
+def test_a_launch_failure_names_the_decisive_line_first_then_the_log(tmp_path: Path) -> None:
+    fake = Path(__file__).resolve().parents[1] / "fake_servers" / "fake_server.py"
+    port = find_free_port(HOST)
+    crash = "Fatal Python error: Segmentation fault\\nRank 0 scheduler is dead. Please check if there are relevant logs."
+    h = start_server([sys.executable, str(fake), "--fail-with", crash, "--fail-after", "0", "--exit-rc", "1"],
+                     log_path=tmp_path / "server.log", host=HOST, port=port)
+    try:
+        with pytest.raises(ServerLaunchError) as err:
+            wait_ready(h, timeout_s=30, stall_timeout_s=STALL_S, poll_s=0.1)
+    finally:
+        stop_server(h, term_timeout_s=2, gpu_timeout_s=1)
+    first, second = str(err.value).splitlines()[:2]
+    assert err.value.reason == "scheduler_dead"
+    assert first.endswith("Fatal Python error: Segmentation fault")
+    assert "scheduler_dead" in second and second.endswith(f"read {h.log_path}")
+
+
+def test_a_slow_weight_load_that_shows_progress_is_not_a_stall(sim) -> None:
+    h = sim("slow_start=8000")  # 8 s of loading here, twice the stall timeout, a shard line every 0.8 s
+    assert wait_ready(h, timeout_s=120, stall_timeout_s=STALL_S, poll_s=0.1) > 8.0
+    assert "Loading safetensors checkpoint shards: 100% Completed" in h.log_path.read_text()
