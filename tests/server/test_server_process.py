@@ -379,3 +379,15 @@ def test_the_watchdog_passes_on_the_commands_exit_status(tmp_path: Path, launche
     h2 = start_server(argv, log_path=tmp_path / "segv.log", host=HOST, port=find_free_port(HOST))
     launched.append(h2)
     assert h2.proc.wait(timeout=10) == -11
+
+
+def test_a_command_the_watchdog_cannot_exec_is_exec_failed(tmp_path: Path, launched: list[ServerHandle]) -> None:
+    bogus = tmp_path / "not-a-program"
+    bogus.write_bytes(b"\x00\x01garbage")
+    bogus.chmod(0o755)
+    h = start_server([str(bogus)], log_path=tmp_path / "s.log", host=HOST, port=find_free_port(HOST))
+    launched.append(h)
+    with pytest.raises(ServerLaunchError) as err:
+        wait_ready(h, timeout_s=10, poll_s=0.1)
+    assert err.value.reason == "exec_failed" and str(err.value).startswith("kttune watchdog: cannot run")
+    assert h.proc.returncode == 127

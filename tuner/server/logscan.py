@@ -17,6 +17,7 @@ HTTP_UP_MARKERS = ("Uvicorn running on", "Application startup complete")
 
 # Failure lines (the server did not start or is dying), most specific first: classify_failure() returns the first that matched.
 _FAILURES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("exec_failed", re.compile(r"^kttune watchdog: cannot run ")),  # tuner.server.watchdog's own words
     ("unrecognized_args", re.compile(r"error: unrecognized arguments")),
     ("invalid_args", re.compile(r"error: argument -")),
     ("port_in_use", re.compile(r"address already in use", re.IGNORECASE)),
