@@ -243,6 +243,10 @@ def run_case(case: Case, work: Path, *, seed: int = 0, timeout_s: float = 600) -
     h = prepare(work, case.schedule, time_scale=TIME_SCALE, budget=case.budget, server=server, env=env,
                 extra_args=("--no-compat-check", *case.extra_args))
     log_path = work / "run.log"
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+        # Started in the background (`cmd &` ignores SIGINT, and children inherit that): the
+        # tuner must get SIGINT the way Ctrl-C delivers it in a terminal.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", *h.cli_args(), "--seed", str(seed)], cwd=REPO,
