@@ -58,6 +58,9 @@ def test_every_fault_is_classified_costs_what_it_should_and_leaves_nothing(tmp_p
     assert "nothing measured" in by_name["stall after the KV cache is allocated"].stderr_tail
     # Stall detection ends a hang long before the start timeout (three hangs in one run).
     assert by_name["hang at start, every launch"].wall_s < 3 * START_TIMEOUT_S
+    # The baseline (the first launch) is the output-quality reference of its study.
+    ref = optuna.load_study(study_name=STUDY, storage=by_name["none (baseline)"].storage).user_attrs.get(QUALITY_REF_ATTR)
+    assert ref and ref["problems"] == [None] * 4
     # Garbage output is the configuration's fault (infeasible for the sampler) and never benchmarked.
     study = optuna.load_study(study_name=STUDY, storage=by_name["garbage output, every launch"].storage)
     garbage = study.trials[0]
