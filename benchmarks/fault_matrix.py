@@ -1,27 +1,26 @@
-"""Fault matrix: drive every fault row through `kttune run` on the simulator, then print
-faults injected / survived / trials lost / orphans.
+"""Fault matrix: every fault kttune is built to survive, each through its own `kttune run` on the
+simulator (benchmarks/fault_harness.py), with a table of what it cost.
 
-    python benchmarks/fault_matrix.py [--work DIR] [--seed N]
+    python benchmarks/fault_matrix.py [--work DIR] [--seed N] [--only SUBSTRING]
 
-One study runs the whole matrix. The server command is a small wrapper that counts launches
-and, per launch, picks the scheduled fault (a `--sim-fault` switch, or flags that make the
-simulated model run out of memory) before exec'ing `python -m tuner.sim` in place (same
-PID, same process tree). The bench interpreter is a wrapper too: it runs the real
-`sglang.bench_serving` client, or imitates a broken one (exit 1, no result line, fewer
-completed requests). In the middle of the schedule the tuner itself is SIGKILLed while a
-hung server starts; a second `kttune run` must recover and finish the budget.
-tests/test_faults_e2e.py runs the same matrix and asserts on the result.
+Per fault: its classification (the trials' reasons and fault classes), the launches it spent of
+the budget, the tuner's wall time, the processes of the run still alive 10 s after the tuner
+died (must be 0), the tuner's exit code, and the first line of the first failed trial's
+message. A fault can repeat on every launch (the stop rules then end the run), hit one launch
+between normal ones, or be a signal sent to the tuner itself. tests/e2e/test_faults_e2e.py runs
+the same matrix and asserts on it.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,332 +30,315 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 import optuna  # noqa: E402
-import psutil  # noqa: E402
-import yaml  # noqa: E402
 
-from tuner.config import QualitySpec  # noqa: E402
+from benchmarks.fault_harness import (  # noqa: E402
+    SLOW_START_S,
+    STALL_TIMEOUT_S,
+    START_TIMEOUT_S,
+    STUDY,
+    Fault,
+    Harness,
+    marked_processes,
+    prepare,
+)
 
-SIM_SPACE = REPO / "search_spaces" / "sim-kimi-k2-thinking-8xl20.yaml"
-MARKER_ENV = "KTTUNE_FAULT_MARKER"
-DIR_ENV = "KTTUNE_FAULT_DIR"
-STUDY = "faults"
-NUM_PROMPTS = 8
-START_TIMEOUT_S = 20.0  # a normal start takes 2-4 s here, the slow one ~6 s more
-SLOW_START_S = 6.0
+__all__ = ["SLOW_START_S", "STALL_TIMEOUT_S", "START_TIMEOUT_S", "STUDY", "Case", "CaseResult", "Fault", "cases", "marked_processes",
+           "prepare", "run_case", "run_matrix"]
+TIME_SCALE = 0.005
+LEFT_AFTER_S = 10.0
+OK = Fault("none", None)
 
 
 @dataclass(frozen=True)
-class Fault:
-    """One scheduled launch. ``expect`` is the trial's reason (None: a normal trial)."""
+class Case:
+    """One `kttune run`: its launches do ``schedule`` (the last entry repeats)."""
 
     name: str
-    expect: str | None
-    sim_fault: str = ""
-    server_args: tuple[str, ...] = ()
-    bench: str = ""  # "" (real client) | "exit1" | "no_line" | "incomplete"
-    kill_tuner: bool = False
+    schedule: tuple[Fault, ...]
+    budget: int
+    expect: str | None  # the first failed trial's reason; None: every trial measured
+    expect_rc: int
+    expect_launches: int | None = None
+    signal: str = ""  # sent to the tuner at the first kill_tuner launch: KILL, TERM, INT, KILL_ALL
+    when: str = "start"  # "start": while that server starts; "bench": once its benchmark runs
+    server: Mapping[str, Any] = field(default_factory=dict)
+    extra_args: tuple[str, ...] = ()
+    taken_port: bool = False  # the space's fixed port is held by someone else
+    neighbour_gpu: bool = False  # simulated GPUs: ours is GPU 1, a neighbour holds GPU 0
 
-    @property
-    def injected(self) -> bool:
-        return self.expect is not None
 
+def cases() -> tuple[Case, ...]:
+    hang = Fault("hang", "stalled", sim_fault="hang_at_start")
+    from tuner.config import QualitySpec
 
-def default_schedule(*, time_scale: float, quality_requests: int) -> tuple[Fault, ...]:
-    """Every row of the fault matrix once, between normal launches. ``quality_requests`` is
-    how many generate requests the quality guard sends first (the simulator counts them)."""
-    crash_after = quality_requests + 1 + 2  # quality probes, bench warmup, then 2 bench requests
+    crash_after = QualitySpec().request_count() + 1 + 2  # the quality guard, the bench warmup, 2 bench requests
+    # One faulty launch alone: nothing is measured, so the run ends with exit 3 (kttune's code
+    # for that) after classifying it; a fault on every launch shows the stop rules.
     return (
-        Fault("none (baseline)", None),
-        Fault("crash at start: OOM (weights)", "oom_weights", server_args=("--kt-num-gpu-experts", "240")),
-        Fault("crash at start: not enough memory for KV", "kv_not_enough_memory",
-              server_args=("--mem-fraction-static", "0.80")),
-        Fault("crash at start: OOM at KV allocation", "oom_kv_alloc", server_args=("--max-total-tokens", "200000")),
-        Fault("crash at start: native scheduler crash", "scheduler_dead", sim_fault="crash_at_start"),
-        Fault("hang at start (start timeout)", "start_timeout", sim_fault="hang_at_start"),
-        Fault("tuner SIGKILLed while a server hangs", "interrupted", sim_fault="hang_at_start", kill_tuner=True),
-        Fault("slow start within the timeout", None, sim_fault=f"slow_start={round(SLOW_START_S / time_scale)}"),
-        Fault("crash during the benchmark", "server_died", sim_fault=f"crash_after={crash_after}"),
-        Fault("port in use after load", "port_in_use", sim_fault="port_in_use"),
-        Fault("output quality failure", "quality", sim_fault="garbage_output"),
-        Fault("bench_serving exits non-zero", "bench_no_result", bench="exit1"),
-        Fault("bench_serving writes no line", "bench_no_result", bench="no_line"),
-        Fault("bench_serving completes fewer requests", "bench_incomplete", bench="incomplete"),
-        Fault("none", None),
+        Case("none (baseline)", (OK,), 1, None, 0, 1),
+        Case("crash at start: OOM loading weights", (Fault("oom", "oom_weights", server_args=(
+            "--kt-num-gpu-experts", "240")),), 1, "oom_weights", 3, 1),
+        Case("crash at start: not enough memory for KV", (Fault("kv", "kv_not_enough_memory", server_args=(
+            "--mem-fraction-static", "0.80")),), 1, "kv_not_enough_memory", 3, 1),
+        Case("crash at start: OOM allocating KV", (Fault("kv", "oom_kv_alloc", server_args=(
+            "--max-total-tokens", "200000")),), 1, "oom_kv_alloc", 3, 1),
+        Case("every launch runs out of memory (no stop: a boundary)", (Fault("oom", "oom_weights", server_args=(
+            "--kt-num-gpu-experts", "240")),), 4, "oom_weights", 3, 4),
+        Case("native crash (segfault) at every start", (Fault("segv", "scheduler_dead", sim_fault="crash_at_start"),),
+             5, "scheduler_dead", 1, 3),
+        Case("unknown flag (compat check off)", (Fault("flag", "unrecognized_args", server_args=(
+            "--kt-amx-weight-path", "/old/flag")),), 3, "unrecognized_args", 1, 1),
+        Case("server interpreter missing", (OK,), 3, "exec_failed", 1, 0,
+             server={"command": ["/nonexistent/bin/python3", "-m", "sglang.launch_server"]}),
+        Case("hang at start, every launch", (hang,), 5, "stalled", 1, 3),
+        Case("stall after the KV cache is allocated", (Fault("stall", "stalled", sim_fault="stall_after=kv"),),
+             1, "stalled", 3, 1),
+        Case("HTTP up, /health never 200", (Fault("unhealthy", "unhealthy", sim_fault="unhealthy"),),
+             1, "unhealthy", 3, 1),
+        Case("slow start (weights load for longer than the stall timeout)", (Fault(
+            "slow", None, sim_fault=f"slow_start={round(SLOW_START_S / TIME_SCALE)}"),), 1, None, 0, 1),
+        Case("slow warm-up that logs its batches", (Fault(
+            "warmup", None, sim_fault=f"slow_warmup={round(1.5 * STALL_TIMEOUT_S / TIME_SCALE)}"),), 1, None, 0, 1),
+        Case("crash during the benchmark, every launch", (Fault("crash", "server_died",
+                                                                sim_fault=f"crash_after={crash_after}"),),
+             5, "server_died", 1, 3),
+        Case("port in use after the model loaded", (Fault("port", "port_in_use", sim_fault="port_in_use"),),
+             1, "port_in_use", 3, 1),
+        Case("configured port taken before launch", (OK,), 3, "port_in_use", 1, 0, taken_port=True),
+        Case("garbage output, every launch", (Fault("garbage", "quality", sim_fault="garbage_output"),),
+             5, "quality", 1, 3),
+        Case("bench_serving exits non-zero, every launch", (Fault("bench", "bench_no_result", bench="exit1"),),
+             5, "bench_no_result", 1, 3),
+        Case("environment faults of three kinds in a row", (
+            Fault("bench", "bench_no_result", bench="exit1"), Fault("port", "port_in_use", sim_fault="port_in_use"),
+            Fault("unhealthy", "unhealthy", sim_fault="unhealthy")), 5, "bench_no_result", 1, 3),
+        Case("bench_serving writes no line", (Fault("bench", "bench_no_result", bench="no_line"),),
+             1, "bench_no_result", 3, 1),
+        Case("bench_serving completes fewer requests", (Fault("bench", "bench_incomplete", bench="incomplete"),),
+             1, "bench_incomplete", 3, 1),
+        Case("tuner SIGKILLed while a server hangs", (Fault("hang", None, sim_fault="hang_at_start", kill_tuner=True),),
+             3, "running", -signal.SIGKILL, 1, signal="KILL"),
+        Case("tuner SIGKILLed during a benchmark", (Fault("bench", None, kill_tuner=True),), 3, "running",
+             -signal.SIGKILL, 1, signal="KILL", when="bench"),
+        Case("tuner and watchdog SIGKILLed together", (Fault("bench", None, kill_tuner=True),), 3, "running",
+             -signal.SIGKILL, 1, signal="KILL_ALL", when="bench"),
+        Case("tuner SIGTERMed during a benchmark", (Fault("bench", "interrupted", kill_tuner=True),), 3,
+             "interrupted", 130, 0, signal="TERM", when="bench"),
+        Case("tuner SIGINTed while a server starts", (Fault("hang", "interrupted", sim_fault="hang_at_start",
+                                                            kill_tuner=True),), 3, "interrupted", 130, 0,
+             signal="INT"),
+        Case("neighbour's server holds GPU 0, ours runs on GPU 1", (OK,), 1, None, 0, 1, neighbour_gpu=True),
     )
 
 
-_SERVER_WRAPPER = r'''"""kttune fault harness: pick this launch's fault, then become `python -m tuner.sim`."""
-import fcntl, json, os, sys
-
-argv = sys.argv[1:]
-target = [sys.executable, "-m", "tuner.sim"]
-if "--help" in argv or "-h" in argv:
-    os.execv(sys.executable, target + argv)
-root = os.environ["KTTUNE_FAULT_DIR"]
-with open(os.path.join(root, "counter.lock"), "a+") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    path = os.path.join(root, "counter")
-    n = int(open(path).read()) if os.path.exists(path) else 0
-    with open(path, "w") as f:
-        f.write(str(n + 1))
-schedule = json.load(open(os.path.join(root, "schedule.json")))
-fault = schedule[n] if n < len(schedule) else {"name": "none (after the schedule)", "expect": None}
-try:
-    log = os.readlink("/proc/self/fd/1")
-except OSError:
-    log = ""
-record = {"launch": n, "fault": fault, "trial_dir": os.path.dirname(log), "pid": os.getpid()}
-for name in ("launch-%03d.json" % n, "current.json"):
-    tmp = os.path.join(root, "." + name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, os.path.join(root, name))
-os.environ["KTTUNE_SIM_FAULT"] = fault.get("sim_fault", "")
-os.execv(sys.executable, target + argv + list(fault.get("server_args", [])))
-'''
-
-_BENCH_WRAPPER = r'''#!{python}
-"""kttune fault harness: the real bench client, or an imitation of a broken one."""
-import json, os, sys
-
-REAL = {real!r}
-args = sys.argv[1:]
-if "--output-file" not in args:  # --help, probes: the real interpreter answers
-    os.execv(REAL, [REAL] + args)
-current = json.load(open(os.path.join(os.environ["KTTUNE_FAULT_DIR"], "current.json")))
-mode = current["fault"].get("bench", "")
-out = args[args.index("--output-file") + 1]
-asked = int(args[args.index("--num-prompts") + 1])
-if mode == "exit1":
-    sys.stderr.write("Traceback (most recent call last):\nRuntimeError: injected bench_serving failure\n")
-    sys.exit(1)
-if mode == "no_line":
-    print("benchmark finished (injected: no result line)")
-    sys.exit(0)
-if mode == "incomplete":
-    line = {{"backend": "sglang", "completed": asked - 3, "output_throughput": 1.0, "input_throughput": 1.0,
-             "duration": 1.0, "median_itl_ms": 1.0, "median_ttft_ms": 1.0, "p99_itl_ms": 1.0, "p99_ttft_ms": 1.0}}
-    with open(out, "a") as f:
-        f.write(json.dumps(line) + "\n")
-    sys.exit(0)
-os.execv(REAL, [REAL] + args)
-'''
-
-
-@dataclass(frozen=True)
-class Harness:
-    work: Path
-    space: Path
-    marker: str
-    schedule: tuple[Fault, ...]
-
-    @property
-    def storage(self) -> str:
-        return f"sqlite:///{self.work / 'faults.db'}"
-
-    @property
-    def state(self) -> Path:
-        return self.work / "fault-state"
-
-    @property
-    def budget(self) -> int:
-        return sum(1 for f in self.schedule if not f.kill_tuner)
-
-    def cli_args(self) -> list[str]:
-        return ["run", "--space", str(self.space), "--study", STUDY, "--storage", self.storage,
-                "--studies-dir", str(self.work / "studies"), "--budget", str(self.budget), "--no-feasibility"]
-
-    def launches(self) -> list[dict[str, Any]]:
-        return [json.loads(p.read_text()) for p in sorted(self.state.glob("launch-*.json"))]
-
-
-def bench_python() -> Path:
-    return REPO / ".venv-bench" / "bin" / "python"
-
-
-def prepare(work: Path, schedule: Sequence[Fault] | None = None, *, time_scale: float = 0.005,
-            start_timeout_s: float = START_TIMEOUT_S) -> Harness:
-    """Write the wrappers, the schedule and a small fast space under ``work``."""
-    work = work.resolve()
-    quality = QualitySpec()
-    schedule = tuple(schedule or default_schedule(time_scale=time_scale, quality_requests=quality.request_count()))
-    state = work / "fault-state"
-    state.mkdir(parents=True, exist_ok=True)
-    (state / "schedule.json").write_text(json.dumps([f.__dict__ for f in schedule]))
-    server = work / "fault_server.py"
-    server.write_text(_SERVER_WRAPPER)
-    bench = work / "fault_bench"
-    bench.write_text(_BENCH_WRAPPER.format(python=sys.executable, real=str(bench_python())))
-    bench.chmod(0o755)
-    marker = f"kttune-faults-{work.name}-{os.getpid()}"
-    (work / "marker").write_text(marker)  # lets a test kill what a failed run left behind
-    env = {DIR_ENV: str(state), MARKER_ENV: marker}
-    data = yaml.safe_load(SIM_SPACE.read_text())
-    srv = data["server"]
-    srv.pop("module", None)
-    srv["command"] = [sys.executable, str(server)]
-    srv["start_timeout_s"] = start_timeout_s
-    srv["env"] = env
-    srv["args"].update({"sim-time-scale": time_scale, "kt-num-gpu-experts": 200, "kt-threadpool-count": 2,
-                        "chunked-prefill-size": 4096})
-    data["params"] = {"kt-cpuinfer": {"low": 40, "high": 56, "step": 4},
-                      "max-running-requests": {"low": 16, "high": 37}}
-    data["baseline"] = {"kt-cpuinfer": 56, "max-running-requests": 37}
-    data["workloads"] = {"decode": {"num_prompts": NUM_PROMPTS, "input_len": 10, "output_len": 32}}
-    data["bench"].update({"python": str(bench), "time_scale": time_scale, "timeout_s": 120,
-                          "env": {**data["bench"].get("env", {}), **env}})
-    space = work / "space.yaml"
-    space.write_text(yaml.safe_dump(data, sort_keys=False))
-    return Harness(work, space, marker, schedule)
-
-
-def marked_processes(marker: str) -> list[psutil.Process]:
-    """Live processes started for this harness (the marker is in their environment)."""
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get(MARKER_ENV) == marker:
-                found.append(p)
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
 @dataclass
-class Row:
-    launch: int
-    fault: str
-    expected: str | None
-    got: str | None
-    trial: int | None
-    state: str
+class CaseResult:
+    case: Case
+    reasons: list[str]  # per attempted trial, in order ("ok" when measured, "running" if never told)
+    classes: list[str]
+    launches: int
+    wall_s: float
+    rc: int
+    message: str  # the first failed trial's message, first line
+    stderr_tail: str
+    storage: str = ""
+    left: list[str] = field(default_factory=list)  # processes alive LEFT_AFTER_S after the tuner died
+    teardown_s: list[float] = field(default_factory=list)
+    _done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def first_failure(self) -> str | None:
+        return next((r for r in self.reasons if r != "ok"), None)
+
+    @property
+    def classification(self) -> str:
+        parts: list[str] = []
+        for reason, cls in zip(self.reasons, self.classes):
+            label = reason if cls == "" else f"{reason} ({cls})"
+            if parts and parts[-1].split(" ×")[0] == label:
+                n = int(parts[-1].split(" ×")[1]) + 1 if " ×" in parts[-1] else 2
+                parts[-1] = f"{label} ×{n}"
+            else:
+                parts.append(label)
+        return ", ".join(parts) or "-"
 
     @property
     def ok(self) -> bool:
-        return self.got == self.expected
+        c = self.case
+        launches_ok = c.expect_launches is None or self.launches == c.expect_launches
+        return (self.first_failure == c.expect and self.rc == c.expect_rc and launches_ok and not self.left
+                and self._done.is_set())
 
 
-@dataclass
-class MatrixResult:
-    rows: list[Row]
-    budget: int
-    counted_launches: int
-    exit_codes: list[int]
-    lost: int
-    orphans: list[str]
-    pid_files: list[str]
-    wall_s: float
-    slow_ready_s: float | None = None
-    log: list[str] = field(default_factory=list)
+def _classes(reason: str) -> str:
+    from tuner.outcome import fault_of
 
-    @property
-    def injected(self) -> int:
-        return sum(1 for r in self.rows if r.expected is not None)
-
-    @property
-    def survived(self) -> int:
-        """Faults classified as scheduled while the study still reached its budget."""
-        if self.counted_launches < self.budget:
-            return 0
-        return sum(1 for r in self.rows if r.expected is not None and r.ok)
-
-    def summary(self) -> str:
-        width = max(len(r.fault) for r in self.rows)
-        lines = [f"{'launch':>6}  {'fault':<{width}}  {'expected':<22} {'got':<22} trial"]
-        for r in self.rows:
-            mark = "" if r.ok else "   <-- MISMATCH"
-            lines.append(f"{r.launch:>6}  {r.fault:<{width}}  {str(r.expected):<22} {str(r.got):<22} "
-                         f"{r.trial if r.trial is not None else '-'}{mark}")
-        lines.append(f"faults injected: {self.injected}   survived: {self.survived}   "
-                     f"trials lost: {self.lost}   orphans: {len(self.orphans)}   "
-                     f"(budget {self.counted_launches}/{self.budget}, exit codes {self.exit_codes}, "
-                     f"{self.wall_s:.0f} s)")
-        return "\n".join(lines)
+    return "" if reason in ("ok", "running") else fault_of(reason).value
 
 
-def _kttune(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "tuner.cli", *args], cwd=REPO, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-def _finished(h: Harness) -> dict[int, tuple[str, Any]]:
-    study = optuna.load_study(study_name=STUDY, storage=h.storage)
-    return {t.number: (t.state.name, t.values) for t in study.get_trials() if t.state.is_finished()}
+def _wait(cond: Callable[[], bool], proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
-def run_matrix(work: Path, schedule: Sequence[Fault] | None = None, *, seed: int = 0,
-               timeout_s: float = 900, log: Callable[[str], None] = print) -> MatrixResult:
-    """Run the matrix (first run, SIGKILL at the kill_tuner launch, second run) and collect."""
+def _trigger(h: Harness, case: Case, proc: subprocess.Popen[bytes]) -> None:
+    """Wait for the moment `case.signal` is due, then send it."""
+    k = next(i for i, f in enumerate(h.schedule) if f.kill_tuner)
+    launch = h.state / f"launch-{k:03d}.json"
+    if not _wait(launch.exists, proc, 120):
+        return
+    if case.when == "bench":
+        import json
+
+        trial_dir = Path(json.loads(launch.read_text())["trial_dir"])
+        if not _wait(lambda: (trial_dir / "bench-decode.argv.json").exists(), proc, 120):
+            return
+        time.sleep(0.5)
+    else:
+        time.sleep(1.5)  # the server is up and starting (or hanging); the trial is RUNNING
+    sig = {"KILL": signal.SIGKILL, "KILL_ALL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}
+    if case.signal == "KILL_ALL":  # as `kill -9` of every kttune process would: the watchdog too
+        import json
+
+        pid_file = Path(json.loads(launch.read_text())["trial_dir"]) / "server.pid"
+        os.kill(int(json.loads(pid_file.read_text())["pid"]), signal.SIGKILL)
+    os.kill(proc.pid, sig[case.signal])
+
+
+def _neighbour(work: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    """Another worker's server on GPU 0: a process holding 40 GiB there until it is killed."""
+    code = ("import os, sys, time\nfrom pathlib import Path\nfrom tuner.machine import hold_sim_gpu_memory\n"
+            "hold_sim_gpu_memory(Path(sys.argv[1]), os.getpid(), {sys.argv[2]: 40 << 30})\n"
+            "print('holding', flush=True)\ntime.sleep(600)\n")
+    return subprocess.Popen([sys.executable, "-c", code, str(work / "gpus"), "GPU-0-sim-neighbour"], cwd=REPO,
+                            env={**os.environ, **env, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE)
+
+
+def run_case(case: Case, work: Path, *, seed: int = 0, timeout_s: float = 600) -> CaseResult:
+    """Run one case; its `left` count is filled LEFT_AFTER_S after the tuner died (`_done`)."""
+    work.mkdir(parents=True, exist_ok=True)
+    server, env, holder, sock = dict(case.server), {}, None, None
+    if case.taken_port:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        server["port"] = sock.getsockname()[1]
+    if case.neighbour_gpu:
+        from tuner.machine import write_sim_gpus
+
+        write_sim_gpus(work / "gpus", [{"uuid": u, "name": "Simulated L20", "total": 48 << 30, "base_used": 1 << 29}
+                                       for u in ("GPU-0-sim-neighbour", "GPU-1-sim-ours")])
+        env["KTTUNE_SIM_NVML"] = str(work / "gpus")
+        server["env"] = {"CUDA_VISIBLE_DEVICES": "GPU-1-sim-ours"}
+    h = prepare(work, case.schedule, time_scale=TIME_SCALE, budget=case.budget, server=server, env=env,
+                extra_args=("--no-compat-check", *case.extra_args))
+    log_path = work / "run.log"
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+        # Started in the background (`cmd &` ignores SIGINT, and children inherit that): the
+        # tuner must get SIGINT the way Ctrl-C delivers it in a terminal.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
-    h = prepare(work, schedule)
-    args = [*h.cli_args(), "--seed", str(seed)]
-    kill_at = next((i for i, f in enumerate(h.schedule) if f.kill_tuner), None)
-    codes: list[int] = []
-    before: dict[int, tuple[str, Any]] = {}
-    deadline = started + timeout_s
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", *h.cli_args(), "--seed", str(seed)], cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **h.env}, start_new_session=True)
     try:
-        proc = _kttune(args, work / "run-1.log")
-        if kill_at is not None:
-            while not (h.state / f"launch-{kill_at:03d}.json").exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"first run ended before launch {kill_at}: "
-                                       + (work / "run-1.log").read_text()[-3000:])
-                time.sleep(0.2)
-            time.sleep(1.5)  # the server is up and hanging; the trial is RUNNING
-            before = _finished(h)
-            os.kill(proc.pid, signal.SIGKILL)  # the tuner only: its server is orphaned
-            log(f"tuner SIGKILLed during launch {kill_at}; {len(before)} finished trials so far")
-        codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
-        if kill_at is not None:
-            proc = _kttune(args, work / "run-2.log")
-            codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+        if case.neighbour_gpu:
+            _wait((h.state / "launch-000.json").exists, proc, 120)
+            holder = _neighbour(work, env)  # after our launch: our baseline does not include it
+        if case.signal:
+            _trigger(h, case, proc)
+        rc = proc.wait(timeout=timeout_s)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    time.sleep(0.5)  # let exiting children be reaped before counting orphans
-    orphans = [f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in marked_processes(h.marker)]
-    return _collect(h, codes, before, orphans, time.monotonic() - started, log)
-
-
-def _collect(h: Harness, codes: list[int], before: dict[int, tuple[str, Any]], orphans: list[str],
-             wall_s: float, log: Callable[[str], None]) -> MatrixResult:
-    from tuner.storage import ATTR_LAUNCHED, ATTR_REASON, ATTR_TRIAL_DIR, launched_count, timings_of
-
-    study = optuna.load_study(study_name=STUDY, storage=h.storage)
-    trials = study.get_trials()
-    by_dir = {str(t.user_attrs.get(ATTR_TRIAL_DIR)): t for t in trials if t.user_attrs.get(ATTR_LAUNCHED)}
-    rows, slow_ready = [], None
-    for rec in h.launches():
-        t = by_dir.get(rec["trial_dir"])
-        fault = rec["fault"]
-        rows.append(Row(rec["launch"], fault["name"], fault["expect"],
-                        t.user_attrs.get(ATTR_REASON) if t else "<no trial>",
-                        t.number if t else None, t.state.name if t else "-"))
-        if t is not None and fault.get("sim_fault", "").startswith("slow_start"):
-            slow_ready = timings_of(t).get("ready_s")
-    after = {t.number: (t.state.name, t.values) for t in trials if t.state.is_finished()}
-    lost = sum(1 for n, v in before.items() if after.get(n) != v)
-    pid_files = [str(p) for p in (h.work / "studies").rglob("server.pid")]
-    result = MatrixResult(rows, h.budget, launched_count(trials), codes, lost, orphans, pid_files, wall_s,
-                          slow_ready)
-    log(result.summary())
+            rc = proc.wait()
+        if sock is not None:
+            sock.close()
+    died, wall = time.monotonic(), time.monotonic() - started
+    result = _collect(h, case, rc, wall, log_path)
+    threading.Timer(max(0.0, died + LEFT_AFTER_S - time.monotonic()), _count_left, (h, result, holder)).start()
     return result
+
+
+def _count_left(h: Harness, result: CaseResult, holder: subprocess.Popen[bytes] | None) -> None:
+    result.left = [f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in marked_processes(h.marker)]
+    if holder is not None:
+        holder.kill()
+        holder.wait()
+    result._done.set()
+
+
+def _collect(h: Harness, case: Case, rc: int, wall: float, log_path: Path) -> CaseResult:
+    from tuner.storage import ATTR_REASON, ATTR_TRIAL_DIR, launched_count, timings_of
+
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+    try:
+        trials = optuna.load_study(study_name=STUDY, storage=h.storage).get_trials()
+    except Exception:  # refused before the study was written
+        trials = []
+    attempted = [t for t in trials if t.user_attrs.get(ATTR_TRIAL_DIR)]
+    reasons = []
+    for t in attempted:
+        reason = t.user_attrs.get(ATTR_REASON)
+        reasons.append("running" if not t.state.is_finished() else (reason or "ok"))
+    failed = next((t for t in attempted if t.user_attrs.get(ATTR_REASON)), None)
+    message = str(failed.user_attrs.get("message", "")).splitlines()[0] if failed is not None else ""
+    return CaseResult(case, reasons, [_classes(r) for r in reasons], launched_count(trials), wall, rc,
+                      message, "\n".join(tail), h.storage,
+                      teardown_s=[timings_of(t)["teardown_s"] for t in attempted if "teardown_s" in timings_of(t)])
+
+
+def table(results: Sequence[CaseResult]) -> str:
+    """The matrix as a Markdown table (what docs show)."""
+    head = "| fault | classification | launches | time | left after 10 s | exit | message (first line) |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for r in results:
+        msg = r.message.replace("|", "\\|")
+        msg = msg if len(msg) <= 110 else msg[:107] + "..."
+        mark = "" if r.ok else " **(unexpected)**"
+        lines.append(f"| {r.case.name}{mark} | {r.classification} | {r.launches}/{r.case.budget} | {r.wall_s:.0f} s "
+                     f"| {len(r.left)} | {r.rc} | {msg or '-'} |")
+    return "\n".join(lines)
+
+
+def run_matrix(work: Path, selected: Sequence[Case] | None = None, *, seed: int = 0,
+               log: Callable[[str], None] = print) -> list[CaseResult]:
+    results = []
+    for i, case in enumerate(selected if selected is not None else cases()):
+        res = run_case(case, work / f"case-{i:02d}", seed=seed)
+        log(f"{case.name}: {res.classification}, rc {res.rc}, {res.launches} launch(es), {res.wall_s:.0f} s")
+        results.append(res)
+    for res in results:
+        res._done.wait(LEFT_AFTER_S + 30)
+    log(table(results))
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=None, help="work directory (default: a fresh temp dir)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", default="", help="run the cases whose name contains this")
     ns = parser.parse_args(argv)
     import tempfile
 
     work = ns.work or Path(tempfile.mkdtemp(prefix="kttune-faults-"))
-    res = run_matrix(work, seed=ns.seed)
-    print(f"work dir: {work}")
-    clean = res.survived == res.injected and res.lost == 0 and not res.orphans
-    return 0 if clean else 1
+    chosen = [c for c in cases() if ns.only in c.name]
+    results = run_matrix(work, chosen, seed=ns.seed)
+    bad = [r.case.name for r in results if not r.ok]
+    print(f"work dir: {work}; {len(results) - len(bad)}/{len(results)} as expected" + (f"; not: {bad}" if bad else ""))
+    return 0 if not bad else 1
 
 
 if __name__ == "__main__":

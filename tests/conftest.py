@@ -14,6 +14,13 @@ def _repo_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
 
 
+@pytest.fixture(autouse=True)
+def _own_runtime_dir(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Each test has its own registry of launched servers (tuner.server.registry): leftovers a
+    test makes on purpose are seen, and reaped, by that test alone."""
+    monkeypatch.setenv("KTTUNE_RUNTIME_DIR", str(tmp_path_factory.mktemp("kttune-runtime")))
+
+
 def bench_python() -> Path | None:
     p = REPO / ".venv-bench" / "bin" / "python"
     return p if p.exists() else None

@@ -68,3 +68,33 @@ def test_plan_bad_set_is_exit_2(capsys) -> None:
 
     assert main(["plan", "--space", "search_spaces/sim-kimi-k2-thinking-8xl20.yaml", "--set", "nonsense"]) == 2
     assert "--set" in capsys.readouterr().err
+
+
+def test_environment_faults_of_any_kind_in_a_row_stop_the_run() -> None:
+    cause = objective.stop_cause([None, "bench_no_result", "port_in_use", "stalled"])
+    assert cause is not None and "3 environment faults in a row" in cause and "port_in_use" in cause
+    assert objective.stop_cause(["bench_no_result", None, "bench_no_result"]) is None
+    assert objective.stop_cause(["unhealthy", "metric_missing"], streak=2) is not None
+    assert objective.stop_cause(["unhealthy", "metric_missing"], streak=3) is None
+
+
+@pytest.mark.parametrize("reason", ["server_died", "quality", "python_exception", "exited_rc_139", "start_timeout"])
+def test_one_config_fault_whatever_the_configuration_stops_the_run(reason: str) -> None:
+    assert objective.stop_cause([reason] * 3) is not None
+    assert objective.stop_cause([reason, "scheduler_dead", reason]) is None  # different faults: configurations
+
+
+@pytest.mark.parametrize("reason", ["oom", "oom_weights", "kv_not_enough_memory", "request_too_long"])
+def test_boundary_faults_repeat_while_exploring_and_never_stop_the_run(reason: str) -> None:
+    assert objective.stop_cause([reason] * 6) is None
+
+
+def test_proposals_that_were_not_launched_neither_extend_nor_break_a_streak() -> None:
+    assert objective.stop_cause(["stalled", "infeasible_predicted", "stalled", "duplicate", "stalled"]) is not None
+    assert objective.stop_cause(["stalled", "pruned", "stalled", "stalled"]) is None
+
+
+@pytest.mark.parametrize("reason", ["stalled", "unhealthy"])
+def test_hangs_without_evidence_are_environment_faults(reason: str) -> None:
+    assert objective.fault_of(reason) is objective.Fault.INFRA
+    assert objective.failure(space(), reason, "x").state == TrialState.FAIL

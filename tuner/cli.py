@@ -1,6 +1,8 @@
 """`kttune` command line: parse, build the config, call one library function.
 
-Exit codes: 0 ok, 1 a fault while running, 2 bad input (one line, no traceback), 130 stopped.
+Exit codes (EXIT_CODES, also in `kttune --help`): 0 ok, 1 a fault while running (the run
+stopped on its cause), 2 bad input (one line, no traceback), 3 `kttune run` ended with no trial
+of the study measured, 130 stopped by Ctrl-C or SIGTERM.
 """
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ if TYPE_CHECKING:
     from tuner.config import SearchSpace
 
 SHIPPED_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+EXIT_NOTHING_MEASURED = 3
+EXIT_CODES = ("exit codes: 0 ok; 1 a fault while running (a run stops with its cause after a fatal fault or "
+              "--fault-streak environment faults in a row); 2 bad input; 3 the run ended with no trial measured; "
+              "130 stopped (Ctrl-C, SIGTERM)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,15 +50,19 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from tuner import __version__
 
-    parser = _Parser(prog="kttune", description="Tune SGLang + KTransformers launch flags with Optuna.")
+    parser = _Parser(prog="kttune", description="Tune SGLang + KTransformers launch flags with Optuna.",
+                     epilog=EXIT_CODES)
     parser.add_argument("--version", action="version", version=f"kttune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = sub.add_parser("run", help="run (or resume) a study until --budget launches are done")
+    run = sub.add_parser("run", help="run (or resume) a study until --budget launches are done", epilog=EXIT_CODES)
     _add_study_args(run)
     run.add_argument("--budget", type=int, default=20, help="server launches in total (default: %(default)s)")
     run.add_argument("--seed", type=int, default=None, help="sampler seed")
     run.add_argument("--dry-run", action="store_true", help="print the argv of the trials; launch nothing")
     run.add_argument("--no-feasibility", action="store_true", help="launch even configs predicted not to fit")
+    run.add_argument("--fault-streak", type=int, default=3, metavar="N",
+                     help="stop after N launches in a row with an environment fault of any kind, or with the same "
+                          "non-memory fault whatever the configuration (default: %(default)s)")
     run.add_argument("--no-compat-check", action="store_true",
                      help="do not read --help of the server and bench client before the first launch")
     best = sub.add_parser("best", help="show the best trial (the Pareto front for several objectives)")
@@ -133,6 +143,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.budget < 1:
         raise ConfigError(f"--budget: must be ≥ 1, got {args.budget}")
+    if args.fault_streak < 1:
+        raise ConfigError(f"--fault-streak: must be ≥ 1, got {args.fault_streak}")
     space, study_name, storage = _resolve(args, check_paths=not args.dry_run, create=not args.dry_run)
     if args.dry_run:
         dry_run(space, budget=args.budget, seed=args.seed, studies_dir=Path(args.studies_dir),
@@ -143,7 +155,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         check_space_compat(space)
     opts = RunOptions(study_name=study_name, storage=storage, budget=args.budget, seed=args.seed,
-                      studies_dir=Path(args.studies_dir), check_feasibility=not args.no_feasibility)
+                      studies_dir=Path(args.studies_dir), check_feasibility=not args.no_feasibility,
+                      fault_streak=args.fault_streak)
     from tuner.loop import Progress
 
     with Progress(budget=opts.budget, objectives=[(o.key, o.direction) for o in space.objectives],
@@ -155,6 +168,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if summary.stopped_reason:
         print(f"stopped early: {summary.stopped_reason}", file=sys.stderr)
         return 1
+    if summary.measured == 0:
+        print(f"kttune: nothing measured: no trial of study {study_name} has a result; "
+              "`kttune report` shows why each launch failed", file=sys.stderr)
+        return EXIT_NOTHING_MEASURED
     from tuner.report import print_best
     print_best(space, study_name, storage)
     return 0
@@ -303,6 +320,18 @@ COMMANDS = {"run": cmd_run, "plan": cmd_plan, "best": cmd_best, "show": cmd_show
             "init": cmd_init, "completion": cmd_completion}
 
 
+# Commands that open a study say so when dead kttune runs left servers running (`run` stops them).
+_NOTES_LEFTOVERS = frozenset({"best", "export", "report", "doctor", "dashboard"})
+
+
+def _note_leftovers() -> None:
+    from tuner.server import find_leftovers, leftover_note
+
+    note = leftover_note(find_leftovers())
+    if note is not None:
+        print(f"kttune: warning: {note}", file=sys.stderr)
+
+
 def _sigterm_as_interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -317,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
+        if args.command in _NOTES_LEFTOVERS:
+            _note_leftovers()
         return COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"kttune: error: {exc}", file=sys.stderr)

@@ -13,11 +13,16 @@ Every failure has a `Reason`, and every reason one `Fault` class:
 
 A server that exits with a plain code (``exited_rc_N``) is a config fault: a native crash for
 one thread layout; the loop stops if it keeps happening whatever the configuration.
+
+Stop rules are over classes (:func:`stop_cause`): ``streak`` launches in a row with an infra
+fault of any kind stop the run, as do ``streak`` launches in a row with the same config fault
+unless it is a *boundary* fault (memory, a request too long for the KV pool), which repeats
+legitimately while the sampler explores the edge of what fits.
 """
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from optuna.trial import FrozenTrial, TrialState
@@ -36,12 +41,15 @@ class Reason(str, enum.Enum):
 
     fault: Fault
     memory: bool
+    boundary: bool
 
-    def __new__(cls, value: str, fault: Fault, memory: bool = False) -> Reason:
+    def __new__(cls, value: str, fault: Fault, memory: bool = False, boundary: bool = False) -> Reason:
         member = str.__new__(cls, value)
         member._value_ = value
         member.fault = fault
         member.memory = memory
+        # Repeats legitimately while the sampler explores the edge of what fits.
+        member.boundary = memory or boundary
         return member
 
     # The server ran out of GPU memory, by start-up phase (see tuner.server.logscan).
@@ -63,7 +71,7 @@ class Reason(str, enum.Enum):
     BENCH_TIMEOUT = "bench_timeout", Fault.CONFIG
     QUALITY = "quality", Fault.CONFIG
     # The server refused the workload's requests as too long for its KV pool or context.
-    REQUEST_TOO_LONG = "request_too_long", Fault.CONFIG
+    REQUEST_TOO_LONG = "request_too_long", Fault.CONFIG, False, True
     QUALITY_TIMEOUT = "quality_timeout", Fault.CONFIG
     INFEASIBLE_PREDICTED = "infeasible_predicted", Fault.CONFIG
     # Faults that say nothing about the configuration.
@@ -74,6 +82,16 @@ class Reason(str, enum.Enum):
     DUPLICATE = "duplicate", Fault.INFRA
     BUDGET_SPENT = "budget_spent", Fault.INFRA
     NOT_STARTED = "not_started", Fault.INFRA
+    # No new start-up phase in the log for server.stall_timeout_s (tuner.server.logscan phases).
+    # Infra, not config: a stall is the absence of evidence. A configuration that does not fit
+    # fails loudly (an OOM, "Not enough memory"); what hangs silently on a real host is usually
+    # the host: NCCL/P2P initialisation, weight files on slow or stuck storage, a GPU a neighbour
+    # holds. Told as FAIL it teaches the sampler nothing false, and the infra streak stops a run
+    # where it keeps happening instead of spending the start timeout on every launch.
+    STALLED = "stalled", Fault.INFRA
+    # HTTP up, but /health never 200 and no progress in the log (a slow warm-up logs its batches):
+    # a server stuck behind its front end, infra for the same reason as a stall.
+    UNHEALTHY = "unhealthy", Fault.INFRA
     # Faults every later launch would hit too.
     UNRECOGNIZED_ARGS = "unrecognized_args", Fault.FATAL
     INVALID_ARGS = "invalid_args", Fault.FATAL
@@ -114,8 +132,36 @@ def is_memory_reason(reason: str | None) -> bool:
     return reason in _MEMORY
 
 
+def is_boundary_reason(reason: str | None) -> bool:
+    """A config fault that repeats legitimately near the edge of what fits (memory, KV pool)."""
+    return reason in _BOUNDARY
+
+
 _BY_VALUE = {r.value: r for r in Reason}
 _MEMORY = frozenset(r.value for r in Reason if r.memory)
+_BOUNDARY = frozenset(r.value for r in Reason if r.boundary)
+# Not launches of the configuration (no server ran for it): they neither extend nor break a streak.
+_NOT_A_LAUNCH = frozenset({Reason.INFEASIBLE_PREDICTED.value, Reason.DUPLICATE.value, Reason.BUDGET_SPENT.value})
+DEFAULT_STREAK = 3
+
+
+def stop_cause(recent: Sequence[str | None], streak: int = DEFAULT_STREAK) -> str | None:
+    """Why the run must stop after these launch reasons (oldest first, None = measured), or None.
+
+    - ``streak`` infra faults in a row, of any kinds: the environment is broken;
+    - ``streak`` times in a row the same config fault that is not a boundary fault: it fails
+      whatever the configuration, which is the environment again (or the space).
+    A pruned launch was measured (its probe) and breaks a streak, as does a success."""
+    tail = [r for r in recent if r not in _NOT_A_LAUNCH][-streak:]
+    if streak < 1 or len(tail) < streak or any(r is None or r == PRUNED for r in tail):
+        return None
+    reasons = [str(r) for r in tail]
+    if all(fault_of(r) is not Fault.CONFIG for r in reasons):
+        kinds = ", ".join(dict.fromkeys(reasons))
+        return f"{streak} environment faults in a row ({kinds})"
+    if len(set(reasons)) == 1 and not is_boundary_reason(reasons[0]):
+        return f"{streak} launches in a row failed with {reasons[0]} whatever the configuration"
+    return None
 
 
 @dataclass

@@ -12,8 +12,8 @@ from tests.search.test_sampler import sim_space
 from tuner import outcome as objective
 from tuner.config import ConfirmSpec, ProbeSpec, SearchSpace
 from tuner.loop.preview import dry_run
-from tuner.loop.run import RunOptions, repeating_fault, run_study
-from tuner.outcome import PRUNED
+from tuner.loop.run import RunOptions, run_study
+from tuner.outcome import PRUNED, stop_cause
 from tuner.report.text import best_table
 from tuner.search.pruner import BelowBestPruner
 from tuner.search.remeasure import leader_to_recheck
@@ -111,7 +111,7 @@ def test_below_best_pruner_directions() -> None:
 
 
 def test_pruned_runs_do_not_stop_the_study() -> None:
-    assert not repeating_fault([PRUNED] * 5)
+    assert stop_cause([PRUNED] * 5) is None
 
 
 def test_dry_run_proposes_baseline_then_warm_start(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tuner.cli import main
@@ -19,16 +20,6 @@ def test_space_where_nothing_fits_is_refused_before_the_study_exists(tmp_path: P
     assert rc == 2 and err.count("\n") == 1
     assert "gpu_mem" in err and "lower kt-num-gpu-experts to" in err
     assert not (tmp_path / "x.db").exists()
-
-
-def test_repeating_environment_fault_stops_but_memory_cliffs_do_not() -> None:
-    from tuner.loop.run import repeating_fault
-
-    assert repeating_fault([None, "bench_no_result", "bench_no_result", "bench_no_result"])
-    assert repeating_fault(["python_exception"] * 3)
-    assert not repeating_fault(["oom"] * 5)
-    assert not repeating_fault(["bench_no_result", None, "bench_no_result"])
-    assert not repeating_fault([None, None, None])
 
 
 def test_a_launch_that_never_started_a_server_spends_no_budget(tmp_path: Path) -> None:
@@ -68,3 +59,35 @@ def test_a_launch_that_never_started_a_server_spends_no_budget(tmp_path: Path) -
         assert "port_in_use" in str(exc)
     else:
         raise AssertionError("a port taken for good must stop the study")
+
+
+def test_a_run_in_which_nothing_is_measured_says_so(tmp_path: Path) -> None:
+    import optuna
+
+    from tests.search.test_sampler import sim_space
+    from tuner.loop.run import RunOptions, run_study
+    from tuner.outcome import failure
+    from tuner.trial import TrialRun
+
+    space = sim_space("qwen3-30b-a3b-1x4090")
+
+    def oom(space, flags, trial_dir, *, on_phase=None):  # every launch runs out of memory: a boundary
+        return TrialRun(outcome=failure(space, "oom_weights", "CUDA out of memory"), argv=[], trial_dir=trial_dir)
+
+    opts = RunOptions(study_name="s", storage=optuna.storages.InMemoryStorage(), budget=4, seed=0,
+                      studies_dir=tmp_path, check_feasibility=False)
+    summary = run_study(space, opts, log=lambda _m: None, runner=oom)
+    assert summary.launched == 4 and summary.measured == 0 and summary.stopped_reason is None
+
+
+def test_cli_documents_exit_codes_and_checks_the_streak(capsys) -> None:
+    from tuner.cli import build_parser, main
+
+    help_text = " ".join(build_parser().format_help().split())
+    assert "exit codes: 0 ok" in help_text and "3 the run ended with no trial measured" in help_text
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    run_help = " ".join(capsys.readouterr().out.split())
+    assert "--fault-streak" in run_help and "3 the run ended with no trial measured" in run_help
+    assert main(["run", "--fault-streak", "0"]) == 2
+    assert "--fault-streak" in capsys.readouterr().err

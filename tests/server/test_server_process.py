@@ -9,14 +9,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tuner.errors import ConfigError, ReadinessTimeout, ServerLaunchError, TeardownError
-from tuner.machine.gpu import GpuInfo, gpu_processes, probe_gpus, used_bytes_total
+from tuner.machine.gpu import GpuInfo, gpu_processes, probe_gpus, used_bytes_total, visible_indices
 from tuner.server import (
     OOM_REASONS,
     PID_FILE_NAME,
@@ -45,12 +45,15 @@ class FakeGpu:
     def probe_gpus(self) -> list[GpuInfo]:
         return [GpuInfo(0, "Fake", 80 << 30, 70 << 30, self.used_idle)]
 
-    def gpu_processes(self) -> dict[int, int]:
+    def gpu_processes(self, indices: Sequence[int] | None = None) -> dict[int, int]:
         self.polls += 1
         return {pid: 1 << 30 for pid in self.pids} if self.polls <= self.busy_polls else {}
 
-    def used_bytes_total(self) -> int | None:
+    def used_bytes_total(self, indices: Sequence[int] | None = None) -> int | None:
         return self.used_busy if self.polls <= self.busy_polls else self.used_idle
+
+    def visible(self, spec: str | None) -> list[int] | None:
+        return visible_indices(spec, self.probe_gpus())
 
 
 @pytest.fixture
@@ -177,11 +180,12 @@ def test_setsid_grandchild_is_killed(tmp_path: Path, launched: list[ServerHandle
     h = launch(tmp_path, launched, "--setsid-grandchild")
     grandchild = fake_pids(h, "grandchild")
     assert os.getsid(grandchild) != h.pid and os.getpgid(grandchild) != h.pid
-    assert psutil.Process(grandchild).ppid() != h.pid  # its parent has exited
+    # Its parent has exited; the watchdog (the handle's process, a child subreaper) adopted it.
+    assert psutil.Process(grandchild).ppid() == h.pid
     report = stop_server(h, term_timeout_s=0.5, kill_timeout_s=5)
-    assert grandchild in report.tree_pids and grandchild in report.killed_pids  # it ignores SIGTERM
-    assert f"SIGKILL:{grandchild}" in report.signals_sent  # outside the group: signalled alone
-    assert not running(grandchild)
+    assert grandchild in report.tree_pids and f"SIGTERM:{grandchild}" in report.signals_sent  # outside the group
+    # It ignores SIGTERM: the watchdog SIGKILLs it once the server is gone (or teardown does).
+    assert not running(grandchild) and report.leftover_pids == ()
 
 
 def test_port_freed_after_stop(tmp_path: Path, launched: list[ServerHandle]) -> None:
@@ -315,27 +319,75 @@ def test_stop_is_idempotent(tmp_path: Path, launched: list[ServerHandle]) -> Non
     assert again.signals_sent == () and again.returncode is not None
 
 
-def test_server_dies_with_a_sigkilled_tuner(tmp_path: Path) -> None:
-    """A tuner killed with SIGKILL (no teardown) must not leave its server running."""
+def _tuner_with_server(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[str], int]:
+    """A stand-in tuner: a process that starts a fake server (with ``flags``) and sleeps."""
     port = find_free_port(HOST)
+    argv = [sys.executable, str(FAKE), "--host", HOST, "--port", str(port), *flags]
     code = ("import sys, time\nfrom pathlib import Path\nfrom tuner.server import start_server\n"
-            f"h = start_server([sys.executable, {str(FAKE)!r}, '--host', {HOST!r}, '--port', '{port}'],"
-            f" log_path=Path({str(tmp_path / 's.log')!r}), host={HOST!r}, port={port})\n"
+            f"h = start_server({argv!r}, log_path=Path({str(tmp_path / 's.log')!r}), host={HOST!r}, port={port})\n"
             "print(h.pid, flush=True)\ntime.sleep(60)\n")
     tuner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                              cwd=Path(__file__).resolve().parents[2])
-    server_pid = int(tuner.stdout.readline())
-    assert psutil.pid_exists(server_pid)
-    assert "fake_server.py" in " ".join(psutil.Process(server_pid).cmdline())  # the shim exec'ed in place
+    assert tuner.stdout is not None
+    return tuner, int(tuner.stdout.readline())
+
+
+def _tree_of(pid: int, token: str) -> set[int]:
+    """Live processes of a launch: the watchdog's descendants plus any carrying its token."""
+    from tuner.server import TOKEN_ENV
+
+    out = set()
+    for p in psutil.process_iter():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and (p.pid == pid or p.environ().get(TOKEN_ENV) == token):
+                out.add(p.pid)
+        except psutil.Error:
+            continue
+    return out
+
+
+def test_a_sigkilled_tuner_leaves_no_process_of_the_tree(tmp_path: Path) -> None:
+    """SIGKILL of the tuner (no teardown at all): the watchdog kills the server, its TERM-proof
+    child and a grandchild that escaped into its own session, then itself."""
+    tuner, watchdog = _tuner_with_server(tmp_path, "--child-ignores-term", "--setsid-grandchild", "--ignore-term")
+    deadline = time.monotonic() + 10
+    while not psutil.Process(watchdog).children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server = psutil.Process(watchdog).children()[0]
+    assert "fake_server.py" in " ".join(server.cmdline())  # the command runs under the watchdog
+    token = json.loads((tmp_path / PID_FILE_NAME).read_text())["token"]
+    child, grandchild = 0, 0
+    deadline = time.monotonic() + 10
+    while not (child and grandchild) and time.monotonic() < deadline:
+        text = (tmp_path / "s.log").read_text()
+        child = int(m.group(1)) if (m := re.search(r"FAKE child_pid=(\d+)", text)) else 0
+        grandchild = int(m.group(1)) if (m := re.search(r"FAKE grandchild_pid=(\d+)", text)) else 0
+        time.sleep(0.05)
+    assert {watchdog, server.pid, child, grandchild} <= _tree_of(watchdog, token)
     tuner.kill()
     tuner.wait()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE:
-                break
-        except psutil.NoSuchProcess:
-            break
+    while _tree_of(watchdog, token) and time.monotonic() < deadline:
         time.sleep(0.1)
-    else:
-        pytest.fail(f"server {server_pid} outlived its tuner")
+    assert _tree_of(watchdog, token) == set(), "processes outlived their SIGKILLed tuner"
+
+
+def test_the_watchdog_passes_on_the_commands_exit_status(tmp_path: Path, launched: list[ServerHandle]) -> None:
+    h = launch(tmp_path, launched, "--exit-rc", "3")
+    assert h.proc.wait(timeout=10) == 3
+    argv = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+    h2 = start_server(argv, log_path=tmp_path / "segv.log", host=HOST, port=find_free_port(HOST))
+    launched.append(h2)
+    assert h2.proc.wait(timeout=10) == -11
+
+
+def test_a_command_the_watchdog_cannot_exec_is_exec_failed(tmp_path: Path, launched: list[ServerHandle]) -> None:
+    bogus = tmp_path / "not-a-program"
+    bogus.write_bytes(b"\x00\x01garbage")
+    bogus.chmod(0o755)
+    h = start_server([str(bogus)], log_path=tmp_path / "s.log", host=HOST, port=find_free_port(HOST))
+    launched.append(h)
+    with pytest.raises(ServerLaunchError) as err:
+        wait_ready(h, timeout_s=10, poll_s=0.1)
+    assert err.value.reason == "exec_failed" and str(err.value).startswith("kttune watchdog: cannot run")
+    assert h.proc.returncode == 127

@@ -82,7 +82,8 @@ def _parse_param(where: str, flag: str, spec: Any) -> ParamSpec:
 
 def _parse_server(data: Mapping[str, Any], base: Path, check: bool) -> ServerSpec:
     where = "server"
-    check_keys(where, data, {"python", "module", "command", "host", "port", "start_timeout_s", "env", "args"})
+    check_keys(where, data, {"python", "module", "command", "host", "port", "start_timeout_s", "stall_timeout_s", "env",
+                           "args"})
     command = data.get("command")
     if command is not None:
         if not isinstance(command, list) or not command or not all(isinstance(c, str) and c for c in command):
@@ -101,6 +102,7 @@ def _parse_server(data: Mapping[str, Any], base: Path, check: bool) -> ServerSpe
         if port > 65535:
             raise fail(f"{where}.port", f"{port} is not a TCP port", "use 1024-65535 or remove it for a fresh free port per trial")
     timeout = number(f"{where}.start_timeout_s", data.get("start_timeout_s", 1800), positive=True)
+    stall = number(f"{where}.stall_timeout_s", data.get("stall_timeout_s", 600), positive=True)
     env = {str(k): str(v) for k, v in mapping(f"{where}.env", data.get("env")).items()}
     args: dict[str, Any] = {}
     for key, value in mapping(f"{where}.args", data.get("args")).items():
@@ -110,7 +112,8 @@ def _parse_server(data: Mapping[str, Any], base: Path, check: bool) -> ServerSpe
         args[flag] = value
     python = resolve_python(f"{where}.python", data.get("python"), base, check)
     return ServerSpec(python=python, module=module, command=tuple(command) if command else None,
-                      host=host, port=port, start_timeout_s=float(timeout), env=env, args=args)
+                      host=host, port=port, start_timeout_s=float(timeout), env=env, args=args,
+                      stall_timeout_s=float(stall))
 
 
 def _parse_workloads(data: Any) -> tuple[Workload, ...]:

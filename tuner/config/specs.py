@@ -57,6 +57,8 @@ class ServerSpec:
     start_timeout_s: float
     env: Mapping[str, str]
     args: Mapping[str, Any]
+    # No new start-up phase in the log for this long ends a launch as `stalled` (or `unhealthy`).
+    stall_timeout_s: float = 600.0
 
     def launcher(self) -> list[str]:
         """The argv prefix that starts the server (before any flag)."""

@@ -26,9 +26,10 @@ from tuner.feasibility import LOWER_ACTIVATION_SHARE, FeasibilityGate, Feasibili
 from tuner.log import Log
 from tuner.loop.launch import LaunchContext, launch
 from tuner.loop.progress import Progress
-from tuner.outcome import PRUNED, Reason
+from tuner.outcome import Reason
 from tuner.search import DEFAULT_STRATEGY, BelowBestPruner, Strategy, make_sampler, queue_remeasurement, warm_start
 from tuner.selection import best_trials, pick
+from tuner.server import reap_leftovers
 from tuner.storage import (
     ATTR_BASELINE,
     ATTR_CONFIRMATION_OF,
@@ -46,6 +47,7 @@ from tuner.storage import (
     find_duplicate,
     heartbeat_interval_s,
     heartbeat_on,
+    is_measured,
     launched_count,
     open_study,
     pruned_twin,
@@ -58,7 +60,6 @@ from tuner.trial import TrialRunner, probe_workload, run_trial
 # Proposals that are not launched (predicted infeasible, duplicates) per launch, before we
 # conclude the sampler is stuck in a region that cannot be launched.
 MAX_SKIPS_PER_LAUNCH = 50
-REPEAT_LIMIT = 3
 
 
 class StudyStopped(KttuneError):
@@ -83,6 +84,9 @@ class RunOptions:
     # be resolved here leaves the run without a gate instead of stopping it, and its "launches"
     # (all told as not started) never count as a repeating fault.
     preview: bool = False
+    # Launches in a row with an environment fault (or one config fault whatever the
+    # configuration) that stop the run: `tuner.outcome.stop_cause`.
+    fault_streak: int = outcome.DEFAULT_STREAK
 
     def confirm_runs(self, space: SearchSpace) -> int:
         if self.confirm is not None:
@@ -99,6 +103,7 @@ class RunSummary:
     new_trials: list[int] = field(default_factory=list)
     stopped_reason: str | None = None
     pick: list[int] = field(default_factory=list)  # `tuner.selection.pick` at the end of the run
+    measured: int = 0  # trials of the study with a measurement, at the end of the run
 
 
 def build_gate(space: SearchSpace, *, required: bool, log: Log | None = None) -> FeasibilityGate | None:
@@ -136,6 +141,7 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
     while loop.step():
         pass
     loop.summary.pick = [t.number for t in pick(study, space.confirm)]
+    loop.summary.measured = sum(1 for t in study.get_trials(deepcopy=False) if is_measured(t))
     return loop.summary
 
 
@@ -160,6 +166,7 @@ class _Loop:
         study, space, log = self.study, self.space, self.log
         if self.probing:
             study.pruner = BelowBestPruner(space.probe.prune_below, space.probe.min_trials)
+        reap_leftovers(log)  # any study's: a dead run's servers may hold this run's GPUs
         recovered = recover_stale_trials(study, log)
         if recovered:
             log(f"marked {recovered} trial(s) of a dead run as interrupted")
@@ -306,10 +313,11 @@ class _Loop:
         if outcome.is_fatal(result.reason):
             raise StudyStopped(f"trial {trial.number} failed with {result.reason}: {first_line}; "
                                "fix the space before running again")
-        if repeating_fault(self.recent):
-            raise StudyStopped(f"the last {REPEAT_LIMIT} launches all failed with {result.reason} ({first_line}); "
-                               "this looks like the environment, not the configurations: check server.python, "
-                               "bench.python and the trial logs in " + str(self.opts.studies_dir / self.opts.study_name))
+        cause = outcome.stop_cause(self.recent, self.opts.fault_streak)
+        if cause is not None:
+            raise StudyStopped(f"{cause}; the last: trial {trial.number}, {first_line}; this looks like the "
+                               "environment, not the configurations: check server.python, bench.python and the "
+                               "trial logs in " + str(self.opts.studies_dir / self.opts.study_name))
 
     def _wait_for_other_workers(self, trials: list[FrozenTrial]) -> bool:
         """Budget reached. Other workers' launches still running are waited for: one whose
@@ -323,14 +331,6 @@ class _Loop:
             self.waiting_for = running
         time.sleep(heartbeat_interval_s(self.study))
         return True
-
-
-def repeating_fault(recent: list[str | None]) -> bool:
-    """The same non-memory failure on every one of the last REPEAT_LIMIT launches (memory
-    failures legitimately repeat while the sampler explores a cliff)."""
-    tail = recent[-REPEAT_LIMIT:]
-    return (len(tail) == REPEAT_LIMIT and tail[0] is not None and len(set(tail)) == 1
-            and not outcome.is_memory_reason(tail[0]) and tail[0] not in (Reason.QUALITY, Reason.SERVER_DIED, Reason.REQUEST_TOO_LONG, PRUNED))
 
 
 def _accepts(runner: Any, name: str) -> bool:

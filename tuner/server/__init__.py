@@ -7,28 +7,31 @@ from tuner.server.launch import (
     TOKEN_ENV,
     ServerHandle,
     client_host,
-    die_with_tuner,
     find_free_port,
     port_is_free,
     start_server,
 )
+from tuner.server.leftovers import Leftover, find_leftovers, leftover_note, reap_leftovers
 from tuner.server.logscan import (
     ABORT_REASONS,
     FAILURE_REASONS,
     HTTP_UP_MARKERS,
     OOM_REASONS,
+    PHASES,
     READY_LINE,
     WARNING_REASONS,
     FailureMatch,
     classify_failure,
+    decisive_line,
     find_failures,
     first_failure,
     parse_memory_lines,
     runtime_oom,
     worst_memory_figures,
 )
-from tuner.server.readiness import is_alive, wait_ready
+from tuner.server.readiness import LogTail, failure_message, is_alive, wait_ready
 from tuner.server.teardown import GpuMonitor, TeardownReport, kill_orphan, stop_server
+from tuner.server.watchdog import die_with_tuner
 
 __all__ = [
     "ABORT_REASONS",
@@ -36,7 +39,10 @@ __all__ = [
     "FailureMatch",
     "GpuMonitor",
     "HTTP_UP_MARKERS",
+    "Leftover",
+    "LogTail",
     "OOM_REASONS",
+    "PHASES",
     "PID_FILE_NAME",
     "READY_LINE",
     "ServerHandle",
@@ -45,16 +51,21 @@ __all__ = [
     "WARNING_REASONS",
     "build_server_argv",
     "classify_failure",
+    "decisive_line",
+    "failure_message",
     "client_host",
     "die_with_tuner",
     "find_failures",
+    "find_leftovers",
     "find_free_port",
     "first_failure",
     "flag_args",
     "is_alive",
     "kill_orphan",
+    "leftover_note",
     "parse_memory_lines",
     "port_is_free",
+    "reap_leftovers",
     "runtime_oom",
     "start_server",
     "stop_server",

@@ -1,9 +1,10 @@
 """Start a server process (real ``sglang.launch_server`` or ``tuner.sim``) in its own session.
 
-The process gets its own session and process group, logs to a file (never an undrained
-pipe), and carries a per-launch token in its environment so that teardown and
-``kill_orphan`` can find descendants that left the group or lost their parent. A JSON
-pid file beside the log lets a later tuner kill an orphaned tree.
+The process gets its own session and process group, runs under the watchdog
+(tuner.server.watchdog: it dies with the tuner and takes the tree with it), logs to a file
+(never an undrained pipe), and carries a per-launch token in its environment so that
+teardown and ``kill_orphan`` can find descendants that left the group or lost their parent.
+A JSON pid file beside the log lets a later tuner kill an orphaned tree.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import random
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -24,6 +24,8 @@ import psutil
 
 from tuner.errors import ConfigError, ServerLaunchError
 from tuner.machine import used_bytes_total
+from tuner.server import registry
+from tuner.server.watchdog import die_with_tuner
 
 TOKEN_ENV = "KTTUNE_SERVER_TOKEN"
 PID_FILE_NAME = "server.pid"
@@ -55,6 +57,8 @@ class ServerHandle:
     log_offset: int
     pid_file: Path
     baseline_gpu_used: int | None = None
+    # The server's CUDA_VISIBLE_DEVICES (None: unset, every GPU): teardown watches those only.
+    visible_devices: str | None = None
 
     @property
     def pgid(self) -> int:
@@ -129,26 +133,6 @@ def _write_pid_file(path: Path, payload: dict[str, object]) -> None:
     os.replace(tmp, path)
 
 
-# Exec shim: the child asks the kernel to SIGKILL it when the tuner dies (PR_SET_PDEATHSIG),
-# checks the tuner is still there, then becomes the real command (same PID). Without it a
-# SIGKILLed tuner leaves servers and bench clients running until a later run finds them, and
-# a kill between Popen and the pid-file write would leave one nothing can find.
-_DEATHSIG_SHIM = (
-    "import ctypes,os,signal,sys\n"
-    "ctypes.CDLL(None,use_errno=True).prctl(1,signal.SIGKILL,0,0,0)\n"
-    "os.getppid()==int(sys.argv[1]) or os._exit(1)\n"
-    "os.execvp(sys.argv[2],sys.argv[2:])\n"
-)
-
-
-def die_with_tuner(argv: Sequence[str]) -> list[str]:
-    """`argv` wrapped so the process is killed when this (tuner) process dies. Linux only;
-    elsewhere `argv` unchanged. The wrapped command keeps its PID and its own argv."""
-    if not sys.platform.startswith("linux"):
-        return list(argv)
-    return [sys.executable, "-S", "-c", _DEATHSIG_SHIM, str(os.getpid()), *argv]
-
-
 def start_server(
     argv: Sequence[str],
     *,
@@ -175,7 +159,8 @@ def start_server(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
     child_env = {**os.environ, **_DEFAULT_ENV, **(env or {}), TOKEN_ENV: token}
-    baseline = used_bytes_total()
+    visible = child_env.get("CUDA_VISIBLE_DEVICES")
+    baseline = used_bytes_total(visible)
     argv_t = tuple(argv)
     with open(log_path, "ab") as log:
         log_offset = log.tell()
@@ -213,21 +198,25 @@ def start_server(
         log_offset=log_offset,
         pid_file=pid_file,
         baseline_gpu_used=baseline,
+        visible_devices=visible,
     )
-    _write_pid_file(
-        pid_file,
-        {
-            "pid": proc.pid,
-            "pgid": proc.pid,
-            "sid": proc.pid,
-            "create_time": create_time,
-            "token": token,
-            "argv": list(argv_t),
-            "host": host,
-            "port": port,
-            "log_path": str(log_path),
-            "started_at": started_at,
-        },
-    )
+    payload: dict[str, object] = {
+        "pid": proc.pid,
+        "pgid": proc.pid,
+        "sid": proc.pid,
+        "create_time": create_time,
+        "token": token,
+        "argv": list(argv_t),
+        "host": host,
+        "port": port,
+        "log_path": str(log_path),
+        "started_at": started_at,
+        "visible_devices": visible,
+        # The tuner that owns the tree: once it is gone, a live tree is a leftover.
+        "owner_pid": os.getpid(),
+        "owner_create_time": psutil.Process().create_time(),
+    }
+    _write_pid_file(pid_file, payload)
+    registry.register(payload, pid_file)
     return handle
 

@@ -17,6 +17,7 @@ HTTP_UP_MARKERS = ("Uvicorn running on", "Application startup complete")
 
 # Failure lines (the server did not start or is dying), most specific first: classify_failure() returns the first that matched.
 _FAILURES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("exec_failed", re.compile(r"^kttune watchdog: cannot run ")),  # tuner.server.watchdog's own words
     ("unrecognized_args", re.compile(r"error: unrecognized arguments")),
     ("invalid_args", re.compile(r"error: argument -")),
     ("port_in_use", re.compile(r"address already in use", re.IGNORECASE)),
@@ -137,6 +138,71 @@ def line_abort_reason(line: str) -> str | None:
         if pattern.search(line):
             return reason if reason == "oom" or reason in ABORT_REASONS else None
     return None
+
+
+# Lines that say how a process died, better than the generic "scheduler is dead" they come with.
+_CRASH_DETAIL = re.compile(r"Segmentation fault|Fatal Python error|SIGSEGV|SIGBUS|Bus error|Illegal instruction|"
+                           r"core dumped|Killed process")
+_GENERIC_DEATH = frozenset({"scheduler_dead", "child_failed", "python_exception"})
+_DECISIVE_MAX = 300
+
+
+def decisive_line(text: str) -> str | None:
+    """The one log line a user should read first: the line that classify_failure() names its
+    reason after (warnings left out); for a process that merely "died", the line saying how
+    (a segfault) if the log has one; for a bare traceback, the exception it ends with."""
+    match = first_failure(text, include_warnings=False)
+    lines = text.splitlines()
+    if match is None or match.reason in _GENERIC_DEATH:
+        detail = next((ln.strip() for ln in lines if _CRASH_DETAIL.search(ln)), None)
+        if detail is not None:
+            return detail[:_DECISIVE_MAX]
+    if match is None:
+        return None
+    if match.reason == "python_exception" or match.line.endswith("Traceback (most recent call last):"):
+        after = lines[match.line_no:]
+        # The exception line: the first unindented line after the frames.
+        exc = next((ln.strip() for ln in after if ln.strip() and not ln.startswith((" ", "\t"))), None)
+        if exc is not None:
+            return exc[:_DECISIVE_MAX]
+    return match.line[:_DECISIVE_MAX]
+
+
+# Start-up phases in the order sglang reaches them, one parser per line (startup_phase). A
+# stall is no new phase, and no step of a progress bar, for server.stall_timeout_s.
+PHASES = ("server args parsed", "distributed init", "weights loading", "weights loaded", "KV cache allocated",
+          "memory pool ready", "CUDA graphs capturing", "CUDA graphs captured", "scheduler ready", "HTTP up",
+          "ready")
+_PHASE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("ready", re.compile(re.escape(READY_LINE))),
+    ("HTTP up", re.compile("|".join(re.escape(m) for m in HTTP_UP_MARKERS))),
+    ("scheduler ready", re.compile(r"max_total_num_tokens=\d+")),
+    ("CUDA graphs captured", re.compile(r"Capture cuda graph end")),
+    ("CUDA graphs capturing", re.compile(r"Capture cuda graph begin")),
+    ("memory pool ready", re.compile(r"Memory pool end")),
+    ("KV cache allocated", re.compile(r"KV Cache is allocated")),
+    ("weights loaded", re.compile(r"Load weight end")),
+    ("weights loading", re.compile(r"Load weight begin|Loading safetensors checkpoint shards|Using kt_num_gpu_experts")),
+    ("distributed init", re.compile(r"Init torch distributed")),
+    ("server args parsed", re.compile(r"server_args=ServerArgs\(")),
+)
+# A warm-up (or any forward) in progress: the scheduler logs its batches, uvicorn its requests.
+_ACTIVITY = re.compile(r"(Prefill|Decode) batch[.,]|\"(GET|POST) /(generate|model_info|get_model_info)")
+_PROGRESS_STEP = re.compile(r"(\d+)% Completed")
+
+
+def startup_phase(line: str) -> str | None:
+    """The start-up phase this line announces (a name in PHASES), or None."""
+    for name, pattern in _PHASE_PATTERNS:
+        if pattern.search(line):
+            return name
+    return None
+
+
+def shows_progress(line: str) -> bool:
+    """A line that proves the server is moving without naming a new phase: a progress-bar step
+    (``Loading safetensors checkpoint shards: 40% Completed``), a batch, a warm-up request."""
+    return bool(_PROGRESS_STEP.search(line) or _ACTIVITY.search(line))
 
 
 _FLOAT = r"([0-9]+(?:\.[0-9]+)?)"

@@ -13,30 +13,35 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import psutil
 
 from tuner.errors import TeardownError
 from tuner.machine import GpuInfo, NvmlSession
+from tuner.server import registry
 from tuner.server.launch import TOKEN_ENV, ServerHandle, port_is_free
+from tuner.server.shm import kt_shm_paths, orphan_shm_files, remove_files
 
-SHM_DIR = Path("/dev/shm")
-SHM_PREFIX = "kt_buf_"
 _POLL_S = 0.05
 _CREATE_TOL_S = 0.05
 
 
 class GpuMonitor(Protocol):
-    """What teardown needs from the GPU side; ``tuner.gpu.NvmlSession`` implements it."""
+    """What teardown needs from the GPU side; ``tuner.machine.NvmlSession`` implements it.
+    ``indices`` are NVML indices (None: every device); ``visible`` maps a server's
+    ``CUDA_VISIBLE_DEVICES`` onto them (tuner.machine.visible_indices)."""
 
     def probe_gpus(self) -> list[GpuInfo]: ...
 
-    def gpu_processes(self) -> dict[int, int]: ...
+    def gpu_processes(self, indices: Sequence[int] | None = None) -> dict[int, int]: ...
 
-    def used_bytes_total(self) -> int | None: ...
+    def used_bytes_total(self, indices: Sequence[int] | None = None) -> int | None: ...
+
+    def visible(self, spec: str | None) -> list[int] | None: ...
 
 
 @dataclass(frozen=True)
@@ -160,39 +165,6 @@ def _wait_gone(
         time.sleep(_POLL_S)
 
 
-def _kt_shm_paths(pid: int) -> set[Path]:
-    """/dev/shm/kt_buf_* files a process maps or holds open (Linux /proc)."""
-    paths: set[Path] = set()
-    prefix = str(SHM_DIR / SHM_PREFIX)
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                idx = line.find(prefix)
-                if idx >= 0:
-                    paths.add(Path(line[idx:].rstrip("\n").removesuffix(" (deleted)")))
-    except OSError:
-        pass
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith(prefix):
-                paths.add(Path(target.removesuffix(" (deleted)")))
-    except OSError:
-        pass
-    return paths
-
-
-def _remove_files(paths: set[Path]) -> tuple[str, ...]:
-    removed = []
-    for path in sorted(paths):
-        try:
-            path.unlink()
-            removed.append(str(path))
-        except OSError:
-            continue
-    return tuple(removed)
-
-
 def _terminate(
     spec: _TreeSpec,
     popen: subprocess.Popen[bytes] | None,
@@ -206,7 +178,7 @@ def _terminate(
     tree_pids = set(procs)
     shm: set[Path] = set()
     for pid in procs:
-        shm |= _kt_shm_paths(pid)
+        shm |= kt_shm_paths(pid)
     if not procs:
         return sent, [], {}, tree_pids, shm
     _signal_all(spec, procs, signal.SIGTERM, sent)
@@ -265,47 +237,36 @@ def _wait_gpu(
     baseline: int | None,
     tolerance_per_gpu: int,
     timeout_s: float,
+    visible_devices: str | None = None,
 ) -> tuple[bool | None, str]:
-    """Poll until no tree PID holds GPU memory and usage is back near ``baseline``."""
-    n_gpus = len(gpu.probe_gpus())
+    """Poll until no tree PID holds memory on the server's GPUs and their usage is back near
+    ``baseline``. Only the devices ``visible_devices`` (the server's CUDA_VISIBLE_DEVICES)
+    selects are watched: a neighbour's server on other GPUs of the host holds nothing up."""
+    devices = gpu.visible(visible_devices)
+    n_gpus = len(gpu.probe_gpus()) if devices is None else len(devices)
     if n_gpus == 0:
         return None, ""
     limit = None if baseline is None else baseline + tolerance_per_gpu * n_gpus
     deadline = time.monotonic() + timeout_s
+    where = "" if devices is None else f" {devices}"
     while True:
-        stuck = sorted(pid for pid in gpu.gpu_processes() if pid in tree_pids)
-        used = gpu.used_bytes_total()
+        stuck = sorted(pid for pid in gpu.gpu_processes(devices) if pid in tree_pids)
+        used = gpu.used_bytes_total(devices)
         over = limit is not None and used is not None and used > limit
         if not stuck and not over:
             return True, ""
         if time.monotonic() >= deadline:
-            detail = f"GPU not released after {timeout_s:.0f} s: tree PIDs still on GPU {stuck}"
+            detail = f"GPU{where} not released after {timeout_s:.0f} s: tree PIDs still on GPU {stuck}"
             if over and used is not None and baseline is not None:
                 detail += f"; used {used / 2**30:.2f} GiB vs baseline {baseline / 2**30:.2f} GiB"
             return False, detail
         time.sleep(0.25)
 
 
-def _orphan_shm_files(started_at: float) -> set[Path]:
-    """kt_buf files of this user created since ``started_at`` that no live process holds."""
-    try:
-        candidates = {
-            p
-            for p in SHM_DIR.glob(SHM_PREFIX + "*")
-            if (st := p.stat()).st_uid == os.getuid() and st.st_ctime >= started_at - 1.0
-        }
-    except OSError:
-        return set()
-    if not candidates:
-        return set()
-    held: set[Path] = set()
-    for pid in psutil.pids():
-        held |= _kt_shm_paths(pid)
-    return candidates - held
-
-
 def _remove_pid_file(path: Path, token: str) -> None:
-    """Remove the pid file unless a later launch has since overwritten it."""
+    """Remove the pid file unless a later launch has since overwritten it, and the launch's
+    entry in the host's registry."""
+    registry.unregister(token)
     try:
         if json.loads(path.read_text()).get("token") in (token, None):
             path.unlink()
@@ -346,15 +307,17 @@ def stop_server(
     baseline = baseline_gpu_used if baseline_gpu_used is not None else handle.baseline_gpu_used
     if gpu is None:
         with NvmlSession() as session:
-            released, detail = _wait_gpu(session, tree_pids, baseline, gpu_tolerance_bytes, gpu_timeout_s)
+            released, detail = _wait_gpu(session, tree_pids, baseline, gpu_tolerance_bytes, gpu_timeout_s,
+                                         handle.visible_devices)
     else:
-        released, detail = _wait_gpu(gpu, tree_pids, baseline, gpu_tolerance_bytes, gpu_timeout_s)
+        released, detail = _wait_gpu(gpu, tree_pids, baseline, gpu_tolerance_bytes, gpu_timeout_s,
+                                     handle.visible_devices)
     if detail:
         problems.append(detail)
     leftover = sorted(pid for pid, p in survivors.items() if _alive(p))
     if leftover:
         problems.append(f"processes survived SIGKILL: {leftover}")
-    shm_removed = _remove_files(shm | _orphan_shm_files(handle.started_at))
+    shm_removed = remove_files(shm | orphan_shm_files(handle.started_at))
     report = TeardownReport(
         duration_s=time.monotonic() - t0,
         signals_sent=tuple(sent),
@@ -373,6 +336,23 @@ def stop_server(
         err.report = report
         raise err
     return report
+
+
+def _spec_of(data: Mapping[str, Any]) -> _TreeSpec:
+    """The tree a pid file describes (raises KeyError, ValueError or TypeError if malformed)."""
+    pid = int(data["pid"])
+    return _TreeSpec(root_pid=pid, pgid=int(data.get("pgid", pid)), sid=int(data.get("sid", pid)),
+                     token=str(data.get("token", "")) or "\0", create_time=float(data["create_time"]))
+
+
+def live_tree(data: Mapping[str, Any]) -> list[int]:
+    """PIDs of the tree a pid-file payload describes that are still alive (signals nothing);
+    [] for a malformed payload."""
+    try:
+        spec = _spec_of(data)
+    except (KeyError, ValueError, TypeError):
+        return []
+    return sorted(_collect(spec, []))
 
 
 def kill_orphan(
@@ -394,25 +374,20 @@ def kill_orphan(
     """
     try:
         data = json.loads(Path(pid_file).read_text())
-        pid = int(data["pid"])
-        spec = _TreeSpec(
-            root_pid=pid,
-            pgid=int(data.get("pgid", pid)),
-            sid=int(data.get("sid", pid)),
-            token=str(data.get("token", "")) or "\0",
-            create_time=float(data["create_time"]),
-        )
-    except (OSError, ValueError, KeyError, TypeError):
+        spec = _spec_of(data)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+    visible = data.get("visible_devices") if isinstance(data.get("visible_devices"), str) else None
+    pid = spec.root_pid
     sent, _, leftover, tree_pids, shm = _terminate(spec, None, term_timeout_s, kill_timeout_s)
-    _remove_files(shm)
+    remove_files(shm)
     problems = []
     if sent:
         if gpu is None:
             with NvmlSession() as session:
-                _, detail = _wait_gpu(session, tree_pids, None, 0, gpu_timeout_s)
+                _, detail = _wait_gpu(session, tree_pids, None, 0, gpu_timeout_s, visible)
         else:
-            _, detail = _wait_gpu(gpu, tree_pids, None, 0, gpu_timeout_s)
+            _, detail = _wait_gpu(gpu, tree_pids, None, 0, gpu_timeout_s, visible)
         if detail:
             problems.append(detail)
     if leftover:

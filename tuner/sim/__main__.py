@@ -177,12 +177,14 @@ class _Launcher:
         if self.faults.crash_at_start:
             await self.sleep(0.3 * load_s)
             return self._native_crash()
-        await self.sleep(self.faults.slow_start_s + load_s * _load_share(st, free_gib))
+        await self._load_weights(self.faults.slow_start_s + load_s * _load_share(st, free_gib))
         for line in lines:
             if line.startswith("Capture cuda graph end"):
                 found = re.search(r"Time elapsed: ([0-9.]+) s", line)
                 await self.sleep(float(found.group(1)) if found else 5.0)
             log(line, tp=0)
+            if self.faults.stalls_after(line):
+                await asyncio.Event().wait()
         if not st.ok:
             if any(e.startswith("Rank 0 scheduler is dead") for e in st.error_lines):
                 return self._native_crash(st.error_lines)
@@ -190,6 +192,11 @@ class _Launcher:
                 return self._scheduler_exception(st.error_lines)
         if self.tree.dead_child() is not None:
             return self._native_crash()
+        if st.ok and self.tree.children:
+            from tuner.sim.gpus import hold_gpu_memory
+
+            held = sum(mem.get(k, 0.0) for k in ("weights", "kv", "graphs"))
+            hold_gpu_memory(self.tree.children[0].pid, held, int(self.args.server.get("tp_size") or 1))
         from tuner.sim.engine import Engine
 
         engine = Engine(scn, cfg, noise_sigma=self.args.sim.noise, seed=self.seed) if st.ok else None
@@ -238,6 +245,10 @@ class _Launcher:
             await self.sleep(1.0)
             log("Initialization failed. warmup error: " + "\n".join(st.error_lines))
             self.tree.die(signal.SIGKILL)
+        if self.faults.unhealthy:  # the warm-up request never comes back: /health stays 503
+            await asyncio.Event().wait()
+        if self.faults.slow_warmup_s:
+            await self._slow_warmup(self.faults.slow_warmup_s)
         if not self.args.server["skip_server_warmup"]:
             ok, err = await self._warmup(f"http://{_connect_host(host)}:{port}", srv)
             if not ok:
@@ -287,6 +298,23 @@ class _Launcher:
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 return False, f"Traceback (most recent call last):\n{type(exc).__name__}: {exc}"
         return True, ""
+
+    async def _load_weights(self, seconds: float, shards: int = 10) -> None:
+        """The weight load, with the checkpoint-shard progress lines the real loader prints."""
+        for k in range(1, shards + 1):
+            await self.sleep(seconds / shards)
+            self.log.raw(f"Loading safetensors checkpoint shards: {100 * k // shards:3d}% Completed | {k}/{shards}")
+
+    async def _slow_warmup(self, seconds: float) -> None:
+        """A warm-up forward that takes long but shows it is moving: its batches are logged."""
+        self.log("Prefill batch. #new-seq: 1, #new-token: 7, #cached-token: 0, token usage: 0.00, "
+                 "#running-req: 0, #queue-req: 0, ", tp=0)
+        left = seconds
+        while left > 0:
+            await self.sleep(min(10.0, left))
+            left -= 10.0
+            self.log("Decode batch, #running-req: 1, #token: 8, token usage: 0.00, cuda graph: True, "
+                     "gen throughput (token/s): 0.10, #queue-req: 0, ", tp=0)
 
     async def _bind_failed(self, host: str, port: int) -> int:
         """uvicorn exits 1, but first joins the warmup thread, which polls whoever owns the port."""

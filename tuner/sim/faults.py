@@ -10,6 +10,9 @@ Injected faults (`--sim-fault` / KTTUNE_SIM_FAULT) are comma-separated switches,
 | `slow_start=S` | S extra simulated seconds of weight loading |
 | `crash_after=N` | the (N+1)-th user generate request kills the server (server warmup and /health excluded) |
 | `port_in_use` | behave as if the HTTP bind failed after the full load |
+| `stall_after=P` | start-up stops without a word after phase P: `weights` (`Load weight end`), `kv` (`KV Cache is allocated`) or `graphs` (`Capture cuda graph end`); never binds |
+| `unhealthy` | HTTP comes up, but the warm-up never finishes: `/health` answers 503 for ever, nothing more is logged |
+| `slow_warmup=S` | HTTP up, then S extra simulated seconds of warm-up (`/health` 503) that log a batch line every 10 s |
 | `garbage_output` | degenerate text (one token repeated) produced at twice the speed |
 | `empty_output` | the completion counts its tokens but their text is empty (a broken detokenizer) |
 """
@@ -27,7 +30,9 @@ if TYPE_CHECKING:
     import subprocess
 
 KNOWN = ("crash_at_start", "hang_at_start", "slow_start", "crash_after", "port_in_use", "garbage_output",
-         "empty_output")
+         "empty_output", "stall_after", "unhealthy", "slow_warmup")
+# stall_after's phases: the log line after which start-up stops.
+STALL_PHASES = {"weights": "Load weight end", "kv": "KV Cache is allocated", "graphs": "Capture cuda graph end"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,12 @@ class Faults:
     port_in_use: bool = False
     garbage_output: bool = False
     empty_output: bool = False
+    stall_after: str | None = None  # a key of STALL_PHASES
+    unhealthy: bool = False
+    slow_warmup_s: float = 0.0
+
+    def stalls_after(self, line: str) -> bool:
+        return self.stall_after is not None and line.startswith(STALL_PHASES[self.stall_after])
 
 
 def parse_faults(spec: str) -> Faults:
@@ -57,6 +68,12 @@ def parse_faults(spec: str) -> Faults:
             fields["slow_start_s"] = _number(name, value, float)
         elif name == "crash_after":
             fields["crash_after"] = _number(name, value, int)
+        elif name == "slow_warmup":
+            fields["slow_warmup_s"] = _number(name, value, float)
+        elif name == "stall_after":
+            if value not in STALL_PHASES:
+                raise ValueError(f"fault 'stall_after' needs a phase ({', '.join(STALL_PHASES)}), got {value!r}")
+            fields["stall_after"] = value
         elif value:
             raise ValueError(f"fault {name!r} takes no value, got {value!r}")
         else:

@@ -69,6 +69,11 @@ def is_interrupted(t: FrozenTrial) -> bool:
         t.user_attrs.get(ATTR_REASON) in (None, "interrupted")
 
 
+def is_measured(t: FrozenTrial) -> bool:
+    """A trial with a measurement: COMPLETE without a failure reason (a reused duplicate too)."""
+    return t.state == TrialState.COMPLETE and t.user_attrs.get(ATTR_REASON) is None
+
+
 def boundary_failures(trials: Sequence[FrozenTrial]) -> int:
     """Launches inside the safety margin (ATTR_MARGINAL) that failed for their configuration."""
     return sum(1 for t in trials if t.user_attrs.get(ATTR_MARGINAL) and t.user_attrs.get(ATTR_LAUNCHED)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,11 @@ from tuner.config import QualitySpec, SearchSpace
 from tuner.errors import BenchmarkError, ServerLaunchError, TeardownError
 from tuner.outcome import Reason, TrialOutcome
 from tuner.server import (
+    LogTail,
     ServerHandle,
     build_server_argv,
+    decisive_line,
+    failure_message,
     find_free_port,
     is_alive,
     parse_memory_lines,
@@ -106,7 +110,8 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
     metrics: dict[str, float] = {}
     try:
         try:
-            run.timings["ready_s"] = wait_ready(handle, timeout_s=space.server.start_timeout_s)
+            run.timings["ready_s"] = wait_ready(handle, timeout_s=space.server.start_timeout_s,
+                                                stall_timeout_s=space.server.stall_timeout_s)
             if quality.enabled:
                 phase("checking output quality")
                 result = check_quality(handle.base_url, quality, reference=quality_reference,
@@ -148,10 +153,12 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
             run.outcome = outcome.failure(space, exc.reason, str(exc), metrics)
         except BenchmarkError as exc:
             # A server that died under load is the config's fault (e.g. runtime OOM).
-            reason = exc.reason
+            reason, message = exc.reason, str(exc)
             if reason in ("bench_no_result", "bench_incomplete") and not is_alive(handle):
                 reason = "server_died"
-            run.outcome = outcome.failure(space, reason, str(exc), metrics)
+            if reason == "server_died":  # the server's own words, not the client's connection errors
+                message = _server_death(handle, message)
+            run.outcome = outcome.failure(space, reason, message, metrics)
     finally:
         phase("tearing down")
         _teardown(space, run, handle, metrics, teardown_gpu_timeout_s)
@@ -177,6 +184,24 @@ def _teardown(space: SearchSpace, run: TrialRun, handle: ServerHandle, metrics: 
             interrupt = exc
     if interrupt is not None:
         raise interrupt
+
+
+def _server_death(handle: ServerHandle, bench_message: str) -> str:
+    """Why the server died under load, from its log: the decisive line first, then the log to
+    read; the bench client's view of it (usually connection errors) comes last."""
+    _settle_exit(handle)
+    text = LogTail(handle.log_path, handle.log_offset).full_text()
+    rc = handle.proc.poll()
+    what = f"server pid {handle.pid} died during the benchmark" + (f" (rc {rc})" if rc is not None else "")
+    return failure_message(decisive_line(text), what, handle.log_path, text) + f"\nbench client: {bench_message}"
+
+
+def _settle_exit(handle: ServerHandle, settle_s: float = 2.0) -> None:
+    """A dying server may still be writing its traceback: give it a moment to exit."""
+    try:
+        handle.proc.wait(timeout=settle_s)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _auth_headers(flags: Mapping[str, Any]) -> dict[str, str]:
