@@ -67,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tuner.sim.optimum.cli import main as optimum_main
 
         return optimum_main(argv[1:])
+    if argv[:1] == ["placement-gains"]:  # `python -m tuner.sim placement-gains [--scenario NAME]`
+        from tuner.sim.gains import main as gains_main
+
+        return gains_main(argv[1:])
     try:
         args = parse_args(argv)
     except UsageError as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -91,6 +91,8 @@ _FLAGS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("--expert-parallel-size", "--ep-size"), dict(type=int, default=1, dest="ep_size")),
     (("--moe-runner-backend",), dict(type=str, default="auto")),
     (("--init-expert-location",), dict(type=str, default="trivial")),
+    (("--expert-distribution-recorder-mode",), dict(type=str, default=None)),
+    (("--expert-distribution-recorder-buffer-size",), dict(type=int, default=None)),
     (("--enable-hierarchical-cache",), dict(action="store_true")),
     (("--kt-weight-path",), dict(type=str, default=None)),
     (("--kt-method",), dict(type=str, default="AMXINT4")),
@@ -270,8 +272,9 @@ def merge_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     return out + argv[:i] + argv[i + 2:]
 
 
-def to_sim_config(args: SimArgs) -> SimConfig:
-    """Map the parsed flags onto the performance model's configuration."""
+def to_sim_config(args: SimArgs, env: Mapping[str, str] | None = None) -> SimConfig:
+    """Map the parsed flags (and the server's environment, this process's by default) onto the
+    performance model's configuration."""
     from tuner.sim.perfmodel.config import SimConfig
 
     server = args.server
@@ -293,6 +296,10 @@ def to_sim_config(args: SimArgs) -> SimConfig:
         enable_mixed_chunk=server["enable_mixed_chunk"],
         disable_cuda_graph=server["disable_cuda_graph"],
         context_length=server["context_length"],
+        kt_expert_placement_strategy=server["kt_expert_placement_strategy"],
+        init_expert_location=server["init_expert_location"],
+        kt_enable_dynamic_expert_update=server["kt_enable_dynamic_expert_update"],
+        rawint4_backend=(env if env is not None else os.environ).get("KT_RAWINT4_BACKEND") or None,
     )
 
 

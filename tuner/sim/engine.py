@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -220,6 +220,9 @@ class Engine:
             return StepResult(0.0, [], oom, kind="prefill")
         attended = sum(t * (r.prefilled + t / 2) for r, t in segments) + sum(r.kv for r in riders)
         duration = self._model.prefill(q_tokens, attended / q_tokens) * self._noise()
+        if (isinstance(self._model, StepModel) and not self._model.updated and self.rc.updated_routing is not None
+                and q_tokens >= self.rc.layerwise_threshold):  # dynamic update re-picked the GPU experts
+            self._model = replace(self._model, updated=True)
         emitted: list[tuple[str, int, bool]] = []
         for r, take in segments:
             if r not in self._running:

@@ -28,14 +28,15 @@ from typing import Any
 
 from tuner import outcome
 from tuner.bench import REQUEST_TOO_LONG
-from tuner.config import SearchSpace
-from tuner.server import classify_failure, flag_args, parse_memory_lines
+from tuner.config import SearchSpace, split_env
+from tuner.server import RECORDER_DIR_ENV, classify_failure, flag_args, parse_memory_lines, silent_fallback
 from tuner.sim.args import PROG, UsageError, parse_args, to_sim_config
 from tuner.sim.optimum.evaluator import SimEvaluator
 from tuner.sim.optimum.traces import METRICS
 from tuner.sim.perfmodel.startup import StartupResult, startup_check
+from tuner.sim.recording import record_dump
 from tuner.sim.scenario import Scenario, load_scenario
-from tuner.trial import TrialRun, server_argv
+from tuner.trial import TrialRun, recording_flags, server_argv, server_env
 
 _RATE_SUFFIXES = ("_throughput",)
 _TIME_SUFFIXES = ("_ms",)
@@ -110,24 +111,27 @@ class InProcessRunner:
         return ev
 
     def __call__(self, space: SearchSpace, flags: dict[str, Any], trial_dir: Path, *,
-                 on_phase: Callable[[str], None] | None = None) -> TrialRun:
+                 on_phase: Callable[[str], None] | None = None, record_experts: bool = False) -> TrialRun:
         started = time.perf_counter()
         try:
-            return self._run(space, flags, trial_dir, on_phase)
+            return self._run(space, flags, trial_dir, on_phase, record_experts)
         finally:
             self.busy_s += time.perf_counter() - started
 
     def _run(self, space: SearchSpace, flags: dict[str, Any], trial_dir: Path,
-             on_phase: Callable[[str], None] | None) -> TrialRun:
+             on_phase: Callable[[str], None] | None, record_experts: bool) -> TrialRun:
         phase = on_phase or (lambda _p: None)
         self.launches += 1
         launch_seed = random.Random(f"inprocess/{self.seed}/{self.launches}").randrange(2**31)
         trial_dir.mkdir(parents=True, exist_ok=True)
+        if record_experts:
+            flags = recording_flags(flags, trial_dir)
         argv = server_argv(space, flags, space.server.port or 30000)
+        env = server_env(space, flags)
         run = TrialRun(outcome=outcome.failure(space, "not_started", ""), argv=argv, trial_dir=trial_dir)
         phase("launching")
         try:
-            args = parse_args(flag_args(flags) + ["--host", space.server.host, "--port", "30000"])
+            args = parse_args(flag_args(split_env(flags)[0]) + ["--host", space.server.host, "--port", "30000"])
         except UsageError as exc:
             text = f"{exc.usage}{PROG}: error: {exc}"
             self._write(run, [text])
@@ -137,7 +141,7 @@ class InProcessRunner:
         scn = self._scenarios.get(name)
         if scn is None:
             scn = self._scenarios[name] = load_scenario(name)
-        cfg = to_sim_config(args)
+        cfg = to_sim_config(args, env)
         noisy = self.noise_sigma > 0
         st = startup_check(scn, cfg, fuzz_seed=launch_seed if noisy else None)
         lines = startup_log(st)
@@ -147,6 +151,11 @@ class InProcessRunner:
             text = "\n".join(lines)
             run.outcome = outcome.failure(space, classify_failure(text, include_warnings=False) or "exited_rc_1",
                                             text[-2000:])
+            return run
+        fallback = silent_fallback("\n".join(lines))
+        if fallback is not None:
+            self._write(run, lines)
+            run.outcome = outcome.failure(space, fallback.reason, f"the server ignored its configuration: {fallback.line}")
             return run
         ev = self._evaluator(scn, space).evaluate(cfg, st, dict.fromkeys((w.name for w in space.workloads), METRICS),
                                                   fuzz_seed=launch_seed if noisy else None)
@@ -158,6 +167,11 @@ class InProcessRunner:
                 run.timings[f"bench_{w.name}_s"] = round(metrics[f"{w.name}.duration"], 3)
         if ev.feasible:
             run.outcome = outcome.success(space, metrics, {})
+            if record_experts and args.server.get("expert_distribution_recorder_mode"):
+                routed = sum(w.num_prompts * (w.input_len + w.output_len) for w in space.workloads)
+                dump = record_dump(scn, routed, Path(env[RECORDER_DIR_ENV]), seed=launch_seed)
+                lines.append(f"Write expert distribution to {dump}")
+                run.expert_distribution = str(dump)
         else:
             reason, line = _runtime_reason(ev.reason or "")
             lines.append(line)

@@ -28,6 +28,11 @@ DEFAULT_CONSTANTS: Mapping[str, float] = MappingProxyType({
     "e_avx": 0.15,               # AVX-512 path efficiency below the AMX threshold [A]
     "bf16_compute_factor": 0.5,  # CPU throughput of BF16/FP8 kernels relative to INT4/INT8 [A]
     "routing_skew": 1.0,         # sigma in E_eff = sigma*E for U(x) [A]
+    # Expert popularity (perfmodel/placement.py); 0 = uniform routing, the model above unchanged.
+    "expert_zipf_s": 0.0,        # Zipf exponent of a layer's expert popularity [A, calibrated to published gains]
+    "expert_local_zipf_s": 1.3,  # ... of the experts hot in one batch (routing locality) [A, calibrated]
+    "routing_locality": 0.27,    # share of routed tokens that follow the last batch's hot experts [A, calibrated]
+    "dyn_update_ms": 0.2,        # per layer and update: counting and re-picking the GPU experts [A]
     "t0_ms": 0.3,                # CPU MoE submit/sync overhead per layer [A]
     "t_fix_ms": 0.4,             # GPU per-layer fixed time at TP>1 (all-reduce over PCIe) [A/F]
     "t_fix_tp1_ms": 0.15,        # same at TP1 [A]

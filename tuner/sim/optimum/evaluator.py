@@ -15,7 +15,7 @@ from tuner.sim.scenario import Scenario
 
 #: ResolvedConfig fields the step-time model reads (StepModel, cpu_capability).
 PERF_FIELDS = ("tp", "kt_on", "gpu_experts", "cpuinfer", "threadpool", "method", "deferral",
-               "layerwise_threshold")
+               "layerwise_threshold", "routing", "updated_routing", "cpu_backend")
 
 
 @dataclass(frozen=True)
@@ -107,10 +107,13 @@ class SimEvaluator:
 
     def model(self, rc: ResolvedConfig, startup: StartupResult, trace: Trace) -> StepModel:
         captured = min(rc.graph_max_bs, startup.max_running_requests, max(trace.max_batch, 1))
-        key = tuple(getattr(rc, f) for f in PERF_FIELDS) + (captured,)
+        # Dynamic expert update re-picks the GPU experts at the first layerwise prefill; a
+        # benchmark prefills its prompts first, so the whole trace is timed as updated.
+        updated = rc.updated_routing is not None and trace.max_prefill >= rc.layerwise_threshold
+        key = tuple(getattr(rc, f) for f in PERF_FIELDS) + (captured, updated)
         step_model = self._models.get(key)
         if step_model is None:
-            step_model = self._models[key] = StepModel.build(self.scn, rc, captured_bs=captured)
+            step_model = self._models[key] = StepModel.build(self.scn, rc, captured_bs=captured, updated=updated)
         return step_model
 
     def runtime_failure(self, rc: ResolvedConfig, startup: StartupResult, trace: Trace) -> str | None:

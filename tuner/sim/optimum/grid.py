@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from tuner.config import AUTO, ObjectiveSpec, ParamSpec, SearchSpace, SloSpec
+from tuner.config import AUTO, ObjectiveSpec, ParamSpec, SearchSpace, SloSpec, split_env
 from tuner.errors import ConfigError
 from tuner.server import flag_args
 from tuner.sim.args import SimArgs, UsageError, parse_args, to_sim_config
@@ -82,11 +82,15 @@ class SpaceGrid:
     """A search space on one simulator scenario: tuned params → SimConfig, single-config
     evaluation (memoised) and the exhaustive optimum."""
 
-    def __init__(self, space: SearchSpace, scenario: str | Scenario | None = None) -> None:
+    def __init__(self, space: SearchSpace, scenario: str | Scenario | None = None, *,
+                 expert_location: str | None = None) -> None:
+        """`expert_location`: the recorded expert distribution `frequency` placement reads
+        (without one it falls back to uniform, as the server does)."""
         self.space = space
+        self.expert_location = expert_location
         self.values = {p.flag: param_values(p) for p in space.params}
         first = {p.flag: vals[0] for p, vals in zip(space.params, self.values.values())}
-        base_flags = space.launch_flags(first)
+        base_flags = self._flags(first)
         # `max-total-tokens: auto` is sized per configuration, as kttune does before a launch
         self._auto = None
         if any(v == AUTO for v in base_flags.values()) or any(AUTO in v for v in self.values.values()):
@@ -95,10 +99,10 @@ class SpaceGrid:
         args = _parse(self._resolved(base_flags))
         name = scenario if scenario is not None else args.sim.scenario
         self.scn = name if isinstance(name, Scenario) else load_scenario(str(name))
-        self.base = to_sim_config(args)
+        self.base = to_sim_config(args, split_env(base_flags)[1])
         self.deltas: dict[str, list[dict[str, Any]]] = {}
         for p in space.params:
-            self.deltas[p.flag] = [_delta(self.base, to_sim_config(_parse(self._resolved({**base_flags, p.flag: v}))))
+            self.deltas[p.flag] = [_delta(self.base, _config(self._resolved(self._flags({**first, p.flag: v}))))
                                    for v in self.values[p.flag]]
         if self._auto is not None:   # max-total-tokens follows other knobs: not a delta of one param
             for ds in self.deltas.values():
@@ -110,6 +114,9 @@ class SpaceGrid:
         self._memo: dict[SimConfig, Evaluation] = {}
         self._scores: tuple[list[str], list[str], list[_Score]] | None = None
 
+    def _flags(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        return self.space.launch_flags(params, expert_location=self.expert_location)
+
     def _resolved(self, flags: Mapping[str, Any]) -> dict[str, Any]:
         return self._auto.resolve_auto(flags) if self._auto is not None else dict(flags)
 
@@ -117,8 +124,8 @@ class SpaceGrid:
         """Fill `max-total-tokens: auto` for these params (a no-op without auto)."""
         if self._auto is None:
             return cfg
-        flags = self._resolved(self.space.launch_flags(params))
-        return replace(cfg, max_total_tokens=to_sim_config(_parse(flags)).max_total_tokens)
+        flags = self._resolved(self._flags(params))
+        return replace(cfg, max_total_tokens=_config(flags).max_total_tokens)
 
     def _check_disjoint(self) -> None:
         owner: dict[str, str] = {}
@@ -141,7 +148,7 @@ class SpaceGrid:
             if v in vals:
                 merged.update(self.deltas[p.flag][vals.index(v)])
             else:  # off-grid value (e.g. an unstepped float): parse the whole configuration
-                return to_sim_config(_parse(self._resolved(self.space.launch_flags(params))))
+                return _config(self._resolved(self._flags(params)))
         return self._finish(replace(self.base, **merged), params)
 
     def evaluate(self, params: Mapping[str, Any]) -> Evaluation:
@@ -290,9 +297,14 @@ def _within(value: float, best: float, rel: float, sign: float) -> bool:
     return sign * (best - value) <= rel * abs(best)
 
 
+def _config(flags: Mapping[str, Any]) -> SimConfig:
+    """The model's configuration of launch flags (with tuned environment variables)."""
+    return to_sim_config(_parse(flags), split_env(flags)[1])
+
+
 def _parse(flags: Mapping[str, Any]) -> SimArgs:
     try:
-        return parse_args(flag_args(flags) + ["--host", "127.0.0.1", "--port", "30000"])
+        return parse_args(flag_args(split_env(flags)[0]) + ["--host", "127.0.0.1", "--port", "30000"])
     except UsageError as exc:
         raise ConfigError(f"the simulator rejects these launch flags: {exc}") from None
 

@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tuner.sim.perfmodel.placement import (
+    FALLBACK_WARNING,
+    Component,
+    DumpError,
+    Routing,
+    flat,
+    from_counts,
+    read_dump,
+    top,
+    zipf,
+)
 from tuner.sim.scenario import Scenario
 
 MAX_PREFILL_TOKENS = 16384
@@ -33,6 +44,11 @@ class SimConfig:
     enable_mixed_chunk: bool = False
     disable_cuda_graph: bool = False
     context_length: int | None = None
+    kt_expert_placement_strategy: str = "uniform"
+    init_expert_location: str = "trivial"
+    kt_enable_dynamic_expert_update: bool = False
+    # KT_RAWINT4_BACKEND (an environment variable of the server, not a flag); None = unset
+    rawint4_backend: str | None = None
 
     def resolved(self, scn: Scenario) -> ResolvedConfig:
         return resolve(scn, self)
@@ -60,6 +76,12 @@ class ResolvedConfig:
     mixed_chunk: bool
     context_len: int
     notes: tuple[str, ...] = ()
+    # Where routed tokens go under the placement; None = uniform routing (the uniform formula).
+    routing: Routing | None = None
+    # The same with the GPU experts re-picked by dynamic expert update (None: no update).
+    updated_routing: Routing | None = None
+    cpu_backend: str | None = None    # KT_RAWINT4_BACKEND where it applies
+    placement_error: str | None = None  # the --init-expert-location file cannot be used
 
 
 def _vram_defaults(visible_gib: float, tp: int) -> tuple[int, int]:
@@ -107,6 +129,10 @@ def resolve(scn: Scenario, cfg: SimConfig) -> ResolvedConfig:
     if kt_on and layerwise_threshold > 0 and method not in NATIVE_KT_METHODS:
         notes.append(f"kt_gpu_prefill_token_threshold={layerwise_threshold} ignored: kt_method {method} is not native")
         layerwise_threshold = 0
+    routing, updated, placement_error = _routing(scn, cfg, kt_on, gpu_experts_per_layer, notes)
+    if not (kt_on and cfg.kt_enable_dynamic_expert_update and 0 < layerwise_threshold <= chunk):
+        updated = None
+    backend = cfg.rawint4_backend.lower() if (kt_on and method == "RAWINT4" and cfg.rawint4_backend) else None
     return ResolvedConfig(
         tp=cfg.tp, kt_on=kt_on, gpu_experts=gpu_experts_per_layer, total_gpu_experts=total_gpu_experts,
         cpuinfer=cfg.kt_cpuinfer or 0, method=method,
@@ -116,5 +142,42 @@ def resolve(scn: Scenario, cfg: SimConfig) -> ResolvedConfig:
         chunk=chunk, chunk_flag=cfg.chunked_prefill_size, max_running=cfg.max_running_requests,
         max_total_tokens=cfg.max_total_tokens, mfs=mem_fraction,
         graph_max_bs=0 if cfg.disable_cuda_graph else graph_max_bs, mixed_chunk=cfg.enable_mixed_chunk,
-        context_len=cfg.context_length or model.context_len, notes=tuple(notes))
+        context_len=cfg.context_length or model.context_len, notes=tuple(notes),
+        routing=routing, updated_routing=updated, cpu_backend=backend, placement_error=placement_error)
+
+
+def _routing(scn: Scenario, cfg: SimConfig, kt_on: bool, gpu_experts: float, notes: list[str]
+             ) -> tuple[Routing | None, Routing | None, str | None]:
+    """(routing under the placement, routing once dynamic update has re-picked the GPU experts,
+    the error of an unusable --init-expert-location). Uniform routing (expert_zipf_s 0) keeps
+    the uniform formula: (None, None, ...)."""
+    model, s = scn.model, scn.c("expert_zipf_s")
+    strategy = cfg.kt_expert_placement_strategy
+    cpu: tuple[float, ...] | None = None
+    error = None
+    if kt_on and strategy == "frequency":
+        location = cfg.init_expert_location
+        if location and location.endswith(".pt"):
+            notes.append(f"Loading activation frequency from {location}")
+            try:
+                counts = read_dump(location, model.layers_total, model.experts)
+                moe_layers = list(range(model.layers_total - model.layers_moe, model.layers_total))
+                cpu = from_counts(counts, moe_layers, scn.name, model.experts, gpu_experts)
+                notes.append("Using frequency-based strategy with activation frequency data")
+            except DumpError as exc:
+                error = str(exc)
+        else:
+            notes.append(FALLBACK_WARNING)
+    elif kt_on:
+        notes.append(f"Using {strategy} strategy for GPU expert placement")
+    if not kt_on or s <= 0:
+        return None, None, error
+    q = zipf(model.experts, s)
+    base = Component(1.0, q, cpu if cpu is not None else flat(model.experts, gpu_experts))
+    locality = scn.c("routing_locality")
+    local = Component(locality, zipf(model.experts, scn.c("expert_local_zipf_s")), top(model.experts, gpu_experts))
+    # After an update the GPU holds the batch's hot experts: the local part of the routing hits
+    # them, the rest sees the batch's top experts of the average popularity.
+    updated = Routing((Component(1.0 - locality, q, top(model.experts, gpu_experts)), local), model.top_k)
+    return Routing((base,), model.top_k), updated, error
 

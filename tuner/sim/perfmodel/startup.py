@@ -175,6 +175,8 @@ def startup_check(scn: Scenario, cfg: SimConfig, *, fuzz_seed: int | None = None
         fuzz_gib = random.Random(f"oom-band/{fuzz_seed}").uniform(-1, 1) * scn.c("oom_band_gib")
     free_gib = gpu.visible_memory_gib - scn.c("ctx_mem_gib") - gpu.reserved_by_others_gib + fuzz_gib
     mem, tokens, profiled = _footprint(scn, rc, free_gib)
+    if rc.placement_error:  # sglang-kt reads the frequency file while it builds the expert masks
+        return _fail("weights", [rc.placement_error] + _SCHEDULER_DIED, logs, mem, rc)
     if rc.kt_on:
         cpu_err = _check_cpu(scn, rc, cfg)
         if cpu_err:

@@ -6,7 +6,16 @@ import math
 from dataclasses import dataclass
 
 from tuner.sim.perfmodel.config import ResolvedConfig, SimConfig, resolve
+from tuner.sim.perfmodel.placement import Routing
 from tuner.sim.scenario import Scenario
+
+#: KT_RAWINT4_BACKEND → (prefill compute factor, decode bandwidth factor) relative to the AMX
+#: kernel [A]: the blocked AMX layout streams a little better and computes a little worse; the
+#: AVX kernels run prefill at the AVX efficiency (avx2 at 60 % of it). Unset = amx.
+RAWINT4_BACKENDS: dict[str, tuple[float, float]] = {
+    "amx": (1.0, 1.0), "amx_blocked": (0.9, 1.08), "avxvnni": (0.0, 1.0), "avx2": (0.0, 0.9),
+}
+_AVX2_SHARE = 0.6
 
 
 @dataclass(frozen=True)
@@ -40,13 +49,43 @@ class StepModel:
     rc: ResolvedConfig
     capability: CpuCapability
     captured_bs: int = 0
+    # True once dynamic expert update has re-picked the GPU experts (after a layerwise prefill)
+    updated: bool = False
 
     @classmethod
-    def build(cls, scn: Scenario, cfg: SimConfig | ResolvedConfig, captured_bs: int | None = None
-              ) -> StepModel:
+    def build(cls, scn: Scenario, cfg: SimConfig | ResolvedConfig, captured_bs: int | None = None,
+              *, updated: bool = False) -> StepModel:
         rc = cfg if isinstance(cfg, ResolvedConfig) else resolve(scn, cfg)
         captured = min(rc.graph_max_bs, rc.max_running) if rc.max_running else rc.graph_max_bs
-        return cls(scn, rc, cpu_capability(scn, rc), captured if captured_bs is None else captured_bs)
+        return cls(scn, rc, cpu_capability(scn, rc), captured if captured_bs is None else captured_bs,
+                   updated=updated and rc.updated_routing is not None)
+
+    @property
+    def routing(self) -> Routing | None:
+        return self.rc.updated_routing if self.updated else self.rc.routing
+
+    def _backend(self) -> tuple[float, float]:
+        return RAWINT4_BACKENDS.get(self.rc.cpu_backend or "amx", (1.0, 1.0))
+
+    def _cpu_experts_hit(self, x: float) -> float:
+        routing = self.routing
+        if routing is None:
+            return self.cpu_expert_share * self.distinct(x)
+        return routing.distinct(x, on_cpu=True)
+
+    def _gpu_experts_hit(self, x: float) -> float:
+        routing = self.routing
+        if routing is None:
+            return (1 - self.cpu_expert_share) * self.distinct(x)
+        return routing.distinct(x, on_cpu=False)
+
+    @property
+    def cpu_token_share(self) -> float:
+        """Share of routed tokens the CPU experts compute."""
+        routing = self.routing
+        if routing is None or not self.rc.kt_on:
+            return self.cpu_expert_share
+        return routing.cpu_token_share()
 
     @property
     def cpu_expert_share(self) -> float:
@@ -75,11 +114,11 @@ class StepModel:
         if batch <= 0:
             return 0.0
         scn, model, const, cpu_share = self.scn, self.scn.model, self.scn.c, self.cpu_expert_share
-        experts_hit = self.distinct(batch)
-        cpu_s = self.capability.slowdown * (const("t0_ms") / 1e3 + cpu_share * experts_hit
-                                            * self._cpu_bytes_per_expert() / (self.capability.bw_gbs * 1e9)) \
+        bw_gbs = self.capability.bw_gbs * self._backend()[1]
+        cpu_s = self.capability.slowdown * (const("t0_ms") / 1e3 + self._cpu_experts_hit(batch)
+                                            * self._cpu_bytes_per_expert() / (bw_gbs * 1e9)) \
             if cpu_share > 0 else 0.0
-        gpu_experts_s = (1 - cpu_share) * experts_hit * model.gpu_bytes_per_expert / \
+        gpu_experts_s = self._gpu_experts_hit(batch) * model.gpu_bytes_per_expert / \
             (self.rc.tp * const("eta_g") * scn.gpu.bandwidth_gbs * 1e9)
         fixed_s = self._fixed_layer_s(0 < batch <= self.captured_bs)
         base_s = max(cpu_s, gpu_experts_s) + fixed_s
@@ -103,26 +142,33 @@ class StepModel:
         scn, model, const, rc, cpu_share = self.scn, self.scn.model, self.scn.c, self.rc, self.cpu_expert_share
         tp, tokens, gpu_flops = rc.tp, float(q_tokens), scn.gpu.tflops * 1e12
         expert_flops = 2 * model.params_per_expert * tokens * model.top_k
+        cpu_tokens = self.cpu_token_share
         if rc.layerwise_threshold and q_tokens >= rc.layerwise_threshold:
             stream_s = (model.experts - rc.gpu_experts) * model.gpu_bytes_per_expert / tp / (scn.gpu.pcie_gbs * 1e9)
             moe_s = max(stream_s, expert_flops / (tp * gpu_flops))
+            if rc.updated_routing is not None:  # dynamic update: re-pick and copy the GPU experts
+                moe_s += const("dyn_update_ms") / 1e3 + rc.gpu_experts * model.gpu_bytes_per_expert / \
+                    (tp * const("eta_g") * scn.gpu.bandwidth_gbs * 1e9)
         else:
             cpu_s = 0.0
             if cpu_share > 0:
                 # Below the AMX threshold the efficiency is a flat e_avx: the m / (m + m_half) curve would
                 # make a 10-token prefill take seconds. AMX never falls below it.
                 tokens_per_expert = tokens * model.top_k / model.experts
-                use_amx = scn.cpu.amx and tokens > model.amx_threshold
+                compute_factor, bw_factor = self._backend()
+                use_amx = scn.cpu.amx and tokens > model.amx_threshold and compute_factor > 0
                 efficiency = (max(const("e_avx"), tokens_per_expert / (tokens_per_expert + const("m_half")))
-                              if use_amx else const("e_avx"))
+                              * compute_factor if use_amx else const("e_avx"))
+                if rc.cpu_backend == "avx2":
+                    efficiency *= _AVX2_SHARE
                 if not rc.method.startswith("AMXINT") and rc.method not in ("RAWINT4", "GPTQ_INT4"):
                     efficiency *= const("bf16_compute_factor")
-                compute_s = expert_flops * cpu_share / (self.capability.ops_tops * 1e12 * efficiency)
-                stream_s = (cpu_share * self.distinct(tokens) * self._cpu_bytes_per_expert()
-                            / (self.capability.bw_gbs * 1e9))
+                compute_s = expert_flops * cpu_tokens / (self.capability.ops_tops * 1e12 * efficiency)
+                stream_s = (self._cpu_experts_hit(tokens) * self._cpu_bytes_per_expert()
+                            / (self.capability.bw_gbs * bw_factor * 1e9))
                 pcie_s = 2 * tokens * model.hidden * 2 / (scn.gpu.pcie_gbs * 1e9)
                 cpu_s = self.capability.slowdown * (max(compute_s, stream_s) + pcie_s)
-            moe_s = max(cpu_s, expert_flops * (1 - cpu_share) / (tp * gpu_flops))
+            moe_s = max(cpu_s, expert_flops * (1 - cpu_tokens) / (tp * gpu_flops))
         allreduce_s = 0.0
         if tp > 1:
             allreduce_s = 2 * (const("t_ar0_us") / 1e6 + 2 * (tp - 1) / tp * tokens * model.hidden * 2 /

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from tuner.sim.log import Log
 from tuner.sim.server.generate import GenerateHandlers
+from tuner.sim.server.recorder import RecorderHandlers
 from tuner.sim.server.state import SimServer
 
 VERSION = "0.7.2"
@@ -36,6 +37,11 @@ def build_app(server: SimServer) -> web.Application:
     r.add_get("/ping", info.h_ping)
     r.add_route("POST", "/flush_cache", info.h_flush)
     r.add_route("GET", "/flush_cache", info.h_flush)
+    recorder = server.recorder = RecorderHandlers(server)
+    for method in ("GET", "POST"):
+        r.add_route(method, "/start_expert_distribution_record", recorder.h_start)
+        r.add_route(method, "/stop_expert_distribution_record", recorder.h_stop)
+        r.add_route(method, "/dump_expert_distribution_record", recorder.h_dump)
     return app
 
 

@@ -110,6 +110,7 @@ class SimServer:
         self.decode_log_interval = max(1, int(info.server_args.get("decode_log_interval") or 40))
         self._decode_steps, self._gen_tokens, self._gen_time = 0, 0, 0.0
         self.last_gen_throughput = 0.0
+        self.recorder: Any = None  # the expert-distribution recorder's endpoints (routes.build_app)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -248,6 +249,8 @@ class SimServer:
         err = self.engine.submit(rid, prompt_tokens, max_new_tokens)
         if err:
             raise BadRequest(err)
+        if user and self.recorder is not None:
+            self.recorder.on_submit(prompt_tokens, max_new_tokens)
         self.reqs[rid] = req
         self._wake.set()
         return req
