@@ -73,6 +73,8 @@ class Reason(str, enum.Enum):
     # The server refused the workload's requests as too long for its KV pool or context.
     REQUEST_TOO_LONG = "request_too_long", Fault.CONFIG, False, True
     QUALITY_TIMEOUT = "quality_timeout", Fault.CONFIG
+    # The server ignored the placement it was given (frequency without a recorded distribution).
+    PLACEMENT_FALLBACK = "placement_fallback", Fault.CONFIG
     INFEASIBLE_PREDICTED = "infeasible_predicted", Fault.CONFIG
     # Faults that say nothing about the configuration.
     PORT_IN_USE = "port_in_use", Fault.INFRA

@@ -7,8 +7,14 @@ from tuner.config.fields import RESERVED_FLAGS
 from tuner.config.parse import load_space, parse_space
 from tuner.config.quality import QualitySpec
 from tuner.config.specs import (
+    ACCURACY_FLAGS,
     AUTO,
     CAPACITY_FLAGS,
+    ENV_PREFIX,
+    EXPERT_LOCATION_FLAG,
+    FREQUENCY,
+    PLACEMENT_FLAG,
+    PREREQUISITES,
     BenchSpec,
     ConfirmSpec,
     Direction,
@@ -21,16 +27,23 @@ from tuner.config.specs import (
     SloSpec,
     Workload,
     is_finite,
+    split_env,
 )
 
 __all__ = [
+    "ACCURACY_FLAGS",
     "AUTO",
     "BenchSpec",
     "CAPACITY_FLAGS",
     "ConfirmSpec",
+    "ENV_PREFIX",
+    "EXPERT_LOCATION_FLAG",
+    "FREQUENCY",
     "Direction",
     "FeasibilitySpec",
     "ObjectiveSpec",
+    "PLACEMENT_FLAG",
+    "PREREQUISITES",
     "ParamSpec",
     "ProbeSpec",
     "QualitySpec",
@@ -40,6 +53,7 @@ __all__ = [
     "SloSpec",
     "Workload",
     "is_finite",
+    "split_env",
     "load_space",
     "parse_space",
 ]

@@ -6,6 +6,7 @@ raises ConfigError naming the field and how to fix it.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +17,8 @@ import yaml
 from tuner.config.fields import check_keys, fail, flag_name, mapping, number, resolve_python
 from tuner.config.quality import QualitySpec
 from tuner.config.specs import (
+    ACCURACY_FLAGS,
+    ENV_PREFIX,
     BenchSpec,
     ConfirmSpec,
     FeasibilitySpec,
@@ -34,10 +37,24 @@ DEFAULT_WORKLOADS: dict[str, dict[str, Any]] = {
     "prefill": {"num_prompts": 37, "input_len": 1024, "output_len": 1},
     "decode": {"num_prompts": 37, "input_len": 10, "output_len": 512},
 }
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 DEFAULT_OBJECTIVE = [{"workload": "decode", "metric": "output_throughput", "direction": "maximize"}]
 
 
 # ---------------------------------------------------------------- sections
+
+
+def _param_name(key: Any, fixed_env: Mapping[str, str]) -> str:
+    """A launch flag, or ``env:NAME`` for a tuned environment variable of the server."""
+    if isinstance(key, str) and key.startswith(ENV_PREFIX):
+        name = key[len(ENV_PREFIX):]
+        if not _ENV_NAME.fullmatch(name):
+            raise fail(f"params.{key}", f"bad environment variable name {name!r}",
+                       "write env:NAME with NAME in capitals, digits and underscores (e.g. env:KT_RAWINT4_BACKEND)")
+        if name in fixed_env:
+            raise fail(f"params.{key}", "is also fixed in server.env", "tune it or fix it, not both")
+        return key
+    return flag_name("params", key)
 
 
 def _parse_param(where: str, flag: str, spec: Any) -> ParamSpec:
@@ -273,7 +290,7 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
     params_raw = mapping("params", data["params"])
     if not params_raw:
         raise fail("params", "is empty", "tune at least one flag, e.g. kt-num-gpu-experts: {low: 0, high: 200}")
-    params = tuple(_parse_param(f"params.{flag_name('params', k)}", k, v) for k, v in params_raw.items())
+    params = tuple(_parse_param(f"params.{_param_name(k, server.env)}", k, v) for k, v in params_raw.items())
     workloads = _parse_workloads(data.get("workloads"))
     objectives = _parse_objectives(data.get("objective"), workloads)
     bench = _parse_bench(mapping("bench", data.get("bench")), Path.cwd(), check_paths)
@@ -288,6 +305,11 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
         missing = set(by_flag) - set(baseline)
         if missing:
             raise fail("baseline", f"lacks {', '.join(sorted(missing))}", "give every tuned param a value")
+    quality = QualitySpec.from_space(SimpleNamespace(quality=dict(mapping("quality", data.get("quality")))))
+    for p in params:
+        if p.flag in ACCURACY_FLAGS and not (quality.enabled and quality.check_logprobs):
+            raise fail(f"params.{p.flag}", "changes the model's outputs, and the quality check that would catch a "
+                       "loss is off", "turn on quality.enabled and quality.check_logprobs, or fix it in server.args")
     name = data.get("name") or (path.stem if path else "space")
     if not isinstance(name, str):
         raise fail("name", f"must be a string, got {name!r}", "quote it")
@@ -296,7 +318,7 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
                        hardware=dict(mapping("hardware", data.get("hardware"))),
                        model=dict(mapping("model", data.get("model"))),
                        slos=_parse_slos(data.get("slo"), workloads),
-                       quality=QualitySpec.from_space(SimpleNamespace(quality=dict(mapping("quality", data.get("quality"))))),
+                       quality=quality,
                        confirm=_parse_confirm(mapping("confirm", data.get("confirm"))),
                        probe=_parse_probe(mapping("probe", data.get("probe"))),
                        feasibility=_parse_feasibility(mapping("feasibility", data.get("feasibility"))))

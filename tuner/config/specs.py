@@ -20,6 +20,24 @@ Scalar = int | float | str | bool
 AUTO = "auto"
 #: Flags whose throughput rises until GPU memory runs out: searched from their fitting boundary.
 CAPACITY_FLAGS = ("kt-num-gpu-experts",)
+#: Flags that change what the model outputs, not only how fast: tuned only under the quality check.
+ACCURACY_FLAGS = ("kt-max-deferred-experts-per-token",)
+#: Flags that act only while another flag is set (truthy): sglang-kt updates the GPU experts
+#: dynamically only after a layerwise prefill, which needs a prefill token threshold.
+PREREQUISITES: Mapping[str, str] = {"kt-enable-dynamic-expert-update": "kt-gpu-prefill-token-threshold"}
+#: A param named ``env:NAME`` sets the server's environment variable NAME instead of a flag.
+ENV_PREFIX = "env:"
+#: The placement flag, its value that reads a recorded expert distribution, and that file's flag.
+PLACEMENT_FLAG = "kt-expert-placement-strategy"
+FREQUENCY = "frequency"
+EXPERT_LOCATION_FLAG = "init-expert-location"
+
+
+def split_env(flags: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(launch flags, environment variables) of what `SearchSpace.launch_flags` returned."""
+    plain = {k: v for k, v in flags.items() if not k.startswith(ENV_PREFIX)}
+    env = {k[len(ENV_PREFIX):]: str(v) for k, v in flags.items() if k.startswith(ENV_PREFIX) and v is not None}
+    return plain, env
 
 
 @dataclass(frozen=True)
@@ -194,11 +212,23 @@ class SearchSpace:
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         return {p.flag: p.distribution() for p in self.params}
 
-    def launch_flags(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """Fixed server args with the tuned values substituted (tuned wins)."""
+    def launch_flags(self, params: Mapping[str, Any], *, expert_location: str | None = None) -> dict[str, Any]:
+        """Fixed server args with the tuned values substituted (tuned wins); tuned environment
+        variables stay in under their ``env:NAME`` keys (`split_env` separates them). With
+        `frequency` placement and no file of its own, `expert_location` (the study's recorded
+        expert distribution) is the file it reads."""
         merged = dict(self.server.args)
         merged.update(params)
+        if (expert_location is not None and merged.get(PLACEMENT_FLAG) == FREQUENCY
+                and EXPERT_LOCATION_FLAG not in self.server.args):
+            merged[EXPERT_LOCATION_FLAG] = expert_location
         return merged
+
+    def offers_frequency_placement(self) -> bool:
+        """True when the space searches placement and `frequency` is one of the choices: the
+        study then records an expert distribution first."""
+        return any(p.flag == PLACEMENT_FLAG and p.choices is not None and FREQUENCY in p.choices
+                   for p in self.params)
 
     def workload(self, name: str) -> Workload:
         for w in self.workloads:

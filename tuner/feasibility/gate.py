@@ -191,8 +191,11 @@ def _draw(p: ParamSpec, rng: random.Random) -> Any:
     return int(p.low) + step * rng.randrange(int((p.high - p.low) // step) + 1)
 
 
-def launch_flags(space: SearchSpace, params: Mapping[str, Any], gate: FeasibilityGate | None) -> dict[str, Any]:
+def launch_flags(space: SearchSpace, params: Mapping[str, Any], gate: FeasibilityGate | None, *,
+                 expert_location: str | None = None) -> dict[str, Any]:
     """The flags a proposal launches with: the space's fixed args with the params on top
-    (`SearchSpace.launch_flags`), `auto` values sized by the gate where there is one."""
-    flags = space.launch_flags(params)
+    (`SearchSpace.launch_flags`: tuned environment variables under ``env:NAME`` keys, the
+    study's recorded expert distribution for `frequency` placement), `auto` values sized by
+    the gate where there is one."""
+    flags = space.launch_flags(params, expert_location=expert_location)
     return gate.resolve_auto(flags) if gate is not None else flags

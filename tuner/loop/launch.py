@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 
 from tuner import outcome
-from tuner.config import SearchSpace
+from tuner.config import FREQUENCY, PLACEMENT_FLAG, SearchSpace
 from tuner.log import Log
 from tuner.loop.progress import Progress
 from tuner.outcome import Reason, TrialOutcome
@@ -20,14 +20,18 @@ from tuner.report import note_baseline_and_best, try_upload_trial_artifacts
 from tuner.storage import (
     ATTR_ARGV,
     ATTR_CONFIRMATION_OF,
+    ATTR_EXPERT_DISTRIBUTION,
     ATTR_LAUNCHED,
     ATTR_MEMORY,
     ATTR_PREDICTED_CONSTRAINTS,
     ATTR_QUALITY,
+    ATTR_RECORDING_ERROR,
     ATTR_TIMINGS,
     ATTR_TRIAL_DIR,
     ATTR_WALL_S,
+    STUDY_ATTR_EXPERT_DISTRIBUTION,
     STUDY_ATTR_QUALITY_REF,
+    STUDY_ATTR_RECORDING_TRIAL,
     Heartbeat,
     record,
 )
@@ -47,9 +51,11 @@ class LaunchContext:
 
 
 def launch(ctx: LaunchContext, trial: optuna.Trial, flags: dict[str, Any], constraints: dict[str, float],
-           runner: TrialRunner, *, launch_number: int, probing: bool = False) -> tuple[TrialOutcome, str]:
+           runner: TrialRunner, *, launch_number: int, probing: bool = False,
+           record_experts: bool = False) -> tuple[TrialOutcome, str]:
     """Launch `trial` with `flags`; returns its outcome and the server log's text. A Ctrl-C
-    records the trial as interrupted, then propagates."""
+    records the trial as interrupted, then propagates. `record_experts`: this is the study's
+    one recording of the expert distribution (no probe: the recording needs every workload)."""
     study, space, log, progress = ctx.study, ctx.space, ctx.log, ctx.progress
     trial_dir = (ctx.study_dir / f"trial-{trial.number}").resolve()
     trial.set_user_attr(ATTR_TRIAL_DIR, str(trial_dir))
@@ -67,7 +73,11 @@ def launch(ctx: LaunchContext, trial: optuna.Trial, flags: dict[str, Any], const
         with Heartbeat(study, trial):
             reference = study.user_attrs.get(STUDY_ATTR_QUALITY_REF)
             extra: dict[str, Any] = {"quality_reference": reference} if reference else {}
-            if probing:
+            if record_experts:
+                study.set_user_attr(STUDY_ATTR_RECORDING_TRIAL, trial.number)
+                extra["record_experts"] = True
+                on_phase("recording the expert distribution over the workloads")
+            elif probing:
                 extra["on_probe"] = lambda metrics: _probe_verdict(space, trial, metrics)
             run = runner(space, flags, trial_dir, on_phase=on_phase, **extra)
     except KeyboardInterrupt:
@@ -83,6 +93,8 @@ def launch(ctx: LaunchContext, trial: optuna.Trial, flags: dict[str, Any], const
     attrs: dict[str, Any] = {ATTR_ARGV: run.argv, ATTR_TIMINGS: run.timings, ATTR_MEMORY: run.memory,
                              ATTR_WALL_S: round(time.monotonic() - started, 2),
                              ATTR_PREDICTED_CONSTRAINTS: dict(constraints)}
+    if record_experts:
+        _store_recording(ctx, trial, run, attrs)
     quality = getattr(run, "quality", None)
     if quality:
         attrs[ATTR_QUALITY] = quality
@@ -102,6 +114,22 @@ def launch(ctx: LaunchContext, trial: optuna.Trial, flags: dict[str, Any], const
     except Exception as exc:  # a dashboard note is a convenience; never lose the trial over it
         log(f"  (dashboard note not written: {type(exc).__name__}: {exc})")
     return result, run.log_text()
+
+
+def _store_recording(ctx: LaunchContext, trial: optuna.Trial, run: Any, attrs: dict[str, Any]) -> None:
+    """Offer the dump to every later trial of the study (`frequency` placement reads it)."""
+    dump = getattr(run, "expert_distribution", None)
+    if dump:
+        attrs[ATTR_EXPERT_DISTRIBUTION] = dump
+        ctx.study.set_user_attr(STUDY_ATTR_EXPERT_DISTRIBUTION, dump)
+        ctx.log(f"  trial {trial.number} recorded the expert distribution: {dump}")
+        if trial.params.get(PLACEMENT_FLAG) != FREQUENCY:  # the choice the recording paid for, tried next
+            ctx.study.enqueue_trial({**trial.params, PLACEMENT_FLAG: FREQUENCY}, skip_if_exists=True)
+    else:
+        why = getattr(run, "recording_error", None) or f"the launch failed ({run.outcome.reason})"
+        attrs[ATTR_RECORDING_ERROR] = why
+        ctx.log(f"  trial {trial.number}: no expert distribution recorded ({why}); frequency placement "
+                "falls back to uniform")
 
 
 def _probe_verdict(space: SearchSpace, trial: optuna.Trial, metrics: dict[str, float]) -> bool:

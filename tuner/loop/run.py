@@ -40,6 +40,8 @@ from tuner.storage import (
     ATTR_SPARE_GB,
     ATTR_WORKER,
     STUDY_ATTR_CALIBRATION,
+    STUDY_ATTR_EXPERT_DISTRIBUTION,
+    STUDY_ATTR_RECORDING_TRIAL,
     beat_once,
     boundary_failures,
     claim_launch,
@@ -204,7 +206,8 @@ class _Loop:
         trial.set_user_attr(ATTR_WORKER, worker_id())  # first: a kill from here on is recoverable on this host
         beat_once(study, trial)
         confirmation_of = trial.user_attrs.get(ATTR_CONFIRMATION_OF)
-        flags = launch_flags(space, trial.params, self.gate)
+        flags = launch_flags(space, trial.params, self.gate,
+                             expert_location=study.user_attrs.get(STUDY_ATTR_EXPERT_DISTRIBUTION))
         trial.set_user_attr(ATTR_FLAGS, dict(flags))
         report = self.gate.check(flags) if self.gate is not None else None
         forced = bool(trial.user_attrs.get(ATTR_BASELINE)) or confirmation_of is not None
@@ -223,12 +226,19 @@ class _Loop:
         ctx = LaunchContext(study, space, opts.studies_dir / opts.study_name, opts.budget, self.log, self.progress)
         result, log_text = launch(ctx, trial, flags, report.constraints if report is not None else {},
                                   self.runner, launch_number=self.summary.launched + 1,
-                                  probing=self.probing and confirmation_of is None)
+                                  probing=self.probing and confirmation_of is None,
+                                  record_experts=self._records_experts())
         self.summary.new_trials.append(trial.number)
         self._observe(log_text, flags, result.reason, report, marginal)
         if not opts.preview:
             self._stop_on_repeating_faults(trial, result)
         return True
+
+    def _records_experts(self) -> bool:
+        """The study's first launch records the expert distribution when the space offers
+        frequency placement (once per study, also across workers and resumed runs)."""
+        return (self.space.offers_frequency_placement() and _accepts(self.runner, "record_experts")
+                and STUDY_ATTR_RECORDING_TRIAL not in self.study.user_attrs)
 
     def _sync_calibration(self) -> None:
         """Take up what another worker of the study taught the memory model since."""

@@ -15,6 +15,7 @@ from tuner.server.leftovers import Leftover, find_leftovers, leftover_note, reap
 from tuner.server.logscan import (
     ABORT_REASONS,
     FAILURE_REASONS,
+    FALLBACK_REASONS,
     HTTP_UP_MARKERS,
     OOM_REASONS,
     PHASES,
@@ -27,15 +28,25 @@ from tuner.server.logscan import (
     first_failure,
     parse_memory_lines,
     runtime_oom,
+    silent_fallback,
     worst_memory_figures,
 )
 from tuner.server.readiness import LogTail, failure_message, is_alive, wait_ready
+from tuner.server.recorder import (
+    RECORDER_DIR_ENV,
+    RECORDER_FLAGS,
+    find_dump,
+    recorder_dir,
+    start_recording,
+    stop_and_dump,
+)
 from tuner.server.teardown import GpuMonitor, TeardownReport, kill_orphan, stop_server
 from tuner.server.watchdog import die_with_tuner
 
 __all__ = [
     "ABORT_REASONS",
     "FAILURE_REASONS",
+    "FALLBACK_REASONS",
     "FailureMatch",
     "GpuMonitor",
     "HTTP_UP_MARKERS",
@@ -45,6 +56,8 @@ __all__ = [
     "PHASES",
     "PID_FILE_NAME",
     "READY_LINE",
+    "RECORDER_DIR_ENV",
+    "RECORDER_FLAGS",
     "ServerHandle",
     "TOKEN_ENV",
     "TeardownReport",
@@ -55,6 +68,7 @@ __all__ = [
     "failure_message",
     "client_host",
     "die_with_tuner",
+    "find_dump",
     "find_failures",
     "find_leftovers",
     "find_free_port",
@@ -66,8 +80,12 @@ __all__ = [
     "parse_memory_lines",
     "port_is_free",
     "reap_leftovers",
+    "recorder_dir",
     "runtime_oom",
+    "silent_fallback",
+    "start_recording",
     "start_server",
+    "stop_and_dump",
     "stop_server",
     "wait_ready",
     "worst_memory_figures",

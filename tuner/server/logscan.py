@@ -49,6 +49,15 @@ _PRIORITY = {name: i for i, (name, _) in enumerate(_FAILURES + _WARNING)}
 _RANK_TAG = re.compile(r"^\[[^\]]*?\bTP(\d+)\b[^\]]*\]")
 
 
+# Silent fallbacks: the server starts and serves, but not with the configuration it was given
+# (the launch measured something else). Checked once the server is ready.
+_SILENT_FALLBACKS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    # sglang-kt's kt_ep_wrapper: frequency placement without --init-expert-location FILE.pt
+    ("placement_fallback", re.compile(r"Using frequency-based strategy WITHOUT activation frequency data")),
+)
+FALLBACK_REASONS = frozenset(name for name, _ in _SILENT_FALLBACKS)
+
+
 @dataclass(frozen=True)
 class FailureMatch:
     """One log line that matched a failure or warning pattern (line_no is 1-based)."""
@@ -110,6 +119,15 @@ def find_failures(text: str) -> list[FailureMatch]:
                 break
         phase.feed(line)
     return found
+
+
+def silent_fallback(text: str) -> FailureMatch | None:
+    """The first line where the server says it runs another configuration than asked for."""
+    for i, line in enumerate(text.splitlines(), 1):
+        for reason, pattern in _SILENT_FALLBACKS:
+            if pattern.search(line):
+                return FailureMatch(reason, i, line.strip())
+    return None
 
 
 def classify_failure(text: str, *, include_warnings: bool = True) -> str | None:

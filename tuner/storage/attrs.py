@@ -31,6 +31,8 @@ ATTR_MEMORY = "memory"  # memory figures the server logged
 ATTR_WALL_S = "wall_s"
 ATTR_PREDICTED_CONSTRAINTS = "predicted_constraints"  # the feasibility prediction it was launched on
 ATTR_QUALITY = "quality"  # tuner.trial.quality.QualityResult.to_attr()
+ATTR_EXPERT_DISTRIBUTION = "expert_distribution"  # the dump a recording launch wrote (a path)
+ATTR_RECORDING_ERROR = "recording_error"  # why a recording launch left no dump
 METRIC_PREFIX = "m:"  # m:<workload>.<metric>
 CONSTRAINT_PREFIX = "c:"  # constraints mirrored for optuna-dashboard, which shows user attrs
 # Study user attributes.
@@ -39,6 +41,10 @@ STUDY_ATTR_CALIBRATION = "kttune:memory_calibration"  # tuner.feasibility.Feasib
 STUDY_ATTR_WARM_STARTED = "kttune:warm_started"
 # The output-quality reference, from the first launched trial whose quality check passed.
 STUDY_ATTR_QUALITY_REF = "kttune:quality_reference"
+# The study's one recording of the expert distribution: the trial that recorded (set when it is
+# launched, so a study records once) and the dump file it left (what `frequency` reads).
+STUDY_ATTR_RECORDING_TRIAL = "kttune:expert_recording_trial"
+STUDY_ATTR_EXPERT_DISTRIBUTION = "kttune:expert_distribution"
 STUDY_ATTR_ARTIFACT_DIR = "kttune:artifact_dir"
 
 

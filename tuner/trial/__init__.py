@@ -2,7 +2,16 @@
 run each workload, tear it down; the runner protocol the loop depends on."""
 from __future__ import annotations
 
-from tuner.trial.launch import PhaseCallback, ProbeHook, TrialRun, bench_tokenizer, run_trial, server_argv
+from tuner.trial.launch import (
+    PhaseCallback,
+    ProbeHook,
+    TrialRun,
+    bench_tokenizer,
+    recording_flags,
+    run_trial,
+    server_argv,
+    server_env,
+)
 from tuner.trial.probe import PROBE_SUFFIX, probe_workload
 from tuner.trial.protocols import TrialRunner
 
@@ -14,6 +23,8 @@ __all__ = [
     "TrialRunner",
     "bench_tokenizer",
     "probe_workload",
+    "recording_flags",
     "run_trial",
     "server_argv",
+    "server_env",
 ]

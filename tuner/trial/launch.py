@@ -14,19 +14,26 @@ from typing import Any
 
 from tuner import outcome
 from tuner.bench import MIN_RETOKENIZED_SHARE, retokenized_share, run_workload
-from tuner.config import QualitySpec, SearchSpace
-from tuner.errors import BenchmarkError, ServerLaunchError, TeardownError
+from tuner.config import QualitySpec, SearchSpace, split_env
+from tuner.errors import BenchmarkError, KttuneError, ServerLaunchError, TeardownError
 from tuner.outcome import Reason, TrialOutcome
 from tuner.server import (
+    RECORDER_DIR_ENV,
+    RECORDER_FLAGS,
     LogTail,
     ServerHandle,
     build_server_argv,
     decisive_line,
     failure_message,
+    find_dump,
     find_free_port,
     is_alive,
     parse_memory_lines,
+    recorder_dir,
+    silent_fallback,
+    start_recording,
     start_server,
+    stop_and_dump,
     stop_server,
     wait_ready,
 )
@@ -57,6 +64,10 @@ class TrialRun:
     # False when no server process was ever started (the port was taken, the interpreter
     # cannot run): such a launch spends nothing of the budget.
     started: bool = True
+    # The expert-distribution dump of a recording launch (None: none asked for, or none written),
+    # and why a recording asked for left none.
+    expert_distribution: str | None = None
+    recording_error: str | None = None
 
     def log_text(self) -> str:
         return _read(self.trial_dir / "server.log")
@@ -71,7 +82,17 @@ def trial_port(space: SearchSpace) -> int:
 
 
 def server_argv(space: SearchSpace, flags: Mapping[str, Any], port: int) -> list[str]:
-    return build_server_argv(space.server.launcher(), flags, host=space.server.host, port=port)
+    return build_server_argv(space.server.launcher(), split_env(flags)[0], host=space.server.host, port=port)
+
+
+def server_env(space: SearchSpace, flags: Mapping[str, Any]) -> dict[str, str]:
+    """The server's environment variables: the space's fixed ones and the tuned ones."""
+    return {**space.server.env, **split_env(flags)[1]}
+
+
+def recording_flags(flags: Mapping[str, Any], trial_dir: Path) -> dict[str, Any]:
+    """`flags` of a launch that records the expert distribution into the trial folder."""
+    return {**flags, **RECORDER_FLAGS, f"env:{RECORDER_DIR_ENV}": str(recorder_dir(trial_dir))}
 
 
 def bench_tokenizer(space: SearchSpace, flags: Mapping[str, Any]) -> str | None:
@@ -84,25 +105,29 @@ def bench_tokenizer(space: SearchSpace, flags: Mapping[str, Any]) -> str | None:
 def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
               on_phase: PhaseCallback | None = None, teardown_gpu_timeout_s: float = 120.0,
               quality_reference: Mapping[str, Any] | None = None,
-              on_probe: ProbeHook | None = None) -> TrialRun:
+              on_probe: ProbeHook | None = None, record_experts: bool = False) -> TrialRun:
     """Launch, check, benchmark and tear down one configuration.
 
     ``quality_reference`` is the ``quality["reference"]`` of the study's reference trial
     (None for the first one: its own check then only looks for empty or degenerate text).
     ``on_probe``: run the probe workload first and stop after it when the hook says so.
+    ``record_experts``: record the expert distribution over the workloads and dump it under
+    the trial folder (`TrialRun.expert_distribution`); a recorder fault leaves the measurement.
     """
     phase = on_phase or (lambda _p: None)
     quality = QualitySpec.from_space(space)
     trial_dir.mkdir(parents=True, exist_ok=True)
     host = space.server.host
     port = trial_port(space)
+    if record_experts:
+        flags = recording_flags(flags, trial_dir)
     argv = server_argv(space, flags, port)
     _write_json(trial_dir / "server.argv.json", argv)
     run = TrialRun(outcome=outcome.failure(space, "not_started", ""), argv=argv, trial_dir=trial_dir)
     phase("launching")
     try:
         handle = start_server(argv, log_path=trial_dir / "server.log", host=host, port=port,
-                              env=dict(space.server.env))
+                              env=server_env(space, flags))
     except ServerLaunchError as exc:  # port taken before launch, interpreter cannot start
         run.outcome = outcome.failure(space, exc.reason, str(exc))
         run.started = False
@@ -112,6 +137,11 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
         try:
             run.timings["ready_s"] = wait_ready(handle, timeout_s=space.server.start_timeout_s,
                                                 stall_timeout_s=space.server.stall_timeout_s)
+            fallback = silent_fallback(_read(handle.log_path))
+            if fallback is not None:
+                run.outcome = outcome.failure(space, fallback.reason, f"the server ignored its configuration: "
+                                              f"{fallback.line}")
+                return run  # the finally below still tears the server down
             if quality.enabled:
                 phase("checking output quality")
                 result = check_quality(handle.base_url, quality, reference=quality_reference,
@@ -133,6 +163,7 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
                 if on_probe({f"{base}.{k}": v for k, v in res.metrics.items()}):
                     run.outcome = outcome.pruned(metrics)
                     return run  # the finally below still tears the server down
+            recording = record_experts and _recorder(run, start_recording, handle.base_url, flags)
             for w in space.workloads:
                 phase(f"benchmarking {w.name}")
                 res = run_workload(space.bench, w, host=host, port=port, trial_dir=trial_dir,
@@ -148,6 +179,11 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
                         f"{res.metrics['total_output_tokens']:.0f} tokens the server generated (text lost or garbled)",
                         metrics)
                     return run  # the finally below still tears the server down
+            if recording and _recorder(run, stop_and_dump, handle.base_url, flags):
+                dump = find_dump(recorder_dir(trial_dir))
+                run.expert_distribution = str(dump) if dump is not None else None
+                if dump is None:
+                    run.recording_error = f"the server wrote no dump into {recorder_dir(trial_dir)}"
             run.outcome = outcome.success(space, metrics, {})
         except ServerLaunchError as exc:
             run.outcome = outcome.failure(space, exc.reason, str(exc), metrics)
@@ -202,6 +238,16 @@ def _settle_exit(handle: ServerHandle, settle_s: float = 2.0) -> None:
         handle.proc.wait(timeout=settle_s)
     except subprocess.TimeoutExpired:
         pass
+
+
+def _recorder(run: TrialRun, call: Callable[..., None], base_url: str, flags: Mapping[str, Any]) -> bool:
+    """One recorder call; False (and the error noted) when the server refused it."""
+    try:
+        call(base_url, headers=_auth_headers(flags))
+    except KttuneError as exc:
+        run.recording_error = str(exc)
+        return False
+    return True
 
 
 def _auth_headers(flags: Mapping[str, Any]) -> dict[str, str]:
