@@ -6,6 +6,7 @@ launch budget, on every simulator search space. Prints tables; not a test.
     python benchmarks/tuning_quality.py --variants      # + the strategy's levers one by one
     python benchmarks/tuning_quality.py --margin-gb 0.5 # what-if: the gate's startup margin
     python benchmarks/tuning_quality.py --full-path     # + real `kttune run` vs the in-process model
+    python benchmarks/tuning_quality.py --placement     # only the placement table (benchmarks/placement_quality.py)
 
 Methods, each on the same simulated server (`tuner.sim.inprocess.InProcessRunner`, noise
 sigma 0.025 plus slow runs, a fresh draw per launch):
@@ -70,7 +71,9 @@ from tuner.sim.optimum.grid import SpaceGrid  # noqa: E402
 from tuner.storage import ATTR_LAUNCHED, ATTR_REASON, STUDY_ATTR_CALIBRATION, timings_of  # noqa: E402
 from tuner.testing.probe import ProbeEmulator  # noqa: E402
 
-SPACES = sorted(str(p.relative_to(REPO)) for p in (REPO / "search_spaces").glob("sim-*.yaml"))
+# The placement space has its own table (--placement): its frequency choice needs the study's recording.
+SPACES = sorted(str(p.relative_to(REPO)) for p in (REPO / "search_spaces").glob("sim-*.yaml")
+                if not p.stem.endswith("-placement"))
 VARIANTS: dict[str, Strategy] = {
     "tpe (old default)": Strategy(inner="tpe", warm=False, snap=False, startup_trials=5),
     "tpe + warm + snap": Strategy(inner="tpe", warm=True, snap=True),
@@ -495,9 +498,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-recheck", action="store_true", help="kttune without re-measuring narrow leaders")
     ap.add_argument("--boundary-failures", type=int,
                     help="kttune's allowance of failed launches inside the safety margin (default: the space's, 1)")
+    ap.add_argument("--placement", action="store_true", help="only the placement table (benchmarks/placement_quality.py)")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if args.placement:
+        from benchmarks.placement_quality import placement_table
+        print(placement_table(seeds=range(args.first_seed, args.first_seed + (3 if args.quick else args.seeds)),
+                              noise=args.noise))
+        return 0
     if args.full_path_only:
         full_path_check(args.full_path_space, args.full_path_budget, 0, noise_off=True)
         full_path_check(args.full_path_space, args.full_path_budget, 0)

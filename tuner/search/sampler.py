@@ -35,7 +35,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.config import CAPACITY_FLAGS, SearchSpace
+from tuner.config import CAPACITY_FLAGS, PREREQUISITES, SearchSpace
 from tuner.errors import KttuneError
 from tuner.feasibility import FeasibilityGate, launch_flags
 from tuner.search.gp import denoised_best
@@ -277,6 +277,7 @@ class KttuneSampler(optuna.samplers.BaseSampler):
                 if abs(j - i) > 2:   # a line search toward the boundary: halfway first
                     head.append({**inc, cap: grid[(i + j) // 2]})
         flags = [f for f in self._grids if f != cap]
+        head += [self._follow(study, cand, at_boundary) for cand in self._enabled_moves(inc)]
         if self._strategy.recipe_moves:  # the deployment rule for a knob the search moved away from
             if self._recipe is None:
                 self._recipe = recipe(self._space, self._gate)
@@ -300,7 +301,20 @@ class KttuneSampler(optuna.samplers.BaseSampler):
         if cap is not None:
             key_flag: str = cap
             roomier.sort(key=lambda c: (-c[key_flag], -self._spare_gb(c)))
-        return head + roomier + out
+        return [c for c in head + roomier + out if not self._inert(c) or self._inert(inc)]
+
+    def _dependents(self) -> list[tuple[str, str]]:
+        return [(d, r) for d, r in PREREQUISITES.items() if d in self._grids and r in self._grids]
+
+    def _inert(self, params: Mapping[str, Any]) -> bool:
+        """A flag is set whose prerequisite is off: the same server as without it."""
+        return any(params.get(d) and not params.get(r) for d, r in self._dependents())
+
+    def _enabled_moves(self, inc: dict[str, Any]) -> list[dict[str, Any]]:
+        """A flag whose prerequisite the incumbent has just turned on could not be measured
+        before (it did nothing): try it first."""
+        return [{**inc, d: v} for d, r in self._dependents() if inc.get(r) and not inc.get(d)
+                for v in self._grids[d] if v]
 
     def _follow(self, study: optuna.Study, cand: dict[str, Any], at_boundary: bool) -> dict[str, Any]:
         """`cand` with the capacity flag on its fitting boundary when the incumbent sits on it."""
