@@ -85,3 +85,14 @@ def test_the_header_names_measured_workloads_not_the_probe() -> None:
                           objectives=["decode.output_throughput"])
     assert "# decode.output_throughput: 48.6" in text and "# decode.median_itl_ms: 761.2" in text
     assert "probe" not in text and "prefill.median_itl_ms" not in text and "# prefill.median_ttft_ms: 5849" in text
+
+
+def test_tuned_environment_variables_become_a_comment_block_with_the_command() -> None:
+    recorded = {"model-path": "/models/Kimi-K2", "kt-num-gpu-experts": 200, "env:KT_RAWINT4_BACKEND": "amx_blocked"}
+    profile = servable_profile(_trial(recorded), simulated=False)
+    assert profile.env == {"KT_RAWINT4_BACKEND": "amx_blocked"} and "env:KT_RAWINT4_BACKEND" not in profile.flags
+    text = render_profile(_trial(recorded), profile, study_name="s", objectives=[])
+    assert yaml.safe_load(text) == {"model-path": "/models/Kimi-K2", "kt-num-gpu-experts": 200}
+    assert "#   KT_RAWINT4_BACKEND=amx_blocked" in text
+    assert ("# launch with: KT_RAWINT4_BACKEND=amx_blocked python -m sglang.launch_server --config THIS_FILE "
+            "--host HOST --port PORT") in text

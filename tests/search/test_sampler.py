@@ -189,3 +189,19 @@ def test_denoised_best_uses_the_direction(tmp_path: Path) -> None:
 def test_unknown_inner_sampler_is_refused() -> None:
     with pytest.raises(KttuneError, match="strategy.inner"):
         make_sampler(sim_space("qwen3-30b-a3b-1x4090"), 0, Strategy(inner="bogus"))
+
+
+def test_a_lever_is_tried_once_its_prerequisite_is_on_and_never_while_inert() -> None:
+    from tuner.search.sampler import KttuneSampler
+
+    space = sim_space("kimi-k2-thinking-8xl20-placement")
+    sampler = KttuneSampler(space, seed=0)
+    inc = dict(space.baseline or {})
+    thr, dyn = "kt-gpu-prefill-token-threshold", "kt-enable-dynamic-expert-update"
+    assert sampler._enabled_moves(inc) == []                     # threshold 0: dynamic update does nothing
+    assert sampler._inert({**inc, dyn: True}) and not sampler._inert({**inc, thr: 1024, dyn: True})
+    on = {**inc, thr: 1024}
+    assert sampler._enabled_moves(on) == [{**on, dyn: True}]
+    study = optuna.create_study(direction="maximize")
+    moves = sampler._moves(study, dict(inc))
+    assert moves and not any(sampler._inert(m) for m in moves)

@@ -180,3 +180,14 @@ def test_worst_memory_figures_take_the_worst_rank() -> None:
 def test_runtime_oom_only_after_the_server_is_ready() -> None:
     assert runtime_oom(LOAD_OK + KV_OK + f"[t] {READY_LINE}\n" + OOM_TRACE)
     assert not runtime_oom(LOAD_OK + OOM_TRACE)
+
+
+def test_the_silent_placement_fallback_is_found_and_is_no_start_up_failure() -> None:
+    from tuner.server.logscan import FALLBACK_REASONS, silent_fallback
+
+    log = ("[2026-12-02 10:00:01 TP0] Using frequency-based strategy WITHOUT activation frequency data "
+           "(uniform distribution fallback)\n" + "The server is fired up and ready to roll!\n")
+    match = silent_fallback(log)
+    assert match is not None and match.reason in FALLBACK_REASONS and match.line_no == 1
+    assert classify_failure(log) is None                   # the server runs: readiness does not fail
+    assert silent_fallback("Using frequency-based strategy with activation frequency data\n") is None

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuner.config import ENV_PREFIX, EXPERT_LOCATION_FLAG
 from tuner.errors import ConfigError
+from tuner.server import RECORDER_FLAGS
 
 DEFAULT_TIMEOUT_S = 180.0
 _CACHE_VERSION = 1
@@ -230,7 +232,11 @@ def server_flags(space: Any) -> dict[str, str]:
         if value is not None and value is not False:
             out[f"--{key}"] = f"server.args.{key}"
     for p in space.params:
-        out[f"--{p.flag}"] = f"params.{p.flag}"
+        if not p.flag.startswith(ENV_PREFIX):  # an environment variable, not a flag
+            out[f"--{p.flag}"] = f"params.{p.flag}"
+    if space.offers_frequency_placement():  # the study's recording launch, and what frequency reads
+        for flag in (*RECORDER_FLAGS, EXPERT_LOCATION_FLAG):
+            out.setdefault(f"--{flag}", "kttune (the expert-distribution recording for frequency placement)")
     return out
 
 

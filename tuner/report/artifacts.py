@@ -30,7 +30,7 @@ from tuner.storage import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_TRIAL_DIR, STUDY_AT
 ARTIFACT_DIR_NAME = "artifacts"
 # Files of a trial folder worth seeing in the dashboard (written by tuner.trial / tuner.bench).
 TRIAL_FILE_PATTERNS = ("server.log", "server.argv.json", "quality.json", "bench-*.jsonl", "bench-*.log",
-                       "bench-*.argv.json")
+                       "bench-*.argv.json", "expert-distribution/expert_distribution_recorder_*.pt")
 MAX_ARTIFACT_BYTES = 16 << 20  # a larger log is uploaded as head + tail
 _OPTUNA_PREFIX = "artifacts:"  # optuna.artifacts' trial/study system-attr key prefix
 _DASHBOARD_TRIAL_PREFIX = "dashboard:artifacts:"  # optuna-dashboard's per-trial key in study attrs

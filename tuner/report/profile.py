@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import shlex
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 import yaml
 from optuna.trial import FrozenTrial
 
-from tuner.config import RESERVED_FLAGS
+from tuner.config import RESERVED_FLAGS, split_env
 from tuner.errors import ConfigError
 from tuner.storage import ATTR_FLAGS, metrics_of
 from tuner.trial import PROBE_SUFFIX
@@ -41,6 +42,8 @@ class Profile:
     flags: dict[str, Any]
     dropped: dict[str, str] = field(default_factory=dict)
     placeholders: tuple[str, ...] = ()
+    # Tuned environment variables of the server: a --config file cannot carry them.
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def recorded_flags(trial: FrozenTrial) -> dict[str, Any]:
@@ -56,7 +59,8 @@ def servable_profile(trial: FrozenTrial, *, simulated: bool, keep_benchmark_flag
     switches. `simulated`: the study ran on the simulator, so model paths are stand-ins."""
     flags: dict[str, Any] = {}
     dropped: dict[str, str] = {}
-    for key, value in recorded_flags(trial).items():
+    recorded, env = split_env(recorded_flags(trial))
+    for key, value in recorded.items():
         if key in RESERVED_FLAGS:  # the deployment gives host and port
             continue
         if key.startswith(SIMULATOR_PREFIX):
@@ -66,7 +70,7 @@ def servable_profile(trial: FrozenTrial, *, simulated: bool, keep_benchmark_flag
         else:
             flags[key] = value
     placeholders = tuple(k for k in PATH_FLAGS if k in flags) if simulated else ()
-    return Profile(flags, dropped, placeholders)
+    return Profile(flags, dropped, placeholders, env)
 
 
 def render_profile(trial: FrozenTrial, profile: Profile, *, study_name: str, objectives: list[str],
@@ -75,8 +79,14 @@ def render_profile(trial: FrozenTrial, profile: Profile, *, study_name: str, obj
     one line on repeats, if any), what was left out, which values are stand-ins."""
     metrics = metrics_of(trial)
     stamp = (now or _dt.datetime.now(_dt.timezone.utc)).isoformat(timespec="seconds")
-    lines = ["# kttune profile: python -m sglang.launch_server --config THIS_FILE --host HOST --port PORT",
-             f"# study: {study_name}", f"# trial: {trial.number}", f"# exported: {stamp}"]
+    command = "python -m sglang.launch_server --config THIS_FILE --host HOST --port PORT"
+    lines = [f"# kttune profile: {command}", f"# study: {study_name}", f"# trial: {trial.number}",
+             f"# exported: {stamp}"]
+    if profile.env:
+        lines.append("# environment variables it was measured with (a --config file cannot set them):")
+        lines += [f"#   {name}={shlex.quote(value)}" for name, value in profile.env.items()]
+        assignments = " ".join(f"{name}={shlex.quote(value)}" for name, value in profile.env.items())
+        lines.append(f"# launch with: {assignments} {command}")
     if measured:
         lines.append(f"# measured: {measured}")
     for key in objectives:
