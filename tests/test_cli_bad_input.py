@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 import gzip
 import hashlib
+import os
+import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +99,83 @@ def test_a_file_that_is_not_yaml_as_space(tmp_path: Path, write: Callable[[Path]
     studies = tmp_path / "studies"
     assert_refused(kttune(command, "--space", str(space), "--studies-dir", str(studies)), "--space", "not a text file")
     assert not studies.exists()
+
+
+@pytest.fixture
+def study_db(tmp_path: Path) -> str:
+    """A study that exists (no trials), so what is refused is the bad argument, not its absence."""
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(study_name="s", storage=url, direction="maximize")
+    return url
+
+
+@pytest.mark.parametrize("command, out, words", [
+    ("export", "/proc/best.yaml", ["--out", "cannot write in /proc"]),
+    ("report", "/proc/kttune-report", ["--out", "cannot write in /proc"]),
+    ("export", "{file}/best.yaml", ["--out", "does not exist"]),
+    ("report", "{file}/report", ["--out", "is a file"]),
+])
+def test_out_where_nothing_can_be_written(tmp_path: Path, study_db: str, command: str, out: str,
+                                          words: list[str]) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    before = tree_digest(tmp_path)
+    done = kttune(command, "--space", str(SPACE), "--study", "s", "--storage", study_db,
+                  "--out", out.format(file=a_file))
+    assert_refused(done, *words)
+    assert tree_digest(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_out_into_a_read_only_folder(tmp_path: Path, study_db: str) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    done = kttune("export", "--space", str(SPACE), "--study", "s", "--storage", study_db, "--out", str(folder / "b.yaml"))
+    assert_refused(done, "--out", "cannot write in")
+    assert not list(folder.iterdir())
+
+
+def test_plan_set_with_a_misspelt_flag() -> None:
+    done = kttune("plan", "--space", str(SPACE), "--set", "kt-num-gpu-expert=40")
+    assert_refused(done, "--set: kt-num-gpu-expert", "did you mean kt-num-gpu-experts?")
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("command", [["best"], ["export", "--out", "{tmp}/b.yaml"], ["report"], ["dashboard"]])
+@pytest.mark.parametrize("url", ["sqlite:///{tmp}/none/x.db", "sqlite:///{tmp}/x.db?timeout=5"])
+def test_read_only_commands_never_create_a_database(tmp_path: Path, command: list[str], url: str) -> None:
+    args = [a.format(tmp=tmp_path) for a in command]
+    done = kttune(args[0], "--space", str(SPACE), "--storage", url.format(tmp=tmp_path),
+                  "--studies-dir", str(tmp_path / "studies"), *args[1:])
+    assert_refused(done, "no study database at", "kttune run")
+    assert not list(tmp_path.iterdir())
+
+
+def test_read_only_commands_read_a_sqlite_url_with_a_query(study_db: str) -> None:
+    done = kttune("best", "--space", str(SPACE), "--study", "s", "--storage", study_db + "?timeout=5")
+    assert "no study database" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A TCP port that accepts connections and never answers: a database host that hangs."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", ["best", "run"])
+def test_an_unreachable_postgresql_storage_is_one_line_within_seconds(tmp_path: Path, silent_server: int,
+                                                                      command: str) -> None:
+    url = f"postgresql://kttune:hunter2@127.0.0.1:{silent_server}/kttune"
+    started = time.monotonic()
+    done = kttune(command, "--space", str(SPACE), "--storage", url, "--studies-dir", str(tmp_path / "studies"),
+                  timeout=60)
+    assert_refused(done, "--storage", "timeout expired")
+    assert time.monotonic() - started < 20
+    assert "hunter2" not in done.stderr  # the password is not printed
+    assert not list(tmp_path.iterdir())

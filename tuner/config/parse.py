@@ -57,9 +57,9 @@ def _parse_param(where: str, flag: str, spec: Any) -> ParamSpec:
             raise fail(f"{where}.choices", "has duplicates", "list each value once")
         if set(spec) - {"choices"}:
             raise fail(where, "choices cannot be combined with low/high/step/log", "use either choices or a range")
-        floats = [c for c in choices if isinstance(c, float)]
-        if flag in INT_FLAGS and floats:  # the server's int() refuses "--x 2.0" as well
-            raise fail(f"{where}.choices", f"{floats[0]!r} for a whole-number flag (sglang parses {flag} as an int)",
+        fractional = [c for c in choices if isinstance(c, float)]
+        if flag in INT_FLAGS and fractional:  # the server's int() refuses "--x 2.0" as well
+            raise fail(f"{where}.choices", f"{fractional[0]!r} for a whole-number flag (sglang parses {flag} as an int)",
                        "list whole numbers without a decimal point")
         return ParamSpec(flag=flag, choices=tuple(choices))
     if "low" not in spec or "high" not in spec:

@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial
 
 from tuner.config import RESERVED_FLAGS
 from tuner.errors import ConfigError
+from tuner.report.outpath import check_out_file
 from tuner.storage import ATTR_FLAGS, metrics_of
 from tuner.trial import PROBE_SUFFIX
 
@@ -104,12 +105,7 @@ def render_profile(trial: FrozenTrial, profile: Profile, *, study_name: str, obj
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temp file in the same folder and rename, so no half-written file remains."""
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ConfigError(f"--out: folder {parent} does not exist; create it or choose another path")
-    if path.is_dir():
-        raise ConfigError(f"--out: {path} is a folder; give a file name such as best.yaml")
-    if path.suffix not in (".yaml", ".yml"):
-        raise ConfigError(f"--out: {path} must end in .yaml or .yml (sglang's --config requires it)")
+    check_out_file(path)
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
