@@ -135,7 +135,7 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
             raise ConfigError(f"space: no configuration is predicted to fit (binding: {checks.summary(fitting)}); "
                               "widen the space or pass --no-feasibility")
     study = open_study(space, study_name=opts.study_name, storage=opts.storage,
-                       sampler=make_sampler(space, opts.seed, opts.strategy, gate=gate))
+                       sampler=make_sampler(space, opts.seed, opts.strategy, gate=gate), log=log)
     loop = _Loop(space, opts, study, checks, log, runner, progress)
     loop.prepare(gate)
     while loop.step():

@@ -11,7 +11,9 @@ import optuna
 
 from tuner.config import SearchSpace
 from tuner.errors import ConfigError
+from tuner.log import Log
 from tuner.storage.attrs import STUDY_ATTR_SPACE
+from tuner.storage.resume import resume_changes, space_record
 
 HEARTBEAT_INTERVAL_S = 30
 HEARTBEAT_GRACE_S = 120
@@ -142,16 +144,22 @@ def check_reachable(url: str) -> None:
 
 
 def open_study(space: SearchSpace, *, study_name: str, storage: str | optuna.storages.BaseStorage,
-               sampler: optuna.samplers.BaseSampler) -> optuna.Study:
-    """Create or resume the study of `space` with the run's `sampler`."""
+               sampler: optuna.samplers.BaseSampler, log: Log | None = None) -> optuna.Study:
+    """Create or resume the study of `space` with the run's `sampler`. A resumed study whose
+    stored space differs is refused (ConfigError, nothing written) or, where its finished trials
+    stay valid, resumed with one line per change to `log`."""
     store = make_storage(storage) if isinstance(storage, str) else storage
     study = optuna.create_study(study_name=study_name, storage=store, directions=space.directions,
                                 sampler=sampler, load_if_exists=True)
     if len(study.directions) != len(space.objectives):
         raise ConfigError(f"--study: {study_name!r} already exists with {len(study.directions)} objective(s), the space has {len(space.objectives)}; use another --study name")
-    if STUDY_ATTR_SPACE not in study.user_attrs:
-        study.set_user_attr(STUDY_ATTR_SPACE, {"name": space.name, "path": str(space.path) if space.path else None,
-                                                "objectives": [o.key for o in space.objectives]})
+    stored = study.user_attrs.get(STUDY_ATTR_SPACE)
+    record = space_record(space)
+    if isinstance(stored, dict):  # a resumed study
+        for note in resume_changes(stored, space, study, study.get_trials(deepcopy=False)):
+            (log or print)(f"resuming with a changed space: {note}")
+    if stored != record:
+        study.set_user_attr(STUDY_ATTR_SPACE, record)
     return study
 
 
