@@ -19,6 +19,7 @@ from tuner.config.fields import check_keys, fail, flag_name, mapping, number, re
 from tuner.config.quality import QualitySpec
 from tuner.config.sglang import BENCH_DATASETS, BENCH_METRICS, INT_FLAGS, SOURCE_VERSION
 from tuner.config.specs import (
+    DEFAULT_SECRETS,
     BenchSpec,
     ConfirmSpec,
     FeasibilitySpec,
@@ -299,7 +300,7 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
     """Validate a loaded YAML document. Raises ConfigError naming the field."""
     # Relative paths inside a space are read from the working directory (the repo root).
     data = mapping("space", data)
-    check_keys("space", data, {"name", "description", "server", "params", "workloads", "objective", "bench", "baseline", "hardware", "model", "slo", "quality", "confirm", "probe", "feasibility"}, {"server", "params"})
+    check_keys("space", data, {"name", "description", "server", "params", "workloads", "objective", "bench", "baseline", "hardware", "model", "slo", "quality", "confirm", "probe", "feasibility", "secret"}, {"server", "params"})
     server = _parse_server(mapping("server", data["server"]), Path.cwd(), check_paths)
     args = dict(server.args)
     _resolve_model_paths(args, Path.cwd())
@@ -313,7 +314,10 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
     if not params_raw:
         raise fail("params", "is empty", "tune at least one flag, e.g. kt-num-gpu-experts: {low: 0, high: 200}")
     params = tuple(_parse_param(f"params.{flag_name('params', k)}", k, v) for k, v in params_raw.items())
+    secrets = _parse_secrets(data.get("secret", list(DEFAULT_SECRETS)))
     for p in params:
+        if p.flag in secrets:  # a tuned value is stored as a trial param, in plain text
+            raise fail(f"params.{p.flag}", "is a secret (see secret:) and cannot be tuned", "set it in server.args")
         if p.flag in server.args:  # which one the launch uses would be a silent choice
             raise fail(f"server.args.{p.flag}", "is also tuned in params", "remove it from server.args or from params")
     workloads = _parse_workloads(data.get("workloads"))
@@ -341,7 +345,14 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
                        quality=QualitySpec.from_space(SimpleNamespace(quality=dict(mapping("quality", data.get("quality"))))),
                        confirm=_parse_confirm(mapping("confirm", data.get("confirm"))),
                        probe=_parse_probe(mapping("probe", data.get("probe"))),
-                       feasibility=_parse_feasibility(mapping("feasibility", data.get("feasibility"))))
+                       feasibility=_parse_feasibility(mapping("feasibility", data.get("feasibility"))),
+                       secrets=secrets)
+
+
+def _parse_secrets(data: Any) -> tuple[str, ...]:
+    if not isinstance(data, list):
+        raise fail("secret", f"must be a list of flag names, got {data!r}", "e.g. secret: [api-key, admin-api-key]")
+    return tuple(flag_name("secret", flag) for flag in data)
 
 
 def _parse_confirm(data: Mapping[str, Any]) -> ConfirmSpec:

@@ -205,7 +205,7 @@ class _Loop:
         beat_once(study, trial)
         confirmation_of = trial.user_attrs.get(ATTR_CONFIRMATION_OF)
         flags = launch_flags(space, trial.params, self.gate)
-        trial.set_user_attr(ATTR_FLAGS, dict(flags))
+        trial.set_user_attr(ATTR_FLAGS, space.redact(dict(flags)))
         report = self.gate.check(flags) if self.gate is not None else None
         forced = bool(trial.user_attrs.get(ATTR_BASELINE)) or confirmation_of is not None
         if report is not None and not forced and not self._may_launch(report):

@@ -77,7 +77,8 @@ def export_profile(space: SearchSpace, study_name: str, storage: str, out: Path,
     study = load_study(study_name, storage)
     trial = pick_trial(study, trial_number, space=space, weights=weights)
     simulated = space.server.module == SIMULATOR_MODULE
-    profile = servable_profile(trial, simulated=simulated, keep_benchmark_flags=keep_benchmark_flags)
+    profile = servable_profile(trial, simulated=simulated, keep_benchmark_flags=keep_benchmark_flags,
+                               secrets=space.secrets)
     group = next((g for g in repeat_groups(study) if g.first.number == trial.number), None)
     measured = "" if group is None or len(group.values) < 2 else \
         f"{len(group.values)} launches, objective mean {group.mean:.4g} ± {group.spread:.2g}"

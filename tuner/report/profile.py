@@ -51,16 +51,22 @@ def recorded_flags(trial: FrozenTrial) -> dict[str, Any]:
     return dict(flags)
 
 
-def servable_profile(trial: FrozenTrial, *, simulated: bool, keep_benchmark_flags: bool = False) -> Profile:
+def servable_profile(trial: FrozenTrial, *, simulated: bool, keep_benchmark_flags: bool = False,
+                     secrets: tuple[str, ...] = ()) -> Profile:
     """What `sglang.launch_server --config` should get from `trial`: its launch flags without
     the deployment's own (host, port), the simulator's, and, unless kept, the benchmark-only
-    switches. `simulated`: the study ran on the simulator, so model paths are stand-ins."""
+    switches. `simulated`: the study ran on the simulator, so model paths are stand-ins.
+    `secrets` (the space's secret flags) are never written: kttune stored only placeholders
+    for them, and a profile is shared; the header says to pass them on the command line,
+    which sglang merges with --config."""
     flags: dict[str, Any] = {}
     dropped: dict[str, str] = {}
     for key, value in recorded_flags(trial).items():
         if key in RESERVED_FLAGS:  # the deployment gives host and port
             continue
-        if key.startswith(SIMULATOR_PREFIX):
+        if key in secrets:
+            dropped[key] = f"a secret: pass --{key} VALUE on the command line"
+        elif key.startswith(SIMULATOR_PREFIX):
             dropped[key] = "the simulator's own flag"
         elif key in BENCHMARK_ONLY_FLAGS and not keep_benchmark_flags:
             dropped[key] = "benchmark hygiene only; --keep-bench-flags keeps it"
