@@ -150,6 +150,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         dry_run(space, budget=args.budget, seed=args.seed, studies_dir=Path(args.studies_dir),
                 check_feasibility=not args.no_feasibility)
         return 0
+    from tuner.storage import check_reachable
+
+    check_reachable(storage)  # in seconds, before the checks below take minutes
     if not args.no_compat_check:  # refuse flags the installed server/bench reject, before any write
         from tuner.preflight import check_space_compat
 
@@ -279,11 +282,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tuner.report import compute_report, write_report
+    from tuner.report import check_out_dir, compute_report, write_report
     from tuner.storage import load_study
 
     space, study_name, storage = _resolve(args, check_paths=False)
     out = Path(args.out) if args.out else Path(args.studies_dir) / study_name / "report"
+    check_out_dir(out)  # before the study is read
     files = write_report(compute_report(space, load_study(study_name, storage)), out)
     print(f"wrote {files.html} ({len(files.images)} figures, also as PNG files in {out})")
     return 0
@@ -305,8 +309,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
     from tuner.report import prepare_dashboard
+    from tuner.storage import require_database
 
-    space, study_name, storage = _resolve(args, check_paths=False, create=True)
+    space, study_name, storage = _resolve(args, check_paths=False)
+    require_database(storage)  # the dashboard of a database that does not exist would create it
     store, store_dir = prepare_dashboard(study_name, storage, Path(args.studies_dir), space.confirm)
     print(f"optuna-dashboard on http://{args.host}:{args.port} (study {study_name}, {storage}; artifacts in {store_dir})")
     from tuner.storage import make_storage

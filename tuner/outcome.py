@@ -221,6 +221,7 @@ def failure(space: SearchSpace, reason: str, message: str, metrics: Mapping[str,
             constraints: Mapping[str, float] | None = None) -> TrialOutcome:
     """Map a named failure to COMPLETE+constraint (config fault) or FAIL (infrastructure)."""
     reason = str(reason)
+    message = space.redact(message)  # server log lines and argvs may carry a secret flag's value
     cons = dict(constraints or {})
     if is_config_reason(reason):
         # A predicted-infeasible trial carries its own positive feasibility constraints.

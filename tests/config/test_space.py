@@ -84,6 +84,15 @@ def test_launch_flags_substitute_tuned_values() -> None:
     (lambda d: d.update({"confirm": {"recheck": "yes"}}), "confirm.recheck"),
     (lambda d: d.update({"feasibility": {"boundary_failures": -1}}), "feasibility.boundary_failures"),
     (lambda d: d.update({"feasibility": {"margin": 1}}), "feasibility.margin"),
+    (lambda d: d["server"]["args"].update({"kt-cpuinfer": 22}), "server.args.kt-cpuinfer"),
+    (lambda d: d["objective"][0].update({"metric": "output_thruput"}), "objective[0].metric"),
+    (lambda d: d["workloads"]["decode"].update({"dataset_name": "randm"}), "workloads.decode.dataset_name"),
+    (lambda d: d["params"].update({"max-running-requests": {"low": 8.0, "high": 64}}), "params.max-running-requests.low"),
+    (lambda d: d["params"].update({"max-running-requests": {"low": 8, "high": 64, "type": "float"}}),
+     "params.max-running-requests.type"),
+    (lambda d: d["params"].update({"kt-threadpool-count": {"choices": [1, 2.0]}}), "params.kt-threadpool-count.choices"),
+    (lambda d: d["params"].update({"mem-fraction-static": {"low": 0.5, "high": 0.9, "type": "int"}}),
+     "params.mem-fraction-static.low"),
 ])
 def test_bad_input_names_the_field(mutate, field: str) -> None:
     data = copy.deepcopy(raw())
@@ -100,6 +109,24 @@ def test_missing_model_path_on_disk_is_refused() -> None:
     data["server"]["args"]["model-path"] = "/nonexistent/model"
     with pytest.raises(ConfigError, match="server.args.model-path"):
         parse_space(data, check_paths=True)
+
+
+def test_float_ranges_stay_for_float_flags() -> None:
+    data = raw()
+    data["params"]["mem-fraction-static"] = {"low": 0.80, "high": 0.95}
+    del data["server"]["args"]["mem-fraction-static"]
+    data.pop("baseline")
+    spec = next(p for p in parse(data).params if p.flag == "mem-fraction-static")
+    assert spec.is_float and (spec.low, spec.high) == (0.8, 0.95)
+
+
+def test_missing_tokenizer_path_is_refused_but_a_hub_id_is_not() -> None:
+    data = raw()
+    data["bench"]["tokenizer"] = "/nonexistent/tokenizer"
+    with pytest.raises(ConfigError, match=r"^bench\.tokenizer: /nonexistent/tokenizer does not exist"):
+        parse_space(data, check_paths=True)
+    data["bench"]["tokenizer"] = "moonshotai/Kimi-K2-Thinking"
+    assert parse_space(data, check_paths=True).bench.tokenizer == "moonshotai/Kimi-K2-Thinking"
 
 
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
@@ -125,7 +152,8 @@ def test_slos_in_both_spellings() -> None:
 
 @pytest.mark.parametrize("slo, field", [
     (["decode.p99_ttft_ms << 5"], "slo[0]"),
-    ([{"workload": "decode", "metric": "x"}], "slo[0]"),
+    ([{"workload": "decode", "metric": "p99_ttft_ms"}], "slo[0]"),
+    ([{"workload": "decode", "metric": "p99_ttfb_ms", "max": 1}], "slo[0].metric"),
     ([{"workload": "nope", "metric": "x", "max": 1}], "slo[0].workload"),
     ({"decode": 1}, "slo"),
 ])

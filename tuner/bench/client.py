@@ -106,18 +106,19 @@ def _tail(path: Path, n: int = 3) -> str:
 
 def run_workload(bench: BenchSpec, w: Workload, *, host: str, port: int, trial_dir: Path,
                  tokenizer: str | None, server_alive: Callable[[], bool] | None = None,
-                 poll_s: float = 0.5) -> BenchResult:
-    """Run one workload; raise BenchmarkError(reason=...) when no usable line is written."""
+                 poll_s: float = 0.5, env: Mapping[str, str] | None = None) -> BenchResult:
+    """Run one workload; raise BenchmarkError(reason=...) when no usable line is written.
+    `env` is layered over the bench's own (e.g. the server's API key for the client)."""
     output_file = trial_dir / f"bench-{w.name}.jsonl"
     log_file = trial_dir / f"bench-{w.name}.log"
     before = len([ln for ln in output_file.read_text().splitlines() if ln.strip()]) if output_file.exists() else 0
     argv = build_bench_argv(bench, w, host=host, port=port, output_file=output_file, tokenizer=tokenizer)
     (trial_dir / f"bench-{w.name}.argv.json").write_text(json.dumps(argv, indent=1))
-    env = {**os.environ, **bench.env}
+    child_env = {**os.environ, **bench.env, **(env or {})}
     started = time.monotonic()
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(die_with_tuner(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
+                                env=child_env, start_new_session=True)
         try:
             reason = _watch(proc, bench.timeout_s, server_alive, poll_s)
         finally:

@@ -5,6 +5,7 @@ raises ConfigError naming the field and how to fix it.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -16,8 +17,10 @@ import yaml
 
 from tuner.config.fields import check_keys, fail, flag_name, mapping, number, resolve_python
 from tuner.config.quality import QualitySpec
+from tuner.config.sglang import BENCH_DATASETS, BENCH_METRICS, INT_FLAGS, SOURCE_VERSION
 from tuner.config.specs import (
     ACCURACY_FLAGS,
+    DEFAULT_SECRETS,
     ENV_PREFIX,
     BenchSpec,
     ConfirmSpec,
@@ -71,13 +74,26 @@ def _parse_param(where: str, flag: str, spec: Any) -> ParamSpec:
             raise fail(f"{where}.choices", "has duplicates", "list each value once")
         if set(spec) - {"choices"}:
             raise fail(where, "choices cannot be combined with low/high/step/log", "use either choices or a range")
+        fractional = [c for c in choices if isinstance(c, float)]
+        if flag in INT_FLAGS and fractional:  # the server's int() refuses "--x 2.0" as well
+            raise fail(f"{where}.choices", f"{fractional[0]!r} for a whole-number flag (sglang parses {flag} as an int)",
+                       "list whole numbers without a decimal point")
         return ParamSpec(flag=flag, choices=tuple(choices))
     if "low" not in spec or "high" not in spec:
         raise fail(where, "needs either choices or low and high", "add low: and high:")
     kind = spec.get("type")
     if kind not in (None, "int", "float"):
         raise fail(f"{where}.type", f"unknown type {kind!r}", "use int or float")
-    is_float = kind == "float" or any(isinstance(spec.get(k), float) for k in ("low", "high", "step"))
+    floats = [k for k in ("low", "high", "step") if isinstance(spec.get(k), float)]
+    if flag in INT_FLAGS and (kind == "float" or floats):
+        # A float range proposes values like 23.7, which the server refuses at launch.
+        key = "type" if kind == "float" else floats[0]
+        raise fail(f"{where}.{key}", f"{spec[key]!r} for a whole-number flag (sglang parses {flag} as an int)",
+                   "write whole-number bounds (e.g. low: 8) without type: float")
+    if kind == "int" and floats:
+        raise fail(f"{where}.{floats[0]}", f"{spec[floats[0]]!r} is not a whole number and the type is int",
+                   "write whole-number bounds or set type: float")
+    is_float = kind == "float" or bool(floats)
     low = number(f"{where}.low", spec["low"], integer=not is_float)
     high = number(f"{where}.high", spec["high"], integer=not is_float)
     if low > high:
@@ -153,10 +169,14 @@ def _parse_workloads(data: Any) -> tuple[Workload, ...]:
         rate = spec.get("request_rate")
         if rate is not None:
             rate = float(number(f"{where}.request_rate", rate, positive=True))
+        dataset = spec.get("dataset_name", "random")
+        if dataset not in BENCH_DATASETS:
+            raise fail(f"{where}.dataset_name", f"{dataset!r} is not a dataset bench_serving knows ({SOURCE_VERSION})",
+                       f"use one of: {', '.join(BENCH_DATASETS)}")
         extra = dict(mapping(f"{where}.extra_args", spec.get("extra_args")))
         for key in extra:
             flag_name(f"{where}.extra_args", key)
-        out.append(Workload(name=str(name), range_ratio=float(ratio), dataset_name=str(spec.get("dataset_name", "random")),
+        out.append(Workload(name=str(name), range_ratio=float(ratio), dataset_name=str(dataset),
                             max_concurrency=conc, request_rate=rate, extra_args=extra, **nums))
     return tuple(out)
 
@@ -175,6 +195,7 @@ def _parse_objectives(data: Any, workloads: tuple[Workload, ...]) -> tuple[Objec
         check_keys(where, spec, {"workload", "metric", "direction"}, {"workload", "metric"})
         if spec["workload"] not in names:
             raise fail(f"{where}.workload", f"unknown workload {spec['workload']!r}", f"use one of: {', '.join(sorted(names))}")
+        _check_metric(f"{where}.metric", spec["metric"])
         direction = spec.get("direction", "maximize")
         if direction not in ("maximize", "minimize"):
             raise fail(f"{where}.direction", f"must be maximize or minimize, got {direction!r}", "fix the spelling")
@@ -182,6 +203,15 @@ def _parse_objectives(data: Any, workloads: tuple[Workload, ...]) -> tuple[Objec
     if len({o.key for o in out}) != len(out):
         raise fail("objective", "lists the same metric twice", "remove the duplicate")
     return tuple(out)
+
+
+def _check_metric(where: str, metric: Any) -> None:
+    """A metric the bench client reports; any other would fail every launch as metric_missing."""
+    if metric in BENCH_METRICS:
+        return
+    close = difflib.get_close_matches(str(metric), BENCH_METRICS, n=3)
+    fix = f"did you mean {' or '.join(close)}?" if close else f"use one of: {', '.join(sorted(BENCH_METRICS))}"
+    raise fail(where, f"{metric!r} is not a metric bench_serving reports ({SOURCE_VERSION})", fix)
 
 
 _SLO_OPS = {"<=": "max", "<": "max", ">=": "min", ">": "min"}
@@ -212,12 +242,18 @@ def _parse_slos(data: Any, workloads: tuple[Workload, ...]) -> tuple[SloSpec, ..
         check_keys(where, item, {"workload", "metric", "max", "min"}, {"workload", "metric"})
         if item["workload"] not in names:
             raise fail(f"{where}.workload", f"unknown workload {item['workload']!r}", f"use one of: {', '.join(sorted(names))}")
+        _check_metric(f"{where}.metric", item["metric"])
         if ("max" in item) == ("min" in item):
             raise fail(where, "needs exactly one of max or min", "e.g. max: 5000")
         bound_key = "max" if "max" in item else "min"
         bound = number(f"{where}.{bound_key}", item[bound_key])
         out.append(SloSpec(workload=str(item["workload"]), metric=str(item["metric"]), **{bound_key: float(bound)}))
     return tuple(out)
+
+
+# A Hugging Face repository id ("org/name" or "name"); anything else (absolute, ./, ~, deeper
+# paths) names a local path, which must exist.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def _parse_bench(data: Mapping[str, Any], base: Path, check: bool) -> BenchSpec:
@@ -235,7 +271,10 @@ def _parse_bench(data: Mapping[str, Any], base: Path, check: bool) -> BenchSpec:
         if check and key == "dataset_path" and not path.exists():
             raise fail(f"{where}.{key}", f"{path} does not exist", "point it at a ShareGPT-format JSON file")
         if key == "tokenizer" and not path.exists():
-            return value  # may be a hub id; bench_serving resolves it
+            if check and not _HUB_ID.match(value):
+                raise fail(f"{where}.{key}", f"{path} does not exist",
+                           "point it at the tokenizer's local folder, or give a Hugging Face id such as org/name")
+            return value  # a hub id; bench_serving resolves it
         return str(path)
 
     time_scale = number(f"{where}.time_scale", data.get("time_scale", 1.0), positive=True)
@@ -277,7 +316,7 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
     """Validate a loaded YAML document. Raises ConfigError naming the field."""
     # Relative paths inside a space are read from the working directory (the repo root).
     data = mapping("space", data)
-    check_keys("space", data, {"name", "description", "server", "params", "workloads", "objective", "bench", "baseline", "hardware", "model", "slo", "quality", "confirm", "probe", "feasibility"}, {"server", "params"})
+    check_keys("space", data, {"name", "description", "server", "params", "workloads", "objective", "bench", "baseline", "hardware", "model", "slo", "quality", "confirm", "probe", "feasibility", "secret"}, {"server", "params"})
     server = _parse_server(mapping("server", data["server"]), Path.cwd(), check_paths)
     args = dict(server.args)
     _resolve_model_paths(args, Path.cwd())
@@ -291,6 +330,12 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
     if not params_raw:
         raise fail("params", "is empty", "tune at least one flag, e.g. kt-num-gpu-experts: {low: 0, high: 200}")
     params = tuple(_parse_param(f"params.{_param_name(k, server.env)}", k, v) for k, v in params_raw.items())
+    secrets = _parse_secrets(data.get("secret", list(DEFAULT_SECRETS)))
+    for p in params:
+        if p.flag in secrets:  # a tuned value is stored as a trial param, in plain text
+            raise fail(f"params.{p.flag}", "is a secret (see secret:) and cannot be tuned", "set it in server.args")
+        if p.flag in server.args:  # which one the launch uses would be a silent choice
+            raise fail(f"server.args.{p.flag}", "is also tuned in params", "remove it from server.args or from params")
     workloads = _parse_workloads(data.get("workloads"))
     objectives = _parse_objectives(data.get("objective"), workloads)
     bench = _parse_bench(mapping("bench", data.get("bench")), Path.cwd(), check_paths)
@@ -321,7 +366,14 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
                        quality=quality,
                        confirm=_parse_confirm(mapping("confirm", data.get("confirm"))),
                        probe=_parse_probe(mapping("probe", data.get("probe"))),
-                       feasibility=_parse_feasibility(mapping("feasibility", data.get("feasibility"))))
+                       feasibility=_parse_feasibility(mapping("feasibility", data.get("feasibility"))),
+                       secrets=secrets)
+
+
+def _parse_secrets(data: Any) -> tuple[str, ...]:
+    if not isinstance(data, list):
+        raise fail("secret", f"must be a list of flag names, got {data!r}", "e.g. secret: [api-key, admin-api-key]")
+    return tuple(flag_name("secret", flag) for flag in data)
 
 
 def _parse_confirm(data: Mapping[str, Any]) -> ConfirmSpec:
@@ -369,7 +421,16 @@ def load_space(path: str | Path, *, check_paths: bool = True) -> SearchSpace:
     if not p.is_file():
         raise ConfigError(f"--space: {p} does not exist; pass a file from search_spaces/")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+        if "\x00" in text:
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, "NUL byte")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--space: {p} is not a text file (a binary, compressed or database file?); "
+                          "pass a search-space YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"--space: cannot read {p} ({exc.strerror}); pass a readable search-space YAML file") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark else ""

@@ -20,6 +20,8 @@ Scalar = int | float | str | bool
 AUTO = "auto"
 #: Flags whose throughput rises until GPU memory runs out: searched from their fitting boundary.
 CAPACITY_FLAGS = ("kt-num-gpu-experts",)
+#: Flags redacted wherever kttune writes, unless the space lists its own `secret:` flags.
+DEFAULT_SECRETS = ("api-key", "admin-api-key")
 #: Flags that change what the model outputs, not only how fast: tuned only under the quality check.
 ACCURACY_FLAGS = ("kt-max-deferred-experts-per-token",)
 #: Flags that act only while another flag is set (truthy): sglang-kt updates the GPU experts
@@ -208,6 +210,22 @@ class SearchSpace:
     confirm: ConfirmSpec = field(default_factory=ConfirmSpec)
     probe: ProbeSpec = field(default_factory=ProbeSpec)
     feasibility: FeasibilitySpec = field(default_factory=FeasibilitySpec)
+    # Flags whose values kttune never writes down (server.args only; a secret is not tuned).
+    secrets: tuple[str, ...] = DEFAULT_SECRETS
+
+    def secret_values(self) -> dict[str, str]:
+        """The secret flags set in server.args, with their values."""
+        return {flag: str(self.server.args[flag]) for flag in self.secrets
+                if isinstance(self.server.args.get(flag), (str, int)) and str(self.server.args[flag])}
+
+    def redact(self, value: Any) -> Any:
+        """`value` (a string, or lists and mappings of them) with every secret value replaced by
+        a placeholder naming its flag: what kttune stores, writes and prints. The server still
+        gets the real value."""
+        secrets = self.secret_values()
+        if not secrets:
+            return value
+        return _redact(value, {v: f"<secret {flag}>" for flag, v in secrets.items()})
 
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         return {p.flag: p.distribution() for p in self.params}
@@ -239,6 +257,20 @@ class SearchSpace:
     @property
     def directions(self) -> list[Direction]:
         return [o.direction for o in self.objectives]
+
+
+def _redact(value: Any, placeholders: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        for secret, placeholder in placeholders.items():
+            value = value.replace(secret, placeholder)
+        return value
+    if isinstance(value, Mapping):
+        return {k: _redact(v, placeholders) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_redact(v, placeholders) for v in value)
+    if isinstance(value, int) and not isinstance(value, bool) and str(value) in placeholders:
+        return placeholders[str(value)]
+    return value
 
 
 def is_finite(x: Any) -> bool:

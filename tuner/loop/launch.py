@@ -90,7 +90,7 @@ def launch(ctx: LaunchContext, trial: optuna.Trial, flags: dict[str, Any], const
         log(f"  trial {trial.number}: no server was started ({result.reason}); the launch is not counted")
     # What was measured overrides what was predicted: a launched trial carries the
     # prediction only as information, never as a constraint.
-    attrs: dict[str, Any] = {ATTR_ARGV: run.argv, ATTR_TIMINGS: run.timings, ATTR_MEMORY: run.memory,
+    attrs: dict[str, Any] = {ATTR_ARGV: space.redact(run.argv), ATTR_TIMINGS: run.timings, ATTR_MEMORY: run.memory,
                              ATTR_WALL_S: round(time.monotonic() - started, 2),
                              ATTR_PREDICTED_CONSTRAINTS: dict(constraints)}
     if record_experts:

@@ -40,7 +40,7 @@ class PreviewRunner:
         port = space.server.port or PREVIEW_PORT
         argv = server_argv(space, flags, port)
         self.argvs.append(argv)
-        self.log("  server: " + shlex.join(argv))
+        self.log("  server: " + shlex.join(space.redact(argv)))
         probe = probe_workload(space) if on_probe is not None else None
         tokenizer = bench_tokenizer(space, flags)
         for w in ([probe] if probe is not None else []) + list(space.workloads):

@@ -137,7 +137,7 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
             raise ConfigError(f"space: no configuration is predicted to fit (binding: {checks.summary(fitting)}); "
                               "widen the space or pass --no-feasibility")
     study = open_study(space, study_name=opts.study_name, storage=opts.storage,
-                       sampler=make_sampler(space, opts.seed, opts.strategy, gate=gate))
+                       sampler=make_sampler(space, opts.seed, opts.strategy, gate=gate), log=log)
     loop = _Loop(space, opts, study, checks, log, runner, progress)
     loop.prepare(gate)
     while loop.step():
@@ -208,7 +208,7 @@ class _Loop:
         confirmation_of = trial.user_attrs.get(ATTR_CONFIRMATION_OF)
         flags = launch_flags(space, trial.params, self.gate,
                              expert_location=study.user_attrs.get(STUDY_ATTR_EXPERT_DISTRIBUTION))
-        trial.set_user_attr(ATTR_FLAGS, dict(flags))
+        trial.set_user_attr(ATTR_FLAGS, space.redact(dict(flags)))
         report = self.gate.check(flags) if self.gate is not None else None
         forced = bool(trial.user_attrs.get(ATTR_BASELINE)) or confirmation_of is not None
         if report is not None and not forced and not self._may_launch(report):

@@ -1,6 +1,7 @@
 """`kttune plan`: what a configuration needs before anything is launched."""
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,8 +25,17 @@ def parse_sets(sets: Sequence[str]) -> dict[str, Any]:
 
 
 def plan_flags(space: SearchSpace, sets: Sequence[str]) -> dict[str, Any]:
+    """The baseline with `sets` applied. A flag must be one of the space (tuned or fixed): a
+    misspelt one would otherwise leave the plan unchanged and look like an answer."""
     values = dict(space.baseline or {})
-    values.update(parse_sets(sets))
+    given = parse_sets(sets)
+    known = [p.flag for p in space.params] + list(space.server.args)
+    for flag in given:
+        if flag not in known:
+            close = difflib.get_close_matches(flag, known, n=1)
+            fix = f"did you mean {close[0]}?" if close else "add it to server.args of the space to plan with it"
+            raise ConfigError(f"--set: {flag} is not a flag of the space; {fix}")
+    values.update(given)
     missing = [p.flag for p in space.params if p.flag not in values]
     if missing:
         raise ConfigError(f"--set: {', '.join(missing)} has no value (the space has no baseline); "

@@ -11,6 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import SearchSpace
 from tuner.errors import ConfigError, KttuneError
+from tuner.report.outpath import check_out_file
 from tuner.report.profile import SIMULATOR_MODULE, render_profile, servable_profile, write_atomic
 from tuner.report.status import no_feasible_message
 from tuner.selection import (
@@ -72,10 +73,12 @@ def pick_trial(study: optuna.Study, trial_number: int | None, *, space: SearchSp
 def export_profile(space: SearchSpace, study_name: str, storage: str, out: Path,
                    trial_number: int | None = None, weights: Mapping[str, float] | None = None, *,
                    keep_benchmark_flags: bool = False) -> Path:
+    check_out_file(out)  # before the study is read: a bad --out is known now
     study = load_study(study_name, storage)
     trial = pick_trial(study, trial_number, space=space, weights=weights)
     simulated = space.server.module == SIMULATOR_MODULE
-    profile = servable_profile(trial, simulated=simulated, keep_benchmark_flags=keep_benchmark_flags)
+    profile = servable_profile(trial, simulated=simulated, keep_benchmark_flags=keep_benchmark_flags,
+                               secrets=space.secrets)
     group = next((g for g in repeat_groups(study) if g.first.number == trial.number), None)
     measured = "" if group is None or len(group.values) < 2 else \
         f"{len(group.values)} launches, objective mean {group.mean:.4g} ± {group.spread:.2g}"

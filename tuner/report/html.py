@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuner.errors import ConfigError
 from tuner.report.data import ReportData, TrialRow
 from tuner.report.figures import FIGURES, STATUS_LABEL
+from tuner.report.outpath import check_out_dir
 from tuner.report.units import fmt_metric, fmt_number, fmt_seconds
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
@@ -125,8 +125,7 @@ class ReportFiles:
 
 def write_report(data: ReportData, out_dir: Path) -> ReportFiles:
     """Write report.html (PNGs embedded), report.json (the data) and one PNG per figure."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out: {out_dir} is a file; give a folder")
+    check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images: dict[str, bytes] = {}
     for name, (_heading, fn) in FIGURES.items():

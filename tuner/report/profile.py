@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial
 
 from tuner.config import RESERVED_FLAGS, split_env
 from tuner.errors import ConfigError
+from tuner.report.outpath import check_out_file
 from tuner.storage import ATTR_FLAGS, metrics_of
 from tuner.trial import PROBE_SUFFIX
 
@@ -53,17 +54,23 @@ def recorded_flags(trial: FrozenTrial) -> dict[str, Any]:
     return dict(flags)
 
 
-def servable_profile(trial: FrozenTrial, *, simulated: bool, keep_benchmark_flags: bool = False) -> Profile:
+def servable_profile(trial: FrozenTrial, *, simulated: bool, keep_benchmark_flags: bool = False,
+                     secrets: tuple[str, ...] = ()) -> Profile:
     """What `sglang.launch_server --config` should get from `trial`: its launch flags without
     the deployment's own (host, port), the simulator's, and, unless kept, the benchmark-only
-    switches. `simulated`: the study ran on the simulator, so model paths are stand-ins."""
+    switches. `simulated`: the study ran on the simulator, so model paths are stand-ins.
+    `secrets` (the space's secret flags) are never written: kttune stored only placeholders
+    for them, and a profile is shared; the header says to pass them on the command line,
+    which sglang merges with --config."""
     flags: dict[str, Any] = {}
     dropped: dict[str, str] = {}
     recorded, env = split_env(recorded_flags(trial))
     for key, value in recorded.items():
         if key in RESERVED_FLAGS:  # the deployment gives host and port
             continue
-        if key.startswith(SIMULATOR_PREFIX):
+        if key in secrets:
+            dropped[key] = f"a secret: pass --{key} VALUE on the command line"
+        elif key.startswith(SIMULATOR_PREFIX):
             dropped[key] = "the simulator's own flag"
         elif key in BENCHMARK_ONLY_FLAGS and not keep_benchmark_flags:
             dropped[key] = "benchmark hygiene only; --keep-bench-flags keeps it"
@@ -114,12 +121,7 @@ def render_profile(trial: FrozenTrial, profile: Profile, *, study_name: str, obj
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temp file in the same folder and rename, so no half-written file remains."""
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ConfigError(f"--out: folder {parent} does not exist; create it or choose another path")
-    if path.is_dir():
-        raise ConfigError(f"--out: {path} is a folder; give a file name such as best.yaml")
-    if path.suffix not in (".yaml", ".yml"):
-        raise ConfigError(f"--out: {path} must end in .yaml or .yml (sglang's --config requires it)")
+    check_out_file(path)
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:

@@ -142,13 +142,15 @@ def start_server(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     check_port: bool = True,
+    recorded_argv: Sequence[str] | None = None,
 ) -> ServerHandle:
     """Launch ``argv`` in a new session, output appended to ``log_path``.
 
     ``env`` is layered over ``os.environ`` (plus PYTHONUNBUFFERED=1 unless given).
     ``host``/``port`` are where the server will listen (they must match the flags in
     ``argv``); with ``check_port`` a busy port fails fast with reason ``port_in_use``
-    instead of after a full model load. Raises ServerLaunchError(reason="exec_failed")
+    instead of after a full model load. ``recorded_argv`` is the argv the pid file shows
+    (``argv`` with secrets redacted); default ``argv``. Raises ServerLaunchError(reason="exec_failed")
     when the executable cannot be started. The caller must eventually call stop_server.
     """
     if isinstance(argv, (str, bytes)) or not argv or not all(isinstance(a, str) for a in argv):
@@ -206,7 +208,7 @@ def start_server(
         "sid": proc.pid,
         "create_time": create_time,
         "token": token,
-        "argv": list(argv_t),
+        "argv": list(recorded_argv if recorded_argv is not None else argv_t),
         "host": host,
         "port": port,
         "log_path": str(log_path),

@@ -38,7 +38,7 @@ from tuner.storage.attrs import (
     timings_of,
     wall_s_of,
 )
-from tuner.storage.open import default_storage, load_study, make_storage, open_study
+from tuner.storage.open import check_reachable, default_storage, load_study, make_storage, open_study, require_database
 from tuner.storage.record import record
 from tuner.storage.workers import (
     Heartbeat,
@@ -87,6 +87,7 @@ __all__ = [
     "beat_once",
     "boundary_failures",
     "claim_launch",
+    "check_reachable",
     "default_storage",
     "enqueue_baseline_once",
     "find_duplicate",
@@ -96,6 +97,7 @@ __all__ = [
     "launched_count",
     "load_study",
     "make_storage",
+    "require_database",
     "metrics_of",
     "objective_keys",
     "open_study",

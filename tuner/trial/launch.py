@@ -121,13 +121,13 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
     port = trial_port(space)
     if record_experts:
         flags = recording_flags(flags, trial_dir)
-    argv = server_argv(space, flags, port)
-    _write_json(trial_dir / "server.argv.json", argv)
-    run = TrialRun(outcome=outcome.failure(space, "not_started", ""), argv=argv, trial_dir=trial_dir)
+    argv = server_argv(space, flags, port)  # the server gets the secrets; what is written does not
+    _write_json(trial_dir / "server.argv.json", space.redact(argv))
+    run = TrialRun(outcome=outcome.failure(space, "not_started", ""), argv=space.redact(argv), trial_dir=trial_dir)
     phase("launching")
     try:
         handle = start_server(argv, log_path=trial_dir / "server.log", host=host, port=port,
-                              env=server_env(space, flags))
+                              env=server_env(space, flags), recorded_argv=space.redact(argv))
     except ServerLaunchError as exc:  # port taken before launch, interpreter cannot start
         run.outcome = outcome.failure(space, exc.reason, str(exc))
         run.started = False
@@ -156,7 +156,8 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
             if probe is not None and on_probe is not None:
                 phase(f"probing {probe.name}")
                 res = run_workload(space.bench, probe, host=host, port=port, trial_dir=trial_dir,
-                                   tokenizer=bench_tokenizer(space, flags), server_alive=lambda: is_alive(handle))
+                                   tokenizer=bench_tokenizer(space, flags), server_alive=lambda: is_alive(handle),
+                                   env=_bench_auth_env(flags))
                 metrics.update({f"{probe.name}.{k}": v for k, v in res.metrics.items()})
                 run.timings[f"bench_{probe.name}_s"] = res.wall_s
                 base = probe.name[:-len(PROBE_SUFFIX)]
@@ -168,7 +169,7 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
                 phase(f"benchmarking {w.name}")
                 res = run_workload(space.bench, w, host=host, port=port, trial_dir=trial_dir,
                                    tokenizer=bench_tokenizer(space, flags),
-                                   server_alive=lambda: is_alive(handle))
+                                   server_alive=lambda: is_alive(handle), env=_bench_auth_env(flags))
                 metrics.update({f"{w.name}.{k}": v for k, v in res.metrics.items()})
                 run.timings[f"bench_{w.name}_s"] = res.wall_s
                 share = retokenized_share(res.metrics)
@@ -197,7 +198,10 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
             run.outcome = outcome.failure(space, reason, message, metrics)
     finally:
         phase("tearing down")
-        _teardown(space, run, handle, metrics, teardown_gpu_timeout_s)
+        try:
+            _teardown(space, run, handle, metrics, teardown_gpu_timeout_s)
+        finally:
+            scrub_secrets(space, trial_dir)
     # Once, on the complete log: the start-up memory lines are there whatever happened later.
     run.memory = parse_memory_lines(_read(handle.log_path))
     return run
@@ -253,6 +257,27 @@ def _recorder(run: TrialRun, call: Callable[..., None], base_url: str, flags: Ma
 def _auth_headers(flags: Mapping[str, Any]) -> dict[str, str]:
     key = flags.get("api-key")
     return {"Authorization": f"Bearer {key}"} if isinstance(key, str) and key else {}
+
+
+def _bench_auth_env(flags: Mapping[str, Any]) -> dict[str, str]:
+    """bench_serving sends OPENAI_API_KEY as a bearer token: the server's api-key, when set."""
+    key = flags.get("api-key")
+    return {"OPENAI_API_KEY": str(key)} if isinstance(key, str) and key else {}
+
+
+def scrub_secrets(space: SearchSpace, trial_dir: Path) -> None:
+    """Rewrite the trial's files without the secrets once the server is gone: the server
+    prints its arguments (server_args=...) into its log and the bench client's result line
+    carries the server's info, both with the secret flags' values."""
+    if not space.secret_values():
+        return
+    for path in sorted(p for p in trial_dir.iterdir() if p.is_file()):
+        text = _read(path)
+        clean = space.redact(text)
+        if clean != text:
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(clean)
+            os.replace(tmp, path)
 
 
 def _write_json(path: Path, data: Any) -> None:
