@@ -20,6 +20,7 @@ from tuner.report import note_baseline_and_best, try_upload_trial_artifacts
 from tuner.storage import (
     ATTR_ARGV,
     ATTR_CONFIRMATION_OF,
+    ATTR_KV_NEED,
     ATTR_LAUNCHED,
     ATTR_MEMORY,
     ATTR_PREDICTED_CONSTRAINTS,
@@ -82,7 +83,7 @@ def launch(ctx: LaunchContext, trial: optuna.Trial, flags: dict[str, Any], const
     # prediction only as information, never as a constraint.
     attrs: dict[str, Any] = {ATTR_ARGV: run.argv, ATTR_TIMINGS: run.timings, ATTR_MEMORY: run.memory,
                              ATTR_WALL_S: round(time.monotonic() - started, 2),
-                             ATTR_PREDICTED_CONSTRAINTS: dict(constraints)}
+                             ATTR_PREDICTED_CONSTRAINTS: dict(constraints), ATTR_KV_NEED: space.kv_need_tokens(flags)}
     quality = getattr(run, "quality", None)
     if quality:
         attrs[ATTR_QUALITY] = quality
