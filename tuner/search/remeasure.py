@@ -11,7 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import ConfirmSpec
 from tuner.selection import pooled_noise, repeat_groups
-from tuner.storage import ATTR_CONFIRMATION_OF
+from tuner.storage import ATTR_CONFIRMATION_OF, ATTR_LAUNCHED
 
 
 def leader_to_recheck(study: optuna.Study, prior_noise: float, z: float = 1.0) -> FrozenTrial | None:
@@ -69,3 +69,16 @@ def queue_remeasurement(study: optuna.Study, confirm: ConfirmSpec, *, confirming
         _queue(study, lambda s: next_confirmation(s, confirm.finalists))
     elif confirm_runs and confirm.recheck:
         _queue(study, lambda s: leader_to_recheck(s, confirm.noise))
+
+
+def enqueue_confirmations(study: optuna.Study, trial_number: int, runs: int) -> FrozenTrial:
+    """Enqueue `runs` re-launches of trial `trial_number`'s configuration as confirmations of
+    it (what `kttune remeasure` adds); returns that trial. Raises ValueError when the trial
+    was never launched."""
+    target = next((t for t in study.get_trials(deepcopy=False) if t.number == trial_number), None)
+    if target is None or not target.params or not target.user_attrs.get(ATTR_LAUNCHED):
+        raise ValueError(f"trial {trial_number} is not a launched trial of study {study.study_name}")
+    of = target.user_attrs.get(ATTR_CONFIRMATION_OF, target.number)
+    for _ in range(runs):
+        study.enqueue_trial(dict(target.params), user_attrs={ATTR_CONFIRMATION_OF: of})
+    return target
