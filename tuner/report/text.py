@@ -134,9 +134,11 @@ def comparison_lines(space: SearchSpace, study: optuna.Study) -> list[str | Tabl
                fmt_metric(c.metric, c.best), c.describe()]
               for c in rows]
     flagged = [c.metric for c in rows if c.flagged]
-    return [f"baseline (trial {base.number}) vs pick (trial {picked[0].number}), means over their launches:",
-            _render(table)] + ([f"warning: worse beyond the noise and guarded by no SLO: {', '.join(flagged)}"]
-                               if flagged else [])
+    out: list[str | Table] = [f"baseline (trial {base.number}) vs pick (trial {picked[0].number}), means over their launches:",
+                              _render(table)]
+    if flagged:
+        out.append(f"warning: worse beyond the noise and guarded by no SLO: {', '.join(flagged)}")
+    return out
 
 
 def boundary_notes(study: optuna.Study, confirm: ConfirmSpec) -> list[str]:
