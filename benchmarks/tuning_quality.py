@@ -28,7 +28,11 @@ perfect pick would get); "rec" = the same score for the configuration
 single best measurement, applied to every method's launches); "meas" = the pick's measured value / optimum (noise can put it above
 1); "wasted" = launches that failed for the configuration's sake (OOM, ...), mean per run; "pick fails" =
 the share of 40 fresh noisy launches of the picked configuration that fail (OOM fuzz near the memory
-cliff), mean over runs: how often the exported profile would not come up. Budgets 5 and 10 are the first launches
+cliff), mean over runs: how often the exported profile would not come up; "redeploy" = the mean
+measured objective of those fresh launches that started / the optimum, median over runs (worst run
+in brackets): what the profile runs at when redeployed, start-up draw included; "lucky pools" = runs
+whose pick's own launches all had a KV pool holding the objective workload's need while fewer than
+half of its fresh starts do. Budgets 5 and 10 are the first launches
 of the budget-20 run for every method that does not plan by budget (all but grid).
 """
 from __future__ import annotations
@@ -68,7 +72,7 @@ from tuner.search import (  # noqa: E402
 from tuner.selection import pick  # noqa: E402
 from tuner.sim.inprocess import InProcessRunner  # noqa: E402
 from tuner.sim.optimum.grid import SpaceGrid  # noqa: E402
-from tuner.storage import ATTR_LAUNCHED, ATTR_REASON, STUDY_ATTR_CALIBRATION, timings_of  # noqa: E402
+from tuner.storage import ATTR_LAUNCHED, ATTR_MEMORY, ATTR_REASON, STUDY_ATTR_CALIBRATION, timings_of  # noqa: E402
 from tuner.testing.probe import ProbeEmulator  # noqa: E402
 
 # The placement space has its own table (--placement): its frequency choice needs the study's recording.
@@ -92,6 +96,7 @@ class Launch:
     params: dict[str, Any]
     value: float | None           # measured objective; None when the launch failed
     reason: str | None
+    pool: int | None = None       # the KV pool the server logged
 
 
 @dataclass
@@ -104,9 +109,24 @@ class Run:
     saved_s: float = 0.0          # benchmark seconds the probe saved, net of probe time
     pruned_best: float = 0.0      # best noise-free value / optimum among pruned launches
     pruned: int = 0
+    pick_pools: list[int] = field(default_factory=list)  # KV pools of the pick's own launches (kttune)
 
 
 FAIL_RATE_LAUNCHES = 40
+
+
+@dataclass(frozen=True)
+class Fresh:
+    """FAIL_RATE_LAUNCHES fresh launches of one configuration."""
+
+    fails: float       # share that failed
+    redeploy: float    # mean measured objective of those that started / the optimum
+    held: float        # share of those that started whose KV pool held the workload's need
+
+
+def kv_pool_of(memory: dict[str, Any]) -> int | None:
+    v = memory.get("kv_tokens", memory.get("max_total_num_tokens"))
+    return int(v) if isinstance(v, (int, float)) and v > 0 else None
 
 
 @dataclass
@@ -131,17 +151,24 @@ class Scene:
     def runner(self, seed: int, noise: float) -> InProcessRunner:
         return InProcessRunner(noise_sigma=noise, seed=seed, cache=self.cache)
 
-    def fail_rate(self, params: dict[str, Any], launches: int = FAIL_RATE_LAUNCHES) -> float:
-        """Share of fresh launches of `params` (each with its own noise and OOM-fuzz draw) that
-        fail: how often the picked profile would not come up in production."""
+    def fresh(self, params: dict[str, Any], launches: int = FAIL_RATE_LAUNCHES) -> Fresh:
+        """Fresh launches of `params` (each with its own noise and start-up memory draw): how
+        often the picked profile would not come up in production, and what it runs at when it does."""
         key = tuple(sorted(params.items()))
-        memo = self.cache.setdefault("fail_rate", {})
+        memo = self.cache.setdefault("fresh", {})
         if key not in memo:
             with tempfile.TemporaryDirectory() as tmp:
-                fails = sum(self.launch(self.runner(10_000 + i, 0.025), params, Path(tmp)).value is None
-                            for i in range(launches))
-            memo[key] = fails / launches
+                runs = [self.launch(self.runner(10_000 + i, 0.025), params, Path(tmp)) for i in range(launches)]
+            ok = [x for x in runs if x.value is not None]
+            need = self.need(params)
+            memo[key] = Fresh(1 - len(ok) / launches, statistics.mean(x.value for x in ok) / self.optimum if ok else 0.0,  # type: ignore[misc]
+                              sum(1 for x in ok if need and x.pool is not None and x.pool >= need) / max(len(ok), 1))
         return memo[key]
+
+    def need(self, params: dict[str, Any]) -> int | None:
+        """KV tokens the objective's workload runs at once with these params (kttune's own measure)."""
+        flags = self.space.launch_flags(params)
+        return self.space.kv_need_tokens(flags).get(self.space.objectives[0].workload)
 
     def launch(self, runner: InProcessRunner, params: dict[str, Any], tmp: Path) -> Launch:
         flags = self.space.launch_flags(params)
@@ -149,7 +176,7 @@ class Scene:
             flags = self.gate.resolve_auto(flags)
         run = runner(self.space, flags, tmp / f"launch-{runner.launches}")
         o = run.outcome
-        return Launch(dict(params), o.values[0] if o.ok and o.values else None, o.reason)
+        return Launch(dict(params), o.values[0] if o.ok and o.values else None, o.reason, kv_pool_of(run.memory))
 
 
 def load_scene(path: str) -> Scene:
@@ -196,6 +223,8 @@ def run_kttune(sc: Scene, seed: int, budget: int, noise: float, tmp: Path, *,
                 out.pruned_best = max(out.pruned_best, sc.true(t.params) / sc.optimum)
     picked = pick(study, sc.space.confirm)
     out.pick = dict(picked[0].params) if picked else None
+    out.pick_pools = [p for t in study.trials if picked and t.params == picked[0].params and t.user_attrs.get(ATTR_LAUNCHED)
+                      and not t.user_attrs.get(ATTR_REASON) and (p := kv_pool_of(t.user_attrs.get(ATTR_MEMORY) or {})) is not None]
     return out
 
 
@@ -298,6 +327,8 @@ class Score:
     wasted: int
     launches: int
     pick_fails: float = 0.0  # share of fresh (noisy) launches of the pick that fail
+    redeploy: float = 0.0    # its fresh launches' mean measured objective / the optimum
+    lucky: bool = False      # every own launch's KV pool held the need; most fresh starts' do not
 
 
 def score(sc: Scene, run: Run, k: int) -> Score:
@@ -311,9 +342,13 @@ def score(sc: Scene, run: Run, k: int) -> Score:
         best = next((x for x in ok if x.params == run.pick), best)
     found = max((sc.true(x.params) for x in ok), key=lambda v: sc.sign * v)
     rec = denoised_best(sc.grids, [SimpleNamespace(params=x.params, values=[x.value]) for x in ok], sc.sign)
+    fresh = sc.fresh(best.params)
+    own = run.pick_pools if run.pick is not None and best.params == run.pick else []
+    need = sc.need(best.params)
+    lucky = bool(own) and need is not None and min(own) >= need and fresh.held < 0.5
     return Score(sc.true(best.params) / sc.optimum, sc.true(rec.params) / sc.optimum,  # type: ignore[arg-type]
                  best.value / sc.optimum, found / sc.optimum, wasted, len(first),  # type: ignore[operator]
-                 sc.fail_rate(best.params))
+                 fresh.fails, fresh.redeploy, lucky)
 
 
 def summarize(scores: list[Score]) -> dict[str, float]:
@@ -324,6 +359,9 @@ def summarize(scores: list[Score]) -> dict[str, float]:
             "rec": statistics.median(s.rec for s in scores),
             "wasted": statistics.mean(s.wasted for s in scores),
             "pick_fails": statistics.mean(s.pick_fails for s in scores),
+            "redeploy": statistics.median(s.redeploy for s in scores),
+            "redeploy_min": min(s.redeploy for s in scores),
+            "lucky": sum(s.lucky for s in scores),
             "launches": statistics.mean(s.launches for s in scores)}
 
 
@@ -355,7 +393,8 @@ def evaluate(sc: Scene, name: str, fn: Callable[..., Run], seeds: Sequence[int],
 def print_table(title: str, rows: list[tuple[str, dict[int, dict[str, float]], float, float]],
                 budgets: Sequence[int]) -> None:
     print(f"\n{title}")
-    head = "| method | " + " | ".join(f"B={b}: median (p10, min) / rec / found / meas / wasted / pick fails" for b in budgets) + \
+    head = "| method | " + " | ".join(f"B={b}: median (p10, min) / rec / found / meas / wasted / pick fails / redeploy (min) / lucky pools"
+                                   for b in budgets) + \
            " | tuner ms per launch (per ask) |"
     print(head)
     print("|" + "---|" * (len(budgets) + 2))
@@ -365,7 +404,8 @@ def print_table(title: str, rows: list[tuple[str, dict[int, dict[str, float]], f
             r = res[b]
             cells.append(f"{r['median']:.3f} ({r['p10']:.3f}, {r['min']:.3f}) / {r['rec']:.3f} / {r['found']:.3f} / "
                          f"{r['meas']:.3f} / "
-                         f"{r['wasted']:.1f} / {100 * r['pick_fails']:.0f} %")
+                         f"{r['wasted']:.1f} / {100 * r['pick_fails']:.0f} % / {r['redeploy']:.3f} ({r['redeploy_min']:.3f}) / "
+                         f"{r['lucky']:.0f}")
         tim = "-" if math.isnan(ms_launch) else f"{ms_launch:.0f} ({ms_ask:.0f})"
         print(f"| {name} | " + " | ".join(cells) + f" | {tim} |")
 

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "non-memory fault whatever the configuration (default: %(default)s)")
     run.add_argument("--no-compat-check", action="store_true",
                      help="do not read --help of the server and bench client before the first launch")
+    rem = sub.add_parser("remeasure", help="re-launch a measured configuration and add its runs to the study")
+    _add_study_args(rem)
+    rem.add_argument("--trial", type=int, required=True, help="trial number whose configuration to re-launch")
+    rem.add_argument("--runs", type=int, default=2, help="launches to add (default: %(default)s)")
     best = sub.add_parser("best", help="show the best trial (the Pareto front for several objectives)")
     _add_study_args(best)
     _add_format(best)
@@ -182,6 +186,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _print_json(data: object) -> None:
     print(json.dumps(data, indent=1, default=str))
+
+
+def cmd_remeasure(args: argparse.Namespace) -> int:
+    from tuner.loop import RunOptions, remeasure
+
+    space, study_name, storage = _resolve(args)
+    opts = RunOptions(study_name=study_name, storage=storage, budget=0, seed=None, studies_dir=Path(args.studies_dir))
+    summary = remeasure(space, opts, args.trial, args.runs)
+    print(f"study {study_name}: {len(summary.new_trials)} re-launch(es) of trial {args.trial} added ({storage})")
+    from tuner.report import print_best
+    print_best(space, study_name, storage)
+    return 1 if summary.stopped_reason else 0
 
 
 def cmd_best(args: argparse.Namespace) -> int:
@@ -321,7 +337,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "best": cmd_best, "show": cmd_show, "studies": cmd_studies,
+COMMANDS = {"run": cmd_run, "remeasure": cmd_remeasure, "plan": cmd_plan, "best": cmd_best, "show": cmd_show, "studies": cmd_studies,
             "export": cmd_export, "report": cmd_report, "doctor": cmd_doctor, "dashboard": cmd_dashboard,
             "init": cmd_init, "completion": cmd_completion}
 

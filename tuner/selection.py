@@ -23,15 +23,20 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner.bench import higher_is_better
+from tuner.capacity import Capacity, capacities, memory_failed_below, needs_at_least
 from tuner.config import CAPACITY_FLAGS, ConfirmSpec
 from tuner.errors import KttuneError
-from tuner.storage import ATTR_LAUNCHED, ATTR_REASON, ATTR_SPARE_GB
+from tuner.storage import ATTR_FLAGS, ATTR_LAUNCHED, ATTR_REASON, ATTR_SPARE_GB, objective_keys
 
 # A configuration tied with the best mean (within this many standard errors of the
 # difference) may win on memory to spare.
 TIE_Z = 0.5
 # Degrees of freedom the prior noise is worth against measured repeats.
 PRIOR_WEIGHT = 4.0
+# Fewer GPU experts, all else equal, beat more only by this many standard errors (a one-sided
+# test at about 2 %): throughput rises with GPU experts while the KV pool holds the need.
+MONOTONE_Z = 2.0
 
 
 def config_key(params: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -62,21 +67,37 @@ class Repeats:
     first: FrozenTrial
     values: tuple[float, ...]
     spare_gb: float | None = None  # least GPU memory to spare predicted for its launches
+    capacity: Capacity | None = None  # its KV pool against the objective workload's need
+    judged: float | None = None  # its value at the worst pool its memory flags were seen with
 
     @property
     def mean(self) -> float:
         return float(np.mean(self.values))
 
     @property
+    def score(self) -> float:
+        """What the configuration is ranked by: the mean, judged at the worst observed KV pool
+        where the pool varied below the need (`tuner.capacity`)."""
+        return self.mean if self.judged is None else self.judged
+
+    @property
     def spread(self) -> float:
         """Half the range of the repeats (0 for a single run)."""
         return (max(self.values) - min(self.values)) / 2 if len(self.values) > 1 else 0.0
 
+    @property
+    def eligible(self) -> bool:
+        """May be the pick: a result that may depend on the start-up draw of the KV pool needs a
+        second launch first (one launch says nothing of the draw)."""
+        return self.capacity is None or not self.capacity.sensitive or len(self.values) > 1
+
 
 def repeat_groups(study: optuna.Study) -> list[Repeats]:
-    """Feasible launched measurements grouped by configuration, best mean first (single
+    """Feasible launched measurements grouped by configuration, best score first (single
     objective; the empty list for several). A configuration that failed any of its launches
-    (an OOM on a re-launch, a crash) is left out: a profile must start every time."""
+    (an OOM on a re-launch, a crash) is left out: a profile must start every time; so is one
+    that needs at least the GPU memory of a launch that failed for memory (the same memory
+    flags, or larger ones of `tuner.capacity.MEMORY_MONOTONE_FLAGS`)."""
     if len(study.directions) != 1:
         return []
     groups: dict[tuple[Any, ...], list[FrozenTrial]] = {}
@@ -90,10 +111,25 @@ def repeat_groups(study: optuna.Study) -> list[Repeats]:
             groups.setdefault(config_key(t.params), []).append(t)
     for key in failed:
         groups.pop(key, None)
+    oom = memory_failed_below(study)
+    for key in [k for k, ts in groups.items()
+                if any(needs_at_least(dict(ts[0].user_attrs.get(ATTR_FLAGS) or ts[0].params), f) for f in oom)]:
+        groups.pop(key)
     sign = direction_sign(study.direction)
-    out = [Repeats(min(ts, key=lambda t: t.number), tuple(t.values[0] for t in ts), _least_spare(ts))
-           for ts in groups.values()]
-    return sorted(out, key=lambda r: (-sign * r.mean, r.first.number))
+    objective = objective_keys(study)[0]
+    workload, _, metric = objective.rpartition(".")
+    caps = capacities(study, workload or None, groups)
+    bound = sign > 0 and higher_is_better(metric) is True  # the λ bound holds for rates
+    out = []
+    for key, ts in groups.items():
+        ts = sorted(ts, key=lambda t: t.number)
+        values = tuple(t.values[0] for t in ts)
+        cap = caps[key]
+        judged = None
+        if bound and cap.sensitive:
+            judged = float(np.mean([v * cap.factor(i) for i, v in enumerate(values)]))
+        out.append(Repeats(ts[0], values, _least_spare(ts), cap, judged))
+    return sorted(out, key=lambda r: (-sign * r.score, r.first.number))
 
 
 def best_by_mean(trials: Sequence[FrozenTrial], sign: float) -> FrozenTrial:
@@ -135,9 +171,13 @@ def _less_capacity(params: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
 
 def pooled_noise(groups: Sequence[Repeats], prior: float, prior_weight: float = PRIOR_WEIGHT) -> float:
     """Run-to-run spread (sd of log values) pooled over configurations measured more than
-    once, shrunk toward `prior` (worth `prior_weight` degrees of freedom) while repeats are few."""
+    once, shrunk toward `prior` (worth `prior_weight` degrees of freedom) while repeats are few.
+    Configurations whose KV pool varied across the need are left out: their spread is the
+    start-up draw's, not the benchmark's."""
     ss, df = prior_weight * prior * prior, prior_weight
     for g in groups:
+        if g.capacity is not None and g.capacity.sensitive:
+            continue
         logs = [math.log(v) for v in g.values if v > 0]
         if len(logs) > 1:
             mean = sum(logs) / len(logs)
@@ -146,21 +186,48 @@ def pooled_noise(groups: Sequence[Repeats], prior: float, prior_weight: float = 
     return math.sqrt(ss / df)
 
 
+def _only_capacity_differs(params: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
+    return any(params.get(f) != than.get(f) for f in CAPACITY_FLAGS) and \
+        all(params.get(k) == than.get(k) for k in set(params) | set(than) if k not in CAPACITY_FLAGS)
+
+
 def pick_group(groups: Sequence[Repeats], prior_noise: float, z: float = TIE_Z) -> Repeats | None:
-    """The configuration to deploy: the best mean, except that among those statistically tied
-    with it (within `z` standard errors of the difference, noise from :func:`pooled_noise`;
-    both measured at least twice; no fewer GPU experts) the one with the most GPU memory to
-    spare wins: the same throughput as far as the runs can tell, and the likeliest to start
-    every time. `groups` as from :func:`repeat_groups`."""
+    """The configuration to deploy (`groups` as from :func:`repeat_groups`, best score first):
+    the best eligible score, then two corrections, both within the noise (:func:`pooled_noise`):
+
+    - a configuration that differs from it only by more GPU experts, whose KV pool holds the
+      need, replaces it unless it trails by MONOTONE_Z standard errors: throughput rises with
+      GPU experts while the pool holds, so a smaller lead of fewer experts is read as noise;
+    - among those tied with it (within `z` standard errors; both measured at least twice; no
+      fewer GPU experts; a pool that holds) the one with the most GPU memory to spare wins: the
+      same throughput as far as the runs can tell, and the likeliest to start every time."""
     if not groups:
         return None
-    top = groups[0]
-    if top.spare_gb is None or top.mean <= 0 or len(top.values) < 2:
+    eligible = [g for g in groups if g.eligible]
+    if not eligible:
+        return groups[0]
+    top = eligible[0]
+    if top.score <= 0:
         return top
     sigma = pooled_noise(groups, prior_noise)
-    tied = [g for g in groups if g.spare_gb is not None and g.mean > 0 and len(g.values) > 1 and
-            abs(math.log(top.mean) - math.log(g.mean)) < z * sigma * math.sqrt(1.0 / len(top.values) + 1.0 / len(g.values))
-            and not _less_capacity(g.first.params, top.first.params)]
+
+    def trails_by(g: Repeats) -> float:
+        """How many standard errors of the difference `g` trails `top` by."""
+        se = sigma * math.sqrt(1.0 / len(top.values) + 1.0 / len(g.values))
+        return (math.log(top.score) - math.log(g.score)) / se if se > 0 else math.inf
+
+    def holds(g: Repeats) -> bool:
+        return g.capacity is None or g.capacity.holds
+
+    more = [g for g in eligible if len(g.values) > 1 and g.score > 0 and holds(g)
+            and _only_capacity_differs(g.first.params, top.first.params)
+            and not _less_capacity(g.first.params, top.first.params) and trails_by(g) < MONOTONE_Z]
+    if more:
+        top = max(more, key=lambda g: tuple(float(g.first.params.get(f) or 0) for f in CAPACITY_FLAGS))
+    if top.spare_gb is None or len(top.values) < 2:
+        return top
+    tied = [g for g in eligible if g.spare_gb is not None and g.score > 0 and len(g.values) > 1 and holds(g)
+            and abs(trails_by(g)) < z and not _less_capacity(g.first.params, top.first.params)]
     if not tied:
         return top
     return max(tied, key=lambda g: g.spare_gb if g.spare_gb is not None else -math.inf)

@@ -63,8 +63,9 @@ def test_confirmation_runs_remeasure_finalists_and_the_pick_uses_the_mean(tmp_pa
     groups = repeat_groups(study)
     assert sum(len(g.values) == 2 for g in groups) >= 1
     best = pick(study, ConfirmSpec())[0]
-    top = groups[0]
-    assert best.number == top.first.number
+    top = next(g for g in groups if g.first.number == best.number)  # the pick is a measured group (the
+    # best score, or one with more GPU experts within the noise of it)
+    assert top.first.params["kt-num-gpu-experts"] >= groups[0].first.params["kt-num-gpu-experts"]
     assert best.params["kt-num-gpu-experts"] != space.baseline["kt-num-gpu-experts"]  # lucky run beaten by the mean
     assert "mean" in best_table(space, study)[0][1] or len(top.values) == 1
 

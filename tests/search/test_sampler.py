@@ -78,7 +78,7 @@ def test_recipe_on_other_hardware_reads_the_overrides() -> None:
     assert got["kt-cpuinfer"] == 40 and got["kt-threadpool-count"] == 4   # 48 cores - 8 GPUs, 4 nodes
 
 
-def test_study_warm_starts_at_the_boundary_and_finds_the_optimum(tmp_path: Path) -> None:
+def test_study_warm_starts_where_the_kv_pool_holds_the_workload_and_finds_the_optimum(tmp_path: Path) -> None:
     space = sim_space("qwen3-30b-a3b-1x4090")
     study = study_of(space, tmp_path, 6)
     runs = launched(study)
@@ -86,9 +86,17 @@ def test_study_warm_starts_at_the_boundary_and_finds_the_optimum(tmp_path: Path)
     warm = runs[1]
     assert warm.user_attrs.get(ATTR_WARM_START)
     gate = FeasibilityGate.for_space(space)
-    assert gate.check(gate.resolve_auto(space.launch_flags(warm.params))).feasible
-    assert not gate.check(gate.resolve_auto(space.launch_flags({**warm.params, "kt-num-gpu-experts":
-                                                                   warm.params["kt-num-gpu-experts"] + 4}))).feasible
+
+    def predicted(n: int) -> tuple[bool, bool]:
+        """(fits, its predicted KV pool holds every workload's need) at n GPU experts."""
+        flags = gate.resolve_auto(space.launch_flags({**warm.params, "kt-num-gpu-experts": n}))
+        report = gate.check(flags)
+        return report.feasible, report.kv_capacity_tokens >= max(space.kv_need_tokens(flags).values())
+
+    n = warm.params["kt-num-gpu-experts"]
+    assert predicted(n) == (True, True)
+    assert predicted(n + 4) != (True, True)       # the largest such N: one more step fits no more, or holds less
+    assert predicted(n + 4)[0]                    # here it still fits, but its pool is short of the 37 requests
     keys = [tuple(sorted(t.params.items())) for t in runs]
     assert len(set(keys)) == len(keys)                               # nothing measured twice
     assert all(t.user_attrs.get(ATTR_REASON) is None for t in runs)  # nothing launched that fails

@@ -102,6 +102,20 @@ class Workload:
     def tokens_per_request(self) -> int:
         return self.input_len + self.output_len
 
+    @property
+    def offered(self) -> int:
+        """Requests the benchmark keeps in flight at once."""
+        return self.max_concurrency or self.num_prompts
+
+    def kv_need_tokens(self, max_running: int | None, chunk: int | None) -> int:
+        """KV tokens that keep the requests this workload runs at once resident until they
+        finish: min(max-running-requests, offered) of them. A request that generates one token
+        is done in the forward that prefills it, so only one chunk's worth of those coexist."""
+        at_once = min(max_running or self.offered, self.offered)
+        if self.output_len <= 1 and chunk and chunk > 0:
+            at_once = min(at_once, max(1, math.ceil(chunk / max(self.input_len, 1))))
+        return at_once * self.tokens_per_request()
+
 
 @dataclass(frozen=True)
 class BenchSpec:
@@ -247,6 +261,14 @@ class SearchSpace:
         study then records an expert distribution first."""
         return any(p.flag == PLACEMENT_FLAG and p.choices is not None and FREQUENCY in p.choices
                    for p in self.params)
+
+    def kv_need_tokens(self, flags: Mapping[str, Any]) -> dict[str, int]:
+        """Per workload, the KV tokens it needs at once with these launch flags
+        (`Workload.kv_need_tokens`)."""
+        def num(key: str) -> int | None:
+            v = flags.get(key)
+            return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
+        return {w.name: w.kv_need_tokens(num("max-running-requests"), num("chunked-prefill-size")) for w in self.workloads}
 
     def workload(self, name: str) -> Workload:
         for w in self.workloads:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tuner.loop.preview import dry_run
 from tuner.loop.progress import Progress
+from tuner.loop.remeasure import remeasure
 from tuner.loop.run import RunOptions, RunSummary, StudyStopped, run_study
 
 __all__ = [
@@ -12,5 +13,6 @@ __all__ = [
     "RunSummary",
     "StudyStopped",
     "dry_run",
+    "remeasure",
     "run_study",
 ]

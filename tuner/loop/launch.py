@@ -21,6 +21,7 @@ from tuner.storage import (
     ATTR_ARGV,
     ATTR_CONFIRMATION_OF,
     ATTR_EXPERT_DISTRIBUTION,
+    ATTR_KV_NEED,
     ATTR_LAUNCHED,
     ATTR_MEMORY,
     ATTR_PREDICTED_CONSTRAINTS,
@@ -92,7 +93,7 @@ def launch(ctx: LaunchContext, trial: optuna.Trial, flags: dict[str, Any], const
     # prediction only as information, never as a constraint.
     attrs: dict[str, Any] = {ATTR_ARGV: space.redact(run.argv), ATTR_TIMINGS: run.timings, ATTR_MEMORY: run.memory,
                              ATTR_WALL_S: round(time.monotonic() - started, 2),
-                             ATTR_PREDICTED_CONSTRAINTS: dict(constraints)}
+                             ATTR_PREDICTED_CONSTRAINTS: dict(constraints), ATTR_KV_NEED: space.kv_need_tokens(flags)}
     if record_experts:
         _store_recording(ctx, trial, run, attrs)
     quality = getattr(run, "quality", None)

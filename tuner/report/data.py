@@ -11,8 +11,8 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial
 
-from tuner.bench import higher_is_better
 from tuner.config import SearchSpace, is_finite
+from tuner.report.comparison import Comparison, compare
 from tuner.report.status import (
     FEASIBLE,
     VIOLATES,
@@ -54,20 +54,6 @@ class Importance:
     evaluator: str | None
     values: dict[str, float]  # param → importance (sums to 1), most important first
     note: str = ""
-
-
-@dataclass(frozen=True)
-class Comparison:
-    metric: str
-    baseline: float | None
-    best: float | None
-    higher_is_better: bool | None
-
-    @property
-    def change_pct(self) -> float | None:
-        if self.baseline is None or self.best is None or self.baseline == 0:
-            return None
-        return 100.0 * (self.best - self.baseline) / abs(self.baseline)
 
 
 @dataclass(frozen=True)
@@ -162,17 +148,6 @@ def _importance(trials: Sequence[FrozenTrial], key: str, direction: str, params:
     return Importance(key, name, ordered, note)
 
 
-def _comparison(base: TrialRow | None, best: TrialRow | None, keys: Sequence[str]) -> tuple[Comparison, ...]:
-    """Objectives and SLO metrics first, then each workload's TTFT/ITL (median, p99) when
-    measured and not zero (a 1-token prefill job has no ITL)."""
-    if base is None or best is None:
-        return ()
-    latency = ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms")
-    shown = sorted(k for k in set(base.metrics) & set(best.metrics)
-                   if k.rsplit(".", 1)[-1] in latency and k not in keys and (base.metrics[k] or best.metrics[k]))
-    return tuple(Comparison(k, base.metrics.get(k), best.metrics.get(k), higher_is_better(k)) for k in (*keys, *shown))
-
-
 def _elapsed(trials: Sequence[FrozenTrial]) -> float | None:
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
@@ -181,6 +156,7 @@ def _elapsed(trials: Sequence[FrozenTrial]) -> float | None:
 
 def compute_report(space: SearchSpace, study: optuna.Study) -> ReportData:
     trials = study.get_trials(deepcopy=False)
+    by_number = {t.number: t for t in trials}
     rows = tuple(_trial_row(t) for t in trials)
     objectives = tuple(Objective(o.key, o.direction) for o in space.objectives)
     params = tuple(p.flag for p in space.params)
@@ -217,7 +193,8 @@ def compute_report(space: SearchSpace, study: optuna.Study) -> ReportData:
         choices={p.flag: tuple(p.choices) for p in space.params if p.choices is not None},
         slos=tuple(s.describe() for s in space.slos), trials=rows, front=tuple(t.number for t in front),
         recommended=recommended.number if recommended else None, baseline=base.number if base else None,
-        comparison=() if base is best_row else _comparison(base, best_row, list(dict.fromkeys([*(o.key for o in objectives), *(x.key for x in space.slos)]))),
+        comparison=(compare(space, study, by_number[base.number], by_number[best_row.number])
+                    if base is not None and best_row is not None and base is not best_row else ()),
         importances=tuple(_importance(trials, o.key, o.direction, params) for o in objectives),
         status_counts=statuses, failure_counts=failure_counts(study), violation_counts=violation_counts(trials),
         elapsed_s=_elapsed(trials), notes=tuple(notes))

@@ -87,8 +87,11 @@ def render_html(data: ReportData, images: dict[str, bytes]) -> str:
             pct = c.change_pct
             good = None if not pct or c.higher_is_better is None else (pct > 0) == c.higher_is_better
             cls = "" if good is None else ("good" if good else "bad")
-            rows.append([c.metric, fmt_metric(c.metric, c.baseline), fmt_metric(c.metric, c.best), _Raw(f'<span class="{cls}">{"-" if pct is None else f"{pct:+.1f}%"}</span>')])
-        parts.append(_table(["metric", "baseline", "best", "change"], rows))
+            rows.append([c.metric, fmt_metric(c.metric, c.baseline), fmt_metric(c.metric, c.best),
+                         _Raw(f'<span class="{cls}">{"-" if pct is None else f"{pct:+.1f}%"}</span>'),
+                         c.verdict + (f" (±{c.noise_pct:.1f}%)" if c.noise_pct is not None else "")
+                         + (" ⚠ not an objective, no SLO" if c.flagged else "")])
+        parts.append(_table(["metric", "baseline", "best", "change", "vs run-to-run noise"], rows))
         base, best = data.row(data.baseline), data.row(data.recommended)
         parts.append(_table(["knob", "baseline", "best"], [[p, base.params.get(p, ""), best.params.get(p, "")] for p in data.params]))
         parts += _img(images, "comparison")

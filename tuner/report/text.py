@@ -11,10 +11,12 @@ from rich.console import Console
 from rich.table import Table
 
 from tuner.config import ConfirmSpec, SearchSpace
+from tuner.report.comparison import compare
 from tuner.report.status import failure_counts, no_feasible_message
 from tuner.report.units import fmt_metric, fmt_number
 from tuner.selection import (
     pick,
+    pooled_noise,
     repeat_groups,
 )
 from tuner.storage import ATTR_BASELINE, ATTR_FLAGS, ATTR_LAUNCHED, ATTR_MARGINAL, load_study, metrics_of
@@ -86,9 +88,57 @@ def print_best(space: SearchSpace, study_name: str, storage: str, *, console: Co
         return False
     out.print(f"{title}:", markup=False)
     out.print(_render(rows))
-    for line in boundary_notes(study, space.confirm):
+    for line in [*certainty_lines(study, space.confirm), *comparison_lines(space, study),
+                 *boundary_notes(study, space.confirm)]:
         out.print(line, markup=False)
     return True
+
+
+def certainty_lines(study: optuna.Study, confirm: ConfirmSpec) -> list[str]:
+    """How sure the pick is (single objective): its repeats and their spread against the
+    measured noise, its KV pool against the workload's need, and the launches of its memory
+    flags that failed."""
+    picked = pick(study, confirm)
+    groups = repeat_groups(study)
+    g = next((g for g in groups if picked and g.first.number == picked[0].number), None)
+    if g is None:
+        return []
+    sigma = pooled_noise(groups, confirm.noise)
+    out = [f"how sure: {len(g.values)} launch(es), mean {g.mean:.4g} ± {g.spread:.2g} (half-range); "
+           f"run-to-run noise {100 * sigma:.1f} % (sd)" + ("" if len(g.values) > 1 else "; measured once: "
+                                                            f"`kttune remeasure --trial {g.first.number}` adds runs")]
+    cap = g.capacity
+    if cap is not None and cap.known:
+        pools = "" if cap.best == cap.worst else f" to {cap.best}"
+        out.append(f"  KV pool {cap.worst}{pools} tokens over {cap.launches} launch(es) of these memory flags, "
+                   f"need {cap.need} ({100 * (cap.margin or 0):+.0f} %)"
+                   + (f"; judged at the smallest pool: {g.score:.4g}" if g.judged is not None else "")
+                   + ("; thin: a fresh start may not hold the need" if not cap.holds else ""))
+    if cap is not None and cap.memory_failures:
+        out.append(f"  {cap.memory_failures} of {cap.launches} launch(es) with these memory flags failed for memory")
+    return out
+
+
+def comparison_lines(space: SearchSpace, study: optuna.Study) -> list[str | Table]:
+    """Baseline vs the pick on every workload's throughput and latency, with a noise verdict."""
+    picked = pick(study, space.confirm)
+    base = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(ATTR_BASELINE)
+                 and t.values is not None and metrics_of(t)), None)
+    if len(picked) != 1 or base is None or base.number == picked[0].number:
+        return []
+    rows = compare(space, study, base, picked[0])
+    if not rows:
+        return []
+    table = [["metric", "baseline", "pick", "change vs run-to-run noise"]]
+    table += [[c.metric + (" (objective)" if c.objective else ""), fmt_metric(c.metric, c.baseline),
+               fmt_metric(c.metric, c.best), c.describe()]
+              for c in rows]
+    flagged = [c.metric for c in rows if c.flagged]
+    out: list[str | Table] = [f"baseline (trial {base.number}) vs pick (trial {picked[0].number}), means over their launches:",
+                              _render(table)]
+    if flagged:
+        out.append(f"warning: worse beyond the noise and guarded by no SLO: {', '.join(flagged)}")
+    return out
 
 
 def boundary_notes(study: optuna.Study, confirm: ConfirmSpec) -> list[str]:

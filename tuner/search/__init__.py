@@ -7,7 +7,7 @@ from tuner.search.gp import denoised_best
 from tuner.search.grid import param_grid
 from tuner.search.pruner import BelowBestPruner
 from tuner.search.recipe import warm_start
-from tuner.search.remeasure import queue_remeasurement
+from tuner.search.remeasure import enqueue_confirmations, queue_remeasurement
 from tuner.search.sampler import DEFAULT_STRATEGY, Strategy, make_sampler
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_STRATEGY",
     "Strategy",
     "denoised_best",
+    "enqueue_confirmations",
     "make_sampler",
     "param_grid",
     "queue_remeasurement",

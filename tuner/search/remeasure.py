@@ -11,30 +11,34 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import ConfirmSpec
 from tuner.selection import pooled_noise, repeat_groups
-from tuner.storage import ATTR_CONFIRMATION_OF
+from tuner.storage import ATTR_CONFIRMATION_OF, ATTR_LAUNCHED
 
 
 def leader_to_recheck(study: optuna.Study, prior_noise: float, z: float = 1.0) -> FrozenTrial | None:
     """Of the two best configurations, the one measured once, when the leader leads by less
     than `z` standard errors of the difference (noise from :func:`pooled_noise`): the local
     search would otherwise build on one lucky run, or drop the better configuration for one
-    unlucky run. The leader first when both were measured once. Single objective only."""
+    unlucky run. The leader first when both were measured once. A leader whose result may
+    depend on its KV pool's start-up draw (`Repeats.eligible`) is re-launched whatever its lead.
+    Single objective only."""
     groups = repeat_groups(study)
-    if len(groups) < 2 or min(groups[0].mean, groups[1].mean) <= 0:
+    if groups and not groups[0].eligible:
+        return groups[0].first
+    if len(groups) < 2 or min(groups[0].score, groups[1].score) <= 0:
         return None
     top, runner = groups[0], groups[1]
     once = [g for g in (top, runner) if len(g.values) == 1]
     if not once:
         return None
     sigma = pooled_noise(groups, prior_noise)
-    lead = abs(math.log(top.mean) - math.log(runner.mean))
+    lead = abs(math.log(top.score) - math.log(runner.score))
     se = sigma * math.sqrt(1.0 / len(top.values) + 1.0 / len(runner.values))
     return once[0].first if lead < z * se else None
 
 
 def next_confirmation(study: optuna.Study, finalists: int) -> FrozenTrial | None:
-    """The finalist (top `finalists` by mean) with the fewest measurements, counting
-    confirmations other workers have queued or are running; ties go to the better mean."""
+    """The finalist (top `finalists` by score) with the fewest measurements, counting
+    confirmations other workers have queued or are running; ties go to the better score."""
     groups = repeat_groups(study)[:finalists]
     if not groups:
         return None
@@ -65,3 +69,16 @@ def queue_remeasurement(study: optuna.Study, confirm: ConfirmSpec, *, confirming
         _queue(study, lambda s: next_confirmation(s, confirm.finalists))
     elif confirm_runs and confirm.recheck:
         _queue(study, lambda s: leader_to_recheck(s, confirm.noise))
+
+
+def enqueue_confirmations(study: optuna.Study, trial_number: int, runs: int) -> FrozenTrial:
+    """Enqueue `runs` re-launches of trial `trial_number`'s configuration as confirmations of
+    it (what `kttune remeasure` adds); returns that trial. Raises ValueError when the trial
+    was never launched."""
+    target = next((t for t in study.get_trials(deepcopy=False) if t.number == trial_number), None)
+    if target is None or not target.params or not target.user_attrs.get(ATTR_LAUNCHED):
+        raise ValueError(f"trial {trial_number} is not a launched trial of study {study.study_name}")
+    of = target.user_attrs.get(ATTR_CONFIRMATION_OF, target.number)
+    for _ in range(runs):
+        study.enqueue_trial(dict(target.params), user_attrs={ATTR_CONFIRMATION_OF: of})
+    return target

@@ -216,8 +216,27 @@ class KttuneSampler(optuna.samplers.BaseSampler):
             b = self._boundary(study, params)
             grid = self._grids[self._cap]
             fallback = (self._space.baseline or {}).get(self._cap, grid[len(grid) // 2])
-            params[self._cap] = b if b is not None else fallback
+            params[self._cap] = self._holding(params, b) if b is not None else fallback
         return params
+
+    def _holding(self, params: Mapping[str, Any], boundary: Any) -> Any:
+        """The largest capacity-flag value up to `boundary` whose predicted KV pool holds what
+        every workload runs at once (more GPU experts leave less room for KV, and a pool that
+        holds a few of the offered requests costs more than the experts gain); `boundary` when
+        no value's pool is predicted to hold it."""
+        assert self._cap is not None
+        for v in sorted((v for v in self._grids[self._cap] if v <= boundary), reverse=True):
+            flags = self._flags({**params, self._cap: v})
+            if flags is None or self._gate is None:
+                return boundary
+            try:
+                report = self._gate.check(flags)
+            except KttuneError:
+                return boundary
+            need = max(self._space.kv_need_tokens(flags).values(), default=0)
+            if self._gate.allows(report, self._failures_left) and report.kv_capacity_tokens >= need:
+                return v
+        return boundary
 
     def _global_relative(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
         space = self._global.infer_relative_search_space(study, trial)

@@ -28,6 +28,7 @@ ATTR_MARGINAL = "inside_margin"  # launched although predicted to fit only insid
 ATTR_ARGV = "argv"
 ATTR_TIMINGS = "timings"  # seconds per phase: ready_s, quality_s, bench_<workload>_s, teardown_s
 ATTR_MEMORY = "memory"  # memory figures the server logged
+ATTR_KV_NEED = "kv_need_tokens"  # {workload: KV tokens its offered concurrency needs at once with these flags}
 ATTR_WALL_S = "wall_s"
 ATTR_PREDICTED_CONSTRAINTS = "predicted_constraints"  # the feasibility prediction it was launched on
 ATTR_QUALITY = "quality"  # tuner.trial.quality.QualityResult.to_attr()

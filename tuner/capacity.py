@@ -1,0 +1,150 @@
+"""KV capacity against the workload's need, as the selection rule reads it from storage.
+
+A launch's KV pool is what the server logged (``kv_tokens`` in ATTR_MEMORY); where the pool is
+sized from free GPU memory, it differs between launches of the same flags, because free memory
+at start-up does. The need (ATTR_KV_NEED, stored at launch from the space's workloads) is the
+pool that keeps the workload's offered concurrency resident until it finishes. Launches whose
+flags differ only in CPU-side knobs (`CPU_SIDE_FLAGS`) have the same memory footprint, so their
+pools are draws of the same distribution and a memory failure of one is a failure of all.
+
+`capacities(study, objective)` gives, per configuration, the smallest pool its memory flags
+were seen with, the spread of pools across launches, and how many of those launches failed for
+memory; :class:`Capacity` judges a measured value at that smallest pool: a decode step's time
+does not shrink when it carries more requests, so throughput at a fraction λ of the batch is at
+least λ of the throughput (a lower bound, used only for rates).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner.outcome import is_memory_reason
+from tuner.storage import ATTR_FLAGS, ATTR_KV_NEED, ATTR_LAUNCHED, ATTR_MEMORY, ATTR_REASON
+
+# Flags that size CPU thread pools only: they never change GPU memory or the KV pool.
+CPU_SIDE_FLAGS = frozenset({"kt-cpuinfer", "kt-threadpool-count", "kt-max-deferred-experts-per-token"})
+# Flags whose larger value never needs less GPU memory, the rest equal (weights, activations
+# and staging, request slots and CUDA graphs, the KV pool).
+MEMORY_MONOTONE_FLAGS = ("kt-num-gpu-experts", "chunked-prefill-size", "max-running-requests", "max-total-tokens")
+# A pool closer to the need than this many standard deviations of the pools' launch-to-launch
+# spread may fall short on a fresh start (about 2 % of starts for a normal spread).
+THIN_Z = 2.0
+
+
+def memory_key(t: FrozenTrial) -> tuple[Any, ...]:
+    """The launch's flags that can change its GPU memory (all but `CPU_SIDE_FLAGS`)."""
+    flags = t.user_attrs.get(ATTR_FLAGS) or t.params
+    return tuple(sorted((k, repr(v)) for k, v in flags.items() if k not in CPU_SIDE_FLAGS))
+
+
+def kv_pool(t: FrozenTrial) -> int | None:
+    """The KV pool (tokens) the launch's server reported, None when it reported none."""
+    mem = t.user_attrs.get(ATTR_MEMORY) or {}
+    v = mem.get("kv_tokens", mem.get("max_total_num_tokens"))
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
+
+
+def kv_need(t: FrozenTrial, workload: str) -> int | None:
+    """The KV tokens `workload` needs at once with this launch's flags (stored at launch)."""
+    v = (t.user_attrs.get(ATTR_KV_NEED) or {}).get(workload)
+    return int(v) if isinstance(v, (int, float)) and v > 0 else None
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """One configuration's KV pool against its need."""
+
+    need: int | None       # KV tokens the objective's workload needs at once; None: not stored
+    pools: tuple[int | None, ...]  # the configuration's own measured launches, in its values' order
+    worst: int | None      # the smallest pool any launch with the same memory flags had
+    best: int | None       # the largest
+    spread: float          # launch-to-launch sd of pools (tokens), pooled over memory flags seen twice
+    launches: int          # launches with the same memory flags, any configuration, any fate
+    memory_failures: int   # of them, failed for memory (start-up or run-time OOM, KV)
+
+    @property
+    def known(self) -> bool:
+        return self.need is not None and self.worst is not None
+
+    @property
+    def margin(self) -> float | None:
+        """(worst pool − need) / need; negative: some launch could not hold the need."""
+        return None if not self.known else (self.worst - self.need) / self.need  # type: ignore[operator]
+
+    @property
+    def varies(self) -> bool:
+        """Pools differ between launches of these memory flags, or do elsewhere in the study."""
+        return self.known and (self.best != self.worst or self.spread > 0)
+
+    @property
+    def holds(self) -> bool:
+        """Every launch's pool held the need, with THIN_Z spreads to spare (or nothing is known)."""
+        return not self.known or self.worst >= self.need + THIN_Z * self.spread  # type: ignore[operator]
+
+    @property
+    def sensitive(self) -> bool:
+        """The result may depend on the start-up draw: the pool varies and does not surely hold."""
+        return self.varies and not self.holds
+
+    def factor(self, i: int) -> float:
+        """Lower bound on (value at the worst pool) / (value of own run i): the share of run i's
+        batch the worst pool still holds; 1 when that batch fits the worst pool."""
+        pool = self.pools[i] if i < len(self.pools) else None
+        if not self.known or pool is None:
+            return 1.0
+        held = min(pool, self.need)  # type: ignore[type-var]
+        return min(1.0, self.worst / held) if held > 0 else 1.0  # type: ignore[operator]
+
+
+def capacities(study: optuna.Study, workload: str | None, groups: Mapping[tuple[Any, ...], Sequence[FrozenTrial]]
+               ) -> dict[tuple[Any, ...], Capacity]:
+    """Capacity of each configuration in `groups` (config key → its measured launches, in the
+    order of its values), from every launch of the study."""
+    launches = [t for t in study.get_trials(deepcopy=False)
+                if t.user_attrs.get(ATTR_LAUNCHED) and t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    by_key: dict[tuple[Any, ...], list[FrozenTrial]] = {}
+    for t in launches:
+        by_key.setdefault(memory_key(t), []).append(t)
+    pools_by_key = {k: [p for p in map(kv_pool, ts) if p is not None] for k, ts in by_key.items()}
+    ss, df = 0.0, 0
+    for pools in pools_by_key.values():
+        if len(pools) > 1:
+            mean = sum(pools) / len(pools)
+            ss += sum((p - mean) ** 2 for p in pools)
+            df += len(pools) - 1
+    spread = math.sqrt(ss / df) if df else 0.0
+    out = {}
+    for cfg, ts in groups.items():
+        key = memory_key(ts[0])
+        pools = pools_by_key.get(key, [])
+        same = by_key.get(key, [])
+        out[cfg] = Capacity(
+            need=kv_need(ts[0], workload) if workload else None, pools=tuple(kv_pool(t) for t in ts),
+            worst=min(pools) if pools else None, best=max(pools) if pools else None, spread=spread,
+            launches=len(same), memory_failures=sum(1 for t in same if is_memory_reason(t.user_attrs.get(ATTR_REASON))))
+    return out
+
+
+def needs_at_least(params: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
+    """`params` needs at least the GPU memory of `than`: the same flags except CPU-side ones and
+    `MEMORY_MONOTONE_FLAGS`, and none of those smaller."""
+    keys = (set(params) | set(than)) - CPU_SIDE_FLAGS
+    for k in keys:
+        a, b = params.get(k), than.get(k)
+        if k in MEMORY_MONOTONE_FLAGS and isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            if a < b:
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+def memory_failed_below(study: optuna.Study) -> list[dict[str, Any]]:
+    """Flags of launches that failed for memory (a configuration needing at least as much fails too)."""
+    return [dict(t.user_attrs.get(ATTR_FLAGS) or t.params) for t in study.get_trials(deepcopy=False)
+            if t.user_attrs.get(ATTR_LAUNCHED) and is_memory_reason(t.user_attrs.get(ATTR_REASON))]
