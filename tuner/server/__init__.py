@@ -1,4 +1,5 @@
-"""Server process management: launch, readiness, log classification, teardown."""
+"""Server process management: launch, readiness, log classification, the server-info
+read-back, teardown."""
 from __future__ import annotations
 
 from tuner.server.argv import build_server_argv, flag_args
@@ -30,6 +31,7 @@ from tuner.server.logscan import (
     worst_memory_figures,
 )
 from tuner.server.readiness import LogTail, failure_message, is_alive, wait_ready
+from tuner.server.server_info import SERVER_INFO_ENDPOINTS, fetch_server_info, memory_from_server_info
 from tuner.server.teardown import GpuMonitor, TeardownReport, kill_orphan, stop_server
 from tuner.server.watchdog import die_with_tuner
 
@@ -45,6 +47,7 @@ __all__ = [
     "PHASES",
     "PID_FILE_NAME",
     "READY_LINE",
+    "SERVER_INFO_ENDPOINTS",
     "ServerHandle",
     "TOKEN_ENV",
     "TeardownReport",
@@ -55,6 +58,7 @@ __all__ = [
     "failure_message",
     "client_host",
     "die_with_tuner",
+    "fetch_server_info",
     "find_failures",
     "find_leftovers",
     "find_free_port",
@@ -63,6 +67,7 @@ __all__ = [
     "is_alive",
     "kill_orphan",
     "leftover_note",
+    "memory_from_server_info",
     "parse_memory_lines",
     "port_is_free",
     "reap_leftovers",
