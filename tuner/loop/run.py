@@ -10,6 +10,7 @@ sampler and the warm start share it.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import outcome
-from tuner.bench import resolve_bench
+from tuner.bench import SGLANG_KT_MODULE, resolve_bench
 from tuner.config import SearchSpace
 from tuner.errors import ConfigError, KttuneError
 from tuner.feasibility import LOWER_ACTIVATION_SHARE, FeasibilityGate, FeasibilityReport, launch_flags
@@ -132,7 +133,13 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
     # the first launch, not between trials (not in a thread: concurrent imports can deadlock).
     import optuna_dashboard  # noqa: F401
     if space.bench.module is None:
-        space = resolve_bench(space)
+        try:
+            space = resolve_bench(space)
+        except ConfigError as exc:
+            if not opts.preview:
+                raise
+            log(f"dry run: {exc}; the bench argvs below name {SGLANG_KT_MODULE}")
+            space = dataclasses.replace(space, bench=dataclasses.replace(space.bench, module=SGLANG_KT_MODULE))
     gate = build_gate(space, required=opts.check_feasibility and not opts.preview, log=log)
     checks = gate if opts.check_feasibility else None
     if checks is not None:
