@@ -34,7 +34,7 @@ def _study(space: SearchSpace, url: str) -> optuna.Study:
     for params, value, spare in ((A, 100.0, 0.5), (A, 100.0, 0.5), (B, 98.0, 3.0), (B, 98.0, 3.0)):
         study.add_trial(optuna.trial.create_trial(
             params=params, distributions={k: dists[k] for k in params}, values=[value],
-            user_attrs={ATTR_LAUNCHED: True, ATTR_REASON: None, ATTR_SPARE_GB: spare, ATTR_FLAGS: dict(params),
+            user_attrs={ATTR_LAUNCHED: True, ATTR_REASON: None, ATTR_SPARE_GB: spare, ATTR_FLAGS: space.launch_flags(params),
                         METRIC_PREFIX + "decode.output_throughput": value},
             constraints={"launch_failed": 0.0}))
     return study
@@ -50,7 +50,7 @@ def test_confirm_noise_reaches_every_command_and_the_loop(tmp_path: Path, noise:
     # kttune best
     assert best_table(space, study)[0][1].startswith(f"{expected} ")
     # kttune export
-    out = export_profile(space, "pick", url, tmp_path / "best.yaml")
+    out, _verdict = export_profile(space, "pick", url, tmp_path / "best.yaml")
     assert f"# trial: {expected}\n" in out.read_text()
     # kttune report
     assert compute_report(space, study).recommended == expected

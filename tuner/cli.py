@@ -157,13 +157,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tuner.storage import check_reachable
 
     check_reachable(storage)  # in seconds, before the checks below take minutes
+    server = None
     if not args.no_compat_check:  # refuse flags the installed server/bench reject, before any write
         from tuner.preflight import check_space_compat
 
-        check_space_compat(space)
+        compat = check_space_compat(space)
+        space, server = compat.space, compat.dialect.to_attr()
+        print(f"server: {compat.dialect.describe()}, flags checked by its {compat.server_flags_from}; "
+              f"bench client {space.bench.module}")
     opts = RunOptions(study_name=study_name, storage=storage, budget=args.budget, seed=args.seed,
                       studies_dir=Path(args.studies_dir), check_feasibility=not args.no_feasibility,
-                      fault_streak=args.fault_streak)
+                      fault_streak=args.fault_streak, server=server)
     from tuner.loop import Progress
 
     with Progress(budget=opts.budget, objectives=[(o.key, o.direction) for o in space.objectives],
@@ -276,9 +280,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         from tuner.report import parse_weights
 
         weights = parse_weights(args.weights, [o.key for o in space.objectives])
-    path = export_profile(space, study_name, storage, Path(args.out), trial_number=args.trial, weights=weights,
-                          keep_benchmark_flags=args.keep_bench_flags)
-    print(f"wrote {path}")
+    path, verdict = export_profile(space, study_name, storage, Path(args.out), trial_number=args.trial, weights=weights,
+                                   keep_benchmark_flags=args.keep_bench_flags)
+    print(f"wrote {path} (accepted by {verdict.checked_by})" if verdict.checked_by
+          else f"wrote {path} (not parsed by a server: {verdict.skipped})")
     return 0
 
 

@@ -206,7 +206,7 @@ def test_no_trial_meets_the_slo_is_said_clearly(tmp_path: Path, capsys: pytest.C
 
 def test_export_with_weights_writes_that_trials_flags(mo, tmp_path: Path) -> None:
     space, study, url = mo
-    out = export_profile(space, "t", url, tmp_path / "best.yaml", weights={"decode.output_throughput": 1})
+    out, verdict = export_profile(space, "t", url, tmp_path / "best.yaml", weights={"decode.output_throughput": 1})
     chosen = max(study.best_trials, key=lambda t: t.values[0])
     text = out.read_text()
     assert f"# trial: {chosen.number}" in text

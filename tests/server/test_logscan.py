@@ -191,3 +191,31 @@ def test_the_silent_placement_fallback_is_found_and_is_no_start_up_failure() -> 
     assert match is not None and match.reason in FALLBACK_REASONS and match.line_no == 1
     assert classify_failure(log) is None                   # the server runs: readiness does not fail
     assert silent_fallback("Using frequency-based strategy with activation frequency data\n") is None
+UPSTREAM_STARTUP = """\
+[2026-10-01 10:00:00 TP0] Load weight begin. avail mem=46.91 GB
+[2026-10-01 10:02:00 TP0] Load weight end. elapsed=120.00 s, type=DeepseekV3ForCausalLM, fp8, avail mem=4.80 GB, mem usage=42.11 GB.
+[2026-10-01 10:02:01 TP0] KV Cache is allocated. dtype: torch.bfloat16, #tokens: 37000, KV size: 2.42 GB
+[2026-10-01 10:02:02 TP0] Capture target decode CUDA graph begin. backend=full, num_tokens_per_req=1, avail mem=2.30 GB
+[2026-10-01 10:02:20 TP0] Capture target decode CUDA graph end. bs=[1, 2, 4, 8], elapsed=18.00 s, mem usage=0.51 GB, avail mem=1.79 GB.
+[2026-10-01 10:02:21 TP0] Capture target prefill CUDA graph end. elapsed=1.00 s, mem usage=0.10 GB, avail mem=1.69 GB.
+[2026-10-01 10:02:22 TP0] max_total_num_tokens=37000, chunked_prefill_size=4096, max_prefill_tokens=16384, max_running_requests=37, context_len=262144, available_gpu_mem=1.69 GB
+"""
+
+
+def test_upstream_lines_are_read_and_its_graphs_add_up() -> None:
+    figures = parse_memory_lines(UPSTREAM_STARTUP)
+    assert figures["kv_tokens"] == 37000 and figures["kv_size_gib"] == 2.42
+    assert figures["cuda_graph_mem_gib"] == pytest.approx(0.61) and figures["cuda_graph_avail_gib"] == 1.69
+    assert figures["weight_mem_gib"] == 42.11 and figures["weight_begin_avail_gib"] == 46.91
+    worst = worst_memory_figures(UPSTREAM_STARTUP)
+    assert worst["cuda_graph_mem_gib"] == pytest.approx(0.61) and worst["kv_tokens"] == 37000
+
+
+def test_labelled_and_post_capture_kv_lines_and_upstream_graph_failure() -> None:
+    line = "[x TP0] SWA KV Cache VA upper bound. dtype: torch.float8_e4m3fn, #tokens: 9000, K size: 1.00 GB, V size: 1.00 GB"
+    assert parse_memory_lines(line)["kv_tokens"] == 9000 and parse_memory_lines(line)["kv_size_gib"] == 2.0
+    text = LOAD_OK + "[x TP0] KV Cache is allocated. dtype: torch.bfloat16, #tokens: 10, KV size: 0.01 GB\n" \
+        "[x TP0] Capture prefill CUDA graph failed: CUDA out of memory. Tried to allocate 1 GiB\n"
+    assert classify_failure(text) == "cuda_graph_failed"
+    oom = LOAD_OK + "[x TP0] KV Cache VA upper bound. dtype: bf16, #tokens: 10, KV size: 0.01 GB\n" + OOM_TRACE
+    assert classify_failure(oom) == "oom"  # after the KV pool: not a KV-allocation OOM

@@ -12,14 +12,15 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuner.bench.dialect import goodput_args
 from tuner.bench.metrics import MetricKind, metric_kind
-from tuner.config import BenchSpec, Workload
-from tuner.errors import BenchmarkError
+from tuner.config import BenchSpec, SloSpec, Workload
+from tuner.errors import BenchmarkError, ConfigError
 from tuner.server import die_with_tuner, flag_args
 
 RESULT_SCHEMA_VERSION = 1
@@ -44,7 +45,12 @@ class BenchResult:
 
 
 def build_bench_argv(bench: BenchSpec, w: Workload, *, host: str, port: int, output_file: Path,
-                     tokenizer: str | None) -> list[str]:
+                     tokenizer: str | None, slos: Sequence[SloSpec] = ()) -> list[str]:
+    """The client's argv for one workload. kttune always passes ``--seed`` (the clients'
+    defaults differ: 1 in sglang-kt, 42 upstream) and, for a client that takes it, the SLOs'
+    ``--goodput`` bounds."""
+    if bench.module is None:
+        raise ConfigError("bench.module: not found yet; resolve the space with tuner.bench.resolve_bench first")
     argv = [bench.python, "-m", bench.module, "--backend", bench.backend, "--host", host,
             "--port", str(port), "--dataset-name", w.dataset_name, "--num-prompts", str(w.num_prompts),
             "--random-input-len", str(w.input_len), "--random-output-len", str(w.output_len),
@@ -60,7 +66,7 @@ def build_bench_argv(bench: BenchSpec, w: Workload, *, host: str, port: int, out
         argv += ["--max-concurrency", str(w.max_concurrency)]
     if w.request_rate:
         argv += ["--request-rate", str(w.request_rate)]
-    return argv + flag_args(w.extra_args)
+    return argv + goodput_args(bench, slos, w.name) + flag_args(w.extra_args)
 
 
 def rescale_metrics(raw: Mapping[str, Any], time_scale: float) -> dict[str, float]:
@@ -106,13 +112,14 @@ def _tail(path: Path, n: int = 3) -> str:
 
 def run_workload(bench: BenchSpec, w: Workload, *, host: str, port: int, trial_dir: Path,
                  tokenizer: str | None, server_alive: Callable[[], bool] | None = None,
-                 poll_s: float = 0.5, env: Mapping[str, str] | None = None) -> BenchResult:
+                 poll_s: float = 0.5, env: Mapping[str, str] | None = None,
+                 slos: Sequence[SloSpec] = ()) -> BenchResult:
     """Run one workload; raise BenchmarkError(reason=...) when no usable line is written.
     `env` is layered over the bench's own (e.g. the server's API key for the client)."""
     output_file = trial_dir / f"bench-{w.name}.jsonl"
     log_file = trial_dir / f"bench-{w.name}.log"
     before = len([ln for ln in output_file.read_text().splitlines() if ln.strip()]) if output_file.exists() else 0
-    argv = build_bench_argv(bench, w, host=host, port=port, output_file=output_file, tokenizer=tokenizer)
+    argv = build_bench_argv(bench, w, host=host, port=port, output_file=output_file, tokenizer=tokenizer, slos=slos)
     (trial_dir / f"bench-{w.name}.argv.json").write_text(json.dumps(argv, indent=1))
     child_env = {**os.environ, **bench.env, **(env or {})}
     started = time.monotonic()

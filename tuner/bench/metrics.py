@@ -15,13 +15,14 @@ class MetricKind(enum.Enum):
 
 
 _RATE_SUFFIXES = ("_throughput", "_per_s")
+_RATE_NAMES = ("request_goodput",)  # requests per second that met every --goodput bound
 _TIME_SUFFIXES = ("_ms",)
 _TIME_NAMES = ("duration",)
 
 
 def metric_kind(name: str) -> MetricKind:
     metric = name.rsplit(".", 1)[-1]
-    if metric.endswith(_RATE_SUFFIXES):
+    if metric.endswith(_RATE_SUFFIXES) or metric in _RATE_NAMES:
         return MetricKind.RATE
     if metric in _TIME_NAMES or metric.endswith(_TIME_SUFFIXES):
         return MetricKind.TIME

@@ -280,7 +280,7 @@ def _parse_bench(data: Mapping[str, Any], base: Path, check: bool) -> BenchSpec:
     time_scale = number(f"{where}.time_scale", data.get("time_scale", 1.0), positive=True)
     return BenchSpec(
         python=resolve_python(f"{where}.python", data.get("python"), base, check),
-        module=str(data.get("module", "sglang.bench_serving")),
+        module=_bench_module(data.get("module")),
         backend=str(data.get("backend", "sglang")),
         dataset_path=local_path("dataset_path"),
         tokenizer=local_path("tokenizer"),
@@ -290,6 +290,15 @@ def _parse_bench(data: Mapping[str, Any], base: Path, check: bool) -> BenchSpec:
         env={str(k): str(v) for k, v in mapping(f"{where}.env", data.get("env")).items()},
         time_scale=float(time_scale),
     )
+
+
+def _bench_module(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or " " in value:
+        raise fail("bench.module", f"must be a module name, got {value!r}",
+                   "e.g. sglang.benchmark.serving (upstream) or sglang.bench_serving (sglang-kt); leave it out to find it")
+    return value
 
 
 def _check_value_in(where: str, spec: ParamSpec, value: Any) -> None:

@@ -120,7 +120,7 @@ class Workload:
 @dataclass(frozen=True)
 class BenchSpec:
     python: str
-    module: str
+    module: str | None  # None: found in `python` (tuner.bench.resolve_bench) before the first launch
     backend: str
     dataset_path: str | None
     tokenizer: str | None
@@ -131,6 +131,8 @@ class BenchSpec:
     # Only for a time-scaled simulated server: measured durations are divided by this
     # factor (throughputs multiplied) so metrics read in real-hardware units.
     time_scale: float = 1.0
+    # The client takes --goodput (upstream's): the space's latency SLOs are passed to it.
+    goodput: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Learning from a launched server's log: its memory figures in decimal GB
-(:func:`calibrate_from_log`, parsed by :mod:`tuner.server.logscan`), and the calibration they
+"""Learning from a launched server: its memory figures in decimal GB (:func:`calibrate_from_log`:
+the server-info read-back first, the log as parsed by :mod:`tuner.server.logscan` for the rest),
+and the calibration they
 give, either corrected overheads (:func:`calibration_from_observed`) or an anchor on that launch
 (:func:`anchor_from_observed`)."""
 from __future__ import annotations
@@ -9,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from tuner.feasibility.calibration import MemoryCalibration, unlearned_calibration
-from tuner.feasibility.memory import gpu_memory
+from tuner.feasibility.memory import GpuMemory, gpu_memory
 from tuner.feasibility.plan import GB, resolve_launch
 from tuner.machine import GIB, Hardware, ModelSizes
 from tuner.server import worst_memory_figures
@@ -24,11 +25,17 @@ _FROM_LOG = (("avail_before_weights_gb", "weight_begin_avail_gib"), ("weights_gb
              ("kt_gpu_experts_per_layer", "kt_gpu_experts_per_layer"), ("kt_total_gpu_experts", "kt_total_gpu_experts"))
 
 
-def calibrate_from_log(log_text: str) -> dict[str, Any]:
-    """Numbers an sglang-kt server log reports about memory (:func:`tuner.server.worst_memory_figures`),
-    sizes converted to decimal GB and rounded to 4 places; only the keys found are returned, plus
-    ``oom`` and ``not_enough_memory``. Over TP ranks: the worst rank."""
+_READ_BACK_KEYS = frozenset(source for _, source in _FROM_LOG) | {"kv_size_gib"}
+
+
+def calibrate_from_log(log_text: str, read_back: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Numbers a server reports about memory, sizes converted to decimal GB and rounded to 4
+    places; only the keys found are returned, plus ``oom`` and ``not_enough_memory``. Over TP
+    ranks: the worst rank. ``read_back``: what the server-info endpoint reported
+    (:func:`tuner.server.memory_from_server_info`), which wins over the log's figure of the same
+    name; the log (:func:`tuner.server.worst_memory_figures`) gives the rest."""
     logged = worst_memory_figures(log_text)
+    logged.update({k: v for k, v in (read_back or {}).items() if k in _READ_BACK_KEYS})
     out: dict[str, Any] = {}
     for key, source in _FROM_LOG:
         if source in logged:
@@ -72,10 +79,13 @@ def anchor_from_observed(observed: Mapping[str, Any], model: ModelSizes, hw: Har
     token at most (available − layerwise slot) / tokens); ``runtime_oom`` means it did not
     (above that)."""
     cal = base or MemoryCalibration()
-    if "weights_gb" not in observed or "avail_after_weights_gb" not in observed:
+    if "weights_gb" not in observed:
         return cal
     plan = resolve_launch(model, hw, flags)
     ref = gpu_memory(model, hw, plan, unlearned_calibration(cal), 0)
+    observed = with_free_after_weights(observed, ref, graphs=plan.graphs)
+    if "avail_after_weights_gb" not in observed:
+        return cal
     free_before = observed["weights_gb"] + observed["avail_after_weights_gb"]
     if "avail_before_weights_gb" in observed:
         free_before = min(free_before, observed["avail_before_weights_gb"])
@@ -117,3 +127,18 @@ def anchor_from_observed(observed: Mapping[str, Any], model: ModelSizes, hw: Har
             up = out.activation_upper_bytes_per_token
             out = replace(out, activation_upper_bytes_per_token=bound if up is None else min(up, bound))
     return out
+
+
+def with_free_after_weights(observed: Mapping[str, Any], ref: GpuMemory, *, graphs: bool) -> Mapping[str, Any]:
+    """``observed`` with ``avail_after_weights_gb`` rebuilt where only the server-info read-back
+    reported: upstream's ``startup_available`` is what start-up left free after the KV pool,
+    the req-to-token pool and the graphs were allocated (in that order, after the weights), so
+    free memory after the weights is their sum. The req-to-token pool is not reported; the
+    model's size for it is exact (requests x (context + 4) int32 slots)."""
+    if "avail_after_weights_gb" in observed or "available_gpu_mem_gb" not in observed or "kv_size_gb" not in observed:
+        return observed
+    if graphs and "cuda_graph_gb" not in observed:
+        return observed
+    after = (observed["available_gpu_mem_gb"] + observed["kv_size_gb"] + ref.req_to_token_pool / GB
+             + (observed.get("cuda_graph_gb", 0.0) if graphs else 0.0))
+    return {**observed, "avail_after_weights_gb": round(after, 4)}

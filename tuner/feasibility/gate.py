@@ -1,6 +1,6 @@
 """The study's view of feasibility (:class:`FeasibilityGate`): model sizes and hardware resolved
 once per study, one check per proposal, `auto` values filled in before a launch, and the memory
-model corrected from what launched servers really logged (stored in the study so resumed runs
+model corrected from what launched servers really reported (stored in the study so resumed runs
 keep it)."""
 from __future__ import annotations
 
@@ -93,16 +93,17 @@ class FeasibilityGate:
         return f"{b} over by {report.constraints.get(b, float('nan')):.3g}; {report.fix_hint()}"
 
     def observe(self, log_text: str, flags: Mapping[str, Any], reason: str | None, predicted_fit: bool,
-                inside_margin: bool = False) -> dict[str, Any]:
+                inside_margin: bool = False, read_back: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Anchor the memory model on what a launched server logged (see
         :func:`tuner.feasibility.anchor.anchor_from_observed`). A config that was predicted to fit but
         failed for memory tightens it: a run-time OOM bounds the activations from below; any
         other memory failure (or one the bound does not explain) grows the anchored margin
         until that config no longer fits, and the unanchored margin by a step. A launch
         `inside_margin` (see :meth:`inside_margin`) that failed for memory adds just enough to
-        the anchored margin that it no longer fits there.
+        the anchored margin that it no longer fits there. ``read_back``: the server-info
+        endpoint's memory figures (:attr:`tuner.trial.TrialRun.read_back`), which win over the log's.
         Returns the state to store (see `state`)."""
-        observed = calibrate_from_log(log_text)
+        observed = calibrate_from_log(log_text, read_back)
         oom_after_ready = runtime_oom(log_text)
         memory_failure = is_memory_reason(reason) or oom_after_ready
         if observed.get("weights_gb") is not None:

@@ -53,10 +53,11 @@ class LaunchContext:
 
 def launch(ctx: LaunchContext, trial: optuna.Trial, flags: dict[str, Any], constraints: dict[str, float],
            runner: TrialRunner, *, launch_number: int, probing: bool = False,
-           record_experts: bool = False) -> tuple[TrialOutcome, str]:
-    """Launch `trial` with `flags`; returns its outcome and the server log's text. A Ctrl-C
-    records the trial as interrupted, then propagates. `record_experts`: this is the study's
-    one recording of the expert distribution (no probe: the recording needs every workload)."""
+           record_experts: bool = False) -> tuple[TrialOutcome, str, dict[str, Any]]:
+    """Launch `trial` with `flags`; returns its outcome, the server log's text and the memory
+    figures the server-info endpoint reported. A Ctrl-C records the trial as interrupted, then
+    propagates. `record_experts`: this is the study's one recording of the expert distribution
+    (no probe: the recording needs every workload)."""
     study, space, log, progress = ctx.study, ctx.space, ctx.log, ctx.progress
     trial_dir = (ctx.study_dir / f"trial-{trial.number}").resolve()
     trial.set_user_attr(ATTR_TRIAL_DIR, str(trial_dir))
@@ -114,7 +115,7 @@ def launch(ctx: LaunchContext, trial: optuna.Trial, flags: dict[str, Any], const
         note_baseline_and_best(study, space.confirm)
     except Exception as exc:  # a dashboard note is a convenience; never lose the trial over it
         log(f"  (dashboard note not written: {type(exc).__name__}: {exc})")
-    return result, run.log_text()
+    return result, run.log_text(), dict(getattr(run, "read_back", None) or {})
 
 
 def _store_recording(ctx: LaunchContext, trial: optuna.Trial, run: Any, attrs: dict[str, Any]) -> None:

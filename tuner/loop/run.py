@@ -10,6 +10,7 @@ sampler and the warm start share it.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import outcome
+from tuner.bench import SGLANG_KT_MODULE, resolve_bench
 from tuner.config import SearchSpace
 from tuner.errors import ConfigError, KttuneError
 from tuner.feasibility import LOWER_ACTIVATION_SHARE, FeasibilityGate, FeasibilityReport, launch_flags
@@ -42,6 +44,7 @@ from tuner.storage import (
     STUDY_ATTR_CALIBRATION,
     STUDY_ATTR_EXPERT_DISTRIBUTION,
     STUDY_ATTR_RECORDING_TRIAL,
+    STUDY_ATTR_SERVER,
     beat_once,
     boundary_failures,
     claim_launch,
@@ -89,6 +92,8 @@ class RunOptions:
     # Launches in a row with an environment fault (or one config fault whatever the
     # configuration) that stop the run: `tuner.outcome.stop_cause`.
     fault_streak: int = outcome.DEFAULT_STREAK
+    # The server found before the first launch (tuner.preflight.ServerDialect.to_attr), stored on the study.
+    server: dict[str, Any] | None = None
 
     def confirm_runs(self, space: SearchSpace) -> int:
         if self.confirm is not None:
@@ -129,6 +134,14 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
     # optuna-dashboard (for the study note after each trial) takes ~2 s to import: once, before
     # the first launch, not between trials (not in a thread: concurrent imports can deadlock).
     import optuna_dashboard  # noqa: F401
+    if space.bench.module is None:
+        try:
+            space = resolve_bench(space)
+        except ConfigError as exc:
+            if not opts.preview:
+                raise
+            log(f"dry run: {exc}; the bench argvs below name {SGLANG_KT_MODULE}")
+            space = dataclasses.replace(space, bench=dataclasses.replace(space.bench, module=SGLANG_KT_MODULE))
     gate = build_gate(space, required=opts.check_feasibility and not opts.preview, log=log)
     checks = gate if opts.check_feasibility else None
     if checks is not None:
@@ -138,6 +151,8 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
                               "widen the space or pass --no-feasibility")
     study = open_study(space, study_name=opts.study_name, storage=opts.storage,
                        sampler=make_sampler(space, opts.seed, opts.strategy, gate=gate), log=log)
+    if opts.server is not None and study.user_attrs.get(STUDY_ATTR_SERVER) != opts.server:
+        study.set_user_attr(STUDY_ATTR_SERVER, opts.server)
     loop = _Loop(space, opts, study, checks, log, runner, progress)
     loop.prepare(gate)
     while loop.step():
@@ -224,12 +239,12 @@ class _Loop:
         self.skips = 0
         marginal = self._mark_prediction(trial, report)
         ctx = LaunchContext(study, space, opts.studies_dir / opts.study_name, opts.budget, self.log, self.progress)
-        result, log_text = launch(ctx, trial, flags, report.constraints if report is not None else {},
-                                  self.runner, launch_number=self.summary.launched + 1,
-                                  probing=self.probing and confirmation_of is None,
-                                  record_experts=self._records_experts())
+        result, log_text, read_back = launch(ctx, trial, flags, report.constraints if report is not None else {},
+                                             self.runner, launch_number=self.summary.launched + 1,
+                                             probing=self.probing and confirmation_of is None,
+                                             record_experts=self._records_experts())
         self.summary.new_trials.append(trial.number)
-        self._observe(log_text, flags, result.reason, report, marginal)
+        self._observe(log_text, flags, result.reason, report, marginal, read_back)
         if not opts.preview:
             self._stop_on_repeating_faults(trial, result)
         return True
@@ -304,13 +319,13 @@ class _Loop:
         return True
 
     def _observe(self, log_text: str, flags: dict[str, Any], reason: str | None, report: FeasibilityReport | None,
-                 marginal: bool) -> None:
-        """Let the memory model learn from the server's log; store what changed."""
+                 marginal: bool, read_back: dict[str, Any]) -> None:
+        """Let the memory model learn from what the server reported; store what changed."""
         if self.gate is None:
             return
         before = self.gate.state()
         after = self.gate.observe(log_text, flags, reason, predicted_fit=report is not None and report.feasible,
-                                  inside_margin=marginal)
+                                  inside_margin=marginal, read_back=read_back)
         if after != before:
             self.study.set_user_attr(STUDY_ATTR_CALIBRATION, after)
             self.stored_calibration = after

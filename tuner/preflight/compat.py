@@ -1,5 +1,8 @@
 """Refuse, before the first launch, flags the installed server or bench client does not accept.
 
+The server's flags come from its own parser (:mod:`tuner.preflight.dialect`); this module's
+``--help`` reading is the fallback where that parser cannot be built, and the bench client's check.
+
 ``sglang.launch_server`` and ``sglang.bench_serving`` differ between sglang and sglang-kt
 versions (e.g. the removed ``--kt-amx-*`` flags), and a wrong flag would otherwise cost a
 full launch per trial (``unrecognized arguments``) or a failed benchmark. The check runs
@@ -9,6 +12,7 @@ memory and, when the installed package can be identified, on disk.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -21,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuner.config import ENV_PREFIX, EXPERT_LOCATION_FLAG
+from tuner.config import AUTO, ENV_PREFIX, EXPERT_LOCATION_FLAG
 from tuner.errors import ConfigError
+from tuner.preflight.dialect import ParserCache, ServerDialect, ServerOptions, detect_dialect
 from tuner.server import RECORDER_FLAGS
 
 DEFAULT_TIMEOUT_S = 180.0
@@ -245,10 +250,11 @@ def bench_flags(space: Any) -> dict[str, str]:
     from tuner.bench import build_bench_argv
 
     out: dict[str, str] = {}
+    bench = space.bench if space.bench.module else dataclasses.replace(space.bench, module="bench")  # only flags are read
     for w in space.workloads:
         extra = {f"--{k}" for k, v in w.extra_args.items() if v is not None and v is not False}
-        argv = build_bench_argv(space.bench, w, host=space.server.host, port=1, output_file=Path("out.jsonl"),
-                                tokenizer=space.bench.tokenizer or "tokenizer")
+        argv = build_bench_argv(bench, w, host=space.server.host, port=1, output_file=Path("out.jsonl"),
+                                tokenizer=space.bench.tokenizer or "tokenizer", slos=space.slos)
         for tok in argv[3:]:
             if tok.startswith("--") and tok not in out:
                 out[tok] = f"workloads.{w.name}.extra_args" if tok in extra else f"kttune (workload {w.name})"
@@ -257,8 +263,13 @@ def bench_flags(space: Any) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class CompatReport:
-    server: ToolHelp
+    """What was checked: the server (its dialect, and its flags from its own parser or, where that
+    cannot be built, from --help), the bench client, and the space with its bench module found."""
+
+    dialect: ServerDialect
+    server_flags_from: str  # "parser" or "help"
     bench: ToolHelp
+    space: Any
 
 
 def unsupported(accepted: frozenset[str], wanted: Mapping[str, str]) -> list[str]:
@@ -273,19 +284,80 @@ def unsupported(accepted: frozenset[str], wanted: Mapping[str, str]) -> list[str
     return bad
 
 
-def check_space_compat(space: Any, *, cache: HelpCache | None = None) -> CompatReport:
+def server_options(space: Any, *, parsers: ParserCache | None = None,
+                   timeout_s: float = 60.0) -> tuple[ServerDialect, ServerOptions | None, str]:
+    """The dialect and, from its own parser, the options of the server the space launches
+    (None and why where the parser cannot be built)."""
+    dialect = detect_dialect(space, timeout_s=timeout_s)
+    if dialect.name == "unknown" and not dialect.simulated:
+        return dialect, None, f"{dialect.python} has no sglang distribution"
+    opts, why = (parsers if parsers is not None else ParserCache()).options(space, dialect)
+    return dialect, opts, why
+
+
+def check_space_compat(space: Any, *, cache: HelpCache | None = None, parsers: ParserCache | None = None) -> CompatReport:
     """Raise ConfigError, in one line, when the installed server or bench client rejects a
-    flag the space would pass; else return what was checked."""
+    flag the space would pass; else return what was checked (with the space's bench module found)."""
+    from tuner.bench import resolve_bench
+
     cache = cache if cache is not None else HelpCache()
-    launcher = list(space.server.launcher())
-    server = cache.get(launcher, space.server.env, where="server")
-    bad = unsupported(server.flags, server_flags(space))
-    if bad:
-        raise ConfigError(f"server: {server.describe()} does not accept {', '.join(bad)}; "
-                          "remove or rename the flag, or install a server version that has it")
+    dialect, opts, _why = server_options(space, parsers=parsers)
+    if opts is not None:
+        check_server_options(space, opts, dialect)
+        source = "parser"
+    else:  # the fallback: option strings read from --help
+        server = cache.get(list(space.server.launcher()), space.server.env, where="server")
+        bad = unsupported(server.flags, server_flags(space))
+        if bad:
+            raise ConfigError(f"server: {server.describe()} does not accept {', '.join(bad)}; "
+                              "remove or rename the flag, or install a server version that has it")
+        source = "help"
+    space = resolve_bench(space)
     bench = cache.get([space.bench.python, "-m", space.bench.module], space.bench.env, where="bench")
     bad = unsupported(bench.flags, bench_flags(space))
     if bad:
         raise ConfigError(f"bench: {bench.describe()} does not accept {', '.join(bad)}; "
                           "remove or rename the flag, or install a bench client version that has it")
-    return CompatReport(server, bench)
+    return CompatReport(dialect, source, bench, space)
+
+
+def _value_problem(opt: Mapping[str, Any], value: Any) -> str | None:
+    """Why the parser would refuse `value` for this option (choices and int/float types), or None."""
+    if opt.get("kind") in ("store_true", "store_false"):
+        return None if isinstance(value, bool) else f"is an on/off switch, got {value!r}"
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        text = str(v).lower() if isinstance(v, bool) else str(v)
+        choices = opt.get("choices")
+        if choices is not None and text not in [str(c) for c in choices]:
+            return f"{text!r} is not one of its choices {list(choices)}"
+        kind = opt.get("type")
+        try:
+            if kind == "int":
+                int(text)
+            elif kind == "float":
+                float(text)
+        except ValueError:
+            return f"takes an {kind}, got {text!r}"
+    return None
+
+
+def check_server_options(space: Any, opts: ServerOptions, dialect: ServerDialect) -> None:
+    """Raise ConfigError, in one line, for the first tuned or fixed flag the server's parser does
+    not define, or a value it would refuse (a choice it lacks, a number that is not one)."""
+    wanted = server_flags(space)
+    bad = unsupported(opts.flags, wanted)
+    if bad:
+        raise ConfigError(f"server: {dialect.describe()} has no {', '.join(bad)}; remove it from the space "
+                          "or install a server version that has it")
+    for p in space.params:
+        opt = opts.by_flag.get(f"--{p.flag}")
+        if opt is None:
+            continue
+        for value in p.choices or ():
+            if (why := _value_problem(opt, value)) is not None:
+                raise ConfigError(f"params.{p.flag}: {why} ({dialect.describe()}); fix the choices")
+    for key, value in space.server.args.items():
+        opt = opts.by_flag.get(f"--{key}")
+        if opt is not None and value is not None and value != AUTO and (why := _value_problem(opt, value)) is not None:
+            raise ConfigError(f"server.args.{key}: {why} ({dialect.describe()}); fix the value")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.errors import KttuneError
+from tuner.preflight.dialect import is_simulated
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 _PROBE_TAG = "KTTUNE_PROBE "
@@ -324,10 +325,6 @@ def _storage_checks(url: str, study: str | None, artifact_dir: Path | None) -> l
 # --------------------------------------------------------------------------- all together
 
 
-def is_simulated(space: Any) -> bool:
-    return any("tuner.sim" in part for part in space.server.launcher())
-
-
 def _server_checks(space: Any, simulated: bool, timeout_s: float, run: Runner) -> list[Check]:
     srv = space.server
     python = srv.command[0] if srv.command else srv.python
@@ -345,21 +342,50 @@ def _server_checks(space: Any, simulated: bool, timeout_s: float, run: Runner) -
         out.append(_module_check("server: sglang", probe, err, "sglang", fix))
         if uses_kt:
             out.append(_module_check("server: kt_kernel", probe, err, "kt_kernel", "pip install kt-kernel in the server env (see the seed guide)"))
-    from tuner.preflight.compat import server_flags
-
-    known, herr = help_flags(srv.launcher(), srv.env, timeout_s, run)
-    out.append(_flags_check("server flags", server_flags(space), known, herr, srv.module or " ".join(srv.launcher())))
+    out += _dialect_checks(space, timeout_s, run)
     return out
 
 
+def _dialect_checks(space: Any, timeout_s: float, run: Runner) -> list[Check]:
+    """The server's dialect, and its flags from its own parser (from --help where it has none)."""
+    from tuner.errors import ConfigError
+    from tuner.preflight.compat import check_server_options, server_flags, server_options
+    from tuner.preflight.dialect import ParserCache
+
+    dialect, opts, why = server_options(space, parsers=ParserCache(timeout_s=max(timeout_s, 1.0)), timeout_s=timeout_s)
+    out = [Check("server dialect", OK if dialect.name != "unknown" else WARN,
+                 f"{dialect.describe()}, server info at {dialect.server_info_endpoint or '?'}",
+                 "point server.python at the interpreter that has sglang-kt or sglang")]
+    if opts is None:
+        known, herr = help_flags(space.server.launcher(), space.server.env, timeout_s, run)
+        out.append(_flags_check("server flags", server_flags(space), known, herr,
+                                f"{space.server.module or ' '.join(space.server.launcher())} --help (its parser: {why})"))
+        return out
+    try:
+        check_server_options(space, opts, dialect)
+    except ConfigError as exc:
+        return [*out, Check("server flags", FAIL, str(exc), "remove or fix them in the space")]
+    return [*out, Check("server flags", OK, f"all {len(server_flags(space))} flags kttune would pass are defined by "
+                        f"{dialect.describe()}'s own parser ({len(opts.flags)} options)")]
+
+
 def _bench_checks(space: Any, timeout_s: float, run: Runner) -> list[Check]:
+    from tuner.bench import resolve_bench
     from tuner.preflight.compat import bench_flags
 
     b = space.bench
     probe, err = probe_modules(b.python, ["sglang"], b.env, timeout_s, run)
     out = [_module_check("bench: sglang", probe, err, "sglang",
                          "point bench.python at an env with sglang (scripts/bench-venv.sh makes one without torch)")]
-    known, herr = help_flags([b.python, "-m", b.module], b.env, timeout_s, run)
+    named = space.bench.module is not None
+    try:
+        space = resolve_bench(space)
+        b = space.bench
+    except KttuneError as exc:
+        return [*out, Check("bench client", FAIL, str(exc), "install sglang in bench.python or set bench.module")]
+    out.append(Check("bench client", OK, f"{b.module}" + (" (set in the space)" if named else " (found)")
+                     + (", takes --goodput" if b.goodput else "")))
+    known, herr = help_flags([b.python, "-m", str(b.module)], b.env, timeout_s, run)
     out.append(_flags_check("bench flags", bench_flags(space), known, herr, b.module))
     return out
 

@@ -3,6 +3,7 @@ rule) and write its flags as a `sglang.launch_server --config` profile."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import SearchSpace
 from tuner.errors import ConfigError, KttuneError
+from tuner.preflight import ProfileVerdict, check_profile
 from tuner.report.outpath import check_out_file
 from tuner.report.profile import SIMULATOR_MODULE, render_profile, servable_profile, write_atomic
 from tuner.report.status import no_feasible_message
@@ -72,7 +74,10 @@ def pick_trial(study: optuna.Study, trial_number: int | None, *, space: SearchSp
 
 def export_profile(space: SearchSpace, study_name: str, storage: str, out: Path,
                    trial_number: int | None = None, weights: Mapping[str, float] | None = None, *,
-                   keep_benchmark_flags: bool = False) -> Path:
+                   keep_benchmark_flags: bool = False) -> tuple[Path, ProfileVerdict]:
+    """Write the chosen trial's profile to `out` once the space's server has parsed it with its
+    own ``--config`` merger (:func:`tuner.preflight.check_profile`); returns the path and who
+    checked it. A refusal is a ConfigError naming the key, and nothing is left at `out`."""
     check_out_file(out)  # before the study is read: a bad --out is known now
     study = load_study(study_name, storage)
     trial = pick_trial(study, trial_number, space=space, weights=weights)
@@ -84,5 +89,11 @@ def export_profile(space: SearchSpace, study_name: str, storage: str, out: Path,
         f"{len(group.values)} launches, objective mean {group.mean:.4g} ± {group.spread:.2g}"
     text = render_profile(trial, profile, study_name=study_name, objectives=[o.key for o in space.objectives],
                           measured=measured)
-    write_atomic(out, text)
-    return out
+    staged = out.with_name(f".{out.stem}.{os.getpid()}.check{out.suffix or '.yaml'}")
+    write_atomic(staged, text)
+    try:
+        verdict = check_profile(space, staged)
+        os.replace(staged, out)
+    finally:
+        staged.unlink(missing_ok=True)
+    return out, verdict

@@ -1,4 +1,5 @@
-"""Server process management: launch, readiness, log classification, teardown."""
+"""Server process management: launch, readiness, log classification, the server-info
+read-back, teardown."""
 from __future__ import annotations
 
 from tuner.server.argv import build_server_argv, flag_args
@@ -40,6 +41,7 @@ from tuner.server.recorder import (
     start_recording,
     stop_and_dump,
 )
+from tuner.server.server_info import SERVER_INFO_ENDPOINTS, fetch_server_info, memory_from_server_info
 from tuner.server.teardown import GpuMonitor, TeardownReport, kill_orphan, stop_server
 from tuner.server.watchdog import die_with_tuner
 
@@ -58,6 +60,7 @@ __all__ = [
     "READY_LINE",
     "RECORDER_DIR_ENV",
     "RECORDER_FLAGS",
+    "SERVER_INFO_ENDPOINTS",
     "ServerHandle",
     "TOKEN_ENV",
     "TeardownReport",
@@ -69,6 +72,7 @@ __all__ = [
     "client_host",
     "die_with_tuner",
     "find_dump",
+    "fetch_server_info",
     "find_failures",
     "find_leftovers",
     "find_free_port",
@@ -77,6 +81,7 @@ __all__ = [
     "is_alive",
     "kill_orphan",
     "leftover_note",
+    "memory_from_server_info",
     "parse_memory_lines",
     "port_is_free",
     "reap_leftovers",

@@ -1,5 +1,11 @@
 """Classify SGLang / kt-kernel server logs: failure reasons, readiness, memory figures.
 
+Both dialects' lines are read (see docs/server-versions.md): sglang-kt 0.7.x
+(``KV Cache is allocated. #tokens: N, ...``, ``Capture cuda graph end. Time elapsed: T s. mem
+usage=X GB. avail mem=Y GB.``) and upstream sglang 0.5.2x (a ``dtype:`` field and an optional
+label in the KV line, ``VA upper bound`` under post-capture sizing, and one comma-separated
+``Capture <name> CUDA graph end. elapsed=T s, mem usage=X GB, avail mem=Y GB.`` line per graph).
+
 Reasons are stable strings that the outcome mapping (tuner/outcome.py) keys on. OOMs are
 split by startup phase: ``oom_weights`` (before every TP rank logged ``Load weight
 end``), ``oom_kv_alloc`` (weights loaded, KV pool not yet allocated) and ``oom``
@@ -23,7 +29,7 @@ _FAILURES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("port_in_use", re.compile(r"address already in use", re.IGNORECASE)),
     ("kt_not_enabled", re.compile(r"Either kt_num_gpu_experts or kt_gpu_experts_ratio is required")),
     ("kv_not_enough_memory", re.compile(r"Not enough memory\. Please try to increase --mem-fraction-static")),
-    ("cuda_graph_failed", re.compile(r"Capture cuda graph failed")),
+    ("cuda_graph_failed", re.compile(r"Capture (?:[\w-]+ )*?(?:cuda|CUDA) graph failed")),
     ("oom", re.compile(r"CUDA out of memory|torch\.OutOfMemoryError|CUDA error: out of memory")),
     ("watchdog_timeout", re.compile(r"[Ww]atchdog timeout")),
     ("warmup_failed", re.compile(r"Initialization failed\. warmup error")),
@@ -93,7 +99,7 @@ class _Phase:
             self.any_loaded = True
             if rank is not None:
                 self.ranks_loaded.add(rank)
-        if "KV Cache is allocated" in line or READY_LINE in line or "Capture cuda graph" in line:
+        if _KV_LINE.search(line) or READY_LINE in line or _GRAPH_CAPTURE.search(line):
             self.kv_allocated = True
 
     def oom_reason(self) -> str:
@@ -227,9 +233,15 @@ _FLOAT = r"([0-9]+(?:\.[0-9]+)?)"
 _MEM_USAGE = re.compile(r"mem usage=" + _FLOAT + r" GB")
 _AVAIL = re.compile(r"avail mem=" + _FLOAT + r" GB")
 _WEIGHT_BEGIN = re.compile(r"Load weight begin\. avail mem=" + _FLOAT + " GB")
-_KV_TOKENS = re.compile(r"KV Cache is allocated\. #tokens: (\d+)")
-_KV_MLA = re.compile(r"KV Cache is allocated\. #tokens: (\d+), KV size: " + _FLOAT + " GB")
-_KV_GQA = re.compile(r"KV Cache is allocated\. #tokens: (\d+), K size: " + _FLOAT + r" GB, V size: " + _FLOAT + " GB")
+# "[label ]KV Cache is allocated|VA upper bound.[ dtype: D,] #tokens: N": the label and dtype
+# are upstream's; the pool's size follows as "KV size" (MLA) or "K size ..., V size ..." (MHA).
+_KV_LINE = re.compile(r"KV Cache (?:is allocated|VA upper bound)\.(?: dtype: [^,]*,)? #tokens: (\d+)")
+_KV_MLA = re.compile(_KV_LINE.pattern + r", KV size: " + _FLOAT + " GB")
+_KV_GQA = re.compile(_KV_LINE.pattern + r", K size: " + _FLOAT + r" GB, V size: " + _FLOAT + " GB")
+# One line per captured graph: "Capture cuda graph end." and "Capture piecewise CUDA graph end."
+# (sglang-kt), "Capture target decode CUDA graph end." (upstream); begin lines share the stem.
+_GRAPH_CAPTURE = re.compile(r"Capture (?:[\w-]+ )*?(?:cuda|CUDA) graph (?:begin|end)\b")
+_GRAPH_END = re.compile(r"Capture (?:[\w-]+ )*?(?:cuda|CUDA) graph end\.")
 _CLIP = re.compile(r"max_total_tokens=(\d+) is larger than the profiled value (\d+)")
 _SUMMARY_INT = ("max_total_num_tokens", "chunked_prefill_size", "max_prefill_tokens", "max_running_requests", "context_len")
 _SUMMARY_AVAIL = re.compile(r"available_gpu_mem=" + _FLOAT + " GB")
@@ -262,7 +274,7 @@ def kv_cache_allocated(line: str) -> tuple[int, float | None] | None:
         return int(gqa.group(1)), float(gqa.group(2)) + float(gqa.group(3))
     if mla := _KV_MLA.search(line):
         return int(mla.group(1)), float(mla.group(2))
-    m = _KV_TOKENS.search(line)
+    m = _KV_LINE.search(line)
     return (int(m.group(1)), None) if m else None
 
 
@@ -281,8 +293,10 @@ def memory_pool_end(line: str) -> float | None:
 
 
 def cuda_graph_end(line: str) -> tuple[float | None, float | None] | None:
-    """(graph GiB, avail GiB) from ``Capture cuda graph end. ... mem usage=X GB. avail mem=Y GB.``"""
-    if "Capture cuda graph end" not in line:
+    """(graph GiB, avail GiB) of one captured graph: ``Capture cuda graph end. ... mem usage=X GB.
+    avail mem=Y GB.`` (sglang-kt) or ``Capture <name> CUDA graph end. ..., mem usage=X GB, avail
+    mem=Y GB.`` (upstream)."""
+    if not _GRAPH_END.search(line):
         return None
     usage, avail = _MEM_USAGE.search(line), _AVAIL.search(line)
     return (float(usage.group(1)) if usage else None, float(avail.group(1)) if avail else None)
@@ -314,7 +328,8 @@ def parse_memory_lines(text: str) -> dict[str, Any]:
     ``weight_mem_gib_by_rank`` ({rank: GiB}), ``weight_avail_gib`` (min over ranks),
     ``kv_tokens``, ``kv_size_gib`` (K+V for GQA), ``kv_clip_requested_tokens`` and
     ``kv_clip_profiled_tokens`` (the "larger than the profiled value" warning),
-    ``pool_avail_gib``, ``cuda_graph_mem_gib``, ``cuda_graph_avail_gib``, and from the
+    ``pool_avail_gib``, ``cuda_graph_mem_gib`` (all graphs a rank captured, the largest rank),
+    ``cuda_graph_avail_gib``, ``weight_begin_avail_gib`` (free before the weights), and from the
     scheduler summary ``max_total_num_tokens``, ``chunked_prefill_size``,
     ``max_prefill_tokens``, ``max_running_requests``, ``context_len``,
     ``available_gpu_mem_gib``. Untagged lines count as rank 0.
@@ -328,9 +343,12 @@ def parse_memory_lines(text: str) -> dict[str, Any]:
     def keep_max(key: str, value: float) -> None:
         out[key] = max(out.get(key, value), value)
 
+    graphs_by_rank: dict[int, float] = {}
     for line in text.splitlines():
         rank = _rank(line) or 0
-        if (end := weight_load_end(line)) is not None:
+        if (begin := weight_load_begin(line)) is not None:
+            keep_min("weight_begin_avail_gib", begin)
+        elif (end := weight_load_end(line)) is not None:
             avail, usage = end
             if usage is not None:
                 by_rank[rank] = usage
@@ -348,11 +366,13 @@ def parse_memory_lines(text: str) -> dict[str, Any]:
         elif (graph := cuda_graph_end(line)) is not None:
             usage, avail = graph
             if usage is not None:
-                keep_max("cuda_graph_mem_gib", usage)
+                graphs_by_rank[rank] = graphs_by_rank.get(rank, 0.0) + usage
             if avail is not None:
                 keep_min("cuda_graph_avail_gib", avail)
         elif "max_total_num_tokens=" in line:
             out.update(scheduler_figures(line))
+    if graphs_by_rank:
+        out["cuda_graph_mem_gib"] = round(max(graphs_by_rank.values()), 4)
     if by_rank:
         out["weight_mem_gib_by_rank"] = by_rank
         out["weight_mem_gib"] = max(by_rank.values())
@@ -378,6 +398,7 @@ def worst_memory_figures(text: str) -> dict[str, Any]:
             found.setdefault(key, []).append(value)
 
     clip: tuple[int, int] | None = None
+    graphs_by_rank: dict[int, float] = {}
     for line in text.splitlines():
         add("weight_begin_avail_gib", weight_load_begin(line))
         if (end := weight_load_end(line)) is not None:
@@ -388,13 +409,16 @@ def worst_memory_figures(text: str) -> dict[str, Any]:
             add("kv_size_gib", kv[1])
         if clip is None:
             clip = kv_clip(line)
-        if (graph := cuda_graph_end(line)) is not None:
-            add("cuda_graph_mem_gib", graph[0])
+        if (graph := cuda_graph_end(line)) is not None and graph[0] is not None:
+            rank = _rank(line) or 0
+            graphs_by_rank[rank] = graphs_by_rank.get(rank, 0.0) + graph[0]
         for key, value in scheduler_figures(line).items():
             add(key, value)
         per_layer, total = kt_gpu_experts(line)
         add("kt_gpu_experts_per_layer", per_layer)
         add("kt_total_gpu_experts", total)
+    if graphs_by_rank:  # one line per captured graph: a rank's graphs add up
+        found["cuda_graph_mem_gib"] = [round(v, 4) for v in graphs_by_rank.values()]
     out: dict[str, Any] = {key: (min if key in _WORST_MIN else max)(values) for key, values in found.items()}
     if clip is not None:
         out["kv_clip_requested_tokens"], out["kv_clip_profiled_tokens"] = clip

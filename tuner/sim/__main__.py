@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuner.sim.args import PROG, ConfigFileError, SimArgs, UsageError, format_server_args, parse_args
+from tuner.sim.dialect import VERSIONS, memory_usage, startup_lines
 from tuner.sim.faults import ProcessTree, native_crash_lines, scheduler_exception_lines
 from tuner.sim.log import Log
 from tuner.sim.server.routes import build_app
@@ -71,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tuner.sim.gains import main as gains_main
 
         return gains_main(argv[1:])
+    if argv[:1] == ["dump-args"]:  # `python -m tuner.sim dump-args [--sim-dialect NAME]`: its parser, as kttune reads a server's
+        return _dump_args(argv[1:])
+    if argv[:1] == ["check-config"]:  # `python -m tuner.sim check-config FILE [--sim-dialect NAME]`
+        return _check_config(argv[1], argv[2:]) if len(argv) > 1 else 2
     try:
         args = parse_args(argv)
     except UsageError as exc:
@@ -171,21 +176,27 @@ class _Launcher:
         await self.sleep(2.0)
         log("Init torch distributed begin.", tp=0)
         await self.sleep(1.0)
-        log("Init torch distributed ends. elapsed=1.00 s, mem usage=0.09 GB", tp=0)
-        log(f"Load weight begin. avail mem={free_gib:.2f} GB", tp=0)
-        lines = list(st.log_lines)
-        while lines and not lines[0].startswith("Load weight end"):
-            log(lines.pop(0), tp=0)  # KT placement lines come from model init, before the weights
+        sim = self.args.sim
+        captured = min(st.config.graph_max_bs, st.max_running_requests) if st.config else 0
+        for line in startup_lines(["Init torch distributed ends. elapsed=1.00 s, mem usage=0.09 GB",
+                                   f"Load weight begin. avail mem={free_gib:.2f} GB"], sim.dialect, memory_log=sim.memory_log):
+            log(line, tp=0)
+        raw = list(st.log_lines)  # KT placement lines come from model init, before the weights
+        cut = next((i for i, line in enumerate(raw) if line.startswith("Load weight end")), len(raw))
+        for line in startup_lines(raw[:cut], sim.dialect, memory_log=sim.memory_log):
+            log(line, tp=0)
+        lines = startup_lines(raw[cut:], sim.dialect, memory_log=sim.memory_log, captured_bs=max(captured, 1))
         if self.faults.hang_at_start:
             await asyncio.Event().wait()
         if self.faults.crash_at_start:
             await self.sleep(0.3 * load_s)
             return self._native_crash()
         await self._load_weights(self.faults.slow_start_s + load_s * _load_share(st, free_gib))
+        if not sim.memory_log and st.ok and st.config and st.config.graph_max_bs:
+            await self.sleep(5 + 0.3 * captured)  # the capture takes its time, logged or not
         for line in lines:
-            if line.startswith("Capture cuda graph end"):
-                found = re.search(r"Time elapsed: ([0-9.]+) s", line)
-                await self.sleep(float(found.group(1)) if found else 5.0)
+            if found := re.search(r"Capture .*graph end\. (?:Time elapsed: |.*elapsed=)([0-9.]+) s", line):
+                await self.sleep(float(found.group(1)))
             log(line, tp=0)
             if self.faults.stalls_after(line):
                 await asyncio.Event().wait()
@@ -210,9 +221,10 @@ class _Launcher:
             tokenizer_path=self.args.tokenizer_path,
             context_len=(st.config.context_len if st.config else model.context_len),
             max_total_num_tokens=st.kv_tokens,
-            memory_usage={"weight": round(mem.get("weights", 0.0), 2), "kvcache": round(mem.get("kv", 0.0), 2),
-                          "token_capacity": int(st.kv_tokens), "graph": round(mem.get("graphs", 0.0), 2)},
-            captured_bs=min(st.config.graph_max_bs, st.max_running_requests) if st.config else 0,
+            memory_usage=memory_usage(sim.dialect, weight=mem.get("weights", 0.0), kvcache=mem.get("kv", 0.0),
+                                      token_capacity=st.kv_tokens, graph=mem.get("graphs", 0.0),
+                                      startup_available=st.runtime_free_gb),
+            captured_bs=captured, version=VERSIONS[sim.dialect],
             **_hf_config(self.args.server["model_path"], model.name),
         )
         return await self._serve(engine, info, tokenizer, st)
@@ -353,6 +365,36 @@ class _Launcher:
         self.log("Received sigquit from a child process. It usually means the child failed.")
         self.tree.die(signal.SIGKILL)
         return 137  # not reached
+
+
+def _dump_args(argv: Sequence[str]) -> int:
+    """The parser of the dialect asked for, as tuner/preflight/parser_probe.py dumps a real
+    server's, with the package and version that dialect's metadata names."""
+    from tuner.preflight import PARSER_TAG, dump_parser
+    from tuner.sim.args import DIALECT_PACKAGES, build_parser, dialect_of
+
+    dialect = dialect_of(argv)
+    package, version = DIALECT_PACKAGES[dialect]
+    out = {**dump_parser(build_parser(dialect)), "dialect": dialect, "package": package, "version": version}
+    print(PARSER_TAG + json.dumps(out), flush=True)
+    return 0
+
+
+def _check_config(path: str, argv: Sequence[str]) -> int:
+    """`--config FILE` merged and parsed strictly (as the real server refuses any unknown flag),
+    answered as tuner/preflight/parser_probe.py's check-config."""
+    from tuner.preflight import PARSER_TAG
+    from tuner.sim.args import build_parser, dialect_of, merge_config
+
+    parser = build_parser(dialect_of(argv))
+    try:
+        merged = merge_config(parser, ["--config", path])
+        parser.parse_args(merged)
+        out: dict[str, Any] = {"ok": True, "argv": merged}
+    except (UsageError, ConfigFileError) as exc:
+        out = {"ok": False, "error": str(exc)}
+    print(PARSER_TAG + json.dumps(out), flush=True)
+    return 0
 
 
 def _connect_host(host: str) -> str:

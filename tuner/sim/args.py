@@ -4,6 +4,10 @@ The parser mirrors the real one where kttune can observe it: flag names and alia
 defaults, store_true flags, `--config FILE.yaml` merging (sglang `server_args_config_parser.py`),
 and `error: unrecognized arguments` (exit 2) for removed `--kt-amx-*` flags. Other unknown flags
 are tolerated and reported as warnings, as a newer server would accept flags this copy lacks.
+
+`--sim-dialect` picks which server it plays: `sglang-kt` (0.7.2, the default) or `upstream`
+(sglang 0.5.23), whose parser has only six `--kt-*` flags (`srt/arg_groups/fields/exec_.py`) and
+refuses the others as unrecognized arguments, and adds the paged-experts offload flags.
 """
 from __future__ import annotations
 
@@ -132,7 +136,20 @@ _FLAGS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("--config",), dict(type=str, default=None)),
 )
 
-SIM_DESTS = ("sim_scenario", "sim_time_scale", "sim_noise", "sim_seed", "sim_fault")
+SIM_DESTS = ("sim_scenario", "sim_time_scale", "sim_noise", "sim_seed", "sim_fault", "sim_dialect",
+             "sim_no_memory_log")
+DIALECTS = ("sglang-kt", "upstream")
+DEFAULT_DIALECT = "sglang-kt"
+# (distribution, version) each dialect reports, as its package metadata would.
+DIALECT_PACKAGES = {"sglang-kt": ("sglang-kt", "0.7.2"), "upstream": ("sglang", "0.5.23")}
+# sglang-kt's KT flags that upstream 0.5.23 does not have.
+UPSTREAM_LACKS = ("--kt-numa-nodes", "--kt-gpu-experts-ratio", "--kt-gpu-prefill-token-threshold",
+                  "--record-kt-gpu-expert-distribution", "--kt-enable-dynamic-expert-update",
+                  "--kt-expert-placement-strategy")
+_UPSTREAM_ONLY: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
+    (("--enable-paged-experts",), dict(action="store_true")),
+    (("--paged-experts-num-resident",), dict(type=int, default=None)),
+)
 
 
 class UsageError(Exception):
@@ -161,6 +178,8 @@ class SimOptions:
     noise: float
     seed: int | None
     faults: Faults
+    dialect: str = DEFAULT_DIALECT
+    memory_log: bool = True  # False: no memory figures in the log (only the server-info read-back has them)
 
 
 @dataclass(frozen=True)
@@ -184,11 +203,16 @@ class SimArgs:
         return self.server["tokenizer_path"] or self.server["model_path"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The launch_server parser plus the `--sim-*` flags (defaults from KTTUNE_SIM_* env)."""
+def build_parser(dialect: str = DEFAULT_DIALECT) -> argparse.ArgumentParser:
+    """The launch_server parser of `dialect` plus the `--sim-*` flags (defaults from KTTUNE_SIM_* env)."""
     parser = _Parser(prog=PROG)
     for flags, kwargs in _FLAGS:
+        if dialect == "upstream" and flags[0] in UPSTREAM_LACKS:
+            continue
         parser.add_argument(*flags, **kwargs)
+        if dialect == "upstream" and flags[0] == "--kt-max-deferred-experts-per-token":
+            for more, more_kwargs in _UPSTREAM_ONLY:
+                parser.add_argument(*more, **more_kwargs)
     env = os.environ
     sim = parser.add_argument_group("simulator")
     sim.add_argument("--sim-scenario", default=env.get("KTTUNE_SIM_SCENARIO"))
@@ -197,17 +221,35 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--sim-noise", type=float, default=env.get("KTTUNE_SIM_NOISE") or "0.025")
     sim.add_argument("--sim-seed", type=int, default=env.get("KTTUNE_SIM_SEED") or None)
     sim.add_argument("--sim-fault", default=env.get("KTTUNE_SIM_FAULT", ""))
+    sim.add_argument("--sim-dialect", choices=DIALECTS, default=env.get("KTTUNE_SIM_DIALECT") or DEFAULT_DIALECT)
+    sim.add_argument("--sim-no-memory-log", action="store_true",
+                     default=env.get("KTTUNE_SIM_NO_MEMORY_LOG", "") not in ("", "0"))
     return parser
+
+
+def dialect_of(argv: Sequence[str]) -> str:
+    """The `--sim-dialect` an argv asks for (else KTTUNE_SIM_DIALECT, else sglang-kt); an
+    unknown name is left for the parser to refuse."""
+    for i, arg in enumerate(argv):
+        if arg == "--sim-dialect" and i + 1 < len(argv):
+            return argv[i + 1] if argv[i + 1] in DIALECTS else DEFAULT_DIALECT
+        if arg.startswith("--sim-dialect="):
+            value = arg.split("=", 1)[1]
+            return value if value in DIALECTS else DEFAULT_DIALECT
+    value = os.environ.get("KTTUNE_SIM_DIALECT") or DEFAULT_DIALECT
+    return value if value in DIALECTS else DEFAULT_DIALECT
 
 
 def parse_args(argv: Sequence[str]) -> SimArgs:
     """Parse like `prepare_server_args`; raises UsageError (exit 2) or ConfigFileError (exit 1)."""
-    parser = build_parser()
     argv = list(argv)
+    dialect = dialect_of(argv)
+    parser = build_parser(dialect)
     if "--config" in argv:
         argv = merge_config(parser, argv)
     ns, unknown = parser.parse_known_args(argv)
-    removed = [u for u in unknown if u.startswith(REMOVED_PREFIXES)]
+    lacking = REMOVED_PREFIXES + (UPSTREAM_LACKS if dialect == "upstream" else ())
+    removed = [u for u in unknown if u.split("=", 1)[0].startswith(lacking)]
     if removed:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)}", parser.format_usage())
     values = vars(ns)
@@ -228,8 +270,12 @@ def parse_args(argv: Sequence[str]) -> SimArgs:
         noise=values["sim_noise"],
         seed=values["sim_seed"],
         faults=faults,
+        dialect=values["sim_dialect"],
+        memory_log=not values["sim_no_memory_log"],
     )
-    server = {k: v for k, v in values.items() if k not in SIM_DESTS and k != "config"}
+    # A dialect without a flag runs as if it were unset (the model reads every dest).
+    defaults = {a.dest: a.default for a in build_parser(DEFAULT_DIALECT)._actions if a.dest not in SIM_DESTS}
+    server = {k: v for k, v in {**defaults, **values}.items() if k not in SIM_DESTS and k not in ("config", "help")}
     return SimArgs(server=server, unknown=tuple(unknown), sim=sim)
 
 

@@ -27,7 +27,10 @@ ATTR_SPARE_GB = "spare_gpu_mem_gb"  # predicted GPU memory to spare at launch (w
 ATTR_MARGINAL = "inside_margin"  # launched although predicted to fit only inside the safety margin
 ATTR_ARGV = "argv"
 ATTR_TIMINGS = "timings"  # seconds per phase: ready_s, quality_s, bench_<workload>_s, teardown_s
-ATTR_MEMORY = "memory"  # memory figures the server logged
+# Memory figures the server reported (tuner.server.parse_memory_lines names, GiB as printed):
+# the server-info read-back's where it has them (tuner.server.memory_from_server_info), the log's
+# for the rest; ``server_info_endpoint`` names the endpoint that answered.
+ATTR_MEMORY = "memory"
 ATTR_KV_NEED = "kv_need_tokens"  # {workload: KV tokens its offered concurrency needs at once with these flags}
 ATTR_WALL_S = "wall_s"
 ATTR_PREDICTED_CONSTRAINTS = "predicted_constraints"  # the feasibility prediction it was launched on
@@ -47,6 +50,9 @@ STUDY_ATTR_QUALITY_REF = "kttune:quality_reference"
 STUDY_ATTR_RECORDING_TRIAL = "kttune:expert_recording_trial"
 STUDY_ATTR_EXPERT_DISTRIBUTION = "kttune:expert_distribution"
 STUDY_ATTR_ARTIFACT_DIR = "kttune:artifact_dir"
+# The server found before the first launch (tuner.preflight.ServerDialect.to_attr): dialect,
+# package, version, interpreter, server-info endpoint, simulated.
+STUDY_ATTR_SERVER = "kttune:server"
 
 
 def metrics_of(t: FrozenTrial) -> dict[str, float]:

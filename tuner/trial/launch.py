@@ -25,9 +25,11 @@ from tuner.server import (
     build_server_argv,
     decisive_line,
     failure_message,
+    fetch_server_info,
     find_dump,
     find_free_port,
     is_alive,
+    memory_from_server_info,
     parse_memory_lines,
     recorder_dir,
     silent_fallback,
@@ -68,6 +70,9 @@ class TrialRun:
     # and why a recording asked for left none.
     expert_distribution: str | None = None
     recording_error: str | None = None
+    # Memory figures the server-info endpoint reported after readiness (named as the log
+    # parser names them): the primary source, the log fills in what it lacks.
+    read_back: dict[str, Any] = field(default_factory=dict)
 
     def log_text(self) -> str:
         return _read(self.trial_dir / "server.log")
@@ -137,6 +142,7 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
         try:
             run.timings["ready_s"] = wait_ready(handle, timeout_s=space.server.start_timeout_s,
                                                 stall_timeout_s=space.server.stall_timeout_s)
+            run.read_back = read_back_memory(handle.base_url, _auth_headers(flags))
             fallback = silent_fallback(_read(handle.log_path))
             if fallback is not None:
                 run.outcome = outcome.failure(space, fallback.reason, f"the server ignored its configuration: "
@@ -156,8 +162,8 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
             if probe is not None and on_probe is not None:
                 phase(f"probing {probe.name}")
                 res = run_workload(space.bench, probe, host=host, port=port, trial_dir=trial_dir,
-                                   tokenizer=bench_tokenizer(space, flags), server_alive=lambda: is_alive(handle),
-                                   env=_bench_auth_env(flags))
+                                   tokenizer=bench_tokenizer(space, flags), slos=space.slos,
+                                   server_alive=lambda: is_alive(handle), env=_bench_auth_env(flags))
                 metrics.update({f"{probe.name}.{k}": v for k, v in res.metrics.items()})
                 run.timings[f"bench_{probe.name}_s"] = res.wall_s
                 base = probe.name[:-len(PROBE_SUFFIX)]
@@ -168,7 +174,7 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
             for w in space.workloads:
                 phase(f"benchmarking {w.name}")
                 res = run_workload(space.bench, w, host=host, port=port, trial_dir=trial_dir,
-                                   tokenizer=bench_tokenizer(space, flags),
+                                   tokenizer=bench_tokenizer(space, flags), slos=space.slos,
                                    server_alive=lambda: is_alive(handle), env=_bench_auth_env(flags))
                 metrics.update({f"{w.name}.{k}": v for k, v in res.metrics.items()})
                 run.timings[f"bench_{w.name}_s"] = res.wall_s
@@ -203,8 +209,18 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
         finally:
             scrub_secrets(space, trial_dir)
     # Once, on the complete log: the start-up memory lines are there whatever happened later.
-    run.memory = parse_memory_lines(_read(handle.log_path))
+    run.memory = {**parse_memory_lines(_read(handle.log_path)), **run.read_back}
     return run
+
+
+def read_back_memory(base_url: str, headers: Mapping[str, str]) -> dict[str, Any]:
+    """The server-info endpoint's memory figures plus ``server_info_endpoint`` (the path that
+    answered); empty when no endpoint answers."""
+    found = fetch_server_info(base_url, headers=headers)
+    if found is None:
+        return {}
+    figures = memory_from_server_info(found[1])
+    return {**figures, "server_info_endpoint": found[0]} if figures else {}
 
 
 def _teardown(space: SearchSpace, run: TrialRun, handle: ServerHandle, metrics: Mapping[str, float],

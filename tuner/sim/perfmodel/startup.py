@@ -192,8 +192,8 @@ def startup_check(scn: Scenario, cfg: SimConfig, *, fuzz_seed: int | None = None
         free = (free_gib - base_gib if base_gib > free_gib
                 else free_gib - base_gib - layer_gib * math.floor((free_gib - base_gib) / layer_gib))
         return _fail("weights", [_cuda_oom(layer_gib, scn, free)] + _SCHEDULER_DIED, logs, mem, rc)
-    logs.append(f"Load weight end. type={model.name}, dtype=torch.bfloat16, avail mem={free_gib - weights_gib:.2f} GB, "
-                f"mem usage={weights_gib:.2f} GB.")
+    logs.append(f"Load weight end. elapsed={2 * weights_gib:.2f} s, type={model.name}, dtype=torch.bfloat16, "
+                f"avail mem={free_gib - weights_gib:.2f} GB, mem usage={weights_gib:.2f} GB.")
     if rc.max_total_tokens is not None and rc.max_total_tokens > profiled > 0:
         logs.append(f"max_total_tokens={rc.max_total_tokens} is larger than the profiled value "
                     f"{profiled}. Use the profiled value instead.")

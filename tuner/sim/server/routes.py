@@ -13,7 +13,6 @@ from tuner.sim.server.generate import GenerateHandlers
 from tuner.sim.server.recorder import RecorderHandlers
 from tuner.sim.server.state import SimServer
 
-VERSION = "0.7.2"
 HEALTH_CHECK_TIMEOUT_S = 20.0
 
 
@@ -89,7 +88,7 @@ class InfoHandlers:
                 "last_gen_throughput": round(self.server.last_gen_throughput, 2),
                 "load": running,
             }],
-            "version": VERSION,
+            "version": self.server.info.version,
         })
 
     async def h_model_info(self, request: web.Request) -> web.Response:

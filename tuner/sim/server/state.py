@@ -57,6 +57,7 @@ class ServerInfo:
     max_total_num_tokens: int
     memory_usage: dict[str, float]
     captured_bs: int = 0          # largest decode batch replayed from a CUDA graph
+    version: str = "0.7.2"        # the package version the dialect reports
     model_type: str | None = None
     architectures: tuple[str, ...] = ()
 

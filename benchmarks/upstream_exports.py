@@ -1,0 +1,90 @@
+"""Do kttune's exports run on upstream sglang? A short sim study on every shipped sim space, its
+export, and upstream sglang 0.5.23's own ``--config`` merger and argument parser on it.
+
+    bash scripts/upstream-venv.sh && .venv/bin/python benchmarks/upstream_exports.py [--budget 2]
+
+For each ``search_spaces/sim-*.yaml``: ``kttune run --budget N`` (the simulator, the real bench
+client), ``kttune export``, then ``tuner/preflight/parser_probe.py check-config`` run by the
+upstream venv's interpreter (scripts/upstream-venv.sh: the 0.5.23 wheel --no-deps + CPU torch),
+and a look for flags that belong to the simulator (``sim-*``) or only to a benchmark
+(``disable-radix-cache``, ``disable-chunked-prefix-cache``). Prints one row per space; exits 1
+when any export is refused or carries such a flag. Studies go to a temporary directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tuner.preflight import PARSER_TAG  # noqa: E402
+from tuner.report.profile import BENCHMARK_ONLY_FLAGS, SIMULATOR_PREFIX  # noqa: E402
+
+PROBE = REPO / "tuner" / "preflight" / "parser_probe.py"
+
+
+def kttune(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tuner.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=1800)
+
+
+def upstream_parse(python: Path, profile: Path) -> tuple[bool, str]:
+    res = subprocess.run([str(python), "-W", "ignore", str(PROBE), "check-config", str(profile)], capture_output=True,
+                         text=True, timeout=600)
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith(PARSER_TAG)), None)
+    if line is None:
+        return False, f"no verdict (rc {res.returncode}): {res.stderr.strip().splitlines()[-1:] or ''}"
+    data = json.loads(line[len(PARSER_TAG):])
+    return bool(data.get("ok")), str(data.get("error") or f"{len(data.get('argv', []))} argv tokens")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=int, default=2)
+    ap.add_argument("--upstream-python", type=Path, default=REPO / ".cache" / "upstream-venv" / "bin" / "python")
+    ap.add_argument("--spaces", nargs="*", type=Path, default=sorted((REPO / "search_spaces").glob("sim-*.yaml")))
+    args = ap.parse_args(argv)
+    if not args.upstream_python.exists():
+        print(f"--upstream-python: {args.upstream_python} does not exist; run scripts/upstream-venv.sh", file=sys.stderr)
+        return 2
+    rows = [("space", "dialect", "launches", "export", "upstream 0.5.23 parser", "sim/bench flags")]
+    bad = 0
+    with tempfile.TemporaryDirectory(prefix="kttune-upstream-") as tmp:
+        for space in args.spaces:
+            study = ["--space", str(space), "--study", space.stem, "--storage", f"sqlite:///{tmp}/{space.stem}.db",
+                     "--studies-dir", f"{tmp}/studies"]
+            dialect = str((yaml.safe_load(space.read_text())["server"]["args"]).get("sim-dialect", "sglang-kt"))
+            run = kttune("run", *study, "--budget", str(args.budget), "--seed", "0")
+            launches = next((ln.split(":")[1].split()[0] for ln in run.stdout.splitlines()
+                             if ln.startswith(f"study {space.stem}:") and "launches done" in ln), "?")
+            out = Path(tmp) / f"{space.stem}.yaml"
+            exp = kttune("export", *study, "--out", str(out))
+            if run.returncode != 0 or exp.returncode != 0:
+                why = (exp.stderr or run.stderr or run.stdout).strip().splitlines()[-1:] or ["?"]
+                rows.append((space.stem, dialect, launches, f"failed: {why[0][:60]}", "-", "-"))
+                bad += 1
+                continue
+            ok, detail = upstream_parse(args.upstream_python, out)
+            keys = [str(k) for k in (yaml.safe_load(out.read_text()) or {})]
+            extra = [k for k in keys if k.startswith(SIMULATOR_PREFIX) or k in BENCHMARK_ONLY_FLAGS]
+            rows.append((space.stem, dialect, launches, f"ok ({len(keys)} keys)",
+                         "accepted" if ok else f"REFUSED: {detail[:80]}", ", ".join(extra) or "none"))
+            bad += (not ok) + bool(extra)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print(f"\n{len(rows) - 1} spaces, {bad} problem(s)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
