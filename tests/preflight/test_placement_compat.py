@@ -9,7 +9,6 @@ from tests.conftest import REPO
 from tuner.config import parse_space
 from tuner.errors import ConfigError
 from tuner.preflight.compat import check_space_compat, server_flags
-from tuner.sim.args import build_parser
 
 SPACE = REPO / "search_spaces" / "sim-kimi-k2-thinking-8xl20-placement.yaml"
 
@@ -21,10 +20,6 @@ def test_placement_spaces_check_the_recording_flags_and_not_env_params() -> None
     assert not [f for f in flags if "KT_RAWINT4_BACKEND" in f]
 
 
-_SIM_DIALECTS = any("--sim-dialect" in a.option_strings for a in build_parser()._actions)
-
-
-@pytest.mark.skipif(not _SIM_DIALECTS, reason="the simulator has no upstream-sglang dialect (--sim-dialect) yet")
 def test_an_upstream_server_refuses_placement_params_before_any_launch() -> None:
     data = yaml.safe_load(SPACE.read_text())
     data["server"]["args"]["sim-dialect"] = "upstream"
