@@ -383,7 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kttune: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("kttune: stopped; the running trial was marked interrupted and its server torn down", file=sys.stderr)
+        what = "; the running trial was marked interrupted and its server torn down" if args.command in ("run", "remeasure") else ""
+        print(f"kttune: stopped{what}", file=sys.stderr)
         return 130
 
 

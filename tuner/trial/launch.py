@@ -270,15 +270,21 @@ def _recorder(run: TrialRun, call: Callable[..., None], base_url: str, flags: Ma
     return True
 
 
-def _auth_headers(flags: Mapping[str, Any]) -> dict[str, str]:
+def _api_key(flags: Mapping[str, Any]) -> str | None:
+    """The server's api-key, which every request of ours must carry as a bearer token."""
     key = flags.get("api-key")
-    return {"Authorization": f"Bearer {key}"} if isinstance(key, str) and key else {}
+    return key if isinstance(key, str) and key else None
+
+
+def _auth_headers(flags: Mapping[str, Any]) -> dict[str, str]:
+    key = _api_key(flags)
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def _bench_auth_env(flags: Mapping[str, Any]) -> dict[str, str]:
-    """bench_serving sends OPENAI_API_KEY as a bearer token: the server's api-key, when set."""
-    key = flags.get("api-key")
-    return {"OPENAI_API_KEY": str(key)} if isinstance(key, str) and key else {}
+    """bench_serving sends OPENAI_API_KEY as its bearer token."""
+    key = _api_key(flags)
+    return {"OPENAI_API_KEY": key} if key else {}
 
 
 def scrub_secrets(space: SearchSpace, trial_dir: Path) -> None:
