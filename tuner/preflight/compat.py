@@ -27,7 +27,7 @@ from typing import Any
 
 from tuner.config import AUTO, ENV_PREFIX, EXPERT_LOCATION_FLAG
 from tuner.errors import ConfigError
-from tuner.preflight.dialect import ParserCache, ServerDialect, ServerOptions, detect_dialect
+from tuner.preflight.dialect import ParserCache, ServerDialect, ServerOptions, detect_dialect, kttune_cache
 from tuner.server import RECORDER_FLAGS
 
 DEFAULT_TIMEOUT_S = 180.0
@@ -123,16 +123,11 @@ def _module_of(command: Sequence[str]) -> tuple[str, str] | None:
     return None
 
 
-def _cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kttune" / "help"
-
-
 @dataclass
 class HelpCache:
     """``--help`` results per command. ``cache_dir=None`` keeps them in memory only."""
 
-    cache_dir: Path | None = field(default_factory=_cache_root)
+    cache_dir: Path | None = field(default_factory=lambda: kttune_cache("help"))
     timeout_s: float = DEFAULT_TIMEOUT_S
     runs: int = 0  # how many --help commands actually ran (for tests and logs)
     _memory: dict[tuple[str, ...], ToolHelp] = field(default_factory=dict)

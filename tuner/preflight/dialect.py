@@ -145,16 +145,17 @@ def detect_dialect(space: Any, *, timeout_s: float = 60.0) -> ServerDialect:
     return ServerDialect("unknown", None, None, python, endpoint)
 
 
-def _cache_root() -> Path:
+def kttune_cache(kind: str) -> Path:
+    """kttune's cache folder for `kind` (parser dumps, --help texts), under XDG_CACHE_HOME."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kttune" / "parser"
+    return Path(base) / "kttune" / kind
 
 
 @dataclass
 class ParserCache:
     """Parser dumps per interpreter and installed version; ``cache_dir=None``: memory only."""
 
-    cache_dir: Path | None = field(default_factory=_cache_root)
+    cache_dir: Path | None = field(default_factory=lambda: kttune_cache("parser"))
     timeout_s: float = 600.0  # importing sglang's server args imports torch: minutes on a cold disk
     runs: int = 0
     _memory: dict[str, ServerOptions] = field(default_factory=dict)
