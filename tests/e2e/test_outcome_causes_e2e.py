@@ -14,6 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tests.conftest import REPO, requires_bench_client
+from tuner.bench import resolve_bench
 from tuner.config import QualitySpec, SearchSpace, load_space
 from tuner.feasibility import launch_flags
 from tuner.outcome import LAUNCH_FAILED, Reason
@@ -22,13 +23,14 @@ from tuner.trial import run_trial
 pytestmark = [pytest.mark.e2e, requires_bench_client]
 
 
-def _with_args(space: SearchSpace, **args: object) -> SearchSpace:
+def _qwen_with_args(**args: object) -> SearchSpace:
+    """The qwen sim space with `args` added, its bench client found as `kttune run` finds it."""
+    space = resolve_bench(load_space(REPO / "search_spaces" / "sim-qwen3-30b-a3b-1x4090.yaml"))
     return dataclasses.replace(space, server=dataclasses.replace(space.server, args={**space.server.args, **args}))
 
 
 def test_a_kv_pool_too_small_for_the_prompts_is_a_config_fault(tmp_path: Path) -> None:
-    space = load_space(REPO / "search_spaces" / "sim-qwen3-30b-a3b-1x4090.yaml")
-    space = _with_args(space, **{"max-total-tokens": 1000})
+    space = _qwen_with_args(**{"max-total-tokens": 1000})
     run = run_trial(space, launch_flags(space, dict(space.baseline or {}), None), tmp_path / "trial")
     assert run.outcome.reason == Reason.REQUEST_TOO_LONG
     assert run.outcome.state == TrialState.COMPLETE and run.outcome.constraints[LAUNCH_FAILED] == 1.0
@@ -36,7 +38,7 @@ def test_a_kv_pool_too_small_for_the_prompts_is_a_config_fault(tmp_path: Path) -
 
 
 def test_text_lost_between_server_and_client_is_a_quality_failure_with_the_check_off(tmp_path: Path) -> None:
-    space = _with_args(load_space(REPO / "search_spaces" / "sim-qwen3-30b-a3b-1x4090.yaml"), **{"sim-fault": "empty_output"})
+    space = _qwen_with_args(**{"sim-fault": "empty_output"})
     space = dataclasses.replace(space, quality=QualitySpec(enabled=False))
     run = run_trial(space, launch_flags(space, dict(space.baseline or {}), None), tmp_path / "trial")
     assert run.outcome.reason == Reason.QUALITY and run.outcome.state == TrialState.COMPLETE
