@@ -30,7 +30,14 @@ from optuna.trial import FrozenTrial, TrialState
 from tests.conftest import REPO, requires_bench_client
 from tests.e2e.test_run_e2e import fast_space
 from tuner.server import kill_orphan
-from tuner.storage.attrs import ATTR_BASELINE, ATTR_LAUNCHED, ATTR_REASON, ATTR_WORKER, is_interrupted
+from tuner.storage.attrs import (
+    ATTR_BASELINE,
+    ATTR_CONFIRMATION_OF,
+    ATTR_LAUNCHED,
+    ATTR_REASON,
+    ATTR_WORKER,
+    is_interrupted,
+)
 from tuner.storage.open import make_storage
 
 BUDGET = 6
@@ -183,10 +190,14 @@ def _check_study(postgres: str, args: list[str], studies: Path, logs: list[Path]
     reported = set().union(*(reported_finished(log) for log in logs))
     assert reported <= {t.number for t in counted}
     assert {t.number for t in counted if t.user_attrs[ATTR_WORKER] != killed.user_attrs[ATTR_WORKER]} <= reported
-    # The baseline ran exactly once, and no configuration was launched twice.
+    # The baseline ran exactly once, and no configuration was launched twice except as a
+    # re-measurement the selection rule asked for (a confirmation of an earlier launch of it).
     assert len([t for t in counted if t.user_attrs.get(ATTR_BASELINE)]) == 1
-    params = [tuple(sorted(t.params.items())) for t in counted]
+    params = [tuple(sorted(t.params.items())) for t in counted if t.user_attrs.get(ATTR_CONFIRMATION_OF) is None]
     assert len(set(params)) == len(params)
+    for t in counted:
+        if t.user_attrs.get(ATTR_CONFIRMATION_OF) is not None:
+            assert t.params == by_number[t.user_attrs[ATTR_CONFIRMATION_OF]].params
     # Three workers did the work: more than one of them launched.
     assert len({t.user_attrs[ATTR_WORKER] for t in counted}) >= 2
 
