@@ -35,7 +35,7 @@ def kttune(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=1800)
 
 
-def upstream_parse(python: Path, profile: Path) -> tuple[bool, str]:
+def parse_with(python: Path, profile: Path) -> tuple[bool, str]:
     res = subprocess.run([str(python), "-W", "ignore", str(PROBE), "check-config", str(profile)], capture_output=True,
                          text=True, timeout=600)
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith(PARSER_TAG)), None)
@@ -45,10 +45,17 @@ def upstream_parse(python: Path, profile: Path) -> tuple[bool, str]:
     return bool(data.get("ok")), str(data.get("error") or f"{len(data.get('argv', []))} argv tokens")
 
 
+def unrecognized(error: str) -> list[str]:
+    """The flags argparse's "unrecognized arguments: --a x --b" names (values left out)."""
+    _, found, rest = error.partition("unrecognized arguments:")
+    return [tok[2:] for tok in rest.split() if tok.startswith("--")] if found else []
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=int, default=2)
     ap.add_argument("--upstream-python", type=Path, default=REPO / ".cache" / "upstream-venv" / "bin" / "python")
+    ap.add_argument("--kt-python", type=Path, default=REPO / ".cache" / "sglang-kt-venv" / "bin" / "python")
     ap.add_argument("--spaces", nargs="*", type=Path, default=sorted((REPO / "search_spaces").glob("sim-*.yaml")))
     args = ap.parse_args(argv)
     if not args.upstream_python.exists():
@@ -68,15 +75,20 @@ def main(argv: list[str] | None = None) -> int:
             exp = kttune("export", *study, "--out", str(out))
             if run.returncode != 0 or exp.returncode != 0:
                 why = (exp.stderr or run.stderr or run.stdout).strip().splitlines()[-1:] or ["?"]
-                rows.append((space.stem, dialect, launches, f"failed: {why[0][:60]}", "-", "-"))
+                rows.append((space.stem, dialect, launches, f"failed: {why[0][:60]}", "-", "-", "-"))
                 bad += 1
                 continue
-            ok, detail = upstream_parse(args.upstream_python, out)
+            kt_ok, kt_detail = parse_with(args.kt_python, out)
+            up_ok, up_detail = parse_with(args.upstream_python, out)
             keys = [str(k) for k in (yaml.safe_load(out.read_text()) or {})]
             extra = [k for k in keys if k.startswith(SIMULATOR_PREFIX) or k in BENCHMARK_ONLY_FLAGS]
+            fork_only = unrecognized(up_detail) if kt_ok and not up_ok else []
+            up_cell = ("accepted" if up_ok else f"refused, fork-only: {', '.join(fork_only)}" if fork_only
+                       else f"REFUSED: {up_detail[:80]}")
+            targeted_ok = up_ok if dialect == "upstream" else kt_ok
             rows.append((space.stem, dialect, launches, f"ok ({len(keys)} keys)",
-                         "accepted" if ok else f"REFUSED: {detail[:80]}", ", ".join(extra) or "none"))
-            bad += (not ok) + bool(extra)
+                         "accepted" if kt_ok else f"REFUSED: {kt_detail[:80]}", up_cell, ", ".join(extra) or "none"))
+            bad += (not targeted_ok) + (not up_ok and not fork_only) + bool(extra)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())

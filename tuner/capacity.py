@@ -7,6 +7,14 @@ pool that keeps the workload's offered concurrency resident until it finishes. L
 flags differ only in CPU-side knobs (`CPU_SIDE_FLAGS`) have the same memory footprint, so their
 pools are draws of the same distribution and a memory failure of one is a failure of all.
 
+Start-up free memory varies the same way, and a configuration that needs nearly all of it at run
+time (prefill activations on top of what start-up took) runs out on some fresh starts however
+often it started in the study: :func:`start_free_sd` gives the launch-to-launch spread of the free
+memory the servers found before loading weights, against which the selection rule reads a
+configuration's memory to spare; a launch that ran forwards at least as large
+(:func:`runs_at_least`) with less left after start-up (:func:`available_after_start_gb`) shows
+that much is enough.
+
 `capacities(study, objective)` gives, per configuration, the smallest pool its memory flags
 were seen with, the spread of pools across launches, and how many of those launches failed for
 memory; :class:`Capacity` judges a measured value at that smallest pool: a decode step's time
@@ -23,6 +31,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner.machine import GIB
 from tuner.outcome import is_memory_reason
 from tuner.storage import ATTR_FLAGS, ATTR_KV_NEED, ATTR_LAUNCHED, ATTR_MEMORY, ATTR_REASON
 
@@ -31,9 +40,16 @@ CPU_SIDE_FLAGS = frozenset({"kt-cpuinfer", "kt-threadpool-count", "kt-max-deferr
 # Flags whose larger value never needs less GPU memory, the rest equal (weights, activations
 # and staging, request slots and CUDA graphs, the KV pool).
 MEMORY_MONOTONE_FLAGS = ("kt-num-gpu-experts", "chunked-prefill-size", "max-running-requests", "max-total-tokens")
-# A pool closer to the need than this many standard deviations of the pools' launch-to-launch
-# spread may fall short on a fresh start (about 2 % of starts for a normal spread).
+# A pool closer to the need, or memory to spare closer to zero, than this many standard deviations
+# of the launch-to-launch spread may fall short on a fresh start (about 2 % of starts for a normal
+# spread).
 THIN_Z = 2.0
+# Flags that change what the servers find free before loading weights (one CUDA context per rank).
+_TP_FLAGS = ("tensor-parallel-size", "tp-size")
+# Flags whose larger value runs larger forwards (prefill chunks, decode batches), the rest equal,
+# and flags that size start-up memory without changing a forward.
+FORWARD_MONOTONE_FLAGS = ("chunked-prefill-size", "max-running-requests")
+_NOT_FORWARD_FLAGS = frozenset({"kt-num-gpu-experts", "max-total-tokens", "mem-fraction-static", "cuda-graph-max-bs"})
 
 
 def memory_key(t: FrozenTrial) -> tuple[Any, ...]:
@@ -148,3 +164,62 @@ def memory_failed_below(study: optuna.Study) -> list[dict[str, Any]]:
     """Flags of launches that failed for memory (a configuration needing at least as much fails too)."""
     return [dict(t.user_attrs.get(ATTR_FLAGS) or t.params) for t in study.get_trials(deepcopy=False)
             if t.user_attrs.get(ATTR_LAUNCHED) and is_memory_reason(t.user_attrs.get(ATTR_REASON))]
+
+
+def start_free_gib(t: FrozenTrial) -> float | None:
+    """Free GPU memory (GiB, the worst rank) the launch's server found before loading weights:
+    the logged figure, else what was left after the weights plus what they took."""
+    mem = t.user_attrs.get(ATTR_MEMORY) or {}
+    begin = mem.get("weight_begin_avail_gib")
+    if isinstance(begin, (int, float)) and begin > 0:
+        return float(begin)
+    after, weights = mem.get("weight_avail_gib"), mem.get("weight_mem_gib")
+    if isinstance(after, (int, float)) and isinstance(weights, (int, float)) and weights > 0:
+        return float(after) + float(weights)
+    return None
+
+
+def start_free_sd(study: optuna.Study) -> float | None:
+    """Launch-to-launch sd (decimal GB, the unit of predicted spare) of the free memory the
+    servers found before loading weights, pooled over tensor parallelisms; None before two."""
+    by_tp: dict[tuple[Any, ...], list[float]] = {}
+    for t in study.get_trials(deepcopy=False):
+        free = start_free_gib(t) if t.user_attrs.get(ATTR_LAUNCHED) else None
+        if free is not None:
+            flags = t.user_attrs.get(ATTR_FLAGS) or t.params
+            by_tp.setdefault(tuple(repr(flags.get(f)) for f in _TP_FLAGS), []).append(free * GIB / 1e9)
+    ss, df = 0.0, 0
+    for frees in by_tp.values():
+        mean = sum(frees) / len(frees)
+        ss += sum((f - mean) ** 2 for f in frees)
+        df += len(frees) - 1
+    return math.sqrt(ss / df) if df else None
+
+
+def available_after_start_gb(t: FrozenTrial) -> float | None:
+    """What the launch's server had free once started (the scheduler's ``available_gpu_mem``,
+    worst rank; decimal GB): all that its forwards may take at run time."""
+    v = (t.user_attrs.get(ATTR_MEMORY) or {}).get("available_gpu_mem_gib")
+    return float(v) * GIB / 1e9 if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else None
+
+
+def _forward_size(flags: Mapping[str, Any], flag: str) -> float:
+    v = flags.get(flag)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return math.nan
+    return math.inf if flag == "chunked-prefill-size" and v <= 0 else float(v)  # no chunking: whole prompts
+
+
+def runs_at_least(params: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
+    """`params` runs forwards at least as large as `than` (so needs at least its run-time
+    memory beyond start-up): the same flags except CPU-side ones and `_NOT_FORWARD_FLAGS`,
+    and none of `FORWARD_MONOTONE_FLAGS` smaller (no chunked-prefill-size: whole prompts)."""
+    for k in (set(params) | set(than)) - CPU_SIDE_FLAGS - _NOT_FORWARD_FLAGS:
+        if k in FORWARD_MONOTONE_FLAGS:
+            a, b = _forward_size(params, k), _forward_size(than, k)
+            if not a >= b:  # NaN (unset or not a number) compares false: not comparable
+                if params.get(k) != than.get(k):
+                    return False
+        elif params.get(k) != than.get(k):
+            return False
+    return True

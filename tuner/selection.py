@@ -24,7 +24,16 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.bench import higher_is_better
-from tuner.capacity import Capacity, capacities, memory_failed_below, needs_at_least
+from tuner.capacity import (
+    THIN_Z,
+    Capacity,
+    available_after_start_gb,
+    capacities,
+    memory_failed_below,
+    needs_at_least,
+    runs_at_least,
+    start_free_sd,
+)
 from tuner.config import CAPACITY_FLAGS, ConfirmSpec
 from tuner.errors import KttuneError
 from tuner.storage import ATTR_FLAGS, ATTR_LAUNCHED, ATTR_REASON, ATTR_SPARE_GB, objective_keys
@@ -69,6 +78,8 @@ class Repeats:
     spare_gb: float | None = None  # least GPU memory to spare predicted for its launches
     capacity: Capacity | None = None  # its KV pool against the objective workload's need
     judged: float | None = None  # its value at the worst pool its memory flags were seen with
+    free_sd: float | None = None  # launch-to-launch sd of start-up free memory in the study (GB)
+    start_spare: float | None = None  # GB to spare at run time on an average start (:func:`_start_spare`)
 
     @property
     def mean(self) -> float:
@@ -84,6 +95,12 @@ class Repeats:
     def spread(self) -> float:
         """Half the range of the repeats (0 for a single run)."""
         return (max(self.values) - min(self.values)) / 2 if len(self.values) > 1 else 0.0
+
+    @property
+    def thin_start(self) -> bool:
+        """Its memory to spare is within THIN_Z spreads of start-up free memory: some fresh starts
+        would run out of memory, however often it started here."""
+        return self.start_spare is not None and self.free_sd is not None and self.start_spare < THIN_Z * self.free_sd
 
     @property
     def eligible(self) -> bool:
@@ -119,6 +136,7 @@ def repeat_groups(study: optuna.Study) -> list[Repeats]:
     objective = objective_keys(study)[0]
     workload, _, metric = objective.rpartition(".")
     caps = capacities(study, workload or None, groups)
+    free_sd, survived = start_free_sd(study), _survived(study)
     bound = sign > 0 and higher_is_better(metric) is True  # the λ bound holds for rates
     out = []
     for key, ts in groups.items():
@@ -128,7 +146,7 @@ def repeat_groups(study: optuna.Study) -> list[Repeats]:
         judged = None
         if bound and cap.sensitive:
             judged = float(np.mean([v * cap.factor(i) for i, v in enumerate(values)]))
-        out.append(Repeats(ts[0], values, _least_spare(ts), cap, judged))
+        out.append(Repeats(ts[0], values, _least_spare(ts), cap, judged, free_sd, _start_spare(ts, survived)))
     return sorted(out, key=lambda r: (-sign * r.score, r.first.number))
 
 
@@ -162,6 +180,33 @@ def _least_spare(trials: Sequence[FrozenTrial]) -> float | None:
     return min(spares) if spares else None
 
 
+def _start_spare(own: Sequence[FrozenTrial], survived: Sequence[tuple[Mapping[str, Any], float]]) -> float | None:
+    """GB a configuration has to spare at run time on an average start: the memory model's
+    prediction, or more where launches show it: what its own launches had left after start-up
+    (on average) less the least that any launch had left which ran forwards at least as large
+    and finished its benchmarks (`survived`: flags and GB left; those forwards took no more)."""
+    spare = _least_spare(own)
+    left = [a for a in map(available_after_start_gb, own) if a is not None]
+    flags = dict(own[0].user_attrs.get(ATTR_FLAGS) or own[0].params)
+    enough = [a for f, a in survived if runs_at_least(f, flags)]
+    if not left or not enough:  # its own launches are among `survived`, unless they reported nothing
+        return spare
+    shown = sum(left) / len(left) - min(enough)
+    return shown if spare is None else max(spare, shown)
+
+
+def _survived(study: optuna.Study) -> list[tuple[dict[str, Any], float]]:
+    """Flags and GB left after start-up of every launch that finished its benchmarks (whatever
+    became of other launches of its configuration)."""
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.COMPLETE and t.user_attrs.get(ATTR_LAUNCHED) and not t.user_attrs.get(ATTR_REASON):
+            left = available_after_start_gb(t)
+            if left is not None:
+                out.append((dict(t.user_attrs.get(ATTR_FLAGS) or t.params), left))
+    return out
+
+
 def _less_capacity(params: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
     """Fewer GPU experts (a capacity flag) than `than`: not a tie however close the runs, since
     throughput rises with them; what trades at equal capacity is memory (R, chunk, ...)."""
@@ -193,7 +238,8 @@ def _only_capacity_differs(params: Mapping[str, Any], than: Mapping[str, Any]) -
 
 def pick_group(groups: Sequence[Repeats], prior_noise: float, z: float = TIE_Z) -> Repeats | None:
     """The configuration to deploy (`groups` as from :func:`repeat_groups`, best score first):
-    the best eligible score, then two corrections, both within the noise (:func:`pooled_noise`):
+    the best eligible score (one that starts reliably, where any does: not `thin_start`), then
+    two corrections, both within the noise (:func:`pooled_noise`):
 
     - a configuration that differs from it only by more GPU experts, whose KV pool holds the
       need, replaces it unless it trails by MONOTONE_Z standard errors: throughput rises with
@@ -206,6 +252,7 @@ def pick_group(groups: Sequence[Repeats], prior_noise: float, z: float = TIE_Z) 
     eligible = [g for g in groups if g.eligible]
     if not eligible:
         return groups[0]
+    eligible = [g for g in eligible if not g.thin_start] or eligible
     top = eligible[0]
     if top.score <= 0:
         return top

@@ -4,7 +4,8 @@ A KV pool too small for the workload's prompts: the server answers HTTP 400 "Inp
 exceeds the maximum allowed length", the client's warmup fails, and the trial is a
 configuration fault (the sampler learns from it), not an infrastructure FAIL. Text that the
 client cannot re-tokenize into the tokens the server counted is a quality failure even with the
-quality check off."""
+quality check off. A server whose forward runs out of GPU memory under load is a memory fault
+(`oom`), like an OOM at start-up."""
 from __future__ import annotations
 
 import dataclasses
@@ -44,3 +45,12 @@ def test_text_lost_between_server_and_client_is_a_quality_failure_with_the_check
     assert run.outcome.reason == Reason.QUALITY and run.outcome.state == TrialState.COMPLETE
     assert "re-tokenized 0.0% of the" in run.outcome.message
     assert not run.quality  # the quality check did not run: the bench output told
+
+
+def test_a_forward_that_runs_out_of_memory_under_load_is_a_memory_fault(tmp_path: Path) -> None:
+    space = resolve_bench(load_space(REPO / "search_spaces" / "sim-kimi-k2-thinking-8xl20.yaml"))
+    params = {**(space.baseline or {}), "kt-num-gpu-experts": 208, "chunked-prefill-size": 8192}
+    run = run_trial(space, launch_flags(space, params, None), tmp_path / "trial")
+    assert run.outcome.reason == Reason.OOM, run.outcome.message  # not a bare server_died
+    assert "out of memory" in run.outcome.message and "died during the benchmark" in run.outcome.message
+    assert run.memory.get("available_gpu_mem_gib") is not None  # started: the OOM came from a forward

@@ -135,7 +135,7 @@ def runner_space():  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("changes, reason", [
     ({"kt-num-gpu-experts": 240}, "oom_weights"),
     ({"kt-num-gpu-experts": 224}, "cuda_graph_failed"),
-    ({"kt-num-gpu-experts": 208, "chunked-prefill-size": 8192}, "server_died"),
+    ({"kt-num-gpu-experts": 208, "chunked-prefill-size": 8192}, "oom"),
     ({"kt-threadpool-count": 4}, "scheduler_dead"),
 ])
 def test_in_process_failures_match_the_log_classifier(tmp_path: Path, changes: dict[str, object], reason: str) -> None:

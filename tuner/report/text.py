@@ -114,6 +114,11 @@ def certainty_lines(study: optuna.Study, confirm: ConfirmSpec) -> list[str]:
                    f"need {cap.need} ({100 * (cap.margin or 0):+.0f} %)"
                    + (f"; judged at the smallest pool: {g.score:.4g}" if g.judged is not None else "")
                    + ("; thin: a fresh start may not hold the need" if not cap.holds else ""))
+    if g.start_spare is not None and g.free_sd is not None:
+        out.append(f"  {g.start_spare:.2f} GB to spare at run time (predicted, or shown by a launch needing as much); "
+                   "start-up free memory varied by "
+                   f"{g.free_sd:.2f} GB (sd) between launches"
+                   + ("; thin: some fresh starts would run out of memory" if g.thin_start else ""))
     if cap is not None and cap.memory_failures:
         out.append(f"  {cap.memory_failures} of {cap.launches} launch(es) with these memory flags failed for memory")
     return out

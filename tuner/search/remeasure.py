@@ -37,9 +37,11 @@ def leader_to_recheck(study: optuna.Study, prior_noise: float, z: float = 1.0) -
 
 
 def next_confirmation(study: optuna.Study, finalists: int) -> FrozenTrial | None:
-    """The finalist (top `finalists` by score) with the fewest measurements, counting
+    """The finalist (top `finalists` by score, those that would not start reliably left out
+    where others are there) with the fewest measurements, counting
     confirmations other workers have queued or are running; ties go to the better score."""
-    groups = repeat_groups(study)[:finalists]
+    every = repeat_groups(study)
+    groups = ([g for g in every if not g.thin_start] or every)[:finalists]  # as the pick passes over them
     if not groups:
         return None
     pending: dict[int, int] = {}

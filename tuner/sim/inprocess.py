@@ -8,7 +8,7 @@ sees it through the real path:
   log lines, written to `server.log`, so the feasibility gate calibrates from them and the
   failure reason comes from the same log classifier (`oom_weights`, `kv_not_enough_memory`,
   `cuda_graph_failed`, `scheduler_dead`, ...);
-* a server that dies under load is `server_died`, refused requests `bench_incomplete`;
+* a server whose forward runs out of GPU memory under load is `oom`, refused requests `bench_incomplete`;
 * metrics keyed `workload.metric` in real-hardware units, like `tuner.bench` after it undoes
   the time scale;
 * noise as the engine draws it: one multiplicative LogNormal(0, sigma) per run plus the
@@ -190,7 +190,7 @@ class InProcessRunner:
 def _runtime_reason(message: str) -> tuple[str, str]:
     """(outcome reason, log line) for a failure during the benchmark."""
     if "out of memory" in message:
-        return "server_died", "torch.OutOfMemoryError: CUDA out of memory. " + message
+        return "oom", "torch.OutOfMemoryError: CUDA out of memory. " + message
     if "stalled" in message:
         return "bench_timeout", message
     if REQUEST_TOO_LONG.search(message):

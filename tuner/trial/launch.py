@@ -32,6 +32,7 @@ from tuner.server import (
     memory_from_server_info,
     parse_memory_lines,
     recorder_dir,
+    runtime_oom,
     silent_fallback,
     start_recording,
     start_server,
@@ -200,7 +201,7 @@ def run_trial(space: SearchSpace, flags: Mapping[str, Any], trial_dir: Path, *,
             if reason in ("bench_no_result", "bench_incomplete") and not is_alive(handle):
                 reason = "server_died"
             if reason == "server_died":  # the server's own words, not the client's connection errors
-                message = _server_death(handle, message)
+                reason, message = _server_death(handle, message)
             run.outcome = outcome.failure(space, reason, message, metrics)
     finally:
         phase("tearing down")
@@ -242,14 +243,17 @@ def _teardown(space: SearchSpace, run: TrialRun, handle: ServerHandle, metrics: 
         raise interrupt
 
 
-def _server_death(handle: ServerHandle, bench_message: str) -> str:
-    """Why the server died under load, from its log: the decisive line first, then the log to
+def _server_death(handle: ServerHandle, bench_message: str) -> tuple[str, str]:
+    """Why the server died under load, from its log: the reason (``oom`` when a forward ran out
+    of GPU memory, a memory fault like a start-up OOM, so that what needs as much is not tried
+    again; else ``server_died``) and the message: the decisive line first, then the log to
     read; the bench client's view of it (usually connection errors) comes last."""
     _settle_exit(handle)
     text = LogTail(handle.log_path, handle.log_offset).full_text()
     rc = handle.proc.poll()
     what = f"server pid {handle.pid} died during the benchmark" + (f" (rc {rc})" if rc is not None else "")
-    return failure_message(decisive_line(text), what, handle.log_path, text) + f"\nbench client: {bench_message}"
+    reason = Reason.OOM.value if runtime_oom(text) else "server_died"
+    return reason, failure_message(decisive_line(text), what, handle.log_path, text) + f"\nbench client: {bench_message}"
 
 
 def _settle_exit(handle: ServerHandle, settle_s: float = 2.0) -> None:
