@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch the upstream sglang 0.5.23 wheel (~40 MB, --no-deps) into .cache/wheels/ (git-ignored)
 # for the conformance tests, which read its source as text and never import it, and for
-# scripts/parser-venv.sh upstream. Idempotent: prints the wheel's path and exits if it is there.
+# scripts/upstream-venv.sh. Idempotent: prints the wheel's path and exits if it is there.
 #
 # usage: scripts/fetch-upstream-sglang.sh        env: PYTHON (default: python3)
 set -euo pipefail

@@ -96,21 +96,21 @@ def test_a_pick_close_to_the_start_up_spread_gives_way_to_one_that_starts_every_
 
 def test_a_launch_running_a_larger_chunk_with_less_left_shows_a_configuration_has_room() -> None:
     study = _study()
-    for free in (39.0, 41.0, 40.0, 40.0):
-        _launch(study, 16, 50.0, chunk=4096, free=free, avail=2.0, spare=1.0)  # survived a 4096 chunk with 2 GiB
+    for free in (39.0, 41.0, 40.0, 40.0):  # what start-up leaves follows the draw (a capped KV pool)
+        _launch(study, 16, 50.0, chunk=4096, free=free, avail=free - 37.0, spare=1.0)  # a 4096 chunk ran in 2 GiB
     for free in (39.5, 40.5):
-        _launch(study, 128, 100.0, free=free, avail=6.0, spare=0.5)  # the model says 0.5 GB to spare
+        _launch(study, 128, 100.0, free=free, avail=free - 34.0, spare=0.5)  # the model says 0.5 GB to spare
     fast = next(g for g in repeat_groups(study) if g.first.params["n"] == 128)
     assert fast.start_spare == pytest.approx(4.0 * GB_PER_GIB)  # 6 GiB left, a larger forward ran in 2
     assert not fast.thin_start
     assert pick(study, ConfirmSpec())[0].params["n"] == 128
     smaller_chunk = _study()
     for free in (39.0, 41.0, 40.0, 40.0):
-        _launch(smaller_chunk, 16, 50.0, chunk=512, free=free, avail=2.0, spare=1.0)  # a smaller forward shows nothing
+        _launch(smaller_chunk, 16, 50.0, chunk=512, free=free, avail=free - 37.0, spare=1.0)  # a smaller forward shows nothing
     for free in (39.5, 40.5):
-        _launch(smaller_chunk, 128, 100.0, free=free, avail=6.0, spare=0.5)
+        _launch(smaller_chunk, 128, 100.0, free=free, avail=free - 34.0, spare=0.5)
     fast = next(g for g in repeat_groups(smaller_chunk) if g.first.params["n"] == 128)
-    assert fast.start_spare == pytest.approx(0.5) and fast.thin_start
+    assert fast.start_spare == pytest.approx(0.5 * GB_PER_GIB) and fast.thin_start  # only its own spread of starts
 
 
 def test_a_result_that_rests_on_a_lucky_kv_pool_is_judged_at_the_worst_pool_seen() -> None:
@@ -131,3 +131,14 @@ def test_a_result_that_rests_on_a_lucky_kv_pool_is_judged_at_the_worst_pool_seen
     groups = {g.first.params["n"]: g for g in repeat_groups(single)}
     assert not groups[128].eligible  # pools vary across the need here: one launch says nothing of its draw
     assert pick(single, ConfirmSpec())[0].params["n"] == 124
+
+
+def test_where_the_kv_pool_absorbs_the_start_up_draw_what_is_left_sets_the_spread() -> None:
+    study = _study()
+    for free, left in ((39.0, 1.80), (41.0, 1.82), (40.0, 1.81)):  # the pool took the draw: 1.8 GiB left each time
+        _launch(study, 36, 100.0, free=free, avail=left, spare=0.9)
+    for free, left in ((40.5, 3.01), (39.5, 3.0)):
+        _launch(study, 32, 96.0, free=free, avail=left, spare=1.3)
+    fast = next(g for g in repeat_groups(study) if g.first.params["n"] == 36)
+    assert fast.free_sd is not None and fast.free_sd < 0.02 and not fast.thin_start
+    assert pick(study, ConfirmSpec())[0].params["n"] == 36

@@ -9,9 +9,10 @@ pools are draws of the same distribution and a memory failure of one is a failur
 
 Start-up free memory varies the same way, and a configuration that needs nearly all of it at run
 time (prefill activations on top of what start-up took) runs out on some fresh starts however
-often it started in the study: :func:`start_free_sd` gives the launch-to-launch spread of the free
-memory the servers found before loading weights, against which the selection rule reads a
-configuration's memory to spare; a launch that ran forwards at least as large
+often it started in the study: :func:`left_after_start_sd` gives the launch-to-launch spread of
+what start-up left free (bounded by that of the free memory the servers found before loading
+weights, :func:`start_free_sd`), against which the selection rule reads a configuration's memory
+to spare; a launch that ran forwards at least as large
 (:func:`runs_at_least`) with less left after start-up (:func:`available_after_start_gb`) shows
 that much is enough.
 
@@ -44,6 +45,8 @@ MEMORY_MONOTONE_FLAGS = ("kt-num-gpu-experts", "chunked-prefill-size", "max-runn
 # of the launch-to-launch spread may fall short on a fresh start (about 2 % of starts for a normal
 # spread).
 THIN_Z = 2.0
+# Repeats (degrees of freedom) before a measured spread replaces a bound on it.
+_MIN_SPREAD_DF = 2
 # Flags that change what the servers find free before loading weights (one CUDA context per rank).
 _TP_FLAGS = ("tensor-parallel-size", "tp-size")
 # Flags whose larger value runs larger forwards (prefill chunks, decode batches), the rest equal,
@@ -194,6 +197,26 @@ def start_free_sd(study: optuna.Study) -> float | None:
         ss += sum((f - mean) ** 2 for f in frees)
         df += len(frees) - 1
     return math.sqrt(ss / df) if df else None
+
+
+def left_after_start_sd(study: optuna.Study) -> float | None:
+    """Launch-to-launch sd (GB) of what start-up left free (:func:`available_after_start_gb`),
+    pooled over launches with the same memory flags: what a fresh start's run-time memory to
+    spare varies by. Where the KV pool is sized from free memory it absorbs most of the start-up
+    draw, where max-total-tokens caps it none; until two launches of some memory flags reported
+    it, the spread of free memory before the weights (:func:`start_free_sd`) stands in, the
+    most it can be."""
+    by_key: dict[tuple[Any, ...], list[float]] = {}
+    for t in study.get_trials(deepcopy=False):
+        left = available_after_start_gb(t) if t.user_attrs.get(ATTR_LAUNCHED) else None
+        if left is not None:
+            by_key.setdefault(memory_key(t), []).append(left)
+    ss, df = 0.0, 0
+    for lefts in by_key.values():
+        mean = sum(lefts) / len(lefts)
+        ss += sum((x - mean) ** 2 for x in lefts)
+        df += len(lefts) - 1
+    return math.sqrt(ss / df) if df >= _MIN_SPREAD_DF else start_free_sd(study)
 
 
 def available_after_start_gb(t: FrozenTrial) -> float | None:

@@ -29,10 +29,10 @@ from tuner.capacity import (
     Capacity,
     available_after_start_gb,
     capacities,
+    left_after_start_sd,
     memory_failed_below,
     needs_at_least,
     runs_at_least,
-    start_free_sd,
 )
 from tuner.config import CAPACITY_FLAGS, ConfirmSpec
 from tuner.errors import KttuneError
@@ -78,7 +78,7 @@ class Repeats:
     spare_gb: float | None = None  # least GPU memory to spare predicted for its launches
     capacity: Capacity | None = None  # its KV pool against the objective workload's need
     judged: float | None = None  # its value at the worst pool its memory flags were seen with
-    free_sd: float | None = None  # launch-to-launch sd of start-up free memory in the study (GB)
+    free_sd: float | None = None  # launch-to-launch sd of what start-up left free (GB, `left_after_start_sd`)
     start_spare: float | None = None  # GB to spare at run time on an average start (:func:`_start_spare`)
 
     @property
@@ -98,7 +98,7 @@ class Repeats:
 
     @property
     def thin_start(self) -> bool:
-        """Its memory to spare is within THIN_Z spreads of start-up free memory: some fresh starts
+        """Its memory to spare is within THIN_Z spreads of what start-up leaves free: some fresh starts
         would run out of memory, however often it started here."""
         return self.start_spare is not None and self.free_sd is not None and self.start_spare < THIN_Z * self.free_sd
 
@@ -136,7 +136,7 @@ def repeat_groups(study: optuna.Study) -> list[Repeats]:
     objective = objective_keys(study)[0]
     workload, _, metric = objective.rpartition(".")
     caps = capacities(study, workload or None, groups)
-    free_sd, survived = start_free_sd(study), _survived(study)
+    free_sd, survived = left_after_start_sd(study), _survived(study)
     bound = sign > 0 and higher_is_better(metric) is True  # the λ bound holds for rates
     out = []
     for key, ts in groups.items():

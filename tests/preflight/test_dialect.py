@@ -1,6 +1,6 @@
 """Dialect detection, flags from the server's own parser, and profiles read by that parser: against
 the real simulator (both dialects), the real sglang-kt install of .venv-bench and, where
-scripts/parser-venv.sh upstream made it, upstream sglang 0.5.23's real parser."""
+scripts/upstream-venv.sh made it, upstream sglang 0.5.23's real parser."""
 from __future__ import annotations
 
 import dataclasses
@@ -77,7 +77,7 @@ def test_a_profile_is_read_by_the_dialects_parser(tmp_path: Path) -> None:
         check_profile(load_space(UPSTREAM), bad)
 
 
-@pytest.mark.skipif(not UPSTREAM_VENV.exists(), reason="no upstream venv: run scripts/parser-venv.sh upstream (a CPU torch, ~1 GB)")
+@pytest.mark.skipif(not UPSTREAM_VENV.exists(), reason="no upstream venv: run scripts/upstream-venv.sh (a CPU torch, ~1 GB)")
 def test_upstream_sglangs_own_parser(tmp_path: Path) -> None:
     space = load_space(UPSTREAM)
     server = dataclasses.replace(space.server, python=str(UPSTREAM_VENV), module="sglang.launch_server", command=None,

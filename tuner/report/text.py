@@ -116,7 +116,7 @@ def certainty_lines(study: optuna.Study, confirm: ConfirmSpec) -> list[str]:
                    + ("; thin: a fresh start may not hold the need" if not cap.holds else ""))
     if g.start_spare is not None and g.free_sd is not None:
         out.append(f"  {g.start_spare:.2f} GB to spare at run time (predicted, or shown by a launch needing as much); "
-                   "start-up free memory varied by "
+                   "what start-up left free varied by "
                    f"{g.free_sd:.2f} GB (sd) between launches"
                    + ("; thin: some fresh starts would run out of memory" if g.thin_start else ""))
     if cap is not None and cap.memory_failures:
