@@ -25,7 +25,7 @@ least λ of the throughput (a lower bound, used only for rates).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,9 +55,26 @@ FORWARD_MONOTONE_FLAGS = ("chunked-prefill-size", "max-running-requests")
 _NOT_FORWARD_FLAGS = frozenset({"kt-num-gpu-experts", "max-total-tokens", "mem-fraction-static", "cuda-graph-max-bs"})
 
 
+def launched_flags(t: FrozenTrial) -> dict[str, Any]:
+    """The flags the trial's server ran with (its params where they were not stored)."""
+    return dict(t.user_attrs.get(ATTR_FLAGS) or t.params)
+
+
+def pooled_sd(samples: Iterable[Sequence[float]]) -> tuple[float | None, int]:
+    """The sd of values about their own sample's mean, pooled over samples, and its degrees
+    of freedom (None with none: no sample had two values)."""
+    ss, df = 0.0, 0
+    for values in samples:
+        if len(values) > 1:
+            mean = sum(values) / len(values)
+            ss += sum((x - mean) ** 2 for x in values)
+            df += len(values) - 1
+    return (math.sqrt(ss / df) if df else None), df
+
+
 def memory_key(t: FrozenTrial) -> tuple[Any, ...]:
     """The launch's flags that can change its GPU memory (all but `CPU_SIDE_FLAGS`)."""
-    flags = t.user_attrs.get(ATTR_FLAGS) or t.params
+    flags = launched_flags(t)
     return tuple(sorted((k, repr(v)) for k, v in flags.items() if k not in CPU_SIDE_FLAGS))
 
 
@@ -130,13 +147,7 @@ def capacities(study: optuna.Study, workload: str | None, groups: Mapping[tuple[
     for t in launches:
         by_key.setdefault(memory_key(t), []).append(t)
     pools_by_key = {k: [p for p in map(kv_pool, ts) if p is not None] for k, ts in by_key.items()}
-    ss, df = 0.0, 0
-    for pools in pools_by_key.values():
-        if len(pools) > 1:
-            mean = sum(pools) / len(pools)
-            ss += sum((p - mean) ** 2 for p in pools)
-            df += len(pools) - 1
-    spread = math.sqrt(ss / df) if df else 0.0
+    spread = pooled_sd(pools_by_key.values())[0] or 0.0
     out = {}
     for cfg, ts in groups.items():
         key = memory_key(ts[0])
@@ -165,7 +176,7 @@ def needs_at_least(params: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
 
 def memory_failed_below(study: optuna.Study) -> list[dict[str, Any]]:
     """Flags of launches that failed for memory (a configuration needing at least as much fails too)."""
-    return [dict(t.user_attrs.get(ATTR_FLAGS) or t.params) for t in study.get_trials(deepcopy=False)
+    return [launched_flags(t) for t in study.get_trials(deepcopy=False)
             if t.user_attrs.get(ATTR_LAUNCHED) and is_memory_reason(t.user_attrs.get(ATTR_REASON))]
 
 
@@ -189,14 +200,9 @@ def start_free_sd(study: optuna.Study) -> float | None:
     for t in study.get_trials(deepcopy=False):
         free = start_free_gib(t) if t.user_attrs.get(ATTR_LAUNCHED) else None
         if free is not None:
-            flags = t.user_attrs.get(ATTR_FLAGS) or t.params
+            flags = launched_flags(t)
             by_tp.setdefault(tuple(repr(flags.get(f)) for f in _TP_FLAGS), []).append(free * GIB / 1e9)
-    ss, df = 0.0, 0
-    for frees in by_tp.values():
-        mean = sum(frees) / len(frees)
-        ss += sum((f - mean) ** 2 for f in frees)
-        df += len(frees) - 1
-    return math.sqrt(ss / df) if df else None
+    return pooled_sd(by_tp.values())[0]
 
 
 def left_after_start_sd(study: optuna.Study) -> float | None:
@@ -211,12 +217,8 @@ def left_after_start_sd(study: optuna.Study) -> float | None:
         left = available_after_start_gb(t) if t.user_attrs.get(ATTR_LAUNCHED) else None
         if left is not None:
             by_key.setdefault(memory_key(t), []).append(left)
-    ss, df = 0.0, 0
-    for lefts in by_key.values():
-        mean = sum(lefts) / len(lefts)
-        ss += sum((x - mean) ** 2 for x in lefts)
-        df += len(lefts) - 1
-    return math.sqrt(ss / df) if df >= _MIN_SPREAD_DF else start_free_sd(study)
+    sd, df = pooled_sd(by_key.values())
+    return sd if df >= _MIN_SPREAD_DF else start_free_sd(study)
 
 
 def available_after_start_gb(t: FrozenTrial) -> float | None:
@@ -238,11 +240,9 @@ def runs_at_least(params: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
     memory beyond start-up): the same flags except CPU-side ones and `_NOT_FORWARD_FLAGS`,
     and none of `FORWARD_MONOTONE_FLAGS` smaller (no chunked-prefill-size: whole prompts)."""
     for k in (set(params) | set(than)) - CPU_SIDE_FLAGS - _NOT_FORWARD_FLAGS:
-        if k in FORWARD_MONOTONE_FLAGS:
-            a, b = _forward_size(params, k), _forward_size(than, k)
-            if not a >= b:  # NaN (unset or not a number) compares false: not comparable
-                if params.get(k) != than.get(k):
-                    return False
-        elif params.get(k) != than.get(k):
+        if params.get(k) == than.get(k):
+            continue
+        # NaN (unset, or not a number) compares false: a difference there is not comparable
+        if k not in FORWARD_MONOTONE_FLAGS or not _forward_size(params, k) >= _forward_size(than, k):
             return False
     return True

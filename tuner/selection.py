@@ -29,6 +29,7 @@ from tuner.capacity import (
     Capacity,
     available_after_start_gb,
     capacities,
+    launched_flags,
     left_after_start_sd,
     memory_failed_below,
     needs_at_least,
@@ -36,7 +37,7 @@ from tuner.capacity import (
 )
 from tuner.config import CAPACITY_FLAGS, ConfirmSpec
 from tuner.errors import KttuneError
-from tuner.storage import ATTR_FLAGS, ATTR_LAUNCHED, ATTR_REASON, ATTR_SPARE_GB, objective_keys
+from tuner.storage import ATTR_LAUNCHED, ATTR_REASON, ATTR_SPARE_GB, objective_keys
 
 # A configuration tied with the best mean (within this many standard errors of the
 # difference) may win on memory to spare.
@@ -130,7 +131,7 @@ def repeat_groups(study: optuna.Study) -> list[Repeats]:
         groups.pop(key, None)
     oom = memory_failed_below(study)
     for key in [k for k, ts in groups.items()
-                if any(needs_at_least(dict(ts[0].user_attrs.get(ATTR_FLAGS) or ts[0].params), f) for f in oom)]:
+                if any(needs_at_least(launched_flags(ts[0]), f) for f in oom)]:
         groups.pop(key)
     sign = direction_sign(study.direction)
     objective = objective_keys(study)[0]
@@ -187,7 +188,7 @@ def _start_spare(own: Sequence[FrozenTrial], survived: Sequence[tuple[Mapping[st
     and finished its benchmarks (`survived`: flags and GB left; those forwards took no more)."""
     spare = _least_spare(own)
     left = [a for a in map(available_after_start_gb, own) if a is not None]
-    flags = dict(own[0].user_attrs.get(ATTR_FLAGS) or own[0].params)
+    flags = launched_flags(own[0])
     enough = [a for f, a in survived if runs_at_least(f, flags)]
     if not left or not enough:  # its own launches are among `survived`, unless they reported nothing
         return spare
@@ -203,7 +204,7 @@ def _survived(study: optuna.Study) -> list[tuple[dict[str, Any], float]]:
         if t.state == TrialState.COMPLETE and t.user_attrs.get(ATTR_LAUNCHED) and not t.user_attrs.get(ATTR_REASON):
             left = available_after_start_gb(t)
             if left is not None:
-                out.append((dict(t.user_attrs.get(ATTR_FLAGS) or t.params), left))
+                out.append((launched_flags(t), left))
     return out
 
 
@@ -236,6 +237,12 @@ def _only_capacity_differs(params: Mapping[str, Any], than: Mapping[str, Any]) -
         all(params.get(k) == than.get(k) for k in set(params) | set(than) if k not in CAPACITY_FLAGS)
 
 
+def starting_reliably(groups: Sequence[Repeats]) -> list[Repeats]:
+    """`groups` without those that would not start reliably (`Repeats.thin_start`), unless
+    that leaves none: what the pick and its confirmations choose among."""
+    return [g for g in groups if not g.thin_start] or list(groups)
+
+
 def pick_group(groups: Sequence[Repeats], prior_noise: float, z: float = TIE_Z) -> Repeats | None:
     """The configuration to deploy (`groups` as from :func:`repeat_groups`, best score first):
     the best eligible score (one that starts reliably, where any does: not `thin_start`), then
@@ -252,7 +259,7 @@ def pick_group(groups: Sequence[Repeats], prior_noise: float, z: float = TIE_Z) 
     eligible = [g for g in groups if g.eligible]
     if not eligible:
         return groups[0]
-    eligible = [g for g in eligible if not g.thin_start] or eligible
+    eligible = starting_reliably(eligible)
     top = eligible[0]
     if top.score <= 0:
         return top

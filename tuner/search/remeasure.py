@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import ConfirmSpec
-from tuner.selection import pooled_noise, repeat_groups
+from tuner.selection import pooled_noise, repeat_groups, starting_reliably
 from tuner.storage import ATTR_CONFIRMATION_OF, ATTR_LAUNCHED
 
 
@@ -40,8 +40,7 @@ def next_confirmation(study: optuna.Study, finalists: int) -> FrozenTrial | None
     """The finalist (top `finalists` by score, those that would not start reliably left out
     where others are there) with the fewest measurements, counting
     confirmations other workers have queued or are running; ties go to the better score."""
-    every = repeat_groups(study)
-    groups = ([g for g in every if not g.thin_start] or every)[:finalists]  # as the pick passes over them
+    groups = starting_reliably(repeat_groups(study))[:finalists]
     if not groups:
         return None
     pending: dict[int, int] = {}
