@@ -9,12 +9,14 @@ pools are draws of the same distribution and a memory failure of one is a failur
 
 Start-up free memory varies the same way, and a configuration that needs nearly all of it at run
 time (prefill activations on top of what start-up took) runs out on some fresh starts however
-often it started in the study: :func:`left_after_start_sd` gives the launch-to-launch spread of
-what start-up left free (bounded by that of the free memory the servers found before loading
-weights, :func:`start_free_sd`), against which the selection rule reads a configuration's memory
-to spare; a launch that ran forwards at least as large
-(:func:`runs_at_least`) with less left after start-up (:func:`available_after_start_gb`) shows
-that much is enough.
+often it started in the study. One launch is one draw of that free memory (:class:`StartDraws`
+holds the study's); :func:`left_at_draw_gb` reads what a launch's flags would leave free after a
+start at another draw, by how SGLang sizes the KV pool: a pool capped by max-total-tokens
+(:func:`pool_capped`) leaves the whole difference free until the profile's surplus over the cap
+is used up, a pool the profile sized takes all but (1 − mem-fraction-static) of it. Against that,
+the selection rule reads a configuration's memory to spare on an average start and on a short
+one; a launch that ran forwards at least as large (:func:`runs_at_least`) with less left after
+start-up (:func:`available_after_start_gb`) shows that much is enough.
 
 `capacities(study, objective)` gives, per configuration, the smallest pool its memory flags
 were seen with, the spread of pools across launches, and how many of those launches failed for
@@ -45,8 +47,6 @@ MEMORY_MONOTONE_FLAGS = ("kt-num-gpu-experts", "chunked-prefill-size", "max-runn
 # of the launch-to-launch spread may fall short on a fresh start (about 2 % of starts for a normal
 # spread).
 THIN_Z = 2.0
-# Repeats (degrees of freedom) before a measured spread replaces a bound on it.
-_MIN_SPREAD_DF = 2
 # Flags that change what the servers find free before loading weights (one CUDA context per rank).
 _TP_FLAGS = ("tensor-parallel-size", "tp-size")
 # Flags whose larger value runs larger forwards (prefill chunks, decode batches), the rest equal,
@@ -193,32 +193,88 @@ def start_free_gib(t: FrozenTrial) -> float | None:
     return None
 
 
-def start_free_sd(study: optuna.Study) -> float | None:
-    """Launch-to-launch sd (decimal GB, the unit of predicted spare) of the free memory the
-    servers found before loading weights, pooled over tensor parallelisms; None before two."""
-    by_tp: dict[tuple[Any, ...], list[float]] = {}
+@dataclass(frozen=True)
+class StartDraws:
+    """Free GPU memory (decimal GB, the unit of predicted spare) the study's servers found
+    before loading weights, per tensor parallelism (one CUDA context per rank): the start-up
+    draw every launch gets."""
+
+    by_tp: Mapping[tuple[str, ...], Sequence[float]]
+
+    @property
+    def sd(self) -> float | None:
+        """Launch-to-launch sd, pooled over tensor parallelisms; None before two launches."""
+        return pooled_sd(self.by_tp.values())[0]
+
+    def mean(self, flags: Mapping[str, Any]) -> float | None:
+        """The mean draw at these flags' tensor parallelism; None where none launched."""
+        draws = self.by_tp.get(_tp_key(flags))
+        return sum(draws) / len(draws) if draws else None
+
+
+def _tp_key(flags: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(repr(flags.get(f)) for f in _TP_FLAGS)
+
+
+def start_draws(study: optuna.Study) -> StartDraws:
+    """Every launch's free memory before the weights (:func:`start_free_gib`), by TP."""
+    by_tp: dict[tuple[str, ...], list[float]] = {}
     for t in study.get_trials(deepcopy=False):
         free = start_free_gib(t) if t.user_attrs.get(ATTR_LAUNCHED) else None
         if free is not None:
-            flags = launched_flags(t)
-            by_tp.setdefault(tuple(repr(flags.get(f)) for f in _TP_FLAGS), []).append(free * GIB / 1e9)
-    return pooled_sd(by_tp.values())[0]
+            by_tp.setdefault(_tp_key(launched_flags(t)), []).append(free * GIB / 1e9)
+    return StartDraws(by_tp)
 
 
-def left_after_start_sd(study: optuna.Study) -> float | None:
-    """Launch-to-launch sd (GB) of what start-up left free (:func:`available_after_start_gb`),
-    pooled over launches with the same memory flags: what a fresh start's run-time memory to
-    spare varies by. Where the KV pool is sized from free memory it absorbs most of the start-up
-    draw, where max-total-tokens caps it none; until two launches of some memory flags reported
-    it, the spread of free memory before the weights (:func:`start_free_sd`) stands in, the
-    most it can be."""
-    by_key: dict[tuple[Any, ...], list[float]] = {}
-    for t in study.get_trials(deepcopy=False):
-        left = available_after_start_gb(t) if t.user_attrs.get(ATTR_LAUNCHED) else None
-        if left is not None:
-            by_key.setdefault(memory_key(t), []).append(left)
-    sd, df = pooled_sd(by_key.values())
-    return sd if df >= _MIN_SPREAD_DF else start_free_sd(study)
+def pool_capped(t: FrozenTrial) -> bool:
+    """The launch's KV pool is max-total-tokens (rounded down to whole pages), not the profile's
+    share of free memory: SGLang gives the pool what the weights left less (1 −
+    mem-fraction-static) of the free memory it found, or max-total-tokens where that is smaller."""
+    flags, pool = launched_flags(t), kv_pool(t)
+    cap, page = flags.get("max-total-tokens"), flags.get("page-size") or 1
+    if pool is None or not isinstance(cap, (int, float)) or cap <= 0 or not isinstance(page, int) or page < 1:
+        return False
+    return pool >= int(cap) // page * page
+
+
+def _mem_fraction(flags: Mapping[str, Any]) -> float | None:
+    mfs = flags.get("mem-fraction-static")
+    return float(mfs) if isinstance(mfs, (int, float)) and not isinstance(mfs, bool) and 0 < mfs < 1 else None
+
+
+def _cap_room_gb(t: FrozenTrial, mfs: float) -> float | None:
+    """How much less free memory (GB) the launch's start-up could have found with its KV pool
+    still at max-total-tokens: its profile's surplus over the pool, lost at mfs per GB of draw.
+    The surplus counts the pool at the bytes it holds; a profiler that counts fewer per token
+    (sglang-kt's MLA cell) has more room than this."""
+    mem = t.user_attrs.get(ATTR_MEMORY) or {}
+    after, pool, free = mem.get("weight_avail_gib"), mem.get("kv_size_gib"), start_free_gib(t)
+    if not isinstance(after, (int, float)) or not isinstance(pool, (int, float)) or free is None:
+        return None
+    surplus = float(after) - free * (1.0 - mfs) - float(pool)
+    return max(surplus, 0.0) * GIB / 1e9 / mfs
+
+
+def left_at_draw_gb(t: FrozenTrial, draw_gb: float) -> float | None:
+    """What the launch's flags leave free after start-up (GB) on a start that finds `draw_gb`
+    free before the weights, from what its own start left (:func:`available_after_start_gb`).
+    Where the profile sizes the KV pool, (1 − mem-fraction-static) of a difference in the draw
+    stays free and the pool takes the rest; where max-total-tokens caps it, all of it, until a
+    smaller draw has used up the profile's surplus over the cap (:func:`_cap_room_gb`). Where
+    the flags do not give mem-fraction-static, all of it."""
+    left, free = available_after_start_gb(t), start_free_gib(t)
+    if left is None or free is None:
+        return left
+    diff = draw_gb - free * GIB / 1e9
+    mfs = _mem_fraction(launched_flags(t))
+    if mfs is None:
+        return left + diff
+    if not pool_capped(t):  # a larger draw may reach the cap, after which all of it stays free: not counted
+        return left + (1.0 - mfs) * diff
+    room = _cap_room_gb(t, mfs)
+    if diff >= 0 or room is None:
+        return left + diff
+    return left - min(-diff, room) - (1.0 - mfs) * max(0.0, -diff - room)
 
 
 def available_after_start_gb(t: FrozenTrial) -> float | None:

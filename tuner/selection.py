@@ -27,17 +27,19 @@ from tuner.bench import higher_is_better
 from tuner.capacity import (
     THIN_Z,
     Capacity,
+    StartDraws,
     available_after_start_gb,
     capacities,
     launched_flags,
-    left_after_start_sd,
+    left_at_draw_gb,
     memory_failed_below,
     needs_at_least,
     runs_at_least,
+    start_draws,
 )
 from tuner.config import CAPACITY_FLAGS, ConfirmSpec
 from tuner.errors import KttuneError
-from tuner.storage import ATTR_LAUNCHED, ATTR_REASON, ATTR_SPARE_GB, objective_keys
+from tuner.storage import ATTR_LAUNCHED, ATTR_REASON, ATTR_RUNTIME_NEED_GB, ATTR_SPARE_GB, objective_keys
 
 # A configuration tied with the best mean (within this many standard errors of the
 # difference) may win on memory to spare.
@@ -79,8 +81,9 @@ class Repeats:
     spare_gb: float | None = None  # least GPU memory to spare predicted for its launches
     capacity: Capacity | None = None  # its KV pool against the objective workload's need
     judged: float | None = None  # its value at the worst pool its memory flags were seen with
-    free_sd: float | None = None  # launch-to-launch sd of what start-up left free (GB, `left_after_start_sd`)
-    start_spare: float | None = None  # GB to spare at run time on an average start (:func:`_start_spare`)
+    free_sd: float | None = None  # launch-to-launch sd of free memory before the weights (GB, the start-up draw)
+    start_spare: float | None = None  # GB to spare at run time on an average start (:func:`_start_spares`)
+    low_start_spare: float | None = None  # the same on a start THIN_Z sds short of the mean draw
 
     @property
     def mean(self) -> float:
@@ -99,9 +102,9 @@ class Repeats:
 
     @property
     def thin_start(self) -> bool:
-        """Its memory to spare is within THIN_Z spreads of what start-up leaves free: some fresh starts
-        would run out of memory, however often it started here."""
-        return self.start_spare is not None and self.free_sd is not None and self.start_spare < THIN_Z * self.free_sd
+        """A start THIN_Z spreads short of the mean draw would leave its forwards too little
+        memory: some fresh starts would run out, however often it started here."""
+        return self.low_start_spare is not None and self.low_start_spare < 0
 
     @property
     def eligible(self) -> bool:
@@ -137,7 +140,7 @@ def repeat_groups(study: optuna.Study) -> list[Repeats]:
     objective = objective_keys(study)[0]
     workload, _, metric = objective.rpartition(".")
     caps = capacities(study, workload or None, groups)
-    free_sd, survived = left_after_start_sd(study), _survived(study)
+    draws, survived = start_draws(study), _survived(study)
     bound = sign > 0 and higher_is_better(metric) is True  # the λ bound holds for rates
     out = []
     for key, ts in groups.items():
@@ -147,7 +150,7 @@ def repeat_groups(study: optuna.Study) -> list[Repeats]:
         judged = None
         if bound and cap.sensitive:
             judged = float(np.mean([v * cap.factor(i) for i, v in enumerate(values)]))
-        out.append(Repeats(ts[0], values, _least_spare(ts), cap, judged, free_sd, _start_spare(ts, survived)))
+        out.append(Repeats(ts[0], values, _least_spare(ts), cap, judged, draws.sd, *_start_spares(ts, survived, draws)))
     return sorted(out, key=lambda r: (-sign * r.score, r.first.number))
 
 
@@ -181,19 +184,35 @@ def _least_spare(trials: Sequence[FrozenTrial]) -> float | None:
     return min(spares) if spares else None
 
 
-def _start_spare(own: Sequence[FrozenTrial], survived: Sequence[tuple[Mapping[str, Any], float]]) -> float | None:
-    """GB a configuration has to spare at run time on an average start: the memory model's
-    prediction, or more where launches show it: what its own launches had left after start-up
-    (on average) less the least that any launch had left which ran forwards at least as large
-    and finished its benchmarks (`survived`: flags and GB left; those forwards took no more)."""
+def _start_spares(own: Sequence[FrozenTrial], survived: Sequence[tuple[Mapping[str, Any], float]],
+                  draws: StartDraws) -> tuple[float | None, float | None]:
+    """GB a configuration has to spare at run time on an average start and on one THIN_Z
+    spreads short of the study's mean draw: what its own launches leave free after such a
+    start-up (:func:`tuner.capacity.left_at_draw_gb`, on average) less what its forwards take.
+    That is the memory model's figure (`ATTR_RUNTIME_NEED_GB`), or less where launches show
+    it: no more than the least that any launch had left which ran forwards at least as large and
+    finished its benchmarks (`survived`: flags and GB left). Without those figures: the model's
+    predicted spare, or more where launches show that much, and a short start losing all of its
+    shortfall."""
+    flags = launched_flags(own[0])
+    mean, sd = draws.mean(flags), draws.sd
+    shown = [a for f, a in survived if runs_at_least(f, flags)]
+    needs = [float(t.user_attrs[ATTR_RUNTIME_NEED_GB]) for t in own if t.user_attrs.get(ATTR_RUNTIME_NEED_GB) is not None]
+    if needs and shown and mean is not None and (average := _mean_left(own, mean)) is not None:
+        need = min(max(needs), min(shown))
+        low = None if sd is None else _mean_left(own, mean - THIN_Z * sd)
+        return average - need, None if low is None else low - need
     spare = _least_spare(own)
     left = [a for a in map(available_after_start_gb, own) if a is not None]
-    flags = launched_flags(own[0])
-    enough = [a for f, a in survived if runs_at_least(f, flags)]
-    if not left or not enough:  # its own launches are among `survived`, unless they reported nothing
-        return spare
-    shown = sum(left) / len(left) - min(enough)
-    return shown if spare is None else max(spare, shown)
+    if left and shown:  # its own launches are among `survived`, unless they reported nothing
+        shown_spare = sum(left) / len(left) - min(shown)
+        spare = shown_spare if spare is None else max(spare, shown_spare)
+    return spare, None if spare is None or sd is None else spare - THIN_Z * sd
+
+
+def _mean_left(own: Sequence[FrozenTrial], draw_gb: float) -> float | None:
+    left = [a for a in (left_at_draw_gb(t, draw_gb) for t in own) if a is not None]
+    return sum(left) / len(left) if left else None
 
 
 def _survived(study: optuna.Study) -> list[tuple[dict[str, Any], float]]:

@@ -59,6 +59,11 @@ def test_prediction_at_the_reference_is_what_it_logged(space: SearchSpace, tmp_p
     assert b["margin"] == pytest.approx(0.0, abs=0.01)  # no difference from the reference, nothing uncertain
     # The run survived full chunks next to what was left: the activation estimate is bounded by it.
     assert b["activations"] <= obs["available_gpu_mem_gb"] + 1e-6
+    # What its forwards take beyond start-up, against which what start-up left is memory to spare
+    rep = gate.check(flags)
+    assert rep.runtime_need_gb == pytest.approx(b["activations"] + b["layerwise_slot"], abs=0.001)
+    assert rep.runtime_need_gb <= obs["available_gpu_mem_gb"] + 1e-6
+    assert FeasibilityGate.for_space(space).check(flags).runtime_need_gb is None  # unanchored: no figure
 
 
 def test_after_the_baseline_accepts_what_fits_and_rejects_what_does_not(space: SearchSpace, tmp_path: Path) -> None:

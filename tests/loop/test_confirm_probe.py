@@ -228,7 +228,7 @@ def test_the_pick_among_tied_configurations_is_the_one_with_memory_to_spare() ->
 
 def test_launches_inside_the_margin_are_marked_bounded_and_can_be_turned_off(tmp_path: Path) -> None:
     from tuner.config import FeasibilitySpec
-    from tuner.storage.attrs import ATTR_MARGINAL, ATTR_SPARE_GB, boundary_failures
+    from tuner.storage.attrs import ATTR_MARGINAL, ATTR_RUNTIME_NEED_GB, ATTR_SPARE_GB, boundary_failures
 
     space = sim_space("kimi-k2-thinking-8xl20")
     study = _run(space, tmp_path / "on", 10, InProcessRunner(noise_sigma=0.025, seed=0), probe=False)
@@ -238,6 +238,7 @@ def test_launches_inside_the_margin_are_marked_bounded_and_can_be_turned_off(tmp
     assert max(t.params["kt-num-gpu-experts"] for t in inside) > space.baseline["kt-num-gpu-experts"]
     assert boundary_failures(study.trials) <= space.feasibility.boundary_failures
     assert all(t.user_attrs.get(ATTR_SPARE_GB) is not None for t in launched[1:])  # anchored after the baseline
+    assert all(t.user_attrs.get(ATTR_RUNTIME_NEED_GB, -1) >= 0 for t in launched[1:])
     off = _run(replace(space, feasibility=FeasibilitySpec(boundary_failures=0)), tmp_path / "off", 10,
                InProcessRunner(noise_sigma=0.025, seed=0), probe=False)
     assert not [t for t in off.trials if t.user_attrs.get(ATTR_MARGINAL)]

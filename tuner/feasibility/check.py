@@ -45,6 +45,9 @@ class FeasibilityReport:
     fits_with_lower_activations: bool = False
     slack_without_margin_gb: float | None = None  # predicted GPU-memory slack without the margin
     slack_with_lower_activations_gb: float | None = None  # the same with activations that low
+    # Anchored only: GB the forwards take beyond start-up (a full prefill chunk's activations,
+    # the layerwise slot, what failures added), no margin and no allowance for the start-up draw
+    runtime_need_gb: float | None = None
 
     def fix_hint(self) -> str:
         """The smallest change that makes room, binding constraint first; "" when feasible."""
@@ -134,7 +137,9 @@ def check(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any], workloads: 
               "cpuinfer_over_cores": cpu.physical_cores}
     binding = _binding(constraints, scales)
     slack_without_margin = slack_with_lower_activations = fits_without_margin = fits_with_lower_activations = None
+    runtime_need = None
     if mem.anchored:  # observed + difference, without the margin for the model's difference
+        runtime_need = (mem.activations + mem.layerwise_slot) / GB + cal.anchor_extra_gb
         without_margin = gpu_constraints(mem, plan, 0.0, largest_request, without_margin_calibration(cal))
         slack_without_margin = -max(without_margin[k] for k in GPU_MEMORY_CONSTRAINTS)
         lower_activations_cal = lower_activations_calibration(cal)
@@ -160,7 +165,7 @@ def check(model: ModelSizes, hw: Hardware, flags: Mapping[str, Any], workloads: 
         kv_capacity_requests=mem.kv_tokens // largest_request if largest_request else 0, warnings=warns, hints=hints,
         plan=plan, fits_without_margin=bool(fits_without_margin), fits_with_lower_activations=bool(fits_with_lower_activations),
         slack_without_margin_gb=slack_without_margin, slack_with_lower_activations_gb=slack_with_lower_activations,
-        title=f"{model.name} TP{plan.tp}, N={plan.n_gpu_experts}, T={plan.max_total_tokens}, C={plan.chunk}")
+        runtime_need_gb=runtime_need, title=f"{model.name} TP{plan.tp}, N={plan.n_gpu_experts}, T={plan.max_total_tokens}, C={plan.chunk}")
 
 
 def _warnings(model: ModelSizes, hw: Hardware, plan: LaunchPlan, mem: GpuMemory, soft: Mapping[str, float],

@@ -39,6 +39,7 @@ from tuner.storage import (
     ATTR_FLAGS,
     ATTR_LAUNCHED,
     ATTR_MARGINAL,
+    ATTR_RUNTIME_NEED_GB,
     ATTR_SPARE_GB,
     ATTR_WORKER,
     STUDY_ATTR_CALIBRATION,
@@ -305,6 +306,8 @@ class _Loop:
             return False
         if report.slack_without_margin_gb is not None:
             trial.set_user_attr(ATTR_SPARE_GB, round(report.slack_without_margin_gb, 3))
+        if report.runtime_need_gb is not None:
+            trial.set_user_attr(ATTR_RUNTIME_NEED_GB, round(report.runtime_need_gb, 3))
         assert self.gate is not None
         if not self.gate.inside_margin(report):
             return False

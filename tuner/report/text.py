@@ -10,6 +10,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from tuner.capacity import THIN_Z
 from tuner.config import ConfirmSpec, SearchSpace
 from tuner.report.comparison import compare
 from tuner.report.status import failure_counts, no_feasible_message
@@ -114,10 +115,9 @@ def certainty_lines(study: optuna.Study, confirm: ConfirmSpec) -> list[str]:
                    f"need {cap.need} ({100 * (cap.margin or 0):+.0f} %)"
                    + (f"; judged at the smallest pool: {g.score:.4g}" if g.judged is not None else "")
                    + ("; thin: a fresh start may not hold the need" if not cap.holds else ""))
-    if g.start_spare is not None and g.free_sd is not None:
-        out.append(f"  {g.start_spare:.2f} GB to spare at run time (predicted, or shown by a launch needing as much); "
-                   "what start-up left free varied by "
-                   f"{g.free_sd:.2f} GB (sd) between launches"
+    if g.start_spare is not None and g.low_start_spare is not None and g.free_sd is not None:
+        out.append(f"  {g.start_spare:.2f} GB to spare at run time on an average start, {g.low_start_spare:.2f} GB on one "
+                   f"{THIN_Z:g} sd short of the mean free memory (sd {g.free_sd:.2f} GB between launches)"
                    + ("; thin: some fresh starts would run out of memory" if g.thin_start else ""))
     if cap is not None and cap.memory_failures:
         out.append(f"  {cap.memory_failures} of {cap.launches} launch(es) with these memory flags failed for memory")

@@ -24,6 +24,9 @@ ATTR_DUPLICATE_OF = "duplicate_of"
 ATTR_WARM_START = "warm_start"
 ATTR_CONFIRMATION_OF = "confirmation_of"  # a re-measurement of that trial's configuration
 ATTR_SPARE_GB = "spare_gpu_mem_gb"  # predicted GPU memory to spare at launch (without the safety margin)
+# predicted GPU memory its forwards take beyond start-up (activations, layerwise slot, what
+# failures added; no margin): against what start-up left free, its memory to spare at run time
+ATTR_RUNTIME_NEED_GB = "runtime_need_gb"
 ATTR_MARGINAL = "inside_margin"  # launched although predicted to fit only inside the safety margin
 ATTR_ARGV = "argv"
 ATTR_TIMINGS = "timings"  # seconds per phase: ready_s, quality_s, bench_<workload>_s, teardown_s
