@@ -229,7 +229,9 @@ def start_draws(study: optuna.Study) -> StartDraws:
 def pool_capped(t: FrozenTrial) -> bool:
     """The launch's KV pool is max-total-tokens (rounded down to whole pages), not the profile's
     share of free memory: SGLang gives the pool what the weights left less (1 −
-    mem-fraction-static) of the free memory it found, or max-total-tokens where that is smaller."""
+    mem-fraction-static) of the free memory it found before them, or max-total-tokens where that
+    is smaller (sglang-kt's ``profile_max_num_token``, upstream's ``_profile_available_bytes``
+    and ``_apply_token_constraints``; tests/sim/test_dialect_conformance.py reads both)."""
     flags, pool = launched_flags(t), kv_pool(t)
     cap, page = flags.get("max-total-tokens"), flags.get("page-size") or 1
     if pool is None or not isinstance(cap, (int, float)) or cap <= 0 or not isinstance(page, int) or page < 1:

@@ -239,6 +239,25 @@ def test_server_info_routes_and_the_clients_that_call_them(kt: Source, up: Sourc
     assert {"/server_info", "/get_server_info"} <= served
 
 
+def test_kv_pool_is_free_memory_less_a_share_of_the_draw_capped_by_max_total_tokens(kt: Source, up: Source) -> None:
+    """What `tuner.capacity.left_at_draw_gb` and `pool_capped` rest on, in both servers' source:
+    the pool's budget is the memory free after the weights less (1 - mem-fraction-static) of what
+    was free before them, and max-total-tokens, where smaller, caps it."""
+    def flat(text: str) -> str:
+        return re.sub(r"\s+", "", text)
+
+    kt_runner = flat(kt.read("srt/model_executor/model_runner_kv_cache_mixin.py"))
+    assert "rest_memory=available_gpu_memory-self.total_gpu_memory*(1-self.mem_fraction_static)" in kt_runner
+    assert "self.max_total_num_tokens=min(self.max_total_num_tokens,max_total_tokens_configured)" in kt_runner
+    assert "self.total_gpu_memory=self.init_torch_distributed()" in flat(kt.read("srt/model_executor/model_runner.py"))
+    up_pool = flat(up.read("srt/mem_cache/kv_cache_configurator.py"))
+    assert "slack_gb=pre_model_load_memory*(1-get_schedule().mem_fraction_static)" in up_pool
+    assert "token_capacity=min(token_capacity,user_limit)" in up_pool
+    # Upstream re-sizes the pool after graph capture to the same share of the pre-load figure.
+    resize = flat(up.read("srt/model_executor/model_runner_components/kv_pool_runtime.py"))
+    assert "headroom_gb=model_runner.pre_model_load_memory*(1-model_runner.mem_fraction_static)" in resize
+
+
 def test_kt_flags_of_each_parser(kt: Source, up: Source) -> None:
     real_kt = set(re.findall(r'"(--(?:record-)?kt-[a-z-]+)"', kt.read("srt/server_args.py")))
     sim_kt = {f for a in build_parser("sglang-kt")._actions for f in a.option_strings if "kt-" in f}
