@@ -228,3 +228,17 @@ def test_one_launch_on_a_low_draw_is_read_at_the_study_s_mean_draw() -> None:
     assert fast.start_spare == pytest.approx((1.4 + mean_free - 38.4) * GB_PER_GIB - 0.9)
     assert not fast.thin_start  # its own start alone (1.4 GiB left) would call it thin
     assert pick(study, ConfirmSpec())[0].params["n"] == 120
+
+
+def test_kttune_best_says_what_an_average_and_a_short_start_leave_to_spare() -> None:
+    from tuner.report.text import certainty_lines
+
+    study = _study()
+    for free in (39.0, 41.0, 40.0, 40.0):
+        _launch(study, 36, 100.0, free=free, avail=free - 38.0, pool=40000, runtime_need=0.5, cap=40000)
+    lines = certainty_lines(study, ConfirmSpec())
+    group = repeat_groups(study)[0]
+    assert group.start_spare is not None and group.low_start_spare is not None and group.free_sd is not None
+    spare = next(line for line in lines if "to spare at run time" in line)
+    assert f"{group.start_spare:.2f} GB" in spare and f"{group.low_start_spare:.2f} GB on one 2 sd short" in spare
+    assert f"sd {group.free_sd:.2f} GB" in spare and "thin" in spare  # 2 GiB left, 0.5 GB needed, sd 0.8 GiB
