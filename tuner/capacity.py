@@ -260,23 +260,24 @@ def _cap_room_gb(t: FrozenTrial, mfs: float) -> float | None:
 def left_at_draw_gb(t: FrozenTrial, draw_gb: float) -> float | None:
     """What the launch's flags leave free after start-up (GB) on a start that finds `draw_gb`
     free before the weights, from what its own start left (:func:`available_after_start_gb`).
-    Where the profile sizes the KV pool, (1 − mem-fraction-static) of a difference in the draw
-    stays free and the pool takes the rest; where max-total-tokens caps it, all of it, until a
-    smaller draw has used up the profile's surplus over the cap (:func:`_cap_room_gb`). Where
-    the flags do not give mem-fraction-static, all of it."""
+    Where max-total-tokens caps the KV pool, all of a difference in the draw stays free (a
+    smaller draw: until it has used up the profile's surplus over the cap, :func:`_cap_room_gb`,
+    then the pool shrinks); where the profile sizes the pool, (1 − mem-fraction-static) of it
+    and the pool takes the rest. Where the flags do not give mem-fraction-static, a larger draw
+    counts as no help to a profiled pool and a smaller one as a loss of all of it."""
     left, free = available_after_start_gb(t), start_free_gib(t)
     if left is None or free is None:
         return left
     diff = draw_gb - free * GIB / 1e9
     mfs = _mem_fraction(launched_flags(t))
+    if pool_capped(t):
+        room = None if diff >= 0 or mfs is None else _cap_room_gb(t, mfs)
+        if room is None or mfs is None:
+            return left + diff
+        return left - min(-diff, room) - (1.0 - mfs) * max(0.0, -diff - room)
     if mfs is None:
-        return left + diff
-    if not pool_capped(t):  # a larger draw may reach the cap, after which all of it stays free: not counted
-        return left + (1.0 - mfs) * diff
-    room = _cap_room_gb(t, mfs)
-    if diff >= 0 or room is None:
-        return left + diff
-    return left - min(-diff, room) - (1.0 - mfs) * max(0.0, -diff - room)
+        return left + min(diff, 0.0)
+    return left + (1.0 - mfs) * diff  # a larger draw may reach the cap, after which all of it stays free: not counted
 
 
 def available_after_start_gb(t: FrozenTrial) -> float | None:
