@@ -47,6 +47,8 @@ MEMORY_MONOTONE_FLAGS = ("kt-num-gpu-experts", "chunked-prefill-size", "max-runn
 # of the launch-to-launch spread may fall short on a fresh start (about 2 % of starts for a normal
 # spread).
 THIN_Z = 2.0
+# Servers log GiB; predicted spare and the memory model's figures are decimal GB.
+_GB_PER_GIB = GIB / 1e9
 # Flags that change what the servers find free before loading weights (one CUDA context per rank).
 _TP_FLAGS = ("tensor-parallel-size", "tp-size")
 # Flags whose larger value runs larger forwards (prefill chunks, decode batches), the rest equal,
@@ -222,7 +224,7 @@ def start_draws(study: optuna.Study) -> StartDraws:
     for t in study.get_trials(deepcopy=False):
         free = start_free_gib(t) if t.user_attrs.get(ATTR_LAUNCHED) else None
         if free is not None:
-            by_tp.setdefault(_tp_key(launched_flags(t)), []).append(free * GIB / 1e9)
+            by_tp.setdefault(_tp_key(launched_flags(t)), []).append(free * _GB_PER_GIB)
     return StartDraws(by_tp)
 
 
@@ -254,7 +256,7 @@ def _cap_room_gb(t: FrozenTrial, mfs: float) -> float | None:
     if not isinstance(after, (int, float)) or not isinstance(pool, (int, float)) or free is None:
         return None
     surplus = float(after) - free * (1.0 - mfs) - float(pool)
-    return max(surplus, 0.0) * GIB / 1e9 / mfs
+    return max(surplus, 0.0) * _GB_PER_GIB / mfs
 
 
 def left_at_draw_gb(t: FrozenTrial, draw_gb: float) -> float | None:
@@ -268,11 +270,10 @@ def left_at_draw_gb(t: FrozenTrial, draw_gb: float) -> float | None:
     left, free = available_after_start_gb(t), start_free_gib(t)
     if left is None or free is None:
         return left
-    diff = draw_gb - free * GIB / 1e9
+    diff = draw_gb - free * _GB_PER_GIB
     mfs = _mem_fraction(launched_flags(t))
     if pool_capped(t):
-        room = None if diff >= 0 or mfs is None else _cap_room_gb(t, mfs)
-        if room is None or mfs is None:
+        if diff >= 0 or mfs is None or (room := _cap_room_gb(t, mfs)) is None:
             return left + diff
         return left - min(-diff, room) - (1.0 - mfs) * max(0.0, -diff - room)
     if mfs is None:
@@ -284,7 +285,7 @@ def available_after_start_gb(t: FrozenTrial) -> float | None:
     """What the launch's server had free once started (the scheduler's ``available_gpu_mem``,
     worst rank; decimal GB): all that its forwards may take at run time."""
     v = (t.user_attrs.get(ATTR_MEMORY) or {}).get("available_gpu_mem_gib")
-    return float(v) * GIB / 1e9 if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else None
+    return float(v) * _GB_PER_GIB if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else None
 
 
 def _forward_size(flags: Mapping[str, Any], flag: str) -> float:
