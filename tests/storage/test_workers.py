@@ -127,6 +127,46 @@ def test_last_launch_goes_to_the_lower_trial(tmp_path: Path, lower_launches: boo
     assert verdict == [not lower_launches]
 
 
+def _suggest_all(trial: optuna.Trial, space: SearchSpace) -> None:
+    for name, dist in space.distributions().items():
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            trial.suggest_categorical(name, dist.choices)
+        else:
+            assert isinstance(dist, optuna.distributions.IntDistribution)
+            trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+
+
+def test_a_duplicate_still_being_proposed_by_another_worker_is_waited_for(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Optuna writes a trial's params one suggestion at a time: a lower trial whose worker is
+    still proposing the same configuration must not be missed for want of its params."""
+    from tuner.storage import workers
+
+    one, two, space = _sqlite_study(tmp_path)
+    assert space.baseline is not None
+    for study in (one, two):
+        study.enqueue_trial(dict(space.baseline))
+    low = one.ask()  # worker one: trial 0 created, its params not written yet
+    high = two.ask(space.distributions())  # worker two: trial 1, the same params, already written
+    found: list[FrozenTrial | None] = []
+    waiter = threading.Thread(target=lambda: found.append(
+        find_duplicate(workers.proposed_trials(two, high), high.params, before=high.number)))
+    waiter.start()
+    time.sleep(1.0)
+    assert found == []  # still waiting for trial 0's params
+    _suggest_all(low, space)
+    waiter.join(timeout=30)
+    assert found and found[0] is not None and found[0].number == low.number
+    # A trial left without params for longer than a dead worker's takes to go stale is not waited for.
+    monkeypatch.setattr(workers, "_stale_after_s", lambda study: 0.5)
+    one.enqueue_trial(dict(space.baseline))
+    dead = one.ask()
+    time.sleep(0.6)
+    started = time.monotonic()
+    later = two.ask(space.distributions())
+    assert dead.number < later.number and workers.proposed_trials(two, later) and time.monotonic() - started < 0.5
+
+
 def test_heartbeat_interval_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url = f"sqlite:///{tmp_path / 'hb.db'}"
     assert make_storage(url).get_heartbeat_interval() == 30

@@ -56,6 +56,7 @@ from tuner.storage import (
     is_measured,
     launched_count,
     open_study,
+    proposed_trials,
     pruned_twin,
     record,
     recover_stale_trials,
@@ -282,7 +283,7 @@ class _Loop:
     def _tell_duplicate(self, trial: optuna.Trial) -> bool:
         """The same params measured, or being measured by another worker: don't launch them
         again. True when the trial was told."""
-        trials = self.study.get_trials(deepcopy=False)
+        trials = proposed_trials(self.study, trial)
         dup = find_duplicate(trials, trial.params, before=trial.number) or pruned_twin(trials, trial.params)
         if dup is None:
             return False

@@ -3,6 +3,7 @@ against a shared budget, heartbeats while a launch runs, duplicates across worke
 recovery of trials (and servers) that dead workers left behind."""
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import threading
@@ -171,6 +172,27 @@ def find_duplicate(trials: list[FrozenTrial], params: Mapping[str, Any], *,
         if pending is None and before is not None and t.number < before and t.state == TrialState.RUNNING:
             pending = t
     return pending
+
+
+def proposed_trials(study: optuna.Study, trial: optuna.Trial) -> list[FrozenTrial]:
+    """The study's trials once every trial numbered below `trial` that another worker is still
+    proposing has all of its params: Optuna writes a trial's params one suggestion at a time, so
+    such a trial would hide a duplicate from :func:`find_duplicate`. Still proposing: running,
+    some params missing, and started within the time a dead worker's trial takes to go stale
+    (older, its worker died while asking). Waits no longer than that, beating this trial's
+    heartbeat."""
+    names, stale_s = set(trial.params), _stale_after_s(study)
+    deadline = time.monotonic() + stale_s
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        now = datetime.datetime.now()
+        proposing = [t for t in trials if t.number < trial.number and t.state == TrialState.RUNNING
+                     and not names <= set(t.params) and t.datetime_start is not None
+                     and (now - t.datetime_start).total_seconds() < stale_s]
+        if not proposing or time.monotonic() >= deadline:
+            return trials
+        beat_once(study, trial)
+        time.sleep(0.2)
 
 
 def pruned_twin(trials: list[FrozenTrial], params: dict[str, Any]) -> FrozenTrial | None:
