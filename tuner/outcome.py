@@ -100,6 +100,7 @@ class Reason(str, enum.Enum):
     KT_NOT_ENABLED = "kt_not_enabled", Fault.FATAL
     TEARDOWN_STUCK = "teardown_stuck", Fault.FATAL
     EXEC_FAILED = "exec_failed", Fault.FATAL
+    KERNEL_BUILD_FAILED = "kernel_build_failed", Fault.FATAL
 
     def __str__(self) -> str:
         return self.value

@@ -172,3 +172,22 @@ def test_quality_section_is_validated() -> None:
     data["quality"] = {"enabeld": False}
     with pytest.raises(ConfigError, match=r"^quality\.enabeld"):
         parse(data)
+
+
+def test_a_fixed_arg_follows_a_tuned_flag_it_names_in_braces() -> None:
+    # kt-kernel's AMX weights are cut per thread-pool count: the folder must follow the tuned count
+    data = raw()
+    data["server"]["args"]["kt-weight-path"] = "/w/kimi-pools{kt-threadpool-count}"
+    data["server"]["args"]["json-model-override-args"] = '{"rope_scaling": null}'
+    space = parse(data)
+    flags = space.launch_flags({**space.baseline, "kt-threadpool-count": 1})
+    assert flags["kt-weight-path"] == "/w/kimi-pools1"
+    assert space.launch_flags({**space.baseline, "kt-threadpool-count": 2})["kt-weight-path"] == "/w/kimi-pools2"
+    assert flags["json-model-override-args"] == '{"rope_scaling": null}'  # JSON is no reference
+
+
+def test_a_brace_reference_to_no_flag_is_refused_with_the_field() -> None:
+    data = raw()
+    data["server"]["args"]["kt-weight-path"] = "/w/kimi-pools{kt-threadpool}"
+    with pytest.raises(ConfigError, match=r"server\.args\.kt-weight-path.*\{kt-threadpool\} names no tuned flag"):
+        parse(data)

@@ -22,6 +22,7 @@ from tuner.config.specs import (
     ACCURACY_FLAGS,
     DEFAULT_SECRETS,
     ENV_PREFIX,
+    PARAM_REF,
     BenchSpec,
     ConfirmSpec,
     FeasibilitySpec,
@@ -345,6 +346,12 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
             raise fail(f"params.{p.flag}", "is a secret (see secret:) and cannot be tuned", "set it in server.args")
         if p.flag in server.args:  # which one the launch uses would be a silent choice
             raise fail(f"server.args.{p.flag}", "is also tuned in params", "remove it from server.args or from params")
+    named = {p.flag for p in params} | set(server.args)
+    for key, value in server.args.items():
+        for ref in PARAM_REF.findall(value) if isinstance(value, str) else ():
+            if ref not in named:
+                raise fail(f"server.args.{key}", f"{{{ref}}} names no tuned flag or server arg",
+                           f"use one of {sorted(p.flag for p in params)}, e.g. /weights/pools{{kt-threadpool-count}}")
     workloads = _parse_workloads(data.get("workloads"))
     objectives = _parse_objectives(data.get("objective"), workloads)
     bench = _parse_bench(mapping("bench", data.get("bench")), Path.cwd(), check_paths)

@@ -4,6 +4,7 @@ other packages key on (AUTO, CAPACITY_FLAGS). Parsing and validation are in
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,7 +252,8 @@ class SearchSpace:
         variables stay in under their ``env:NAME`` keys (`split_env` separates them). With
         `frequency` placement and no file of its own, `expert_location` (the study's recorded
         expert distribution) is the file it reads."""
-        merged = dict(self.server.args)
+        values = {**self.server.args, **params}
+        merged = {k: fill_param_refs(v, values) for k, v in self.server.args.items()}
         merged.update(params)
         if (expert_location is not None and merged.get(PLACEMENT_FLAG) == FREQUENCY
                 and EXPERT_LOCATION_FLAG not in self.server.args):
@@ -281,6 +283,20 @@ class SearchSpace:
     @property
     def directions(self) -> list[Direction]:
         return [o.direction for o in self.objectives]
+
+
+# "{flag}" inside a fixed arg names a tuned flag whose value it takes at launch.
+PARAM_REF = re.compile(r"\{([a-z0-9][a-z0-9-]*)\}")
+
+
+def fill_param_refs(value: Any, params: Mapping[str, Any]) -> Any:
+    """`value` with each ``{flag}`` that names a flag in `params` replaced by its value; other
+    braces are left as they are (a JSON override is not a reference). A fixed arg can then follow
+    a tuned one: kt-kernel's pre-quantized CPU weights are cut once per thread-pool count, so
+    ``kt-weight-path: /w/kimi-pools{kt-threadpool-count}`` picks the folder that matches."""
+    if not isinstance(value, str) or "{" not in value:
+        return value
+    return PARAM_REF.sub(lambda m: str(params[m.group(1)]) if m.group(1) in params else m.group(0), value)
 
 
 def _redact(value: Any, placeholders: Mapping[str, str]) -> Any:

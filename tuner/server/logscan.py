@@ -29,6 +29,10 @@ _FAILURES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("port_in_use", re.compile(r"address already in use", re.IGNORECASE)),
     ("kt_not_enabled", re.compile(r"Either kt_num_gpu_experts or kt_gpu_experts_ratio is required")),
     ("kv_not_enough_memory", re.compile(r"Not enough memory\. Please try to increase --mem-fraction-static")),
+    # A kernel the server JIT-compiles at first use (flashinfer's RMSNorm during CUDA-graph capture
+    # on upstream 0.5.11) did not build: the toolchain or the kernel sources are missing. SGLang
+    # reports it as "Capture cuda graph failed" with memory advice; no configuration fixes it.
+    ("kernel_build_failed", re.compile(r"Ninja build failed|ninja: error: |nvcc fatal|No such file or directory: '(?:nvcc|ninja)'")),
     ("cuda_graph_failed", re.compile(r"Capture (?:[\w-]+ )*?(?:cuda|CUDA) graph failed")),
     ("oom", re.compile(r"CUDA out of memory|torch\.OutOfMemoryError|CUDA error: out of memory")),
     ("watchdog_timeout", re.compile(r"[Ww]atchdog timeout")),
