@@ -5,7 +5,7 @@
 # from this tree into the machine's Python, writes the model (scripts/realbox/make_model.py),
 # restores the JIT caches of an earlier run, runs each argument as one command line, then packs
 # the study folder, the JIT caches and the machine's facts into $OUT.
-# Usage: bash scripts/realbox/device.sh 'kttune run --space search_spaces/realbox-qwen3moe-h100.yaml --budget 4' ...
+# Usage: bash scripts/realbox/device.sh 'kttune run --space search_spaces/realbox-qwen3moe.yaml --budget 4' ...
 set -uo pipefail
 ROOT=$PWD RB=$PWD/.realbox BUNDLE=/tmp/sgkt MODEL=/tmp/realbox CACHE=/tmp/rbcache
 OUT=${OUT:-/tmp/realbox-out}

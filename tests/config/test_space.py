@@ -189,5 +189,5 @@ def test_a_fixed_arg_follows_a_tuned_flag_it_names_in_braces() -> None:
 def test_a_brace_reference_to_no_flag_is_refused_with_the_field() -> None:
     data = raw()
     data["server"]["args"]["kt-weight-path"] = "/w/kimi-pools{kt-threadpool}"
-    with pytest.raises(ConfigError, match=r"server\.args\.kt-weight-path.*\{kt-threadpool\} names no tuned flag"):
+    with pytest.raises(ConfigError, match=r"server\.args\.kt-weight-path.*\{kt-threadpool\} names no flag of the space"):
         parse(data)

@@ -22,7 +22,6 @@ from tuner.config.specs import (
     ACCURACY_FLAGS,
     DEFAULT_SECRETS,
     ENV_PREFIX,
-    PARAM_REF,
     BenchSpec,
     ConfirmSpec,
     FeasibilitySpec,
@@ -346,12 +345,6 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
             raise fail(f"params.{p.flag}", "is a secret (see secret:) and cannot be tuned", "set it in server.args")
         if p.flag in server.args:  # which one the launch uses would be a silent choice
             raise fail(f"server.args.{p.flag}", "is also tuned in params", "remove it from server.args or from params")
-    named = {p.flag for p in params} | set(server.args)
-    for key, value in server.args.items():
-        for ref in PARAM_REF.findall(value) if isinstance(value, str) else ():
-            if ref not in named:
-                raise fail(f"server.args.{key}", f"{{{ref}}} names no tuned flag or server arg",
-                           f"use one of {sorted(p.flag for p in params)}, e.g. /weights/pools{{kt-threadpool-count}}")
     workloads = _parse_workloads(data.get("workloads"))
     objectives = _parse_objectives(data.get("objective"), workloads)
     bench = _parse_bench(mapping("bench", data.get("bench")), Path.cwd(), check_paths)
@@ -374,16 +367,18 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
     name = data.get("name") or (path.stem if path else "space")
     if not isinstance(name, str):
         raise fail("name", f"must be a string, got {name!r}", "quote it")
-    return SearchSpace(name=name, path=path, server=server, params=params, workloads=workloads,
-                       objectives=objectives, bench=bench, baseline=baseline,
+    space = SearchSpace(name=name, path=path, server=server, params=params, workloads=workloads,
+                       objectives=objectives, bench=bench, baseline=baseline, quality=quality,
                        hardware=dict(mapping("hardware", data.get("hardware"))),
                        model=dict(mapping("model", data.get("model"))),
                        slos=_parse_slos(data.get("slo"), workloads),
-                       quality=quality,
                        confirm=_parse_confirm(mapping("confirm", data.get("confirm"))),
                        probe=_parse_probe(mapping("probe", data.get("probe"))),
                        feasibility=_parse_feasibility(mapping("feasibility", data.get("feasibility"))),
                        secrets=secrets)
+    if bad := space.unknown_param_ref():
+        raise fail(f"server.args.{bad[0]}", f"{{{bad[1]}}} names no flag of the space", "e.g. /w/pools{kt-threadpool-count}")
+    return space
 
 
 def _parse_secrets(data: Any) -> tuple[str, ...]:

@@ -260,6 +260,25 @@ class SearchSpace:
             merged[EXPERT_LOCATION_FLAG] = expert_location
         return merged
 
+    def fixed_arg_values(self, flag: str) -> list[str]:
+        """Every value the fixed arg `flag` takes at launch: one per choice of a tuned flag it
+        names in braces (`fill_param_refs`), else the baseline's."""
+        base = dict(self.baseline or {})
+        values = [self.launch_flags(base)[flag]]
+        for p in self.params:
+            if p.choices is not None and f"{{{p.flag}}}" in str(self.server.args[flag]):
+                values = [self.launch_flags({**base, p.flag: c})[flag] for c in p.choices]
+        return sorted({str(v) for v in values})
+
+    def unknown_param_ref(self) -> tuple[str, str] | None:
+        """(fixed arg, name) of the first ``{name}`` in a fixed arg that names no flag of the space."""
+        named = {p.flag for p in self.params} | set(self.server.args)
+        for key, value in self.server.args.items():
+            for ref in PARAM_REF.findall(value) if isinstance(value, str) else ():
+                if ref not in named:
+                    return key, ref
+        return None
+
     def offers_frequency_placement(self) -> bool:
         """True when the space searches placement and `frequency` is one of the choices: the
         study then records an expert distribution first."""

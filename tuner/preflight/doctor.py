@@ -232,11 +232,11 @@ def _model_checks(space: Any, simulated: bool) -> list[Check]:
                          "set server.args.kt-weight-path to the CPU expert weights for hybrid inference"))
     elif simulated:
         out.append(Check("kt-weight-path", SKIP, f"{kt_path} (simulated server: not read)"))
-    elif missing := [p for p in _kt_weight_paths(space) if not Path(p).is_dir()]:
+    elif missing := [p for p in space.fixed_arg_values("kt-weight-path") if not Path(p).is_dir()]:
         out.append(Check("kt-weight-path", FAIL, f"{', '.join(missing)}: not a directory",
                          "download or convert the CPU weights (see the seed guide) and fix the path"))
     else:
-        out.append(Check("kt-weight-path", OK, ", ".join(_kt_weight_paths(space))))
+        out.append(Check("kt-weight-path", OK, ", ".join(space.fixed_arg_values("kt-weight-path"))))
     method = args.get("kt-method")
     if kt_path is not None and method:
         try:
@@ -251,17 +251,6 @@ def _model_checks(space: Any, simulated: bool) -> list[Check]:
                              + (" (simulated server: not needed here)" if simulated and not ok else ""),
                              "" if ok or simulated else "use a host with more RAM or a smaller kt-method"))
     return out
-
-
-def _kt_weight_paths(space: Any) -> list[str]:
-    """Every folder kt-weight-path names: one per choice of a tuned flag it refers to in braces
-    (weights cut per thread-pool count), else the baseline's."""
-    base = {**(space.baseline or {})}
-    paths = [space.launch_flags(base)["kt-weight-path"]]
-    for p in space.params:
-        if p.choices is not None and f"{{{p.flag}}}" in str(space.server.args["kt-weight-path"]):
-            paths = [space.launch_flags({**base, p.flag: c})["kt-weight-path"] for c in p.choices]
-    return sorted({str(x) for x in paths})
 
 
 def _bench_input_checks(space: Any, simulated: bool) -> list[Check]:
