@@ -5,6 +5,7 @@
 # from this tree into the machine's Python, writes the model (scripts/realbox/make_model.py),
 # restores the JIT caches of an earlier run, runs each argument as one command line, then packs
 # the study folder, the JIT caches and the machine's facts into $OUT.
+# RB_SPACE=SPACE also writes $OUT/hardware.json and $OUT/real-study.md (benchmarks/real_study.py).
 # Usage: bash scripts/realbox/device.sh 'kttune run --space search_spaces/realbox-qwen3moe.yaml --budget 4' ...
 set -uo pipefail
 ROOT=$PWD RB=$PWD/.realbox BUNDLE=/tmp/sgkt MODEL=/tmp/realbox CACHE=/tmp/rbcache
@@ -43,6 +44,11 @@ for cmd in "$@"; do
     echo "[realbox] rc=$? for: $cmd"
 done
 
+if [ -n "${RB_SPACE:-}" ]; then
+    stamp "the machine's hardware and the study's table (benchmarks/real_study.py)"
+    python3 benchmarks/real_study.py --space "$RB_SPACE" --save-hardware "$OUT/hardware.json"
+    python3 benchmarks/real_study.py --space "$RB_SPACE" > "$OUT/real-study.md"
+fi
 stamp "packing"
 [ -d studies ] && tar -cf - studies | xz -3 -T0 > "$OUT/studies.tar.xz"
 (cd $CACHE && find . -name '*.lock' -delete; tar -cf - --exclude=.restored . | xz -3 -T0 > "$OUT/caches.tar.xz")
