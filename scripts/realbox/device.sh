@@ -5,7 +5,8 @@
 # from this tree into the machine's Python, writes the model (scripts/realbox/make_model.py),
 # restores the JIT caches of an earlier run, runs each argument as one command line, then packs
 # the study folder, the JIT caches and the machine's facts into $OUT.
-# RB_SPACE=SPACE also writes $OUT/hardware.json and $OUT/real-study.md (benchmarks/real_study.py).
+# RB_SPACE=SPACE also writes $OUT/real-study.md (benchmarks/real_study.py) and hardware.json among
+# the facts (machine.txt, the server's --help) that results.tar.xz brings back with studies/.
 # Usage: bash scripts/realbox/device.sh 'kttune run --space search_spaces/realbox-qwen3moe.yaml --budget 4' ...
 set -uo pipefail
 ROOT=$PWD RB=$PWD/.realbox BUNDLE=/tmp/sgkt MODEL=/tmp/realbox CACHE=/tmp/rbcache
@@ -30,7 +31,10 @@ PATH=$(dirname "$(python3 -c 'import sys; print(sys.executable)')"):$PATH
 export PATH
 stamp "model"
 python3 scripts/realbox/make_model.py --out $MODEL || exit 1
-{ nvidia-smi; lscpu; free -g; python3 -c 'import torch; print("torch", torch.__version__)'; } > "$OUT/machine.txt" 2>&1
+FACTS=/tmp/realbox-facts; mkdir -p $FACTS
+{ nvidia-smi; lscpu; free -g; python3 -c 'import torch; print("torch", torch.__version__)'; } > $FACTS/machine.txt 2>&1
+[ -f $FACTS/launch_server-help.txt ] || PYTHONPATH=$BUNDLE LD_LIBRARY_PATH=$BUNDLE/_ktlibs \
+    python3 -m sglang.launch_server --help > $FACTS/launch_server-help.txt 2>&1
 
 # Each command is stopped with SIGINT (kttune's Ctrl-C: the server torn down, the study kept) at
 # DEADLINE_S seconds after this script started, so that packing still fits in the device call.
@@ -46,11 +50,12 @@ done
 
 if [ -n "${RB_SPACE:-}" ]; then
     stamp "the machine's hardware and the study's table (benchmarks/real_study.py)"
-    python3 benchmarks/real_study.py --space "$RB_SPACE" --save-hardware "$OUT/hardware.json"
+    python3 benchmarks/real_study.py --space "$RB_SPACE" --save-hardware $FACTS/hardware.json
     python3 benchmarks/real_study.py --space "$RB_SPACE" > "$OUT/real-study.md"
 fi
 stamp "packing"
-[ -d studies ] && tar -cf - studies | xz -3 -T0 > "$OUT/studies.tar.xz"
+# at most 8 files come back: the studies and the facts in one archive, the caches in another
+tar -cf - studies -C /tmp realbox-facts 2>/dev/null | xz -3 -T0 > "$OUT/results.tar.xz"
 (cd $CACHE && find . -name '*.lock' -delete; tar -cf - --exclude=.restored . | xz -3 -T0 > "$OUT/caches.tar.xz")
 ls -la "$OUT"
 stamp "done"
