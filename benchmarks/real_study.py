@@ -106,7 +106,11 @@ def main() -> None:
     if a.hardware:
         space = type(space)(**{**space.__dict__, "hardware": json.loads(a.hardware.read_text())})
     name = a.study or space.name
-    study = optuna.load_study(study_name=name, storage=a.storage or f"sqlite:///studies/{name}.db")
+    storage = a.storage or f"sqlite:///studies/{name}.db"
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise SystemExit(f"real_study: no study {name!r} in {storage}; pass --study or --storage") from None
     gate = FeasibilityGate.for_space(space)
     objective = f"{space.objectives[0].workload}.{space.objectives[0].metric}"
     header = ["trial", "tuned flags", "outcome", objective, "weights GB pred", "weights GB real", "KV tokens pred",

@@ -6,7 +6,8 @@
 #                         sm90 ops only) + flashinfer 0.6.8.post1 (with data/: the sources its JIT
 #                         compiles) + kt-kernel 0.5.0.post1 (the AMX and AVX-512 variants) + the
 #                         pure-Python pieces the GPU machine's image lacks
-#   .realbox/wheels/      kttune's own dependencies the image lacks (optuna, sqlalchemy, ...)
+#   .realbox/wheels/      what the image lacks for kttune (optuna, sqlalchemy, ...) and for
+#                         sglang 0.5.11's bench_serving (HF datasets, imported by its MMMU loader)
 # Why these pins, and what each carried package works around: docs/real-server.md.
 # Usage: bash scripts/realbox/build.sh        (idempotent: a finished part is not rebuilt)
 set -euo pipefail
@@ -22,7 +23,8 @@ PLAT+=(--platform any)
 if [[ ! -s $OUT/wheels/.done ]]; then
     echo "== kttune's dependencies missing from the GPU machine's image"
     python3 -m pip download -q "${PLAT[@]}" -d "$OUT/wheels" \
-        optuna==5.1.0 sqlalchemy==2.1.9 alembic==1.20.1 colorlog==6.12.0 mako==1.4.3 greenlet
+        optuna==5.1.0 sqlalchemy==2.1.9 alembic==1.20.1 colorlog==6.12.0 mako==1.4.3 greenlet \
+        datasets==4.4.1 multiprocess==0.70.18
     date -u +%FT%TZ > "$OUT/wheels/.done"
 fi
 
