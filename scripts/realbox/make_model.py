@@ -10,8 +10,8 @@ it finds (``blk.L.ffn_{gate,up,down}_exps.E.numa.N.{weight,scale}``) and each sh
 only; the space names the folder with ``{kt-threadpool-count}``.
 
 The bytes are random (uniform int8 in [-8, 8), scales 1e-3): right for timing and memory, not
-for text. One layer's bytes are written for every layer, which saves minutes and changes no
-kernel's work. Idempotent: existing files are kept.
+for text. One random matrix per projection is copied to every expert and layer, which saves
+minutes and changes no kernel's work. Idempotent: existing files are kept.
 
 Usage: python3 make_model.py --out DIR [--layers 6 --experts 128 --topk 8 --hidden 2048
        --moe-intermediate 768 --pools 1 2 --method AMXINT8]
@@ -65,12 +65,16 @@ def write_kt_weights(folder: Path, a: argparse.Namespace, pools: int) -> None:
     def random_bytes(n: float) -> torch.Tensor:
         return torch.randint(-8, 8, (int(n),), dtype=torch.int8, generator=g).view(torch.uint8)
 
+    # One random matrix per projection, copied to every expert: each expert still has its own
+    # bytes in memory (the kernel streams them all), and writing takes seconds, not minutes.
+    shapes = {"gate": (rows, a.hidden), "up": (rows, a.hidden), "down": (a.hidden, rows)}
+    seeds = {proj: random_bytes(r * c * per_weight) for proj, (r, c) in shapes.items()}
     one_layer: dict[str, torch.Tensor] = {}
     for e in range(a.experts):
         for n in range(pools):
-            for proj, (r, c) in (("gate", (rows, a.hidden)), ("up", (rows, a.hidden)), ("down", (a.hidden, rows))):
+            for proj, (r, _) in shapes.items():
                 key = f"ffn_{proj}_exps.{e}.numa.{n}"
-                one_layer[key + ".weight"] = random_bytes(r * c * per_weight)
+                one_layer[key + ".weight"] = seeds[proj].clone()
                 one_layer[key + ".scale"] = torch.full((r,), 1e-3, dtype=torch.float32)
     for layer in range(a.layers):
         save_file({f"blk.{layer}.{k}": v for k, v in one_layer.items()}, str(folder / f"layer{layer:03d}.safetensors"))
