@@ -37,10 +37,14 @@ FACTS=/tmp/realbox-facts; mkdir -p $FACTS
     python3 -m sglang.launch_server --help > $FACTS/launch_server-help.txt 2>&1
 
 # Each command is stopped with SIGINT (kttune's Ctrl-C: the server torn down, the study kept) at
-# DEADLINE_S seconds after this script started, so that packing still fits in the device call.
+# DEADLINE_S seconds after this script started, so that packing still fits in the device call;
+# a command written "@SECONDS command" is stopped after at most SECONDS.
 DEADLINE_S=${DEADLINE_S:-540}
 for cmd in "$@"; do
     left=$(( DEADLINE_S - ($(date +%s) - t0) ))
+    if [[ $cmd =~ ^@([0-9]+)\ (.*)$ ]]; then    # "@SECONDS command": at most that long
+        cmd=${BASH_REMATCH[2]}; (( BASH_REMATCH[1] < left )) && left=${BASH_REMATCH[1]}
+    fi
     if (( left < 20 )); then stamp "no time left for: $cmd"; continue; fi
     stamp "$cmd (at most ${left}s)"
     read -r -a argv <<< "$cmd"
