@@ -1,4 +1,4 @@
-"""kttune's log parsers against logs written by real servers (tests/fixtures/real/): upstream
+"""kttune's parsers against what real servers wrote (tests/fixtures/real/): upstream
 sglang 0.5.11 with kt-kernel 0.5.0.post1 on an H100, started by scripts/realbox/.
 Each figure asserted here is read off the fixture's own lines."""
 from __future__ import annotations
@@ -43,3 +43,18 @@ def test_a_jit_build_failure_in_capture_is_a_kernel_build_failure_not_a_memory_o
     assert reason.fault is Fault.FATAL and not reason.memory
     decisive = logscan.decisive_line(text)
     assert decisive is not None and "Ninja build failed" in decisive
+
+
+def test_the_help_of_real_upstream_0_5_11_lists_its_six_kt_flags_and_what_the_realbox_space_passes() -> None:
+    from tuner.config import load_space
+    from tuner.preflight.compat import parse_help_flags
+
+    flags = parse_help_flags(read("upstream-0.5.11-launch_server-help.txt"))
+    assert {f for f in flags if f.startswith("--kt-")} == {
+        "--kt-weight-path", "--kt-method", "--kt-cpuinfer", "--kt-threadpool-count", "--kt-num-gpu-experts",
+        "--kt-max-deferred-experts-per-token"}
+    space = load_space(Path(__file__).resolve().parents[2] / "search_spaces" / "realbox-qwen3moe.yaml", check_paths=False)
+    passed = {f"--{k}" for k in space.launch_flags(space.baseline or {})}
+    assert passed <= flags, passed - flags
+    # sglang-kt's placement flag is not upstream's: the refused-flag variant must be caught before a launch
+    assert "--kt-expert-placement-strategy" not in flags
