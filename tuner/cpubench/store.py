@@ -109,3 +109,15 @@ def describe_age(result: CpuBenchResult, now: float | None = None) -> str:
             n = int(age // size)
             return f"{n} {unit}{'s' if n > 1 else ''} old"
     return "just made"
+
+
+def doctor_row(studies_dir: Path, study: str) -> tuple[str, str, str]:
+    """(status, detail, fix) of the sweep stored for `study`, for `kttune doctor`."""
+    try:
+        result = load(bench_dir(studies_dir, study))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return "warn", f"{bench_dir(studies_dir, study)}: unreadable ({exc})", "run kttune cpubench again"
+    if result is None:
+        return "warn", f"no CPU-expert sweep for study {study}", "kttune cpubench --space ... (minutes, no GPU)"
+    return "ok", (f"{result.plan.shape.describe()}, {len(result.ok_points())} points, {describe_age(result)} "
+                  f"(kt-kernel {result.env.get('kt_kernel')})"), ""

@@ -102,10 +102,10 @@ class Layer:
         self.max_len = max(32, -(-int(spec["max_len"]) // 32) * 32)
         cfg.max_len = self.max_len
         bits = METHODS[method][1]
+        self.bf16: tuple[Any, Any, Any] | None = None
         if online or bits == 16:
             self.bf16 = self._online(cfg, e, h, i)
         else:
-            self.bf16 = None
             self._prequantized(cfg, e, h, i, pools, bits, new_api)
         self.moe = getattr(ext.moe, cls)(cfg)
         self.cls = cls
@@ -193,7 +193,8 @@ def reference(layer: Layer, ids: Any, weights: Any, x: Any) -> Any:
     """y_t = Σ_j w_tj · down_e(silu(gate_e x_t) · up_e x_t) in float32 torch."""
     import torch
 
-    gate, up, down = (torch.from_numpy(from_bf16(w).copy()) for w in layer.bf16)  # type: ignore[union-attr]
+    assert layer.bf16 is not None, "the reference needs the BF16 weights of an online layer"
+    gate, up, down = (torch.from_numpy(from_bf16(w).copy()) for w in layer.bf16)
     xf, ids_t, w_t = torch.from_numpy(from_bf16(x).copy()), torch.from_numpy(ids), torch.from_numpy(weights)
     y = torch.zeros_like(xf)
     for e in torch.unique(ids_t).tolist():
