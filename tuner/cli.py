@@ -340,9 +340,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_cpubench(args: argparse.Namespace) -> int:
-    from tuner.cpubench import apply_stored, bench_dir, plan_for_space, run_sweep, save, table, worker_for_space
-    from tuner.cpubench.sweep import parse_ints
-    from tuner.preflight.dialect import is_simulated
+    from tuner.cpubench import apply_stored, bench_dir, parse_ints, plan_for_space, run_sweep, save, table, worker_for_space
+    from tuner.preflight import is_simulated
 
     space, study_name, _storage = _resolve(args, check_paths=False)
     if args.repeats < 2 or args.min_time <= 0:

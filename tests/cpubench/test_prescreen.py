@@ -16,14 +16,14 @@ from tuner.cpubench import (
     SweepPlan,
     apply_stored,
     bench_dir,
+    doctor_row,
     load,
     narrow,
+    parse_ints,
     plan_for_space,
     prescreen,
     save,
 )
-from tuner.cpubench.store import doctor_row
-from tuner.cpubench.sweep import parse_ints
 from tuner.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,8 +9,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tuner.cpubench.prescreen import Prescreen, prescreen
-from tuner.cpubench.store import bench_dir, describe_age, load, save, table
-from tuner.cpubench.sweep import CpuBenchResult, CpuBenchUnavailable, Point, Shape, SweepPlan, Worker, run_sweep
+from tuner.cpubench.store import bench_dir, describe_age, doctor_row, load, save, table
+from tuner.cpubench.sweep import (
+    CpuBenchResult,
+    CpuBenchUnavailable,
+    Point,
+    Shape,
+    SweepPlan,
+    Worker,
+    parse_ints,
+    run_sweep,
+)
 from tuner.cpubench.worker import TAG as WORKER_TAG
 
 if TYPE_CHECKING:
@@ -28,9 +37,11 @@ __all__ = [
     "Worker",
     "bench_dir",
     "describe_age",
+    "doctor_row",
     "free_cores",
     "load",
     "narrow",
+    "parse_ints",
     "plan_for_space",
     "prescreen",
     "run_sweep",

@@ -426,7 +426,7 @@ def run_checks(opts: DoctorOptions, *, run: Runner = run_process,
     else:
         checks += _storage_checks(url, study, (opts.studies_dir / study / "artifacts") if study else None)
     if space is not None and study:
-        from tuner.cpubench.store import doctor_row
+        from tuner.cpubench import doctor_row
         checks.append(Check("cpubench", *doctor_row(opts.studies_dir, study)))
     return checks
 
