@@ -158,9 +158,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.fault_streak < 1:
         raise ConfigError(f"--fault-streak: must be ≥ 1, got {args.fault_streak}")
     space, study_name, storage = _resolve(args, check_paths=not args.dry_run, create=not args.dry_run)
-    from tuner.cpubench import apply_stored
+    from tuner.cpubench import apply_stored, study_params
 
-    space, notes = apply_stored(space, Path(args.studies_dir), study_name)  # before any launch
+    space, notes = apply_stored(space, Path(args.studies_dir), study_name, study_params(storage, study_name))
     for note in notes:
         print(note)
     if args.dry_run:

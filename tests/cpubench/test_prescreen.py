@@ -82,7 +82,7 @@ def test_plan_follows_the_space() -> None:
 
 def test_stored_result_round_trips_and_doctor_tells_its_age(tmp_path: Path) -> None:
     r = _result({(8, 1): {1: (1.0, 1.1)}, (16, 1): {1: (0.5, 0.6)}})
-    assert doctor_row(tmp_path, "s")[0] == "warn"
+    assert doctor_row(tmp_path, "s")[0] == "skip"
     save(r, bench_dir(tmp_path, "s"))
     back = load(bench_dir(tmp_path, "s"))
     assert back is not None and back.to_json() == r.to_json()
@@ -107,3 +107,27 @@ def test_cpubench_on_a_simulated_space_narrows_the_next_run(tmp_path: Path) -> N
     pools = next(p for p in narrowed.params if p.flag == "kt-threadpool-count")
     # The scenario's two NUMA nodes: one pool reaches half the bandwidth, and oversubscribes its node.
     assert pools.choices == (2,) and notes
+
+
+def test_the_baseline_value_stays_and_a_study_with_ruled_out_trials_is_left_alone(tmp_path: Path) -> None:
+    import dataclasses
+
+    space = dataclasses.replace(load_space(SIM, check_paths=False),
+                                baseline={**load_space(SIM, check_paths=False).baseline, "kt-threadpool-count": 1})
+    r = _result({(t, p): {1: ((1.0 if p == 2 else 2.0),) * 3} for t in (16, 56) for p in (1, 2)})
+    narrowed, _ = narrow(space, prescreen(r))
+    assert next(p for p in narrowed.params if p.flag == "kt-threadpool-count").choices == (1, 2)
+    save(r, bench_dir(tmp_path, "s"))
+    plain = load_space(SIM, check_paths=False)
+    assert apply_stored(plain, tmp_path, "s")[0] != plain
+    kept, notes = apply_stored(plain, tmp_path, "s", [{"kt-cpuinfer": 56, "kt-threadpool-count": 1}])
+    assert kept == plain and "not applied" in notes[0]
+
+
+def test_run_dry_run_says_what_the_stored_sweep_narrowed(tmp_path: Path) -> None:
+    r = _result({(t, p): {1: ((1.0 if p == 2 else 2.0),) * 3} for t in (16, 56) for p in (1, 2)})
+    save(r, bench_dir(tmp_path, "sim-kimi-k2-thinking-8xl20"))
+    res = subprocess.run([sys.executable, "-m", "tuner.cli", "run", "--space", str(SIM), "--studies-dir", str(tmp_path),
+                          "--dry-run", "--budget", "1"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "kt-threadpool-count 1..2 (2 values) → 2 (1)" in res.stdout

@@ -23,7 +23,7 @@ from tuner.cpubench.sweep import (
 from tuner.cpubench.worker import TAG as WORKER_TAG
 
 if TYPE_CHECKING:
-    from tuner.cpubench.space import apply_stored, free_cores, narrow, plan_for_space, worker_for_space
+    from tuner.cpubench.space import apply_stored, free_cores, narrow, plan_for_space, study_params, worker_for_space
 
 __all__ = [
     "apply_stored",
@@ -46,10 +46,11 @@ __all__ = [
     "prescreen",
     "run_sweep",
     "save",
+    "study_params",
     "table",
     "worker_for_space",
 ]
-_SPACE = {"apply_stored", "free_cores", "narrow", "plan_for_space", "worker_for_space"}
+_SPACE = {"apply_stored", "free_cores", "narrow", "plan_for_space", "study_params", "worker_for_space"}
 
 
 def __getattr__(name: str) -> Any:

@@ -88,12 +88,16 @@ def _narrowed(spec: ParamSpec, kept: list[int]) -> ParamSpec:
 
 def narrow(space: SearchSpace, screen: Prescreen) -> tuple[SearchSpace, list[str]]:
     """The space with kt-cpuinfer and kt-threadpool-count cut to the span of the values the
-    prescreen keeps (a range keeps its step), and a line per param narrowed."""
+    prescreen keeps (a range keeps its step) and the baseline's value (always launched, as the
+    study's reference), and a line per param narrowed."""
     notes, params = [], []
+    baseline = space.baseline or {}
     for spec in space.params:
         index = {CPUINFER: 0, THREADPOOL: 1}.get(spec.flag)
         grid = param_grid(spec) if index is not None else []
         kept = [v for v in screen.values(index) if v in grid] if index is not None else []
+        if kept and baseline.get(spec.flag) in grid:
+            kept.append(baseline[spec.flag])
         if index is None or not kept:
             params.append(spec)
             continue
@@ -106,9 +110,18 @@ def narrow(space: SearchSpace, screen: Prescreen) -> tuple[SearchSpace, list[str
     return dataclasses.replace(space, params=tuple(params)), notes
 
 
-def apply_stored(space: SearchSpace, studies_dir: Path, study: str) -> tuple[SearchSpace, list[str]]:
+def _outside(space: SearchSpace, trials: Sequence[dict[str, Any]]) -> int:
+    """Trials with a kt-cpuinfer/threadpool value off the space's grids (Optuna cannot
+    read them back against the narrower distributions)."""
+    grids = {p.flag: param_grid(p) for p in space.params if p.flag in (CPUINFER, THREADPOOL)}
+    return sum(1 for t in trials if any(f in t and t[f] not in g for f, g in grids.items()))
+
+
+def apply_stored(space: SearchSpace, studies_dir: Path, study: str,
+                 trials: Sequence[dict[str, Any]] = ()) -> tuple[SearchSpace, list[str]]:
     """The space narrowed by the sweep stored beside the study (`kttune cpubench`), and what
-    was done; unchanged, with a line saying why, when there is none or it is for another layer."""
+    was done; unchanged, with a line saying why, when there is none, it is for another layer,
+    or the study's `trials` (their params) already hold values it would rule out."""
     from tuner.cpubench.prescreen import prescreen
     from tuner.cpubench.store import bench_dir, describe_age, load
 
@@ -128,4 +141,19 @@ def apply_stored(space: SearchSpace, studies_dir: Path, study: str) -> tuple[Sea
     screen = prescreen(result, free_cores=free_cores(space))
     narrowed, notes = narrow(space, screen)
     head = f"cpubench ({describe_age(result)}): {screen.describe()}"
+    if notes and _outside(narrowed, trials):
+        return space, [f"{head}; not applied: {_outside(narrowed, trials)} trial(s) of study {study} used those "
+                       "values (start a new study to search the narrowed space)"]
     return narrowed, [head, *(f"  {n}" for n in notes)] if notes else [head + "; the space is unchanged"]
+
+
+def study_params(storage: str, study: str) -> list[dict[str, Any]]:
+    """The params of a stored study's trials; none when it (or its SQLite file) does not exist."""
+    import optuna
+
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).exists():
+        return []
+    try:
+        return [dict(t.params) for t in optuna.load_study(study_name=study, storage=storage).trials]
+    except KeyError:
+        return []

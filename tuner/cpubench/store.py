@@ -118,6 +118,7 @@ def doctor_row(studies_dir: Path, study: str) -> tuple[str, str, str]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return "warn", f"{bench_dir(studies_dir, study)}: unreadable ({exc})", "run kttune cpubench again"
     if result is None:
-        return "warn", f"no CPU-expert sweep for study {study}", "kttune cpubench --space ... (minutes, no GPU)"
+        return "skip", (f"no CPU-expert sweep for study {study} (optional: `kttune cpubench --space ...` times "
+                        "kt-cpuinfer/threadpool points in minutes, no GPU, and narrows the search)"), ""
     return "ok", (f"{result.plan.shape.describe()}, {len(result.ok_points())} points, {describe_age(result)} "
                   f"(kt-kernel {result.env.get('kt_kernel')})"), ""
