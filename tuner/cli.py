@@ -158,9 +158,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.fault_streak < 1:
         raise ConfigError(f"--fault-streak: must be ≥ 1, got {args.fault_streak}")
     space, study_name, storage = _resolve(args, check_paths=not args.dry_run, create=not args.dry_run)
-    from tuner.cpubench import apply_stored, study_params
+    from tuner.cpubench import apply_stored
 
-    space, notes = apply_stored(space, Path(args.studies_dir), study_name, study_params(storage, study_name))
+    avoid, notes = apply_stored(space, Path(args.studies_dir), study_name)  # before any launch
     for note in notes:
         print(note)
     if args.dry_run:
@@ -180,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"bench client {space.bench.module}")
     opts = RunOptions(study_name=study_name, storage=storage, budget=args.budget, seed=args.seed,
                       studies_dir=Path(args.studies_dir), check_feasibility=not args.no_feasibility,
-                      fault_streak=args.fault_streak, server=server)
+                      fault_streak=args.fault_streak, server=server, avoid=avoid)
     from tuner.loop import Progress
 
     with Progress(budget=opts.budget, objectives=[(o.key, o.direction) for o in space.objectives],

@@ -1,5 +1,5 @@
-"""The prescreen rule, the narrowing it drives, the stored result, and `kttune cpubench` on a
-simulated space (the simulator's CPU model standing in for the kernels)."""
+"""The prescreen rule, what the search skips by it, the stored result, and `kttune cpubench` on
+a simulated space (the simulator's CPU model standing in for the kernels)."""
 from __future__ import annotations
 
 import subprocess
@@ -10,6 +10,7 @@ import pytest
 
 from tuner.config import load_space
 from tuner.cpubench import (
+    Avoid,
     CpuBenchResult,
     Point,
     Shape,
@@ -18,7 +19,6 @@ from tuner.cpubench import (
     bench_dir,
     doctor_row,
     load,
-    narrow,
     parse_ints,
     plan_for_space,
     prescreen,
@@ -63,14 +63,33 @@ def test_a_failed_point_is_kept_not_judged() -> None:
     assert (4, 2) in prescreen(r).kept
 
 
-def test_narrowing_keeps_the_span_of_the_kept_values_and_its_step() -> None:
+def test_avoid_tests_a_proposal_by_its_point_filling_fixed_flags() -> None:
     space = load_space(SIM, check_paths=False)
-    r = _result({(t, p): {1: ((1.0 if (t, p) in {(40, 2), (56, 2)} else 2.0),) * 3} for t in (16, 40, 56) for p in (1, 2)})
-    narrowed, notes = narrow(space, prescreen(r))
-    cpu = next(p for p in narrowed.params if p.flag == "kt-cpuinfer")
-    pools = next(p for p in narrowed.params if p.flag == "kt-threadpool-count")
-    assert (cpu.low, cpu.high, cpu.step) == (40, 56, 4) and pools.choices == (2,)
-    assert len(notes) == 2
+    avoid = Avoid(space, [(16, 1), (56, 1)])
+    assert avoid({"kt-cpuinfer": 16, "kt-threadpool-count": 1}) and not avoid({"kt-cpuinfer": 16, "kt-threadpool-count": 2})
+    import dataclasses
+    fixed = dataclasses.replace(space, params=tuple(p for p in space.params if p.flag != "kt-threadpool-count"),
+                                server=dataclasses.replace(space.server, args={**space.server.args, "kt-threadpool-count": 1}))
+    assert Avoid(fixed, [(56, 1)])({"kt-cpuinfer": 56}) and not Avoid(space, [])
+
+
+def test_kttune_run_launches_no_ruled_out_point_beyond_baseline_and_warm_start(tmp_path: Path) -> None:
+    import optuna
+
+    from tuner.loop import RunOptions, run_study
+    from tuner.search import Strategy
+    from tuner.sim.inprocess import InProcessRunner
+    from tuner.storage import ATTR_LAUNCHED
+
+    space = load_space(SIM, check_paths=False)
+    ruled = Avoid(space, [(t, p) for t in range(16, 65, 4) for p in (1, 2) if p == 1 or t <= 48])
+    storage = optuna.storages.InMemoryStorage()
+    opts = RunOptions(study_name="s", storage=storage, budget=8, seed=0, studies_dir=tmp_path, probe=False,
+                      strategy=Strategy(explore=0.0), avoid=ruled)
+    run_study(space, opts, log=lambda _m: None, runner=InProcessRunner(noise_sigma=0.025, seed=0))
+    launched = [t for t in optuna.load_study(study_name="s", storage=storage).trials if t.user_attrs.get(ATTR_LAUNCHED)]
+    assert len(launched) == 8
+    assert [t.number for t in launched[2:] if ruled(t.params)] == []
 
 
 def test_plan_follows_the_space() -> None:
@@ -96,38 +115,31 @@ def test_parse_ints_names_the_field() -> None:
         parse_ints("--threads", "a-b")
 
 
-def test_cpubench_on_a_simulated_space_narrows_the_next_run(tmp_path: Path) -> None:
+def test_cpubench_on_a_simulated_space_rules_out_points_for_the_next_run(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "tuner.cli", "cpubench", "--space", str(SIM), "--studies-dir", str(tmp_path),
                           "--threads", "16,32,48,56,64", "--repeats", "3"], capture_output=True, text=True, cwd=REPO,
                          timeout=300)
     assert res.returncode == 0, res.stderr
     assert (bench_dir(tmp_path, "sim-kimi-k2-thinking-8xl20") / "cpubench.png").is_file()
-    space = load_space(SIM, check_paths=False)
-    narrowed, notes = apply_stored(space, tmp_path, "sim-kimi-k2-thinking-8xl20")
-    pools = next(p for p in narrowed.params if p.flag == "kt-threadpool-count")
+    avoid, notes = apply_stored(load_space(SIM, check_paths=False), tmp_path, "sim-kimi-k2-thinking-8xl20")
     # The scenario's two NUMA nodes: one pool reaches half the bandwidth, and oversubscribes its node.
-    assert pools.choices == (2,) and notes
+    assert avoid is not None and {(t, 1) for t in (16, 32, 48, 56, 64)} <= avoid.points and notes
 
 
-def test_the_baseline_value_stays_and_a_study_with_ruled_out_trials_is_left_alone(tmp_path: Path) -> None:
-    import dataclasses
-
-    space = dataclasses.replace(load_space(SIM, check_paths=False),
-                                baseline={**load_space(SIM, check_paths=False).baseline, "kt-threadpool-count": 1})
-    r = _result({(t, p): {1: ((1.0 if p == 2 else 2.0),) * 3} for t in (16, 56) for p in (1, 2)})
-    narrowed, _ = narrow(space, prescreen(r))
-    assert next(p for p in narrowed.params if p.flag == "kt-threadpool-count").choices == (1, 2)
-    save(r, bench_dir(tmp_path, "s"))
-    plain = load_space(SIM, check_paths=False)
-    assert apply_stored(plain, tmp_path, "s")[0] != plain
-    kept, notes = apply_stored(plain, tmp_path, "s", [{"kt-cpuinfer": 56, "kt-threadpool-count": 1}])
-    assert kept == plain and "not applied" in notes[0]
-
-
-def test_run_dry_run_says_what_the_stored_sweep_narrowed(tmp_path: Path) -> None:
+def test_run_dry_run_says_what_the_stored_sweep_rules_out(tmp_path: Path) -> None:
     r = _result({(t, p): {1: ((1.0 if p == 2 else 2.0),) * 3} for t in (16, 56) for p in (1, 2)})
     save(r, bench_dir(tmp_path, "sim-kimi-k2-thinking-8xl20"))
     res = subprocess.run([sys.executable, "-m", "tuner.cli", "run", "--space", str(SIM), "--studies-dir", str(tmp_path),
                           "--dry-run", "--budget", "1"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert "kt-threadpool-count 1..2 (2 values) → 2 (1)" in res.stdout
+    assert "ruled out (threads/pools) 16/1, 56/1" in res.stdout and "does not move to them" in res.stdout
+
+
+def test_a_sweep_of_another_layer_is_not_used(tmp_path: Path) -> None:
+    import dataclasses
+
+    r = _result({(16, 1): {1: (2.0, 2.0)}, (16, 2): {1: (1.0, 1.0)}})
+    other = dataclasses.replace(r, plan=dataclasses.replace(r.plan, shape=dataclasses.replace(SHAPE, experts=256)))
+    save(other, bench_dir(tmp_path, "s"))
+    avoid, notes = apply_stored(load_space(SIM, check_paths=False), tmp_path, "s")
+    assert avoid is None and "not used" in notes[0]

@@ -1,6 +1,6 @@
 """`kttune cpubench`: kt-kernel's own CPU MoE kernels timed on random weights of the space's
 model shape, per kt-cpuinfer × kt-threadpool-count point and batch size, before any launch;
-the points it shows clearly worse are taken out of the search (`prescreen`, `narrow`).
+the points it shows clearly worse are skipped by the search (`prescreen`, `apply_stored`).
 
 `sweep`, `store`, `prescreen` and `worker` need only the standard library (the worker also
 numpy and kt-kernel), so ``python -m tuner.cpubench`` runs in a serving machine's Python."""
@@ -23,9 +23,10 @@ from tuner.cpubench.sweep import (
 from tuner.cpubench.worker import TAG as WORKER_TAG
 
 if TYPE_CHECKING:
-    from tuner.cpubench.space import apply_stored, free_cores, narrow, plan_for_space, study_params, worker_for_space
+    from tuner.cpubench.space import Avoid, apply_stored, free_cores, plan_for_space, worker_for_space
 
 __all__ = [
+    "Avoid",
     "apply_stored",
     "CpuBenchResult",
     "CpuBenchUnavailable",
@@ -40,17 +41,15 @@ __all__ = [
     "doctor_row",
     "free_cores",
     "load",
-    "narrow",
     "parse_ints",
     "plan_for_space",
     "prescreen",
     "run_sweep",
     "save",
-    "study_params",
     "table",
     "worker_for_space",
 ]
-_SPACE = {"apply_stored", "free_cores", "narrow", "plan_for_space", "study_params", "worker_for_space"}
+_SPACE = {"Avoid", "apply_stored", "free_cores", "plan_for_space", "worker_for_space"}
 
 
 def __getattr__(name: str) -> Any:

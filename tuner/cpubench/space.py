@@ -1,4 +1,4 @@
-"""The sweep a search space asks for, the worker that runs it, and the space narrowed by it.
+"""The sweep a search space asks for, the worker that runs it, and what it rules out.
 
 - **Shape**: hidden size, moe_intermediate_size, routed experts and top-k from the model's
   config.json (the space's ``model:`` block applied), stored as the space's kt-method.
@@ -6,19 +6,19 @@
   grids, else the fixed flags); **batches**: decode batches 1, 2, 4, … up to the largest
   max-running-requests the space allows and the workloads offer, and one prefill chunk (the
   smallest chunked-prefill-size it allows).
+- **Avoid**: the points the prescreen rules out, which `kttune run`'s local search skips
+  (its distributions, baseline and warm start stay as they are).
 - **Worker**: ``server.python`` running kt-kernel; for a simulated space the simulator's CPU
   model of the scenario's machine (``python -m tuner.sim.cpubench``), a test double that plays
   the kernels' part and prints the same lines.
 """
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tuner.config import ParamSpec, SearchSpace
-from tuner.cpubench.prescreen import Prescreen
+from tuner.config import SearchSpace
 from tuner.cpubench.sweep import Shape, SweepPlan, Worker
 from tuner.errors import ConfigError
 from tuner.machine import load_model_sizes, resolve_hardware
@@ -80,80 +80,43 @@ def worker_for_space(space: SearchSpace, simulated: bool) -> Worker:
                   {"scenario": str(scenario), "noise": float(space.server.args.get("sim-noise", 0.025))})
 
 
-def _narrowed(spec: ParamSpec, kept: list[int]) -> ParamSpec:
-    if spec.choices is not None:
-        return dataclasses.replace(spec, choices=tuple(c for c in spec.choices if c in kept))
-    return dataclasses.replace(spec, low=min(kept), high=max(kept))
+class Avoid:
+    """The (kt-cpuinfer, kt-threadpool-count) points the prescreen ruled out, as a test on a
+    proposal's params (the space's fixed flags fill a knob it does not search)."""
+
+    def __init__(self, space: SearchSpace, ruled_out: Sequence[tuple[int, int]]) -> None:
+        self.points = frozenset(ruled_out)
+        self._fixed = (space.server.args.get(CPUINFER), space.server.args.get(THREADPOOL) or 1)
+
+    def __call__(self, params: Mapping[str, Any]) -> bool:
+        point = (params.get(CPUINFER, self._fixed[0]), params.get(THREADPOOL, self._fixed[1]))
+        return point in self.points
+
+    def __bool__(self) -> bool:
+        return bool(self.points)
 
 
-def narrow(space: SearchSpace, screen: Prescreen) -> tuple[SearchSpace, list[str]]:
-    """The space with kt-cpuinfer and kt-threadpool-count cut to the span of the values the
-    prescreen keeps (a range keeps its step) and the baseline's value (always launched, as the
-    study's reference), and a line per param narrowed."""
-    notes, params = [], []
-    baseline = space.baseline or {}
-    for spec in space.params:
-        index = {CPUINFER: 0, THREADPOOL: 1}.get(spec.flag)
-        grid = param_grid(spec) if index is not None else []
-        kept = [v for v in screen.values(index) if v in grid] if index is not None else []
-        if kept and baseline.get(spec.flag) in grid:
-            kept.append(baseline[spec.flag])
-        if index is None or not kept:
-            params.append(spec)
-            continue
-        new = _narrowed(spec, kept)
-        if param_grid(new) != grid:
-            notes.append(f"{spec.flag} {grid[0]}..{grid[-1]} ({len(grid)} values) → "
-                         f"{', '.join(map(str, param_grid(new))) if new.choices else f'{new.low:g}..{new.high:g}'} "
-                         f"({len(param_grid(new))})")
-        params.append(new)
-    return dataclasses.replace(space, params=tuple(params)), notes
-
-
-def _outside(space: SearchSpace, trials: Sequence[dict[str, Any]]) -> int:
-    """Trials with a kt-cpuinfer/threadpool value off the space's grids (Optuna cannot
-    read them back against the narrower distributions)."""
-    grids = {p.flag: param_grid(p) for p in space.params if p.flag in (CPUINFER, THREADPOOL)}
-    return sum(1 for t in trials if any(f in t and t[f] not in g for f, g in grids.items()))
-
-
-def apply_stored(space: SearchSpace, studies_dir: Path, study: str,
-                 trials: Sequence[dict[str, Any]] = ()) -> tuple[SearchSpace, list[str]]:
-    """The space narrowed by the sweep stored beside the study (`kttune cpubench`), and what
-    was done; unchanged, with a line saying why, when there is none, it is for another layer,
-    or the study's `trials` (their params) already hold values it would rule out."""
+def apply_stored(space: SearchSpace, studies_dir: Path, study: str) -> tuple[Avoid | None, list[str]]:
+    """What the sweep stored beside the study (`kttune cpubench`) rules out for this space's
+    search, and a line saying so; None, with a line saying why, when there is none or it is for
+    another layer."""
     from tuner.cpubench.prescreen import prescreen
     from tuner.cpubench.store import bench_dir, describe_age, load
 
     try:
         result = load(bench_dir(studies_dir, study))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return space, [f"cpubench: stored result unreadable ({exc}); run kttune cpubench again"]
+        return None, [f"cpubench: stored result unreadable ({exc}); run kttune cpubench again"]
     if result is None:
-        return space, []
+        return None, []
     try:
         wanted = plan_for_space(space).shape
     except ConfigError:
         wanted = None
     if wanted is not None and wanted != result.plan.shape:
-        return space, [f"cpubench: stored result is for {result.plan.shape.describe()}, the space runs "
-                       f"{wanted.describe()}; not used (run kttune cpubench again)"]
+        return None, [f"cpubench: stored result is for {result.plan.shape.describe()}, the space runs "
+                      f"{wanted.describe()}; not used (run kttune cpubench again)"]
     screen = prescreen(result, free_cores=free_cores(space))
-    narrowed, notes = narrow(space, screen)
-    head = f"cpubench ({describe_age(result)}): {screen.describe()}"
-    if notes and _outside(narrowed, trials):
-        return space, [f"{head}; not applied: {_outside(narrowed, trials)} trial(s) of study {study} used those "
-                       "values (start a new study to search the narrowed space)"]
-    return narrowed, [head, *(f"  {n}" for n in notes)] if notes else [head + "; the space is unchanged"]
-
-
-def study_params(storage: str, study: str) -> list[dict[str, Any]]:
-    """The params of a stored study's trials; none when it (or its SQLite file) does not exist."""
-    import optuna
-
-    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).exists():
-        return []
-    try:
-        return [dict(t.params) for t in optuna.load_study(study_name=study, storage=storage).trials]
-    except KeyError:
-        return []
+    avoid = Avoid(space, [(t, p) for t, p, _bt, _bp in screen.ruled_out])
+    what = f"cpubench ({describe_age(result)}): {screen.describe()}"
+    return (avoid, [what + "; the local search does not move to them"]) if avoid else (None, [what])
