@@ -119,6 +119,6 @@ def doctor_row(studies_dir: Path, study: str) -> tuple[str, str, str]:
         return "warn", f"{bench_dir(studies_dir, study)}: unreadable ({exc})", "run kttune cpubench again"
     if result is None:
         return "skip", (f"no CPU-expert sweep for study {study} (optional: `kttune cpubench --space ...` times "
-                        "kt-cpuinfer/threadpool points in minutes, no GPU, and narrows the search)"), ""
+                        "kt-cpuinfer/threadpool points in minutes, no GPU; the search then skips the slow ones)"), ""
     return "ok", (f"{result.plan.shape.describe()}, {len(result.ok_points())} points, {describe_age(result)} "
                   f"(kt-kernel {result.env.get('kt_kernel')})"), ""
