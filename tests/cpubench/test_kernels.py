@@ -29,7 +29,8 @@ if not _has_kt():
         pytest.fail(f"kt-kernel is not importable from {KT_PYTHON}: scripts/setup.sh makes .venv-kt", pytrace=False)
     pytestmark = pytest.mark.skip(reason=f"no kt-kernel at {KT_PYTHON}: run scripts/setup.sh")
 
-TINY = {"experts": 8, "top_k": 2, "hidden": 256, "inter": 256, "threads": 1, "pools": 1, "max_len": 16, "batches": [1, 5, 16]}
+# A shape seen to run on AMX as well as AVX-512 (kt-kernel's kernels need dims aligned to their tiles).
+TINY = {"experts": 8, "top_k": 2, "hidden": 1024, "inter": 512, "threads": 1, "pools": 1, "max_len": 16, "batches": [1, 5, 16]}
 #: Cosine to the float32 reference a kernel must reach (seen: INT8 0.9997, INT4 0.97-0.98, BF16 0.99999).
 MIN_COSINE = {"AMXINT8": 0.999, "AMXINT4": 0.95, "BF16": 0.9999}
 
@@ -74,7 +75,7 @@ def test_forced_avx2_variant_runs_bf16_and_refuses_amx_in_one_line() -> None:
 def test_a_real_sweep_aliases_experts_and_times_every_batch(tmp_path: Path) -> None:
     # 64 experts of which 2 are distinct in memory; two subpools split the intermediate dim.
     method = "AMXINT4" if _variant()["variant"] != "avx2" else "BF16"
-    plan = SweepPlan(Shape(method, 64, 4, 512, 256), threads=(1,), pools=(1,), batches=(1, 8, 64), prefill=64,
+    plan = SweepPlan(Shape(method, 64, 4, 1024, 512), threads=(1,), pools=(1,), batches=(1, 8, 64), prefill=64,
                      repeats=2, min_time_s=0.2, distinct=2)
     result = run_sweep(Worker.kt_kernel(str(KT_PYTHON)), plan, log=lambda _m: None)
     (point,) = result.points
