@@ -109,3 +109,16 @@ def test_cli_refuses_in_one_line_exit_2_and_writes_nothing(tmp_path: Path, pytho
     assert not (tmp_path / "studies").exists()
     assert load(tmp_path / "studies" / "kimi-k2-thinking-8xl20" / "cpubench") is None
     json.dumps(lines)  # plain text
+
+
+def test_python_m_tuner_cpubench_runs_in_the_kernels_python_without_kttunes_dependencies(tmp_path: Path) -> None:
+    # .venv-kt has no optuna, yaml or matplotlib: the serving machine's Python need not either.
+    method = "AMXINT4" if _variant()["variant"] != "avx2" else "BF16"
+    res = subprocess.run([str(KT_PYTHON), "-m", "tuner.cpubench", "--method", method, "--experts", "32", "--top-k", "4",
+                          "--hidden", "1024", "--inter", "512", "--threads", "1", "--batches", "1,8,32", "--repeats", "2",
+                          "--min-time", "0.2", "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    result = load(tmp_path / "out")
+    assert result is not None and result.ok_points() and result.plan.prefill == 32
+    assert "tokens/s of one layer" in (tmp_path / "out" / "table.txt").read_text()
