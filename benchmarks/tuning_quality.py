@@ -224,7 +224,7 @@ def deployable_optimum(sc: Scene) -> float:
 
 def run_kttune(sc: Scene, seed: int, budget: int, noise: float, tmp: Path, *,
                strategy: Strategy | None = None, margin_gb: float | None = None,
-               confirm: int | None = None, probe: bool = True) -> Run:
+               confirm: int | None = None, probe: bool = True, avoid: Callable[..., bool] | None = None) -> Run:
     inner = sc.runner(seed, noise)
     runner = ProbeEmulator(inner, seed=seed)
     storage = optuna.storages.InMemoryStorage()
@@ -234,7 +234,7 @@ def run_kttune(sc: Scene, seed: int, budget: int, noise: float, tmp: Path, *,
         st.set_user_attr(STUDY_ATTR_CALIBRATION, {"margin_gb": margin_gb})
     opts = RunOptions(study_name=name, storage=storage, budget=budget, seed=seed,
                       studies_dir=tmp / f"kttune-{seed}", confirm=confirm, probe=probe,
-                      strategy=strategy or DEFAULT_STRATEGY)
+                      strategy=strategy or DEFAULT_STRATEGY, avoid=avoid)
     started = time.perf_counter()
     run_study(sc.space, opts, log=lambda _m: None, runner=runner)
     wall = time.perf_counter() - started

@@ -104,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
                       help="override a flag (default values: the space's baseline); repeatable")
     _add_format(plan)
+    bench = sub.add_parser("cpubench", help="time kt-kernel's CPU expert kernels per kt-cpuinfer/threadpool point; "
+                           "kttune run then skips the clearly slower ones")
+    _add_study_args(bench)
+    bench.add_argument("--threads", help="kt-cpuinfer values, e.g. 8-32 or 16,24,32 (default: the space's)")
+    bench.add_argument("--pools", help="kt-threadpool-count values, e.g. 1,2 (default: the space's)")
+    bench.add_argument("--method", help="kt-method to time (default: the space's)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed repeats per batch size (default: %(default)s)")
+    bench.add_argument("--min-time", type=float, default=0.6, help="seconds timed per batch size (default: %(default)s)")
     init = sub.add_parser("init", help="write a search space for a model on this machine (or one described by --gpus/--cpu)")
     init.add_argument("--model", required=True, help="the model's Hugging Face folder (with config.json)")
     init.add_argument("--kt-weight-path", help="the CPU expert weights (default: the model folder)")
@@ -150,6 +158,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.fault_streak < 1:
         raise ConfigError(f"--fault-streak: must be ≥ 1, got {args.fault_streak}")
     space, study_name, storage = _resolve(args, check_paths=not args.dry_run, create=not args.dry_run)
+    from tuner.cpubench import apply_stored
+
+    avoid, notes = apply_stored(space, Path(args.studies_dir), study_name)  # before any launch
+    for note in notes:
+        print(note)
     if args.dry_run:
         dry_run(space, budget=args.budget, seed=args.seed, studies_dir=Path(args.studies_dir),
                 check_feasibility=not args.no_feasibility)
@@ -167,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"bench client {space.bench.module}")
     opts = RunOptions(study_name=study_name, storage=storage, budget=args.budget, seed=args.seed,
                       studies_dir=Path(args.studies_dir), check_feasibility=not args.no_feasibility,
-                      fault_streak=args.fault_streak, server=server)
+                      fault_streak=args.fault_streak, server=server, avoid=avoid)
     from tuner.loop import Progress
 
     with Progress(budget=opts.budget, objectives=[(o.key, o.direction) for o in space.objectives],
@@ -326,6 +339,24 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return exit_code(checks)
 
 
+def cmd_cpubench(args: argparse.Namespace) -> int:
+    from tuner.cpubench import apply_stored, bench_dir, parse_ints, plan_for_space, run_sweep, save, table, worker_for_space
+    from tuner.preflight import is_simulated
+
+    space, study_name, _storage = _resolve(args, check_paths=False)
+    if args.repeats < 2 or args.min_time <= 0:
+        raise ConfigError("--repeats: at least 2 (the noise comes from them); --min-time: above 0")
+    plan = plan_for_space(space, threads=parse_ints("--threads", args.threads) if args.threads else None,
+                          pools=parse_ints("--pools", args.pools) if args.pools else None, method=args.method,
+                          repeats=args.repeats, min_time_s=args.min_time)
+    result = run_sweep(worker_for_space(space, is_simulated(space)), plan)
+    files = save(result, bench_dir(Path(args.studies_dir), study_name))
+    print(table(result))
+    print("\n".join(apply_stored(space, Path(args.studies_dir), study_name)[1]))
+    print(f"wrote {', '.join(map(str, files))}; kttune run --space {args.space} takes it up")
+    return 0
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
@@ -344,7 +375,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "remeasure": cmd_remeasure, "plan": cmd_plan, "best": cmd_best, "show": cmd_show, "studies": cmd_studies,
             "export": cmd_export, "report": cmd_report, "doctor": cmd_doctor, "dashboard": cmd_dashboard,
-            "init": cmd_init, "completion": cmd_completion}
+            "init": cmd_init, "completion": cmd_completion, "cpubench": cmd_cpubench}
 
 
 # Commands that open a study say so when dead kttune runs left servers running (`run` stops them).

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,8 @@ class RunOptions:
     fault_streak: int = outcome.DEFAULT_STREAK
     # The server found before the first launch (tuner.preflight.ServerDialect.to_attr), stored on the study.
     server: dict[str, Any] | None = None
+    # Params the local search does not move to (`kttune cpubench`'s prescreen: tuner.cpubench.Avoid).
+    avoid: Callable[[Mapping[str, Any]], bool] | None = None
 
     def confirm_runs(self, space: SearchSpace) -> int:
         if self.confirm is not None:
@@ -152,7 +155,7 @@ def run_study(space: SearchSpace, opts: RunOptions, *, log: Log = print,
             raise ConfigError(f"space: no configuration is predicted to fit (binding: {checks.summary(fitting)}); "
                               "widen the space or pass --no-feasibility")
     study = open_study(space, study_name=opts.study_name, storage=opts.storage,
-                       sampler=make_sampler(space, opts.seed, opts.strategy, gate=gate), log=log)
+                       sampler=make_sampler(space, opts.seed, opts.strategy, gate=gate, avoid=opts.avoid), log=log)
     if opts.server is not None and study.user_attrs.get(STUDY_ATTR_SERVER) != opts.server:
         study.set_user_attr(STUDY_ATTR_SERVER, opts.server)
     loop = _Loop(space, opts, study, checks, log, runner, progress)

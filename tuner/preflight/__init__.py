@@ -4,7 +4,7 @@ breakdown, nothing launched) and `kttune init` (a search space for a model and a
 from __future__ import annotations
 
 from tuner.preflight.compat import CompatReport, check_space_compat, server_options
-from tuner.preflight.dialect import ParserCache, ServerDialect, ServerOptions, detect_dialect
+from tuner.preflight.dialect import ParserCache, ServerDialect, ServerOptions, detect_dialect, is_simulated
 from tuner.preflight.doctor import DoctorOptions, exit_code, render_checks, run_checks
 from tuner.preflight.init import InitOptions, build_space, write_space
 from tuner.preflight.parser_probe import TAG as PARSER_TAG
@@ -25,6 +25,7 @@ __all__ = [
     "check_profile",
     "check_space_compat",
     "detect_dialect",
+    "is_simulated",
     "dump_parser",
     "server_options",
     "exit_code",

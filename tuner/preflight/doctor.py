@@ -426,6 +426,9 @@ def run_checks(opts: DoctorOptions, *, run: Runner = run_process,
         checks.append(Check("storage", SKIP, "no --space, --study or --storage given"))
     else:
         checks += _storage_checks(url, study, (opts.studies_dir / study / "artifacts") if study else None)
+    if space is not None and study:
+        from tuner.cpubench import doctor_row
+        checks.append(Check("cpubench", *doctor_row(opts.studies_dir, study)))
     return checks
 
 

@@ -27,7 +27,7 @@ depend on, so it is not offered.)
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,19 +73,22 @@ DEFAULT_STRATEGY = Strategy()
 
 
 def make_sampler(space: SearchSpace, seed: int | None, strategy: Strategy = DEFAULT_STRATEGY, *,
-                 gate: FeasibilityGate | None = None) -> optuna.samplers.BaseSampler:
-    """kttune's sampler for `space`; `gate` is the run's feasibility model (None: none)."""
+                 gate: FeasibilityGate | None = None,
+                 avoid: Callable[[Mapping[str, Any]], bool] | None = None) -> optuna.samplers.BaseSampler:
+    """kttune's sampler for `space`; `gate` is the run's feasibility model (None: none);
+    `avoid`: params the local search does not move to (measured clearly worse beforehand)."""
     if strategy.inner not in ("local", "tpe", "random"):
         raise KttuneError(f"strategy.inner must be local, tpe or random; got {strategy.inner!r}")
-    return KttuneSampler(space, seed=seed, strategy=strategy, gate=gate)
+    return KttuneSampler(space, seed=seed, strategy=strategy, gate=gate, avoid=avoid)
 
 
 class KttuneSampler(optuna.samplers.BaseSampler):
     """Warm-started local search with dependent capacity bounds over a global TPE (module doc)."""
 
     def __init__(self, space: SearchSpace, *, seed: int | None = None,
-                 strategy: Strategy = DEFAULT_STRATEGY, gate: FeasibilityGate | None = None) -> None:
-        self._space, self._strategy = space, strategy
+                 strategy: Strategy = DEFAULT_STRATEGY, gate: FeasibilityGate | None = None,
+                 avoid: Callable[[Mapping[str, Any]], bool] | None = None) -> None:
+        self._space, self._strategy, self._avoid = space, strategy, avoid
         self._rng = random.Random(seed)
         self._dists = space.distributions()
         self._grids = {p.flag: param_grid(p) for p in space.params}
@@ -260,7 +263,7 @@ class KttuneSampler(optuna.samplers.BaseSampler):
         tried = {config_key(t.params) for t in trials if t.params and t.number != trial.number}
         self._sync_gate(study)
         for cand in self._moves(study, dict(inc.params)):
-            if config_key(cand) not in tried and self._fits(cand):
+            if config_key(cand) not in tried and not (self._avoid and self._avoid(cand)) and self._fits(cand):
                 return cand
         return self._snap_global(study, self._global_relative(study, trial))
 

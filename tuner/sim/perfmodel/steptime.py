@@ -106,6 +106,35 @@ class StepModel:
         base = (const("t_fix_ms") if self.rc.tp > 1 else const("t_fix_tp1_ms")) / 1e3
         return base + (0.0 if graphed else const("no_graph_ms") / 1e3)
 
+    def cpu_decode_s(self, batch: int) -> float:
+        """Seconds of one MoE layer's CPU experts in a decode step of `batch` tokens: the submit
+        overhead plus the weights of the experts hit, streamed at the pools' bandwidth."""
+        bw_gbs = self.capability.bw_gbs * self._backend()[1]
+        return self.capability.slowdown * (self.scn.c("t0_ms") / 1e3 + self._cpu_experts_hit(batch)
+                                           * self._cpu_bytes_per_expert() / (bw_gbs * 1e9))
+
+    def cpu_prefill_s(self, q_tokens: int) -> float:
+        """Seconds of one MoE layer's CPU experts on a prefill chunk of q_tokens (no PCIe):
+        the slower of their compute and their weight streaming."""
+        scn, model, const, rc = self.scn, self.scn.model, self.scn.c, self.rc
+        tokens = float(q_tokens)
+        # Below the AMX threshold the efficiency is a flat e_avx: the m / (m + m_half) curve would
+        # make a 10-token prefill take seconds. AMX never falls below it.
+        tokens_per_expert = tokens * model.top_k / model.experts
+        compute_factor, bw_factor = self._backend()
+        use_amx = scn.cpu.amx and tokens > model.amx_threshold and compute_factor > 0
+        efficiency = (max(const("e_avx"), tokens_per_expert / (tokens_per_expert + const("m_half")))
+                      * compute_factor if use_amx else const("e_avx"))
+        if rc.cpu_backend == "avx2":
+            efficiency *= _AVX2_SHARE
+        if not rc.method.startswith("AMXINT") and rc.method not in ("RAWINT4", "GPTQ_INT4"):
+            efficiency *= const("bf16_compute_factor")
+        expert_flops = 2 * model.params_per_expert * tokens * model.top_k
+        compute_s = expert_flops * self.cpu_token_share / (self.capability.ops_tops * 1e12 * efficiency)
+        stream_s = (self._cpu_experts_hit(tokens) * self._cpu_bytes_per_expert()
+                    / (self.capability.bw_gbs * bw_factor * 1e9))
+        return self.capability.slowdown * max(compute_s, stream_s)
+
     def decode(self, batch: int, ctx_tokens: float) -> float:
         """Seconds of one decode forward of `batch` requests with `ctx_tokens` context each: per MoE
         layer the slower of the CPU and GPU experts plus a fixed GPU cost (deferral overlaps part of
@@ -114,10 +143,7 @@ class StepModel:
         if batch <= 0:
             return 0.0
         scn, model, const, cpu_share = self.scn, self.scn.model, self.scn.c, self.cpu_expert_share
-        bw_gbs = self.capability.bw_gbs * self._backend()[1]
-        cpu_s = self.capability.slowdown * (const("t0_ms") / 1e3 + self._cpu_experts_hit(batch)
-                                            * self._cpu_bytes_per_expert() / (bw_gbs * 1e9)) \
-            if cpu_share > 0 else 0.0
+        cpu_s = self.cpu_decode_s(batch) if cpu_share > 0 else 0.0
         gpu_experts_s = self._gpu_experts_hit(batch) * model.gpu_bytes_per_expert / \
             (self.rc.tp * const("eta_g") * scn.gpu.bandwidth_gbs * 1e9)
         fixed_s = self._fixed_layer_s(0 < batch <= self.captured_bs)
@@ -152,22 +178,8 @@ class StepModel:
         else:
             cpu_s = 0.0
             if cpu_share > 0:
-                # Below the AMX threshold the efficiency is a flat e_avx: the m / (m + m_half) curve would
-                # make a 10-token prefill take seconds. AMX never falls below it.
-                tokens_per_expert = tokens * model.top_k / model.experts
-                compute_factor, bw_factor = self._backend()
-                use_amx = scn.cpu.amx and tokens > model.amx_threshold and compute_factor > 0
-                efficiency = (max(const("e_avx"), tokens_per_expert / (tokens_per_expert + const("m_half")))
-                              * compute_factor if use_amx else const("e_avx"))
-                if rc.cpu_backend == "avx2":
-                    efficiency *= _AVX2_SHARE
-                if not rc.method.startswith("AMXINT") and rc.method not in ("RAWINT4", "GPTQ_INT4"):
-                    efficiency *= const("bf16_compute_factor")
-                compute_s = expert_flops * cpu_tokens / (self.capability.ops_tops * 1e12 * efficiency)
-                stream_s = (self._cpu_experts_hit(tokens) * self._cpu_bytes_per_expert()
-                            / (self.capability.bw_gbs * bw_factor * 1e9))
                 pcie_s = 2 * tokens * model.hidden * 2 / (scn.gpu.pcie_gbs * 1e9)
-                cpu_s = self.capability.slowdown * (max(compute_s, stream_s) + pcie_s)
+                cpu_s = self.cpu_prefill_s(q_tokens) + self.capability.slowdown * pcie_s
             moe_s = max(cpu_s, expert_flops * (1 - cpu_tokens) / (tp * gpu_flops))
         allreduce_s = 0.0
         if tp > 1:
