@@ -107,12 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", help="write a search space for a model on this machine (or one described by --gpus/--cpu)")
     init.add_argument("--model", required=True, help="the model's Hugging Face folder (with config.json)")
     init.add_argument("--kt-weight-path", help="the CPU expert weights (default: the model folder)")
-    init.add_argument("--kt-method", default="AMXINT4", help="CPU expert format (default: %(default)s)")
+    init.add_argument("--kt-method", help="CPU expert format of --kt-weight-path (default: AMXINT4 where the CPU has "
+                                           "AMX or AVX-512)")
     init.add_argument("--gpus", metavar="COUNTx NAME-MEM", help='describe the GPUs, e.g. "8x L20-48G" or "4x H100-81559MiB"')
     init.add_argument("--cpu", metavar="SOCKETSxCORES", help="describe the CPU, e.g. 2x32 (two sockets of 32 physical cores)")
     init.add_argument("--numa-nodes", type=int, help="NUMA nodes of the described CPU (default: one per socket)")
-    init.add_argument("--amx", action=argparse.BooleanOptionalAction, default=None, help="the described CPU has AMX")
-    init.add_argument("--ram-gib", type=int, help="host RAM of the described machine in GiB")
+    init.add_argument("--amx", action=argparse.BooleanOptionalAction, default=None,
+                      help="the described CPU has AMX (default: no, said on screen)")
+    init.add_argument("--avx512", action=argparse.BooleanOptionalAction, default=None,
+                      help="the described CPU has AVX-512 (default: as --amx)")
+    init.add_argument("--ram-gib", type=int, help="host RAM of the described machine in GiB (required with --gpus/--cpu)")
     init.add_argument("--dataset", help="ShareGPT JSON for bench_serving (offline benchmarks)")
     init.add_argument("--name", help="the space's name (default: model and GPUs)")
     init.add_argument("--out", help="output YAML (default: <name>.yaml)")
@@ -256,7 +260,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     from tuner.preflight import InitOptions, build_space, write_space
 
     result = build_space(InitOptions(model=args.model, kt_weight_path=args.kt_weight_path, gpus=args.gpus, cpu=args.cpu,
-                                     numa_nodes=args.numa_nodes, amx=args.amx, ram_gib=args.ram_gib,
+                                     numa_nodes=args.numa_nodes, amx=args.amx, avx512=args.avx512, ram_gib=args.ram_gib,
                                      kt_method=args.kt_method, name=args.name, dataset=args.dataset))
     out = write_space(result, Path(args.out or f"{result.data['name']}.yaml"), force=args.force)
     print("\n".join(result.summary))
@@ -382,6 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KttuneError as exc:
         print(f"kttune: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `kttune ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 0
     except KeyboardInterrupt:
         what = "; the running trial was marked interrupted and its server torn down" if args.command in ("run", "remeasure") else ""
         print(f"kttune: stopped{what}", file=sys.stderr)
