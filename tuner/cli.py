@@ -184,8 +184,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"stopped early: {summary.stopped_reason}", file=sys.stderr)
         return 1
     if summary.measured == 0:
-        print(f"kttune: nothing measured: no trial of study {study_name} has a result; "
-              "`kttune report` shows why each launch failed", file=sys.stderr)
+        from tuner.report import failure_lines
+        from tuner.storage import load_study
+
+        why = failure_lines(load_study(study_name, storage), summary.new_trials)
+        print(f"kttune: nothing measured: no trial of study {study_name} has a result"
+              + (":" if why else "; `kttune show N` shows each trial"), file=sys.stderr)
+        for line in why:
+            print(f"  {line}", file=sys.stderr)
         return EXIT_NOTHING_MEASURED
     from tuner.report import print_best
     print_best(space, study_name, storage)

@@ -107,10 +107,12 @@ def launch(ctx: LaunchContext, trial: optuna.Trial, flags: dict[str, Any], const
     record(study, trial, result, attrs)
     verdict = "ok" if result.ok else f"{result.reason}"
     if progress is not None:
-        progress.trial_finished(trial.number, verdict, result.values,
+        progress.trial_finished(trial.number, verdict, result.values, why=result.why,
                                 feasible=all(v <= 0 for v in result.constraints.values()))
     else:
         log(f"trial {trial.number}: {verdict}  objective = {_fmt_values(result.values)}  ({attrs[ATTR_WALL_S]:.1f}s)")
+        if result.why:
+            log(f"  why: {result.why}")
     try:
         note_baseline_and_best(study, space.confirm)
     except Exception as exc:  # a dashboard note is a convenience; never lose the trial over it

@@ -8,6 +8,7 @@ from tuner.report.data import compute_report
 from tuner.report.export import export_profile, parse_weights
 from tuner.report.html import write_report
 from tuner.report.outpath import check_out_dir, check_out_file
+from tuner.report.status import failure_lines
 from tuner.report.studies import get_trial, list_studies, render_studies, render_trial, storages_in, studies_json, trial_json
 from tuner.report.text import best_data, headline_metrics, print_best
 from tuner.report.units import fmt_metric, fmt_seconds
@@ -18,6 +19,7 @@ __all__ = [
     "check_out_file",
     "compute_report",
     "export_profile",
+    "failure_lines",
     "fmt_metric",
     "fmt_seconds",
     "get_trial",
