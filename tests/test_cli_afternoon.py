@@ -53,3 +53,60 @@ def test_output_into_a_closed_pipe_ends_with_exit_0_and_no_traceback() -> None:
     finally:
         os.close(write)
     assert done.returncode == 0 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+def _study_on_disk(tmp_path: Path, decode: tuple[list[float], list[float]], ttft: tuple[float, float]) -> str:
+    """A stored study of the Qwen space: the baseline and one other configuration, each
+    measured twice, with the given decode throughputs and decode median TTFT."""
+    import optuna
+
+    from tuner.config import load_space
+    from tuner.storage.attrs import ATTR_BASELINE, ATTR_FLAGS, ATTR_LAUNCHED, ATTR_REASON, METRIC_PREFIX
+
+    space = load_space(SPACE, check_paths=False)
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    study = optuna.create_study(study_name="q", storage=url, directions=space.directions)
+    dists = space.distributions()
+    base = dict(space.baseline or {})
+    for params, values, latency, baseline in ((base, decode[0], ttft[0], True),
+                                              ({**base, "kt-num-gpu-experts": 36}, decode[1], ttft[1], False)):
+        for d in values:
+            study.add_trial(optuna.trial.create_trial(
+                params=params, distributions={k: dists[k] for k in params}, values=[d],
+                user_attrs={ATTR_LAUNCHED: True, ATTR_REASON: None, ATTR_FLAGS: dict(params), ATTR_BASELINE: baseline,
+                            METRIC_PREFIX + "decode.output_throughput": d, METRIC_PREFIX + "prefill.input_throughput": 600.0,
+                            METRIC_PREFIX + "decode.median_ttft_ms": latency, METRIC_PREFIX + "prefill.median_ttft_ms": 10.0},
+                constraints={"launch_failed": 0.0}))
+    return url
+
+
+def _verdicts(tmp_path: Path, url: str) -> tuple[str, dict[str, Any], str]:
+    args = ["--space", str(SPACE), "--study", "q", "--storage", url]
+    text = kttune("best", *args)
+    data = kttune("best", *args, "--format", "json")
+    report = kttune("report", *args, "--out", str(tmp_path / "report"))
+    assert text.returncode == data.returncode == report.returncode == 0, text.stderr + data.stderr + report.stderr
+    import json
+
+    return text.stdout, json.loads(data.stdout), (tmp_path / "report" / "report.html").read_text()
+
+
+def test_a_pick_within_the_noise_is_not_recommended(tmp_path: Path) -> None:
+    url = _study_on_disk(tmp_path, ([45.83, 43.37], [48.5, 46.0]), (100.0, 100.0))  # +6 %, repeats 5 % apart
+    text, data, html = _verdicts(tmp_path, url)
+    verdict = next(ln for ln in text.splitlines() if ln.startswith("verdict: "))
+    assert "no significant gain over the baseline: keep it" in verdict and "decode.output_throughput" in verdict
+    assert data["recommended"] is False and "keep it" in data["verdict"]
+    assert "no significant gain over the baseline: keep it" in html and " ★" not in html.split("★ = recommended")[0]
+
+
+def test_a_pick_with_a_worse_unguarded_latency_is_not_recommended_and_a_clear_gain_is(tmp_path: Path) -> None:
+    worse = _study_on_disk(tmp_path, ([40.0, 40.2], [60.0, 60.3]), (100.0, 180.0))  # +50 %, TTFT +80 %
+    text, data, _ = _verdicts(tmp_path, worse)
+    assert data["recommended"] is False and "decode.median_ttft_ms" in data["verdict"]
+    clear = tmp_path / "clear"
+    clear.mkdir()
+    url = _study_on_disk(clear, ([40.0, 40.2], [60.0, 60.3]), (100.0, 100.0))
+    text, data, html = _verdicts(clear, url)
+    assert data["recommended"] is True and "beats the baseline beyond the run-to-run noise" in data["verdict"]
+    assert "keep it" not in text and " ★" in html

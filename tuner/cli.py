@@ -228,9 +228,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from tuner.report import get_trial, headline_metrics, render_trial, trial_json
+    from tuner.report import get_trial, headline_metrics, render_trial, text_console, trial_json
     from tuner.storage import load_study
 
     space, study_name, storage = _resolve(args, check_paths=False)
@@ -240,14 +238,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         _print_json(trial_json(study, trial))
     else:
         keys = [o.key for o in space.objectives]
-        render_trial(study, trial, [*keys, *(k for k in headline_metrics(space) if k not in keys)], Console(highlight=False))
+        render_trial(study, trial, [*keys, *(k for k in headline_metrics(space) if k not in keys)], text_console())
     return 0
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from tuner.report import list_studies, render_studies, storages_in, studies_json
+    from tuner.report import list_studies, render_studies, storages_in, studies_json, text_console
 
     storages = [args.storage] if args.storage else storages_in(Path(args.studies_dir))
     if args.storage and args.storage.startswith("sqlite:///") and not Path(args.storage[len("sqlite:///"):]).exists():
@@ -256,7 +252,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
     if args.format == "json":
         _print_json(studies_json(rows))
     elif rows:
-        render_studies(rows, Console(highlight=False))
+        render_studies(rows, text_console())
     else:
         print(f"no study databases in {args.studies_dir} (kttune run writes them there; --storage URL for another)")
     return 0

@@ -11,7 +11,7 @@ from tuner.report.outpath import check_out_dir, check_out_file
 from tuner.report.status import failure_lines
 from tuner.report.studies import get_trial, list_studies, render_studies, render_trial, storages_in, studies_json, trial_json
 from tuner.report.text import best_data, headline_metrics, print_best
-from tuner.report.units import fmt_metric, fmt_seconds
+from tuner.report.units import fmt_metric, fmt_seconds, text_console
 
 __all__ = [
     "best_data",
@@ -33,6 +33,7 @@ __all__ = [
     "render_trial",
     "storages_in",
     "studies_json",
+    "text_console",
     "trial_json",
     "try_upload_trial_artifacts",
     "write_report",
