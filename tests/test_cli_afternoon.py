@@ -110,3 +110,44 @@ def test_a_pick_with_a_worse_unguarded_latency_is_not_recommended_and_a_clear_ga
     text, data, html = _verdicts(clear, url)
     assert data["recommended"] is True and "beats the baseline beyond the run-to-run noise" in data["verdict"]
     assert "keep it" not in text and " ★" in html
+
+
+def test_read_only_commands_work_from_storage_alone_from_another_directory(tmp_path: Path) -> None:
+    """The study stores its space at its run: best/show/export/report need no --space, from any
+    directory; a --space that differs from the stored one is used, with one line naming how."""
+    studies = tmp_path / "studies"
+    run = kttune("run", "--space", str(SPACE), "--budget", "1", "--no-compat-check", "--studies-dir", str(studies))
+    assert run.returncode == 0, run.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    study = ["--study", "sim-qwen3-30b-a3b-1x4090", "--storage", f"sqlite:///{studies / 'sim-qwen3-30b-a3b-1x4090.db'}"]
+
+    def here(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tuner.cli", *args], capture_output=True, text=True, timeout=180,
+                              cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    best = here("best", *study)
+    assert best.returncode == 0 and "trial" in best.stdout and best.stderr == "", best.stderr
+    assert here("show", "0", *study).returncode == 0
+    export = here("export", *study, "--out", "best.yaml", "--keep-bench-flags")
+    assert export.returncode == 0 and (elsewhere / "best.yaml").is_file(), export.stderr
+    assert here("report", *study, "--out", "report").returncode == 0 and (elsewhere / "report" / "report.html").is_file()
+    data = yaml.safe_load(SPACE.read_text())
+    data["bench"]["timeout_s"] = 301
+    changed = here("best", *study, "--space", str(write_space(tmp_path, data)))
+    assert changed.returncode == 0 and changed.stderr.count("\n") == 1
+    assert changed.stderr.startswith("kttune: note: --space") and "(in bench)" in changed.stderr
+    none = here("best", "--studies-dir", str(studies))
+    assert none.returncode == 2 and "--study NAME" in none.stderr and none.stderr.count("\n") == 1
+
+
+def test_a_relative_path_not_found_names_the_directory_it_was_read_from(tmp_path: Path) -> None:
+    data = yaml.safe_load(SPACE.read_text())
+    (tmp_path / "sharegpt.json").write_text((REPO / data["bench"]["dataset_path"]).read_text())
+    data["bench"]["dataset_path"] = "sharegpt.json"  # beside the space file, not in the current directory
+    done = kttune("run", "--space", str(write_space(tmp_path, data)), "--budget", "1", "--studies-dir",
+                  str(tmp_path / "studies"))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("kttune: error: bench.dataset_path")
+    assert f"read from the current directory {REPO}, not from the space file's folder" in done.stderr
+    assert not (tmp_path / "studies").exists()

@@ -41,7 +41,8 @@ def _add_format(p: argparse.ArgumentParser) -> None:
 
 
 def _add_study_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--space", help="search-space YAML (required; kttune init writes one)")
+    p.add_argument("--space", help="search-space YAML (kttune init writes one); best, show, export, report and "
+                                   "dashboard take the space the study stored when it is left out")
     p.add_argument("--study", help="study name (default: the space's name)")
     p.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db)")
     p.add_argument("--studies-dir", default="studies", help="where trial folders and default databases go")
@@ -130,20 +131,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(args: argparse.Namespace, *, check_paths: bool = True, create: bool = False) -> tuple[SearchSpace, str, str]:
-    """Space, study name and storage URL; `create`: a command that writes the study (run)."""
+def _resolve(args: argparse.Namespace, *, check_paths: bool = True, create: bool = False,
+             read_only: bool = False) -> tuple[SearchSpace, str, str]:
+    """Space, study name and storage URL; `create`: a command that writes the study (run);
+    `read_only`: a command that only reads it, which takes the space the study stored when
+    --space is not given (and says so when a given one differs from it)."""
     from tuner.config import load_space
     from tuner.storage import default_storage
 
+    if args.space is None and read_only and args.study:
+        storage = args.storage or default_storage(args.study, Path(args.studies_dir), create=False)
+        return _stored_space(args.study, storage), args.study, storage
     if args.space is None:
         shipped = sorted(SHIPPED_SPACES.glob("*.yaml"))
         listed = ", ".join(os.path.relpath(p) for p in shipped) or "none found"
+        also = "; or, to read a study that has run, --study NAME (kttune studies lists them)" if read_only else ""
         raise ConfigError(f"--space: required; pass a search-space YAML (shipped: {listed}), "
-                          "or write one with kttune init --model DIR")
+                          f"or write one with kttune init --model DIR{also}")
     space = load_space(args.space, check_paths=check_paths)
     study_name = args.study or space.name
     storage = args.storage or default_storage(study_name, Path(args.studies_dir), create=create)
+    if read_only:
+        _note_space_change(space, study_name, storage)
     return space, study_name, storage
+
+
+def _stored_space(study_name: str, storage: str) -> SearchSpace:
+    from tuner.config import stored_space
+    from tuner.storage import STUDY_ATTR_SPACE, load_study
+
+    record = load_study(study_name, storage).user_attrs.get(STUDY_ATTR_SPACE)
+    space = stored_space(record) if isinstance(record, dict) else None
+    if space is None:
+        raise ConfigError(f"--space: study {study_name!r} was run by a kttune that did not store its space; "
+                          "pass the space it was run with, --space FILE")
+    return space
+
+
+def _note_space_change(space: SearchSpace, study_name: str, storage: str) -> None:
+    """One line when --space is not the space the study stored (what a colleague's copy or an
+    edit after the run changed), naming the top-level keys that differ."""
+    from tuner.storage import STUDY_ATTR_SPACE, load_study, space_record
+
+    try:
+        record = load_study(study_name, storage).user_attrs.get(STUDY_ATTR_SPACE)
+    except ConfigError:
+        return  # the command itself says what is missing
+    stored = record.get("document") if isinstance(record, dict) else None
+    if not isinstance(stored, dict):
+        return
+    given = space_record(space)["document"]
+    changed = sorted(k for k in {*stored, *given} if stored.get(k) != given.get(k))
+    if changed:
+        print(f"kttune: note: --space {_space_path(space)} differs from the space study {study_name} stored at its run "
+              f"(in {', '.join(changed)}); reading the study with --space (leave it out to use the stored one)",
+              file=sys.stderr)
+
+
+def _space_path(space: SearchSpace) -> str:
+    return str(space.path) if space.path else space.name
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -217,7 +263,7 @@ def cmd_remeasure(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     from tuner.report import best_data, print_best
 
-    space, study_name, storage = _resolve(args, check_paths=False)
+    space, study_name, storage = _resolve(args, check_paths=False, read_only=True)
     if args.format == "json":
         from tuner.storage import load_study
 
@@ -231,7 +277,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from tuner.report import get_trial, headline_metrics, render_trial, text_console, trial_json
     from tuner.storage import load_study
 
-    space, study_name, storage = _resolve(args, check_paths=False)
+    space, study_name, storage = _resolve(args, check_paths=False, read_only=True)
     study = load_study(study_name, storage)
     trial = get_trial(study, args.trial)
     if args.format == "json":
@@ -280,7 +326,7 @@ def cmd_completion(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from tuner.report import export_profile
 
-    space, study_name, storage = _resolve(args, check_paths=False)
+    space, study_name, storage = _resolve(args, check_paths=False, read_only=True)
     weights = None
     if args.weights is not None:
         from tuner.report import parse_weights
@@ -312,7 +358,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tuner.report import check_out_dir, compute_report, write_report
     from tuner.storage import load_study
 
-    space, study_name, storage = _resolve(args, check_paths=False)
+    space, study_name, storage = _resolve(args, check_paths=False, read_only=True)
     out = Path(args.out) if args.out else Path(args.studies_dir) / study_name / "report"
     check_out_dir(out)  # before the study is read
     files = write_report(compute_report(space, load_study(study_name, storage)), out)
@@ -338,7 +384,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from tuner.report import prepare_dashboard
     from tuner.storage import require_database
 
-    space, study_name, storage = _resolve(args, check_paths=False)
+    space, study_name, storage = _resolve(args, check_paths=False, read_only=True)
     require_database(storage)  # the dashboard of a database that does not exist would create it
     store, store_dir = prepare_dashboard(study_name, storage, Path(args.studies_dir), space.confirm)
     print(f"optuna-dashboard on http://{args.host}:{args.port} (study {study_name}, {storage}; artifacts in {store_dir})")

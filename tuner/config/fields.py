@@ -65,6 +65,15 @@ def resolve_python(where: str, value: Any, base: Path, check: bool = True) -> st
     if not path.is_absolute():
         path = (base / path)
     if check and not (path.is_file() and os.access(path, os.X_OK)):
-        raise fail(where, f"interpreter {value!r} not found or not executable", "point it at the python of the environment that has sglang installed")
+        raise fail(where, f"interpreter {value!r} not found or not executable{relative_note(value, base)}",
+                   "point it at the python of the environment that has sglang installed")
     return str(path)
 
+
+
+def relative_note(value: str, base: Path) -> str:
+    """For a path that was not found: the folder a relative one was read from (the current
+    directory, not the space file's folder), so the user knows what it was relative to."""
+    if os.path.isabs(os.path.expanduser(value)) or os.sep not in value and shutil.which(value):
+        return ""
+    return f" (a relative path, read from the current directory {base}, not from the space file's folder)"

@@ -13,9 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import yaml
-
-from tuner.config.fields import check_keys, fail, flag_name, mapping, number, resolve_python
+from tuner.config.fields import check_keys, fail, flag_name, mapping, number, relative_note, resolve_python
 from tuner.config.quality import QualitySpec
 from tuner.config.sglang import BENCH_DATASETS, BENCH_METRICS, INT_FLAGS, SOURCE_VERSION
 from tuner.config.specs import (
@@ -34,7 +32,6 @@ from tuner.config.specs import (
     Workload,
     is_finite,
 )
-from tuner.errors import ConfigError
 
 DEFAULT_WORKLOADS: dict[str, dict[str, Any]] = {
     "prefill": {"num_prompts": 37, "input_len": 1024, "output_len": 1},
@@ -269,10 +266,11 @@ def _parse_bench(data: Mapping[str, Any], base: Path, check: bool) -> BenchSpec:
         path = Path(os.path.expanduser(value))
         path = path if path.is_absolute() else base / path
         if check and key == "dataset_path" and not path.exists():
-            raise fail(f"{where}.{key}", f"{path} does not exist", "point it at a ShareGPT-format JSON file")
+            raise fail(f"{where}.{key}", f"{path} does not exist{relative_note(value, base)}",
+                       "point it at a ShareGPT-format JSON file")
         if key == "tokenizer" and not path.exists():
             if check and not _HUB_ID.match(value):
-                raise fail(f"{where}.{key}", f"{path} does not exist",
+                raise fail(f"{where}.{key}", f"{path} does not exist{relative_note(value, base)}",
                            "point it at the tokenizer's local folder, or give a Hugging Face id such as org/name")
             return value  # a hub id; bench_serving resolves it
         return str(path)
@@ -321,19 +319,21 @@ def _resolve_model_paths(args: dict[str, Any], base: Path) -> None:
             args[key] = str((base / value).resolve())
 
 
-def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True) -> SearchSpace:
-    """Validate a loaded YAML document. Raises ConfigError naming the field."""
-    # Relative paths inside a space are read from the working directory (the repo root).
+def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True, base: Path | None = None) -> SearchSpace:
+    """Validate a loaded YAML document. Raises ConfigError naming the field. Relative paths in
+    it are read from `base`, the current directory by default (see docs/search-space.md)."""
+    base = base or Path.cwd()
     data = mapping("space", data)
     check_keys("space", data, {"name", "description", "server", "params", "workloads", "objective", "bench", "baseline", "hardware", "model", "slo", "quality", "confirm", "probe", "feasibility", "secret"}, {"server", "params"})
-    server = _parse_server(mapping("server", data["server"]), Path.cwd(), check_paths)
+    server = _parse_server(mapping("server", data["server"]), base, check_paths)
     args = dict(server.args)
-    _resolve_model_paths(args, Path.cwd())
+    _resolve_model_paths(args, base)
     model_path = args.get("model-path", args.get("model"))
     if model_path is None:
         raise fail("server.args.model-path", "missing", "set the model directory (the one with config.json)")
     if check_paths and not Path(os.path.expanduser(str(model_path))).exists():
-        raise fail("server.args.model-path", f"{model_path} does not exist", "point it at the local model directory")
+        raise fail("server.args.model-path", f"{model_path} does not exist{relative_note(str(model_path), base)}",
+                   "point it at the local model directory")
     server = ServerSpec(**{**server.__dict__, "args": args})
     params_raw = mapping("params", data["params"])
     if not params_raw:
@@ -347,7 +347,7 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
             raise fail(f"server.args.{p.flag}", "is also tuned in params", "remove it from server.args or from params")
     workloads = _parse_workloads(data.get("workloads"))
     objectives = _parse_objectives(data.get("objective"), workloads)
-    bench = _parse_bench(mapping("bench", data.get("bench")), Path.cwd(), check_paths)
+    bench = _parse_bench(mapping("bench", data.get("bench")), base, check_paths)
     baseline = data.get("baseline")
     if baseline is not None:
         baseline = dict(mapping("baseline", baseline))
@@ -376,7 +376,7 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
                        confirm=_parse_confirm(mapping("confirm", data.get("confirm"))),
                        probe=_parse_probe(mapping("probe", data.get("probe"))),
                        feasibility=_parse_feasibility(mapping("feasibility", data.get("feasibility"))),
-                       secrets=secrets)
+                       secrets=secrets, document=dict(data), base=base)
 
 
 def _parse_secrets(data: Any) -> tuple[str, ...]:
@@ -422,27 +422,3 @@ def _parse_probe(data: Mapping[str, Any]) -> ProbeSpec:
     if not isinstance(min_trials, int) or isinstance(min_trials, bool) or min_trials < 1:
         raise fail("probe.min_trials", f"must be a whole number ≥ 1, got {min_trials!r}", "e.g. 2")
     return ProbeSpec(fraction=float(fraction), prune_below=float(below), min_trials=min_trials)
-
-
-def load_space(path: str | Path, *, check_paths: bool = True) -> SearchSpace:
-    """Read and validate a search-space YAML file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--space: {p} does not exist; pass a file from search_spaces/")
-    try:
-        text = p.read_bytes().decode("utf-8")
-        if "\x00" in text:
-            raise UnicodeDecodeError("utf-8", b"", 0, 1, "NUL byte")
-    except UnicodeDecodeError:
-        raise ConfigError(f"--space: {p} is not a text file (a binary, compressed or database file?); "
-                          "pass a search-space YAML file") from None
-    except OSError as exc:
-        raise ConfigError(f"--space: cannot read {p} ({exc.strerror}); pass a readable search-space YAML file") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{p}{at}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
-    return parse_space(data, path=p, check_paths=check_paths)
-
