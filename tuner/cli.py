@@ -131,17 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(args: argparse.Namespace, *, check_paths: bool = True, create: bool = False,
+def _resolve(args: argparse.Namespace, *, check_paths: bool = True,
              read_only: bool = False) -> tuple[SearchSpace, str, str]:
-    """Space, study name and storage URL; `create`: a command that writes the study (run);
-    `read_only`: a command that only reads it, which takes the space the study stored when
-    --space is not given (and says so when a given one differs from it)."""
+    """Space, study name and storage URL (nothing created). `read_only`: a command that only
+    reads the study, which takes the space the study stored when --space is not given (and
+    says so when a given one differs from it)."""
     from tuner.config import load_space
+    from tuner.inputs import check_folder, check_storage_url, check_study_name
+    from tuner.report import space_change_note, stored_study_space
     from tuner.storage import default_storage
 
+    if args.storage:
+        check_storage_url(args.storage)
+    check_folder(Path(args.studies_dir), "--studies-dir")
     if args.space is None and read_only and args.study:
-        storage = args.storage or default_storage(args.study, Path(args.studies_dir), create=False)
-        return _stored_space(args.study, storage), args.study, storage
+        storage = args.storage or default_storage(check_study_name(args.study), Path(args.studies_dir), create=False)
+        return stored_study_space(args.study, storage), args.study, storage
     if args.space is None:
         shipped = sorted(SHIPPED_SPACES.glob("*.yaml"))
         listed = ", ".join(os.path.relpath(p) for p in shipped) or "none found"
@@ -149,47 +154,13 @@ def _resolve(args: argparse.Namespace, *, check_paths: bool = True, create: bool
         raise ConfigError(f"--space: required; pass a search-space YAML (shipped: {listed}), "
                           f"or write one with kttune init --model DIR{also}")
     space = load_space(args.space, check_paths=check_paths)
-    study_name = args.study or space.name
-    storage = args.storage or default_storage(study_name, Path(args.studies_dir), create=create)
+    study_name = check_study_name(args.study) if args.study else check_study_name(space.name, "name (of the space)")
+    storage = args.storage or default_storage(study_name, Path(args.studies_dir), create=False)
     if read_only:
-        _note_space_change(space, study_name, storage)
+        note = space_change_note(space, study_name, storage)
+        if note:
+            print(f"kttune: note: {note}", file=sys.stderr)
     return space, study_name, storage
-
-
-def _stored_space(study_name: str, storage: str) -> SearchSpace:
-    from tuner.config import stored_space
-    from tuner.storage import STUDY_ATTR_SPACE, load_study
-
-    record = load_study(study_name, storage).user_attrs.get(STUDY_ATTR_SPACE)
-    space = stored_space(record) if isinstance(record, dict) else None
-    if space is None:
-        raise ConfigError(f"--space: study {study_name!r} was run by a kttune that did not store its space; "
-                          "pass the space it was run with, --space FILE")
-    return space
-
-
-def _note_space_change(space: SearchSpace, study_name: str, storage: str) -> None:
-    """One line when --space is not the space the study stored (what a colleague's copy or an
-    edit after the run changed), naming the top-level keys that differ."""
-    from tuner.storage import STUDY_ATTR_SPACE, load_study, space_record
-
-    try:
-        record = load_study(study_name, storage).user_attrs.get(STUDY_ATTR_SPACE)
-    except ConfigError:
-        return  # the command itself says what is missing
-    stored = record.get("document") if isinstance(record, dict) else None
-    if not isinstance(stored, dict):
-        return
-    given = space_record(space)["document"]
-    changed = sorted(k for k in {*stored, *given} if stored.get(k) != given.get(k))
-    if changed:
-        print(f"kttune: note: --space {_space_path(space)} differs from the space study {study_name} stored at its run "
-              f"(in {', '.join(changed)}); reading the study with --space (leave it out to use the stored one)",
-              file=sys.stderr)
-
-
-def _space_path(space: SearchSpace) -> str:
-    return str(space.path) if space.path else space.name
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -199,7 +170,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--budget: must be ≥ 1, got {args.budget}")
     if args.fault_streak < 1:
         raise ConfigError(f"--fault-streak: must be ≥ 1, got {args.fault_streak}")
-    space, study_name, storage = _resolve(args, check_paths=not args.dry_run, create=not args.dry_run)
+    from tuner.inputs import check_env, check_seed
+
+    check_seed(args.seed)
+    space, study_name, storage = _resolve(args, check_paths=not args.dry_run)
+    check_env(space.server.env, "server.env")
+    check_env(space.bench.env, "bench.env")
+    if not args.dry_run:
+        from tuner.machine import resolve_hardware
+
+        resolve_hardware(space.hardware or None)  # a bad hardware: block is known now, before the study folder
+        if args.storage is None:
+            Path(args.studies_dir).mkdir(parents=True, exist_ok=True)
     if args.dry_run:
         dry_run(space, budget=args.budget, seed=args.seed, studies_dir=Path(args.studies_dir),
                 check_feasibility=not args.no_feasibility)
@@ -367,7 +349,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from tuner.inputs import check_seconds
     from tuner.preflight import DoctorOptions, exit_code, render_checks, run_checks
+
+    check_seconds(args.timeout, "--timeout")
 
     checks = run_checks(DoctorOptions(space_path=args.space, study=args.study, storage=args.storage,
                                       studies_dir=Path(args.studies_dir), timeout_s=args.timeout))
@@ -381,11 +366,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
+    from tuner.inputs import check_port, check_port_free
     from tuner.report import prepare_dashboard
     from tuner.storage import require_database
 
+    check_port(args.port)
     space, study_name, storage = _resolve(args, check_paths=False, read_only=True)
     require_database(storage)  # the dashboard of a database that does not exist would create it
+    check_port_free(args.host, args.port)
     store, store_dir = prepare_dashboard(study_name, storage, Path(args.studies_dir), space.confirm)
     print(f"optuna-dashboard on http://{args.host}:{args.port} (study {study_name}, {storage}; artifacts in {store_dir})")
     from tuner.storage import make_storage
@@ -425,6 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
+        from tuner.inputs import check_env
+
+        check_env(os.environ)
         if args.command in _NOTES_LEFTOVERS:
             _note_leftovers()
         return COMMANDS[args.command](args)

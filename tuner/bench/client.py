@@ -56,6 +56,8 @@ def build_bench_argv(bench: BenchSpec, w: Workload, *, host: str, port: int, out
             "--random-input-len", str(w.input_len), "--random-output-len", str(w.output_len),
             "--random-range-ratio", str(w.range_ratio), "--seed", str(bench.seed),
             "--output-file", str(output_file)]
+    if ":" in host:  # an IPv6 address: the client joins host and port without brackets, so give it the URL
+        argv += ["--base-url", f"http://[{host}]:{port}"]
     if bench.dataset_path:
         argv += ["--dataset-path", bench.dataset_path]
     if tokenizer:

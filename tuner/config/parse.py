@@ -13,7 +13,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from tuner.config.fields import check_keys, fail, flag_name, mapping, number, relative_note, resolve_python
+from tuner.config.fields import (
+    check_dataset,
+    check_keys,
+    env_mapping,
+    fail,
+    flag_name,
+    mapping,
+    number,
+    relative_note,
+    resolve_python,
+)
 from tuner.config.quality import QualitySpec
 from tuner.config.sglang import BENCH_DATASETS, BENCH_METRICS, INT_FLAGS, SOURCE_VERSION
 from tuner.config.specs import (
@@ -133,7 +143,7 @@ def _parse_server(data: Mapping[str, Any], base: Path, check: bool) -> ServerSpe
             raise fail(f"{where}.port", f"{port} is not a TCP port", "use 1024-65535 or remove it for a fresh free port per trial")
     timeout = number(f"{where}.start_timeout_s", data.get("start_timeout_s", 1800), positive=True)
     stall = number(f"{where}.stall_timeout_s", data.get("stall_timeout_s", 600), positive=True)
-    env = {str(k): str(v) for k, v in mapping(f"{where}.env", data.get("env")).items()}
+    env = env_mapping(f"{where}.env", data.get("env"))
     args: dict[str, Any] = {}
     for key, value in mapping(f"{where}.args", data.get("args")).items():
         flag = flag_name(f"{where}.args", key)
@@ -234,6 +244,7 @@ def _parse_slos(data: Any, workloads: tuple[Workload, ...]) -> tuple[SloSpec, ..
                 bound = float(parts[2])
             except ValueError:
                 raise fail(where, f"bound {parts[2]!r} is not a number", "use a number") from None
+            number(where, bound, positive=True)  # a latency or a rate: a bound ≤ 0 never or always holds
             item = {"workload": wl, "metric": metric, _SLO_OPS[parts[1]]: bound}
         item = mapping(where, item)
         check_keys(where, item, {"workload", "metric", "max", "min"}, {"workload", "metric"})
@@ -243,7 +254,7 @@ def _parse_slos(data: Any, workloads: tuple[Workload, ...]) -> tuple[SloSpec, ..
         if ("max" in item) == ("min" in item):
             raise fail(where, "needs exactly one of max or min", "e.g. max: 5000")
         bound_key = "max" if "max" in item else "min"
-        bound = number(f"{where}.{bound_key}", item[bound_key])
+        bound = number(f"{where}.{bound_key}", item[bound_key], positive=True)
         out.append(SloSpec(workload=str(item["workload"]), metric=str(item["metric"]), **{bound_key: float(bound)}))
     return tuple(out)
 
@@ -265,9 +276,8 @@ def _parse_bench(data: Mapping[str, Any], base: Path, check: bool) -> BenchSpec:
             raise fail(f"{where}.{key}", f"must be a path, got {value!r}", "set a local path")
         path = Path(os.path.expanduser(value))
         path = path if path.is_absolute() else base / path
-        if check and key == "dataset_path" and not path.exists():
-            raise fail(f"{where}.{key}", f"{path} does not exist{relative_note(value, base)}",
-                       "point it at a ShareGPT-format JSON file")
+        if check and key == "dataset_path":
+            check_dataset(f"{where}.{key}", path, relative_note(value, base))
         if key == "tokenizer" and not path.exists():
             if check and not _HUB_ID.match(value):
                 raise fail(f"{where}.{key}", f"{path} does not exist{relative_note(value, base)}",
@@ -285,7 +295,7 @@ def _parse_bench(data: Mapping[str, Any], base: Path, check: bool) -> BenchSpec:
         model=data.get("model"),
         timeout_s=float(number(f"{where}.timeout_s", data.get("timeout_s", 3600), positive=True)),
         seed=int(number(f"{where}.seed", data.get("seed", 1), integer=True)),
-        env={str(k): str(v) for k, v in mapping(f"{where}.env", data.get("env")).items()},
+        env=env_mapping(f"{where}.env", data.get("env")),
         time_scale=float(time_scale),
     )
 
@@ -334,6 +344,11 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
     if check_paths and not Path(os.path.expanduser(str(model_path))).exists():
         raise fail("server.args.model-path", f"{model_path} does not exist{relative_note(str(model_path), base)}",
                    "point it at the local model directory")
+    location = args.get("init-expert-location")  # a path, inline JSON or sglang's "trivial"
+    if (check_paths and isinstance(location, str) and location != "trivial" and not location.lstrip().startswith("{")
+            and not Path(os.path.expanduser(location)).is_file()):
+        raise fail("server.args.init-expert-location", f"{location} is not a file{relative_note(location, base)}",
+                   "point it at an expert-location JSON file, or remove it")
     server = ServerSpec(**{**server.__dict__, "args": args})
     params_raw = mapping("params", data["params"])
     if not params_raw:

@@ -9,6 +9,7 @@ from tuner.report.export import export_profile, parse_weights
 from tuner.report.html import write_report
 from tuner.report.outpath import check_out_dir, check_out_file
 from tuner.report.status import failure_lines
+from tuner.report.stored import space_change_note, stored_study_space
 from tuner.report.studies import get_trial, list_studies, render_studies, render_trial, storages_in, studies_json, trial_json
 from tuner.report.text import best_data, headline_metrics, print_best
 from tuner.report.units import fmt_metric, fmt_seconds, text_console
@@ -31,7 +32,9 @@ __all__ = [
     "print_best",
     "render_studies",
     "render_trial",
+    "space_change_note",
     "storages_in",
+    "stored_study_space",
     "studies_json",
     "text_console",
     "trial_json",
