@@ -151,3 +151,18 @@ def test_a_relative_path_not_found_names_the_directory_it_was_read_from(tmp_path
     assert done.stderr.startswith("kttune: error: bench.dataset_path")
     assert f"read from the current directory {REPO}, not from the space file's folder" in done.stderr
     assert not (tmp_path / "studies").exists()
+
+
+def test_a_finished_budget_says_how_to_go_on_and_export_follows_the_umask(tmp_path: Path) -> None:
+    studies = tmp_path / "studies"
+    args = ["--space", str(SPACE), "--budget", "1", "--no-compat-check", "--studies-dir", str(studies)]
+    assert kttune("run", *args).returncode == 0
+    again = kttune("run", *args)
+    assert again.returncode == 0 and "already spent --budget 1" in again.stdout and "--budget 11" in again.stdout
+    out = tmp_path / "best.yaml"
+    done = subprocess.run(["sh", "-c", 'umask 022 && exec "$@"', "sh", sys.executable, "-m", "tuner.cli", "export",
+                           "--space", str(SPACE), "--studies-dir", str(studies), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_mode & 0o777 == 0o644  # readable by the server's user, as `open` would make it

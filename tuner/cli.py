@@ -206,6 +206,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                   stream=sys.stdout) as progress:
         summary = run_study(space, opts, log=progress.log, progress=progress)
     print(f"study {study_name}: {summary.launched}/{summary.budget} launches done ({storage})")
+    if not summary.new_trials and summary.launched >= summary.budget and not summary.stopped_reason:
+        print(f"nothing launched: the study had already spent --budget {summary.budget}; the budget counts all of its "
+              f"launches, so go on with a larger one, e.g. --budget {summary.budget + 10}")
     if summary.pick:
         print(f"pick: trial {', '.join(map(str, summary.pick))} (kttune best shows it, kttune export writes it)")
     if summary.stopped_reason:

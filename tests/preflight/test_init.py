@@ -176,6 +176,7 @@ def test_init_and_plan_give_one_answer_and_say_at_which_settings(tmp_path: Path)
     line = next(ln for ln in res.stdout.splitlines() if "(the space's loosest)" in ln)
     loosest, at_base = line.split("(the space's loosest), ")
     space = yaml.safe_load(out.read_text())
+    assert space["server"]["args"]["watchdog-timeout"] == 3000  # slow CPU prefill outlasts SGLang's 300 s
     experts = space["params"]["kt-num-gpu-experts"]
     for text in (loosest, at_base.replace("at the baseline's", "at")):
         n, settings = _bound(text)
