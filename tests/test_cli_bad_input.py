@@ -93,6 +93,9 @@ BAD_SPACES = {
     # names and paths
     "study name with a separator": (lambda d: d.update({"name": "team/qwen"}), ["name (of the space)", "cannot name a study"]),
     "dataset is a folder": (lambda d: d["bench"].update({"dataset_path": "tuner"}), ["bench.dataset_path", "is a folder"]),
+    "model path is a file": (lambda d: d["server"]["args"].update({"model-path": "README.md"}),
+                             ["server.args.model-path", "is a file"]),
+    "tokenizer is a file": (lambda d: d["bench"].update({"tokenizer": "README.md"}), ["bench.tokenizer", "is a file"]),
     # a dataset file the bench client cannot use
     "dataset is not ShareGPT": (lambda d: d["bench"].update({"dataset_path": "tuner/sim/models/qwen3-30b-a3b/config.json"}),
                                 ["bench.dataset_path", "not a JSON list"]),
@@ -291,3 +294,14 @@ def test_a_dense_model_is_named_as_such(tmp_path: Path) -> None:
                   "--out", str(tmp_path / "x.yaml"))
     assert_refused(done, "no routed experts", "a dense model")
     assert not (tmp_path / "x.yaml").exists()
+
+
+def test_a_quoted_tilde_is_the_home_folder(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / "spaces").mkdir(parents=True)
+    (home / "spaces" / "q.yaml").write_text(SPACE.read_text())
+    done = subprocess.run([sys.executable, "-m", "tuner.cli", "run", "--space", "~/spaces/q.yaml", "--dry-run",
+                           "--budget", "1", "--studies-dir", "~/studies"], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env={**os.environ, "HOME": str(home)})
+    assert done.returncode == 0, done.stderr
+    assert f"{home}/studies/" in done.stdout and not (REPO / "~").exists()

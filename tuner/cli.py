@@ -406,8 +406,15 @@ def _sigterm_as_interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
+# Arguments naming paths: a `~` the shell left alone (quoted, or after `=`) means the home folder.
+_PATH_ARGS = ("space", "studies_dir", "out", "model", "kt_weight_path", "dataset")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name in _PATH_ARGS:
+        if isinstance(getattr(args, name, None), str):
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -278,6 +278,8 @@ def _parse_bench(data: Mapping[str, Any], base: Path, check: bool) -> BenchSpec:
         path = path if path.is_absolute() else base / path
         if check and key == "dataset_path":
             check_dataset(f"{where}.{key}", path, relative_note(value, base))
+        if check and key == "tokenizer" and path.is_file():
+            raise fail(f"{where}.{key}", f"{path} is a file", "point it at the tokenizer's folder (or the model's)")
         if key == "tokenizer" and not path.exists():
             if check and not _HUB_ID.match(value):
                 raise fail(f"{where}.{key}", f"{path} does not exist{relative_note(value, base)}",
@@ -341,9 +343,10 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
     model_path = args.get("model-path", args.get("model"))
     if model_path is None:
         raise fail("server.args.model-path", "missing", "set the model directory (the one with config.json)")
-    if check_paths and not Path(os.path.expanduser(str(model_path))).exists():
-        raise fail("server.args.model-path", f"{model_path} does not exist{relative_note(str(model_path), base)}",
-                   "point it at the local model directory")
+    if check_paths and not Path(os.path.expanduser(str(model_path))).is_dir():
+        what = "is a file" if Path(os.path.expanduser(str(model_path))).exists() else "does not exist"
+        raise fail("server.args.model-path", f"{model_path} {what}{relative_note(str(model_path), base)}",
+                   "point it at the local model directory (the one with config.json)")
     location = args.get("init-expert-location")  # a path, inline JSON or sglang's "trivial"
     if (check_paths and isinstance(location, str) and location != "trivial" and not location.lstrip().startswith("{")
             and not Path(os.path.expanduser(location)).is_file()):
