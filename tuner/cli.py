@@ -41,7 +41,8 @@ def _add_format(p: argparse.ArgumentParser) -> None:
 
 
 def _add_study_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--space", help="search-space YAML (required; kttune init writes one)")
+    p.add_argument("--space", help="search-space YAML (kttune init writes one); best, show, export, report and "
+                                   "dashboard take the space the study stored when it is left out")
     p.add_argument("--study", help="study name (default: the space's name)")
     p.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///studies/<study>.db)")
     p.add_argument("--studies-dir", default="studies", help="where trial folders and default databases go")
@@ -115,12 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", help="write a search space for a model on this machine (or one described by --gpus/--cpu)")
     init.add_argument("--model", required=True, help="the model's Hugging Face folder (with config.json)")
     init.add_argument("--kt-weight-path", help="the CPU expert weights (default: the model folder)")
-    init.add_argument("--kt-method", default="AMXINT4", help="CPU expert format (default: %(default)s)")
+    init.add_argument("--kt-method", help="CPU expert format of --kt-weight-path (default: AMXINT4 where the CPU has "
+                                           "AMX or AVX-512)")
     init.add_argument("--gpus", metavar="COUNTx NAME-MEM", help='describe the GPUs, e.g. "8x L20-48G" or "4x H100-81559MiB"')
     init.add_argument("--cpu", metavar="SOCKETSxCORES", help="describe the CPU, e.g. 2x32 (two sockets of 32 physical cores)")
     init.add_argument("--numa-nodes", type=int, help="NUMA nodes of the described CPU (default: one per socket)")
-    init.add_argument("--amx", action=argparse.BooleanOptionalAction, default=None, help="the described CPU has AMX")
-    init.add_argument("--ram-gib", type=int, help="host RAM of the described machine in GiB")
+    init.add_argument("--amx", action=argparse.BooleanOptionalAction, default=None,
+                      help="the described CPU has AMX (default: no, said on screen)")
+    init.add_argument("--avx512", action=argparse.BooleanOptionalAction, default=None,
+                      help="the described CPU has AVX-512 (default: as --amx)")
+    init.add_argument("--ram-gib", type=int, help="host RAM of the described machine in GiB (required with --gpus/--cpu)")
     init.add_argument("--dataset", help="ShareGPT JSON for bench_serving (offline benchmarks)")
     init.add_argument("--name", help="the space's name (default: model and GPUs)")
     init.add_argument("--out", help="output YAML (default: <name>.yaml)")
@@ -134,19 +139,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(args: argparse.Namespace, *, check_paths: bool = True, create: bool = False) -> tuple[SearchSpace, str, str]:
-    """Space, study name and storage URL; `create`: a command that writes the study (run)."""
+def _resolve(args: argparse.Namespace, *, check_paths: bool = True,
+             read_only: bool = False) -> tuple[SearchSpace, str, str]:
+    """Space, study name and storage URL (nothing created). `read_only`: a command that only
+    reads the study, which takes the space the study stored when --space is not given (and
+    says so when a given one differs from it)."""
     from tuner.config import load_space
+    from tuner.inputs import check_folder, check_storage_url, check_study_name
+    from tuner.report import space_change_note, stored_study_space
     from tuner.storage import default_storage
 
+    if args.storage:
+        check_storage_url(args.storage)
+    check_folder(Path(args.studies_dir), "--studies-dir")
+    if args.space is None and read_only and args.study:
+        storage = args.storage or default_storage(check_study_name(args.study), Path(args.studies_dir), create=False)
+        return stored_study_space(args.study, storage), args.study, storage
     if args.space is None:
         shipped = sorted(SHIPPED_SPACES.glob("*.yaml"))
         listed = ", ".join(os.path.relpath(p) for p in shipped) or "none found"
+        also = "; or, to read a study that has run, --study NAME (kttune studies lists them)" if read_only else ""
         raise ConfigError(f"--space: required; pass a search-space YAML (shipped: {listed}), "
-                          "or write one with kttune init --model DIR")
+                          f"or write one with kttune init --model DIR{also}")
     space = load_space(args.space, check_paths=check_paths)
-    study_name = args.study or space.name
-    storage = args.storage or default_storage(study_name, Path(args.studies_dir), create=create)
+    study_name = check_study_name(args.study) if args.study else check_study_name(space.name, "name (of the space)")
+    storage = args.storage or default_storage(study_name, Path(args.studies_dir), create=False)
+    if read_only:
+        note = space_change_note(space, study_name, storage)
+        if note:
+            print(f"kttune: note: {note}", file=sys.stderr)
     return space, study_name, storage
 
 
@@ -157,7 +178,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--budget: must be ≥ 1, got {args.budget}")
     if args.fault_streak < 1:
         raise ConfigError(f"--fault-streak: must be ≥ 1, got {args.fault_streak}")
-    space, study_name, storage = _resolve(args, check_paths=not args.dry_run, create=not args.dry_run)
+    from tuner.inputs import check_env, check_seed
+
+    check_seed(args.seed)
+    space, study_name, storage = _resolve(args, check_paths=not args.dry_run)
+    check_env(space.server.env, "server.env")
+    check_env(space.bench.env, "bench.env")
+    if not args.dry_run:
+        from tuner.machine import resolve_hardware
+
+        resolve_hardware(space.hardware or None)  # a bad hardware: block is known now, before the study folder
+        if args.storage is None:
+            Path(args.studies_dir).mkdir(parents=True, exist_ok=True)
     from tuner.cpubench import apply_stored
 
     avoid, notes = apply_stored(space, Path(args.studies_dir), study_name)  # before any launch
@@ -187,14 +219,23 @@ def cmd_run(args: argparse.Namespace) -> int:
                   stream=sys.stdout) as progress:
         summary = run_study(space, opts, log=progress.log, progress=progress)
     print(f"study {study_name}: {summary.launched}/{summary.budget} launches done ({storage})")
+    if not summary.new_trials and summary.launched >= summary.budget and not summary.stopped_reason:
+        print(f"nothing launched: the study had already spent --budget {summary.budget}; the budget counts all of its "
+              f"launches, so go on with a larger one, e.g. --budget {summary.budget + 10}")
     if summary.pick:
         print(f"pick: trial {', '.join(map(str, summary.pick))} (kttune best shows it, kttune export writes it)")
     if summary.stopped_reason:
         print(f"stopped early: {summary.stopped_reason}", file=sys.stderr)
         return 1
     if summary.measured == 0:
-        print(f"kttune: nothing measured: no trial of study {study_name} has a result; "
-              "`kttune report` shows why each launch failed", file=sys.stderr)
+        from tuner.report import failure_lines
+        from tuner.storage import load_study
+
+        why = failure_lines(load_study(study_name, storage), summary.new_trials)
+        print(f"kttune: nothing measured: no trial of study {study_name} has a result"
+              + (":" if why else "; `kttune show N` shows each trial"), file=sys.stderr)
+        for line in why:
+            print(f"  {line}", file=sys.stderr)
         return EXIT_NOTHING_MEASURED
     from tuner.report import print_best
     print_best(space, study_name, storage)
@@ -220,7 +261,7 @@ def cmd_remeasure(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     from tuner.report import best_data, print_best
 
-    space, study_name, storage = _resolve(args, check_paths=False)
+    space, study_name, storage = _resolve(args, check_paths=False, read_only=True)
     if args.format == "json":
         from tuner.storage import load_study
 
@@ -231,26 +272,22 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from tuner.report import get_trial, headline_metrics, render_trial, trial_json
+    from tuner.report import get_trial, headline_metrics, render_trial, text_console, trial_json
     from tuner.storage import load_study
 
-    space, study_name, storage = _resolve(args, check_paths=False)
+    space, study_name, storage = _resolve(args, check_paths=False, read_only=True)
     study = load_study(study_name, storage)
     trial = get_trial(study, args.trial)
     if args.format == "json":
         _print_json(trial_json(study, trial))
     else:
         keys = [o.key for o in space.objectives]
-        render_trial(study, trial, [*keys, *(k for k in headline_metrics(space) if k not in keys)], Console(highlight=False))
+        render_trial(study, trial, [*keys, *(k for k in headline_metrics(space) if k not in keys)], text_console())
     return 0
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from tuner.report import list_studies, render_studies, storages_in, studies_json
+    from tuner.report import list_studies, render_studies, storages_in, studies_json, text_console
 
     storages = [args.storage] if args.storage else storages_in(Path(args.studies_dir))
     if args.storage and args.storage.startswith("sqlite:///") and not Path(args.storage[len("sqlite:///"):]).exists():
@@ -259,7 +296,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
     if args.format == "json":
         _print_json(studies_json(rows))
     elif rows:
-        render_studies(rows, Console(highlight=False))
+        render_studies(rows, text_console())
     else:
         print(f"no study databases in {args.studies_dir} (kttune run writes them there; --storage URL for another)")
     return 0
@@ -269,7 +306,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     from tuner.preflight import InitOptions, build_space, write_space
 
     result = build_space(InitOptions(model=args.model, kt_weight_path=args.kt_weight_path, gpus=args.gpus, cpu=args.cpu,
-                                     numa_nodes=args.numa_nodes, amx=args.amx, ram_gib=args.ram_gib,
+                                     numa_nodes=args.numa_nodes, amx=args.amx, avx512=args.avx512, ram_gib=args.ram_gib,
                                      kt_method=args.kt_method, name=args.name, dataset=args.dataset))
     out = write_space(result, Path(args.out or f"{result.data['name']}.yaml"), force=args.force)
     print("\n".join(result.summary))
@@ -287,7 +324,7 @@ def cmd_completion(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from tuner.report import export_profile
 
-    space, study_name, storage = _resolve(args, check_paths=False)
+    space, study_name, storage = _resolve(args, check_paths=False, read_only=True)
     weights = None
     if args.weights is not None:
         from tuner.report import parse_weights
@@ -319,7 +356,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tuner.report import check_out_dir, compute_report, write_report
     from tuner.storage import load_study
 
-    space, study_name, storage = _resolve(args, check_paths=False)
+    space, study_name, storage = _resolve(args, check_paths=False, read_only=True)
     out = Path(args.out) if args.out else Path(args.studies_dir) / study_name / "report"
     check_out_dir(out)  # before the study is read
     files = write_report(compute_report(space, load_study(study_name, storage)), out)
@@ -328,7 +365,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from tuner.inputs import check_seconds
     from tuner.preflight import DoctorOptions, exit_code, render_checks, run_checks
+
+    check_seconds(args.timeout, "--timeout")
 
     checks = run_checks(DoctorOptions(space_path=args.space, study=args.study, storage=args.storage,
                                       studies_dir=Path(args.studies_dir), timeout_s=args.timeout))
@@ -360,11 +400,14 @@ def cmd_cpubench(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
+    from tuner.inputs import check_port, check_port_free
     from tuner.report import prepare_dashboard
     from tuner.storage import require_database
 
-    space, study_name, storage = _resolve(args, check_paths=False)
+    check_port(args.port)
+    space, study_name, storage = _resolve(args, check_paths=False, read_only=True)
     require_database(storage)  # the dashboard of a database that does not exist would create it
+    check_port_free(args.host, args.port)
     store, store_dir = prepare_dashboard(study_name, storage, Path(args.studies_dir), space.confirm)
     print(f"optuna-dashboard on http://{args.host}:{args.port} (study {study_name}, {storage}; artifacts in {store_dir})")
     from tuner.storage import make_storage
@@ -394,8 +437,15 @@ def _sigterm_as_interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
+# Arguments naming paths: a `~` the shell left alone (quoted, or after `=`) means the home folder.
+_PATH_ARGS = ("space", "studies_dir", "out", "model", "kt_weight_path", "dataset")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name in _PATH_ARGS:
+        if isinstance(getattr(args, name, None), str):
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -404,6 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
+        from tuner.inputs import check_env
+
+        check_env(os.environ)
         if args.command in _NOTES_LEFTOVERS:
             _note_leftovers()
         return COMMANDS[args.command](args)
@@ -413,6 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KttuneError as exc:
         print(f"kttune: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `kttune ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 0
     except KeyboardInterrupt:
         what = "; the running trial was marked interrupted and its server torn down" if args.command in ("run", "remeasure") else ""
         print(f"kttune: stopped{what}", file=sys.stderr)

@@ -180,6 +180,16 @@ class TrialOutcome:
     def ok(self) -> bool:
         return self.reason is None
 
+    @property
+    def why(self) -> str:
+        """The failure's decisive line, the first of its message ("" when it succeeded)."""
+        return "" if self.ok else decisive(self.message)
+
+
+def decisive(message: str) -> str:
+    """The decisive line of a stored failure message: failure messages put it first."""
+    return message.strip().split("\n", 1)[0].strip() if message else ""
+
 
 def objective_values(space: SearchSpace, metrics: Mapping[str, float]) -> list[float] | None:
     """The objective vector from `workload.metric` keys; None if any is missing/non-finite."""

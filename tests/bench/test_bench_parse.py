@@ -52,6 +52,18 @@ def test_bench_argv_is_the_seed_command(tmp_path: Path) -> None:
         assert piece in joined, piece
 
 
+def test_an_ipv6_server_host_reaches_the_client_as_a_url(tmp_path: Path) -> None:
+    """The client joins --host and --port without brackets; an IPv6 address goes as --base-url."""
+    space = resolve_bench(load_space("search_spaces/kimi-k2-thinking-8xl20.yaml", check_paths=False),
+                          probe={"sglang.bench_serving": {"goodput": False}})
+    argv = build_bench_argv(space.bench, space.workload("decode"), host="::1", port=60000,
+                            output_file=tmp_path / "o.jsonl", tokenizer=None)
+    assert argv[argv.index("--base-url") + 1] == "http://[::1]:60000"
+    v4 = build_bench_argv(space.bench, space.workload("decode"), host="127.0.0.1", port=60000,
+                          output_file=tmp_path / "o.jsonl", tokenizer=None)
+    assert "--base-url" not in v4
+
+
 @pytest.mark.parametrize("seed", [1, 42, 7])
 def test_kttune_always_passes_the_seed_itself(tmp_path: Path, seed: int) -> None:
     """The clients' defaults differ (sglang-kt 1, upstream 42): the argv never leaves it to them."""

@@ -92,6 +92,15 @@ def test_probe_prunes_far_below_best_and_keeps_the_launch_count(tmp_path: Path) 
     best_value = max(t.values[0] for t in launched if t.state == TrialState.COMPLETE and t.user_attrs.get("reason") is None)
     for t in pruned:
         assert t.user_attrs["reason"] == PRUNED and t.intermediate_values[0] < 0.9 * best_value + 1e-9
+        assert t.intermediate_values[0] < t.user_attrs["probe_threshold"]  # what `kttune show` prints beside it
+    from rich.console import Console
+
+    from tuner.report import render_trial
+
+    console = Console(record=True, width=300)
+    render_trial(study, pruned[0], [], console)
+    assert (f"probe {pruned[0].intermediate_values[0]:.4g} against the pruner's threshold "
+            f"{pruned[0].user_attrs['probe_threshold']:.4g}") in console.export_text()
     # Every fully measured trial reported its probe too (the pruner's reference).
     assert all(0 in t.intermediate_values for t in launched if t.state == TrialState.COMPLETE and t.user_attrs.get("reason") is None)
 

@@ -72,8 +72,13 @@ def test_init_writes_a_space_that_plan_and_the_dry_run_accept(tmp_path: Path, mo
 @pytest.mark.parametrize(("args", "field"), [
     (["--gpus", "lots of H100"], "--gpus"),
     (["--gpus", "8x L20-48G", "--cpu", "many"], "--cpu"),
-    (["--gpus", "8x L20-48G", "--numa-nodes", "2"], "--numa-nodes"),
-    (["--gpus", "1x RTX4090-24G", "--cpu", "1x24", "--ram-gib", "16"], "--model"),  # Kimi-K2 on one 4090
+    (["--gpus", "8x L20-48G", "--numa-nodes", "2"], "--cpu"),
+    (["--numa-nodes", "2"], "--numa-nodes"),
+    (["--gpus", "8x L20-48G", "--cpu", "2x32"], "--ram-gib"),
+    (["--cpu", "2x32", "--ram-gib", "1024"], "--gpus"),
+    (["--gpus", "8x L20", "--cpu", "2x32", "--ram-gib", "1024"], "--gpus"),
+    (["--gpus", "8x L20-48G", "--cpu", "2x32", "--numa-nodes", "0", "--ram-gib", "1024"], "--numa-nodes"),
+    (["--gpus", "1x RTX4090-24G", "--cpu", "1x24", "--amx", "--ram-gib", "16"], "--model"),  # Kimi-K2 on one 4090
 ])
 def test_bad_machine_descriptions_are_one_line_and_write_nothing(tmp_path: Path, args: list[str], field: str) -> None:
     res = kttune("init", "--model", str(REPO / "tuner" / "sim" / "models" / "kimi-k2-thinking"), *args,
@@ -115,3 +120,71 @@ def test_interpreters_on_path_are_the_ones_that_have_the_module() -> None:
     found = find_interpreters(["sglang.bench_serving"], 60, path=os.pathsep.join([bench_dir, "/usr/bin"]))
     assert found and Path(found[0]).parent == Path(bench_dir)
     assert find_interpreters(["no_such_module_kttune"], 60, path=bench_dir) == []
+
+
+KIMI = REPO / "tuner" / "sim" / "models" / "kimi-k2-thinking"
+
+
+def test_a_described_machine_takes_no_cpu_feature_or_ram_from_this_host(tmp_path: Path) -> None:
+    """Nothing of the host leaks into a described machine: AMX and AVX-512 default to absent,
+    said on screen, so the AMXINT4 default is refused (the host here may well have AVX-512)."""
+    described = ["--gpus", "8x L20-46068MiB", "--cpu", "2x32", "--ram-gib", "1024"]
+    res = kttune("init", "--model", str(KIMI), *described, "--out", str(tmp_path / "a.yaml"))
+    assert res.returncode == 2 and res.stderr.startswith("kttune: error: --kt-method: the described CPU")
+    assert "--amx" in res.stderr and not list(tmp_path.iterdir())
+    out = tmp_path / "k.yaml"
+    res = kttune("init", "--model", str(KIMI), *described, "--kt-method", "LLAMAFILE", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "AMX: not described, assumed absent" in res.stdout and "AVX-512: not described" in res.stdout
+    assert "[described]" in res.stdout
+    space = yaml.safe_load(out.read_text())
+    assert space["hardware"]["cpu"]["amx"] is False and space["hardware"]["cpu"]["avx512"] is False
+    assert space["hardware"]["ram_gib"] == 1024 and space["server"]["args"]["kt-method"] == "LLAMAFILE"
+    plan = kttune("plan", "--space", str(out))
+    assert "AMX no" in plan.stdout and "cpu_isa_missing" not in plan.stdout.split("VIOLATED")[0].splitlines()[-1]
+    amx = tmp_path / "amx.yaml"
+    res = kttune("init", "--model", str(KIMI), *described, "--amx", "--out", str(amx))
+    assert res.returncode == 0 and "assumed absent" not in res.stdout
+    written = yaml.safe_load(amx.read_text())
+    assert written["server"]["args"]["kt-method"] == "AMXINT4" and written["hardware"]["cpu"]["avx512"] is True
+
+
+def test_build_space_ignores_the_detected_host_for_a_described_machine() -> None:
+    from tuner.machine.hardware import CpuSpec, GpuSpec, Hardware
+
+    host = Hardware(gpus=(GpuSpec(0, "H100", 80 << 30, 80 << 30),),
+                    cpu=CpuSpec("host", 2, 112, 224, 2, (56, 56), amx=True, avx512=True),
+                    ram_bytes=4096 << 30, ram_available_bytes=4096 << 30)
+    opts = InitOptions(model=str(KIMI), gpus="8x L20-46068MiB", cpu="2x32", ram_gib=1024, kt_method="LLAMAFILE")
+    data = build_space(opts, interpreters=([], []), detected=host).data
+    assert data["hardware"]["cpu"] == {"sockets": 2, "cores_per_socket": 32, "threads_per_core": 2, "numa_nodes": 2,
+                                       "amx": False, "avx512": False}
+
+
+def _bound(line: str) -> tuple[int, dict[str, str]]:
+    """"185 at chunked-prefill-size 4096, max-running-requests 37" → 185 and the settings."""
+    n, _, where = line.strip().partition(" at ")
+    settings = dict(part.strip().split(" ", 1) for part in where.split("(")[0].split(","))
+    return int(n), settings
+
+
+def test_init_and_plan_give_one_answer_and_say_at_which_settings(tmp_path: Path) -> None:
+    out = tmp_path / "k.yaml"
+    res = kttune("init", "--model", str(KIMI), "--gpus", "8x L20-46068MiB", "--cpu", "2x32", "--amx",
+                 "--ram-gib", "1024", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    line = next(ln for ln in res.stdout.splitlines() if "(the space's loosest)" in ln)
+    loosest, at_base = line.split("(the space's loosest), ")
+    space = yaml.safe_load(out.read_text())
+    assert space["server"]["args"]["watchdog-timeout"] == 3000  # slow CPU prefill outlasts SGLang's 300 s
+    experts = space["params"]["kt-num-gpu-experts"]
+    for text in (loosest, at_base.replace("at the baseline's", "at")):
+        n, settings = _bound(text)
+        sets = [f"{flag}={value}" for flag, value in settings.items()]
+        assert space["baseline"]["kt-num-gpu-experts"] <= n and experts["high"] <= _bound(loosest)[0]
+        for count, verdict in ((n, ": fits"), (n + 1, "DOES NOT FIT")):
+            plan = kttune("plan", "--space", str(out), "--set", f"kt-num-gpu-experts={count}",
+                          *[a for s in sets for a in ("--set", s)])
+            assert verdict in plan.stdout.splitlines()[0], plan.stdout
+            assert f"fits with these settings: {n} (at {text.split(' at ', 1)[1].split(' (')[0].strip()})" in plan.stdout
+    assert experts["high"] > _bound(loosest)[0] - experts["step"]  # the range ends on the last grid point that fits

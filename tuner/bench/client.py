@@ -21,7 +21,7 @@ from tuner.bench.dialect import goodput_args
 from tuner.bench.metrics import MetricKind, metric_kind
 from tuner.config import BenchSpec, SloSpec, Workload
 from tuner.errors import BenchmarkError, ConfigError
-from tuner.server import die_with_tuner, flag_args
+from tuner.server import decisive_line, die_with_tuner, flag_args
 
 RESULT_SCHEMA_VERSION = 1
 # How sglang refuses a request too long for the KV pool or the context, as the client logs the
@@ -56,6 +56,8 @@ def build_bench_argv(bench: BenchSpec, w: Workload, *, host: str, port: int, out
             "--random-input-len", str(w.input_len), "--random-output-len", str(w.output_len),
             "--random-range-ratio", str(w.range_ratio), "--seed", str(bench.seed),
             "--output-file", str(output_file)]
+    if ":" in host:  # an IPv6 address: the client joins host and port without brackets, so give it the URL
+        argv += ["--base-url", f"http://[{host}]:{port}"]
     if bench.dataset_path:
         argv += ["--dataset-path", bench.dataset_path]
     if tokenizer:
@@ -103,11 +105,15 @@ def read_last_result(path: Path, *, lines_before: int = 0) -> dict[str, Any] | N
 
 
 def _tail(path: Path, n: int = 3) -> str:
+    """The bench log's decisive line (the exception a traceback ends with), then its last lines."""
     try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        text = path.read_text(errors="replace")
     except OSError:
         return ""
-    return " | ".join(lines[-n:])[-400:]
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    tail = " | ".join(lines[-n:])[-400:]
+    decisive = decisive_line(text)
+    return tail if decisive is None else f"{decisive}\nlast lines of {path}: {tail}"
 
 
 def run_workload(bench: BenchSpec, w: Workload, *, host: str, port: int, trial_dir: Path,

@@ -4,7 +4,8 @@ distributions and to launch flags."""
 from __future__ import annotations
 
 from tuner.config.fields import RESERVED_FLAGS
-from tuner.config.parse import load_space, parse_space
+from tuner.config.load import load_space, read_yaml, stored_space
+from tuner.config.parse import parse_space
 from tuner.config.quality import QualitySpec
 from tuner.config.specs import (
     ACCURACY_FLAGS,
@@ -56,4 +57,6 @@ __all__ = [
     "split_env",
     "load_space",
     "parse_space",
+    "read_yaml",
+    "stored_space",
 ]

@@ -13,9 +13,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import yaml
-
-from tuner.config.fields import check_keys, fail, flag_name, mapping, number, resolve_python
+from tuner.config.fields import (
+    check_dataset,
+    check_keys,
+    env_mapping,
+    fail,
+    flag_name,
+    mapping,
+    number,
+    relative_note,
+    resolve_python,
+)
 from tuner.config.quality import QualitySpec
 from tuner.config.sglang import BENCH_DATASETS, BENCH_METRICS, INT_FLAGS, SOURCE_VERSION
 from tuner.config.specs import (
@@ -34,7 +42,6 @@ from tuner.config.specs import (
     Workload,
     is_finite,
 )
-from tuner.errors import ConfigError
 
 DEFAULT_WORKLOADS: dict[str, dict[str, Any]] = {
     "prefill": {"num_prompts": 37, "input_len": 1024, "output_len": 1},
@@ -136,7 +143,7 @@ def _parse_server(data: Mapping[str, Any], base: Path, check: bool) -> ServerSpe
             raise fail(f"{where}.port", f"{port} is not a TCP port", "use 1024-65535 or remove it for a fresh free port per trial")
     timeout = number(f"{where}.start_timeout_s", data.get("start_timeout_s", 1800), positive=True)
     stall = number(f"{where}.stall_timeout_s", data.get("stall_timeout_s", 600), positive=True)
-    env = {str(k): str(v) for k, v in mapping(f"{where}.env", data.get("env")).items()}
+    env = env_mapping(f"{where}.env", data.get("env"))
     args: dict[str, Any] = {}
     for key, value in mapping(f"{where}.args", data.get("args")).items():
         flag = flag_name(f"{where}.args", key)
@@ -237,6 +244,7 @@ def _parse_slos(data: Any, workloads: tuple[Workload, ...]) -> tuple[SloSpec, ..
                 bound = float(parts[2])
             except ValueError:
                 raise fail(where, f"bound {parts[2]!r} is not a number", "use a number") from None
+            number(where, bound, positive=True)  # a latency or a rate: a bound ≤ 0 never or always holds
             item = {"workload": wl, "metric": metric, _SLO_OPS[parts[1]]: bound}
         item = mapping(where, item)
         check_keys(where, item, {"workload", "metric", "max", "min"}, {"workload", "metric"})
@@ -246,7 +254,7 @@ def _parse_slos(data: Any, workloads: tuple[Workload, ...]) -> tuple[SloSpec, ..
         if ("max" in item) == ("min" in item):
             raise fail(where, "needs exactly one of max or min", "e.g. max: 5000")
         bound_key = "max" if "max" in item else "min"
-        bound = number(f"{where}.{bound_key}", item[bound_key])
+        bound = number(f"{where}.{bound_key}", item[bound_key], positive=True)
         out.append(SloSpec(workload=str(item["workload"]), metric=str(item["metric"]), **{bound_key: float(bound)}))
     return tuple(out)
 
@@ -268,11 +276,13 @@ def _parse_bench(data: Mapping[str, Any], base: Path, check: bool) -> BenchSpec:
             raise fail(f"{where}.{key}", f"must be a path, got {value!r}", "set a local path")
         path = Path(os.path.expanduser(value))
         path = path if path.is_absolute() else base / path
-        if check and key == "dataset_path" and not path.exists():
-            raise fail(f"{where}.{key}", f"{path} does not exist", "point it at a ShareGPT-format JSON file")
+        if check and key == "dataset_path":
+            check_dataset(f"{where}.{key}", path, relative_note(value, base))
+        if check and key == "tokenizer" and path.is_file():
+            raise fail(f"{where}.{key}", f"{path} is a file", "point it at the tokenizer's folder (or the model's)")
         if key == "tokenizer" and not path.exists():
             if check and not _HUB_ID.match(value):
-                raise fail(f"{where}.{key}", f"{path} does not exist",
+                raise fail(f"{where}.{key}", f"{path} does not exist{relative_note(value, base)}",
                            "point it at the tokenizer's local folder, or give a Hugging Face id such as org/name")
             return value  # a hub id; bench_serving resolves it
         return str(path)
@@ -287,7 +297,7 @@ def _parse_bench(data: Mapping[str, Any], base: Path, check: bool) -> BenchSpec:
         model=data.get("model"),
         timeout_s=float(number(f"{where}.timeout_s", data.get("timeout_s", 3600), positive=True)),
         seed=int(number(f"{where}.seed", data.get("seed", 1), integer=True)),
-        env={str(k): str(v) for k, v in mapping(f"{where}.env", data.get("env")).items()},
+        env=env_mapping(f"{where}.env", data.get("env")),
         time_scale=float(time_scale),
     )
 
@@ -321,19 +331,27 @@ def _resolve_model_paths(args: dict[str, Any], base: Path) -> None:
             args[key] = str((base / value).resolve())
 
 
-def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True) -> SearchSpace:
-    """Validate a loaded YAML document. Raises ConfigError naming the field."""
-    # Relative paths inside a space are read from the working directory (the repo root).
+def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True, base: Path | None = None) -> SearchSpace:
+    """Validate a loaded YAML document. Raises ConfigError naming the field. Relative paths in
+    it are read from `base`, the current directory by default (see docs/search-space.md)."""
+    base = base or Path.cwd()
     data = mapping("space", data)
     check_keys("space", data, {"name", "description", "server", "params", "workloads", "objective", "bench", "baseline", "hardware", "model", "slo", "quality", "confirm", "probe", "feasibility", "secret"}, {"server", "params"})
-    server = _parse_server(mapping("server", data["server"]), Path.cwd(), check_paths)
+    server = _parse_server(mapping("server", data["server"]), base, check_paths)
     args = dict(server.args)
-    _resolve_model_paths(args, Path.cwd())
+    _resolve_model_paths(args, base)
     model_path = args.get("model-path", args.get("model"))
     if model_path is None:
         raise fail("server.args.model-path", "missing", "set the model directory (the one with config.json)")
-    if check_paths and not Path(os.path.expanduser(str(model_path))).exists():
-        raise fail("server.args.model-path", f"{model_path} does not exist", "point it at the local model directory")
+    if check_paths and not Path(os.path.expanduser(str(model_path))).is_dir():
+        what = "is a file" if Path(os.path.expanduser(str(model_path))).exists() else "does not exist"
+        raise fail("server.args.model-path", f"{model_path} {what}{relative_note(str(model_path), base)}",
+                   "point it at the local model directory (the one with config.json)")
+    location = args.get("init-expert-location")  # a path, inline JSON or sglang's "trivial"
+    if (check_paths and isinstance(location, str) and location != "trivial" and not location.lstrip().startswith("{")
+            and not Path(os.path.expanduser(location)).is_file()):
+        raise fail("server.args.init-expert-location", f"{location} is not a file{relative_note(location, base)}",
+                   "point it at an expert-location JSON file, or remove it")
     server = ServerSpec(**{**server.__dict__, "args": args})
     params_raw = mapping("params", data["params"])
     if not params_raw:
@@ -347,7 +365,7 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
             raise fail(f"server.args.{p.flag}", "is also tuned in params", "remove it from server.args or from params")
     workloads = _parse_workloads(data.get("workloads"))
     objectives = _parse_objectives(data.get("objective"), workloads)
-    bench = _parse_bench(mapping("bench", data.get("bench")), Path.cwd(), check_paths)
+    bench = _parse_bench(mapping("bench", data.get("bench")), base, check_paths)
     baseline = data.get("baseline")
     if baseline is not None:
         baseline = dict(mapping("baseline", baseline))
@@ -375,7 +393,7 @@ def parse_space(data: Any, *, path: Path | None = None, check_paths: bool = True
                        confirm=_parse_confirm(mapping("confirm", data.get("confirm"))),
                        probe=_parse_probe(mapping("probe", data.get("probe"))),
                        feasibility=_parse_feasibility(mapping("feasibility", data.get("feasibility"))),
-                       secrets=secrets)
+                       secrets=secrets, document=dict(data), base=base)
     if bad := space.unknown_param_ref():
         raise fail(f"server.args.{bad[0]}", f"{{{bad[1]}}} names no flag of the space", "e.g. /w/pools{kt-threadpool-count}")
     return space
@@ -424,27 +442,3 @@ def _parse_probe(data: Mapping[str, Any]) -> ProbeSpec:
     if not isinstance(min_trials, int) or isinstance(min_trials, bool) or min_trials < 1:
         raise fail("probe.min_trials", f"must be a whole number ≥ 1, got {min_trials!r}", "e.g. 2")
     return ProbeSpec(fraction=float(fraction), prune_below=float(below), min_trials=min_trials)
-
-
-def load_space(path: str | Path, *, check_paths: bool = True) -> SearchSpace:
-    """Read and validate a search-space YAML file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--space: {p} does not exist; pass a file from search_spaces/")
-    try:
-        text = p.read_bytes().decode("utf-8")
-        if "\x00" in text:
-            raise UnicodeDecodeError("utf-8", b"", 0, 1, "NUL byte")
-    except UnicodeDecodeError:
-        raise ConfigError(f"--space: {p} is not a text file (a binary, compressed or database file?); "
-                          "pass a search-space YAML file") from None
-    except OSError as exc:
-        raise ConfigError(f"--space: cannot read {p} ({exc.strerror}); pass a readable search-space YAML file") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{p}{at}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
-    return parse_space(data, path=p, check_paths=check_paths)
-

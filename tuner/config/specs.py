@@ -229,6 +229,10 @@ class SearchSpace:
     feasibility: FeasibilitySpec = field(default_factory=FeasibilitySpec)
     # Flags whose values kttune never writes down (server.args only; a secret is not tuned).
     secrets: tuple[str, ...] = DEFAULT_SECRETS
+    # The YAML document as given and the folder its relative paths were read from: what a study
+    # stores, so that the commands that only read it need no file.
+    document: Mapping[str, Any] = field(default_factory=dict)
+    base: Path | None = None
 
     def secret_values(self) -> dict[str, str]:
         """The secret flags set in server.args, with their values."""

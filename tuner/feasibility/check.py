@@ -5,7 +5,8 @@ warnings; and the largest kt-num-gpu-experts that fits (:func:`max_gpu_experts`)
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -49,13 +50,23 @@ class FeasibilityReport:
     # the layerwise slot, what failures added), no margin and no allowance for the start-up draw
     runtime_need_gb: float | None = None
 
-    def fix_hint(self) -> str:
-        """The smallest change that makes room, binding constraint first; "" when feasible."""
+    def fix_hint(self, changeable: Collection[str] | None = None) -> str:
+        """The smallest change that makes room, binding constraint first; "" when feasible.
+        ``changeable``: the flags the caller can change; a fix naming another flag is left out
+        (all of them left out: the first, marked as a flag to add)."""
         order = [self.binding] + [k for k in self.hints if k != self.binding]
-        return "; ".join(self.hints[k] for k in order if k in self.hints)
+        if changeable is None:
+            return "; ".join(self.hints[k] for k in order if k in self.hints)
+        fixes = [f for k in order if k in self.hints for f in self.hints[k].split(" or ")]
+        kept = [f for f in fixes if _flag_of(f) is None or _flag_of(f) in changeable]
+        if kept or not fixes:
+            return " or ".join(kept)
+        return f"{fixes[0]} (not a flag of the space: add {_flag_of(fixes[0])} to server.args first)"
 
-    def explain(self) -> str:
-        """The report as text: the memory breakdown, every constraint, the warnings and the fix."""
+    def explain(self, changeable: Collection[str] | None = None) -> str:
+        """The report as text: the memory breakdown against the budget it is compared with, the
+        KV pool and what sized it, every constraint, the warnings and the fix (naming only
+        ``changeable`` flags where given)."""
         b = self.breakdown_gb
         lines = [f"{self.title}: {'fits' if self.feasible else 'DOES NOT FIT'}"
                  + ("" if self.binding is None else f" (binding: {self.binding} = {self.constraints[self.binding]:+.3g})")]
@@ -65,15 +76,45 @@ class FeasibilityReport:
             lines.append(f"  {key:<18} {b[key]:8.2f}")
         lines.append(f"  {'total':<18} {b['total']:8.2f}   (startup terms + max(margin, activations + slot))")
         lines.append(f"  {'available':<18} {b['available']:8.2f}   (free {b['free']:.2f} - CUDA context {b['cuda_context']:.2f})")
-        lines.append(f"KV pool: {self.kv_capacity_tokens} tokens, {self.kv_capacity_requests} of the largest request at once")
+        weights = b["weights_nonexpert"] + b["gpu_experts"] + b["staging"]
+        if self.plan is not None:
+            cap = self.plan.mfs * b["available"]
+            how = "sglang's default for this GPU" if self.plan.mfs_auto else "as set"
+            lines.append(f"  {'static cap':<18} {cap:8.2f}   (mem-fraction-static {self.plan.mfs:.3g} x available, {how}: "
+                         f"weights {weights:.2f} must fit under it, the KV pool gets what is left)")
+        lines.append(f"KV pool: {self.kv_capacity_tokens} tokens, {self.kv_capacity_requests} of the largest request at once"
+                     + self._kv_why(weights))
         lines.append("Constraints (<= 0 holds):")
         for k, v in {**self.constraints, **self.soft_constraints}.items():
             tag = "" if v <= 0 else ("  VIOLATED" if k in self.constraints else "  (soft: slower, still runs)")
             lines.append(f"  {k:<34} {v:+10.3f}{tag}")
         lines += [f"warning: {w}" for w in self.warnings]
         if not self.feasible:
-            lines.append(f"fix: {self.fix_hint()}")
+            lines.append(f"fix: {self.fix_hint(changeable) or 'no flag of the space makes room'}")
         return "\n".join(lines)
+
+    def _kv_why(self, weights_gb: float) -> str:
+        """What sized the KV pool, most of all why it is empty."""
+        if self.plan is None:
+            return ""
+        cap = self.plan.mfs * self.breakdown_gb["available"]
+        if self.kv_capacity_tokens == 0:
+            if weights_gb >= cap:
+                return (f" (0: the weights, {weights_gb:.2f} GB, fill the mem-fraction-static cap of {cap:.2f} GB; "
+                        "fewer GPU experts or a higher mem-fraction-static leave room)")
+            return f" (0: what the cap leaves, {cap - weights_gb:.2f} GB, holds less than one page of KV)"
+        if self.plan.max_total_tokens is not None and self.kv_capacity_tokens >= self.plan.max_total_tokens // max(self.plan.page_size, 1) * self.plan.page_size:
+            return f" (sized by max-total-tokens {self.plan.max_total_tokens})"
+        return f" (what the mem-fraction-static cap leaves after the weights: {cap - weights_gb:.2f} GB)"
+
+
+def _flag_of(fix: str) -> str | None:
+    """The first launch flag a fix names ("lower chunked-prefill-size to 2048" → chunked-prefill-size)."""
+    m = _FLAG_IN_FIX.search(fix)
+    return m[0] if m else None
+
+
+_FLAG_IN_FIX = re.compile(r"\b[a-z][a-z0-9]*(?:-[a-z0-9]+)+\b")
 
 
 # Failures a launch meets before memory matters, in the order it meets them.
@@ -288,7 +329,7 @@ def _hints(model: ModelSizes, hw: Hardware, plan: LaunchPlan, mem: GpuMemory, co
         hints["threadpool_divides_intermediate"] = (f"use a kt-threadpool-count dividing moe_intermediate_size "
                                                 f"{model.moe_intermediate_size}, e.g. {ok[0]}")
     if constraints.get("cpu_isa_missing", 0) > 0:
-        hints["cpu_isa_missing"] = f"{plan.kt_method} needs AVX-512; use kt-method BF16 or LLAMAFILE"
+        hints["cpu_isa_missing"] = f"{plan.kt_method} needs AVX-512; use kt-method BF16/LLAMAFILE"
     if constraints.get("cpu_ram_gb", 0) > 0:
         need = model.cpu_expert_bytes_total(plan.kt_method) / GB
         hints["cpu_ram_gb"] = (f"{plan.kt_method} experts need {need:.0f} GB of host RAM (AMXINT4: "

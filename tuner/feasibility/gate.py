@@ -13,7 +13,7 @@ from typing import Any
 from tuner.config import AUTO, ParamSpec, SearchSpace
 from tuner.feasibility.anchor import anchor_from_observed, calibrate_from_log
 from tuner.feasibility.calibration import MemoryCalibration, calibration_from_state
-from tuner.feasibility.check import FeasibilityReport, check
+from tuner.feasibility.check import FeasibilityReport, check, max_gpu_experts
 from tuner.feasibility.plan import auto_max_total_tokens, resolve_launch
 from tuner.machine import Hardware, ModelSizes, load_model_sizes, resolve_hardware
 from tuner.outcome import is_memory_reason
@@ -65,6 +65,17 @@ class FeasibilityGate:
         if not report.feasible:
             self.last_binding = report.binding
         return report
+
+    def largest_gpu_experts(self, flags: Mapping[str, Any]) -> tuple[int, str]:
+        """The largest kt-num-gpu-experts whose memory fits with the other flags as given (this
+        study's margin and calibration), and the settings that bound holds at: the one answer
+        `kttune init` and `kttune plan` both print, since the bound moves with the chunk and the
+        running requests."""
+        n = max_gpu_experts(self.model, self.hardware, flags, self.workloads, margin_gb=self.margin_gb,
+                            calibration=self.calibration)
+        plan = resolve_launch(self.model, self.hardware, flags, self.workloads)
+        running = plan.max_running if plan.max_running is not None else "unset"
+        return n, f"chunked-prefill-size {plan.chunk}, max-running-requests {running}"
 
     def find_fitting(self, space: SearchSpace, *, samples: int = 256, seed: int = 0) -> FeasibilityReport:
         """Look for any configuration of the space that fits (baseline first, then random

@@ -17,6 +17,7 @@ from tuner.log import Log
 from tuner.loop.progress import Progress
 from tuner.outcome import Reason, TrialOutcome
 from tuner.report import note_baseline_and_best, try_upload_trial_artifacts
+from tuner.search import BelowBestPruner
 from tuner.storage import (
     ATTR_ARGV,
     ATTR_CONFIRMATION_OF,
@@ -25,6 +26,7 @@ from tuner.storage import (
     ATTR_LAUNCHED,
     ATTR_MEMORY,
     ATTR_PREDICTED_CONSTRAINTS,
+    ATTR_PROBE_THRESHOLD,
     ATTR_QUALITY,
     ATTR_RECORDING_ERROR,
     ATTR_TIMINGS,
@@ -107,10 +109,12 @@ def launch(ctx: LaunchContext, trial: optuna.Trial, flags: dict[str, Any], const
     record(study, trial, result, attrs)
     verdict = "ok" if result.ok else f"{result.reason}"
     if progress is not None:
-        progress.trial_finished(trial.number, verdict, result.values,
+        progress.trial_finished(trial.number, verdict, result.values, why=result.why,
                                 feasible=all(v <= 0 for v in result.constraints.values()))
     else:
         log(f"trial {trial.number}: {verdict}  objective = {_fmt_values(result.values)}  ({attrs[ATTR_WALL_S]:.1f}s)")
+        if result.why:
+            log(f"  why: {result.why}")
     try:
         note_baseline_and_best(study, space.confirm)
     except Exception as exc:  # a dashboard note is a convenience; never lose the trial over it
@@ -140,6 +144,11 @@ def _probe_verdict(space: SearchSpace, trial: optuna.Trial, metrics: dict[str, f
     if values is None:
         return False
     trial.report(values[0], 0)
+    pruner = trial.study.pruner
+    if isinstance(pruner, BelowBestPruner):  # kept, so that `kttune show` can say what the probe missed
+        bound = pruner.threshold(trial.study, trial.number)
+        if bound is not None:
+            trial.set_user_attr(ATTR_PROBE_THRESHOLD, bound)
     return trial.should_prune()
 
 

@@ -89,16 +89,19 @@ class Progress:
     def phase(self, name: str) -> None:
         """A new phase of the running trial; the line names how long the one before took."""
         previous, took = self._phase, self._in_phase()
+        if name == previous:  # the runner names the phase the line already started in
+            return
         self._phase, self._phase_started = name, self._clock()
         if self._live is None:
             self.log(f"  trial {self._trial}: {name} ({previous} took {fmt_duration(took)}, "
                      f"{fmt_duration(self._in_trial())} in trial)")
 
     def trial_finished(self, number: int, verdict: str, values: Sequence[float] | None, *,
-                       feasible: bool = True, launched: bool = True) -> None:
+                       feasible: bool = True, launched: bool = True, why: str = "") -> None:
         """`verdict` is "ok" or the failure reason; `values` the objective values (None for a
         failed trial). Infeasible results (an SLO missed, a config that did not fit) are shown
-        but never become the best. `launched=False` for trials told without a launch."""
+        but never become the best. `launched=False` for trials told without a launch; `why`:
+        a failure's decisive line, shown under it so that the run's own output says why."""
         last = ""
         if launched and self._trial == number and self._trial_started is not None:
             self._durations.append(self._clock() - self._trial_started)
@@ -111,6 +114,8 @@ class Progress:
         shown = "-" if values is None else ", ".join(f"{v:.4g}" for v in values)
         tag = verdict if feasible or verdict != "ok" else "ok, misses a constraint"
         self.log(f"trial {number}: {tag}  objective = {shown}{last}  | {self.summary()}")
+        if why and verdict != "ok":
+            self.log(f"  why: {why}")
 
     def observe(self, values: Sequence[float]) -> None:
         """Fold a feasible result into best-so-far (also for results of an earlier run)."""

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -158,6 +159,8 @@ def _number(section: str, key: str, value: Any, *, integer: bool = False, minimu
         num = float(value)
     except ValueError:
         raise ConfigError(f"{field} must be a number; got {value!r}") from None
+    if not math.isfinite(num):
+        raise ConfigError(f"{field} must be a finite number; got {value!r}")
     if integer and num != int(num):
         raise ConfigError(f"{field} must be a whole number; got {value!r}")
     if num < minimum:

@@ -342,6 +342,11 @@ def load_model_sizes(model_path: str | Path, overrides: Mapping[str, Any] | None
     n_layers = cfg.int("num_hidden_layers", "n_layers", "num_layers", why="layer count")
     hidden = cfg.int("hidden_size", "d_model", why="hidden size")
     vocab = cfg.int("vocab_size", why="embedding size")
+    if cfg.get("n_routed_experts", "num_experts", "num_local_experts") is None and cfg.get("hidden_size") is not None:
+        # KTransformers offloads routed experts; a model without them has nothing to place.
+        raise ConfigError(f"{cfg.source}: no routed experts (none of n_routed_experts, num_experts, "
+                          "num_local_experts): a dense model, which kt-kernel does not offload; kttune tunes MoE "
+                          "models (give model: {n_routed_experts: N, ...} overrides if the config names them otherwise)")
     experts = cfg.int("n_routed_experts", "num_experts", "num_local_experts", why="routed expert count")
     top_k = cfg.int("num_experts_per_tok", "num_experts_per_token", "experts_per_token", "moe_topk", why="top-k")
     moe_inter = cfg.int("moe_intermediate_size", why="expert size (3·hidden·moe_intermediate params)")

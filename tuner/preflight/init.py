@@ -5,6 +5,7 @@ GPUs, kt-threadpool-count up to the NUMA nodes. The seed deployment's two worklo
 objective, and the interpreters found on PATH that have sglang."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -18,7 +19,7 @@ import yaml
 
 from tuner.config import AUTO, parse_space
 from tuner.errors import ConfigError
-from tuner.feasibility import FeasibilityGate, FeasibilityReport, max_gpu_experts
+from tuner.feasibility import FeasibilityGate, FeasibilityReport
 from tuner.machine import Hardware, load_model_sizes, resolve_hardware
 from tuner.preflight.doctor import run_process
 
@@ -31,6 +32,9 @@ CHUNK_CHOICES = [1024, 2048, 4096, 8192]
 SEED_CHUNK = 4096
 RUNNING_RANGE = {"low": 8, "high": 64}
 SEED_RUNNING = 37
+# CPU prefill of a long prompt can stall a forward past SGLang's 300 s default watchdog, which
+# then kills a working server; the seed deployment's guide runs with 3000 s.
+WATCHDOG_TIMEOUT_S = 3000
 # Grid points of kt-num-gpu-experts: each costs a launch to tell apart, and neighbours a few
 # experts apart differ by less than the run-to-run noise.
 EXPERT_GRID_POINTS = 32
@@ -55,16 +59,15 @@ def parse_gpus(text: str) -> dict[str, Any]:
     return block
 
 
-def parse_cpu(text: str, numa_nodes: int | None, amx: bool | None) -> dict[str, Any]:
+def parse_cpu(text: str, numa_nodes: int | None) -> dict[str, Any]:
     """`--cpu 2x32` (sockets × physical cores per socket) → the space's `hardware.cpu` block."""
     m = _CPU.match(text)
     if not m or int(m[1]) < 1 or int(m[2]) < 1:
         raise ConfigError(f"--cpu: {text!r} is not SOCKETSxCORES; e.g. --cpu 2x32 (two sockets of 32 physical cores)")
-    block: dict[str, Any] = {"sockets": int(m[1]), "cores_per_socket": int(m[2]), "threads_per_core": 2,
-                             "numa_nodes": numa_nodes or int(m[1])}
-    if amx is not None:
-        block["amx"] = amx
-    return block
+    if numa_nodes is not None and not 1 <= numa_nodes <= int(m[1]) * int(m[2]):
+        raise ConfigError(f"--numa-nodes: {numa_nodes} is not between 1 and the described cores ({int(m[1]) * int(m[2])})")
+    return {"sockets": int(m[1]), "cores_per_socket": int(m[2]), "threads_per_core": 2,
+            "numa_nodes": numa_nodes or int(m[1])}
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,9 @@ class InitOptions:
     cpu: str | None = None  # "2x32"
     numa_nodes: int | None = None
     amx: bool | None = None
+    avx512: bool | None = None
     ram_gib: int | None = None
-    kt_method: str = "AMXINT4"
+    kt_method: str | None = None  # None: AMXINT4 where the CPU runs it
     name: str | None = None
     dataset: str | None = None
     probe_timeout_s: float = 20.0
@@ -89,17 +93,49 @@ class InitResult:
     summary: list[str]  # what was derived, for the terminal
 
 
-def hardware_block(opts: InitOptions) -> dict[str, Any]:
-    block: dict[str, Any] = {}
-    if opts.gpus:
-        block["gpu"] = parse_gpus(opts.gpus)
-    if opts.cpu:
-        block["cpu"] = parse_cpu(opts.cpu, opts.numa_nodes, opts.amx)
-    elif opts.numa_nodes or opts.amx is not None:
-        raise ConfigError("--numa-nodes/--amx: describe the CPU with --cpu SOCKETSxCORES as well, e.g. --cpu 2x32")
-    if opts.ram_gib:
-        block["ram_gib"] = opts.ram_gib
-    return block
+def hardware_block(opts: InitOptions) -> tuple[dict[str, Any], list[str]]:
+    """The space's `hardware:` block and a line for each fact of a described machine that was
+    defaulted. A machine described by --gpus or --cpu takes nothing from the host kttune runs
+    on: the GPUs, the CPU and the RAM are asked for, AMX and AVX-512 default to absent."""
+    if not (opts.gpus or opts.cpu):
+        if opts.numa_nodes or opts.amx is not None or opts.avx512 is not None or opts.ram_gib:
+            raise ConfigError("--numa-nodes/--amx/--avx512/--ram-gib: describe the machine with --gpus and --cpu as "
+                              "well, e.g. --gpus \"8x L20-48G\" --cpu 2x32 (without them init reads this machine)")
+        return {}, []
+    gpu = parse_gpus(opts.gpus) if opts.gpus else {}
+    cpu = parse_cpu(opts.cpu, opts.numa_nodes) if opts.cpu else {}
+    if not opts.cpu:
+        raise ConfigError("--cpu: a machine described by --gpus needs its CPU too, e.g. --cpu 2x32 (sockets x "
+                          "physical cores); this machine's CPU is not taken for it")
+    if not opts.gpus:
+        raise ConfigError("--gpus: a machine described by --cpu needs its GPUs too, e.g. --gpus \"8x L20-48G\"; "
+                          "this machine's GPUs are not taken for it")
+    if not opts.ram_gib:
+        raise ConfigError("--ram-gib: give the described machine's host RAM in GiB (the CPU experts live there); "
+                          "this machine's RAM is not taken for it")
+    defaulted: list[str] = []
+    amx = bool(opts.amx)
+    if opts.amx is None:
+        defaulted.append("AMX: not described, assumed absent (--amx if the CPU has it)")
+    avx512 = amx if opts.avx512 is None else opts.avx512
+    if opts.avx512 is None and not amx:
+        defaulted.append("AVX-512: not described, assumed absent (--avx512 if the CPU has it)")
+    if "memory_gib" not in gpu and "memory_mib" not in gpu:
+        raise ConfigError(f"--gpus: {opts.gpus!r} has no memory size; e.g. --gpus \"{gpu['count']}x {gpu['name']}-48G\" "
+                          "(this machine's GPUs are not taken for it)")
+    return {"gpu": gpu, "cpu": {**cpu, "amx": amx, "avx512": avx512}, "ram_gib": opts.ram_gib}, defaulted
+
+
+def kt_method(opts: InitOptions, hw: Hardware) -> str:
+    """--kt-method, or AMXINT4 where the CPU runs it; the format of the CPU weights is the
+    user's to name otherwise, since kttune cannot convert them."""
+    if opts.kt_method:
+        return opts.kt_method
+    if hw.cpu.amx or hw.cpu.avx512:
+        return "AMXINT4"
+    cpu = "the described CPU (pass --amx or --avx512 if it has them)" if opts.cpu else "this machine's CPU"
+    raise ConfigError(f"--kt-method: {cpu} has neither AMX nor AVX-512, which AMXINT4 needs; name the format of "
+                      "the CPU weights at --kt-weight-path, e.g. --kt-method LLAMAFILE")
 
 
 def find_interpreters(modules: Sequence[str], timeout_s: float, path: str | None = None) -> list[str]:
@@ -143,14 +179,16 @@ def build_space(opts: InitOptions, *, interpreters: tuple[list[str], list[str]] 
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"--model: {model_dir} has no config.json; give the model's Hugging Face folder")
     model = load_model_sizes(model_dir)
-    hw_block = hardware_block(opts)
+    hw_block, defaulted = hardware_block(opts)
     hw = resolve_hardware(hw_block or None, detected=detected)
+    if hw_block:
+        hw = dataclasses.replace(hw, source="described")
     if not hw.gpus:
         raise ConfigError("--gpus: no GPU detected on this machine; describe the target, e.g. --gpus \"8x L20-48G\"")
     cpu = hw.cpu
     weights = str(Path(os.path.expanduser(opts.kt_weight_path)).resolve()) if opts.kt_weight_path else str(model_dir)
-    args: dict[str, Any] = {"model-path": str(model_dir), "kt-weight-path": weights, "kt-method": opts.kt_method,
-                            "trust-remote-code": True, "max-total-tokens": AUTO, "enable-mixed-chunk": True,
+    args: dict[str, Any] = {"model-path": str(model_dir), "kt-weight-path": weights, "kt-method": kt_method(opts, hw),
+                            "trust-remote-code": True, "watchdog-timeout": WATCHDOG_TIMEOUT_S, "max-total-tokens": AUTO, "enable-mixed-chunk": True,
                             "disable-radix-cache": True, "disable-chunked-prefix-cache": True}
     workloads = [(w["num_prompts"], w["input_len"], w["output_len"]) for w in SEED_WORKLOADS.values()]
     gate = FeasibilityGate(model=model, hardware=hw, workloads=workloads, test_chunk=min(CHUNK_CHOICES))
@@ -165,10 +203,10 @@ def build_space(opts: InitOptions, *, interpreters: tuple[list[str], list[str]] 
             "max-running-requests": SEED_RUNNING}
     flags = gate.resolve_auto({**args, **base, "kt-num-gpu-experts": 0})
     # The boundary with the smallest chunk and fewest requests: no configuration fits more experts.
-    loose = gate.resolve_auto({**flags, "chunked-prefill-size": min(CHUNK_CHOICES),
+    loose = gate.resolve_auto({**args, **base, "kt-num-gpu-experts": 0, "chunked-prefill-size": min(CHUNK_CHOICES),
                                "max-running-requests": RUNNING_RANGE["low"]})
-    top = max_gpu_experts(model, hw, loose, workloads, margin_gb=gate.margin_gb)
-    at_base = max_gpu_experts(model, hw, flags, workloads, margin_gb=gate.margin_gb)
+    top, top_at = gate.largest_gpu_experts(loose)  # what `kttune plan --set` of these settings answers
+    at_base, base_at = gate.largest_gpu_experts(flags)
     fits = gate.check({**flags, "kt-num-gpu-experts": at_base})
     if not fits.feasible:
         raise ConfigError(f"--model: {model.name} is predicted not to fit this machine even with no expert on the GPUs "
@@ -206,9 +244,11 @@ def build_space(opts: InitOptions, *, interpreters: tuple[list[str], list[str]] 
     if hw_block:
         data["hardware"] = hw_block
     parse_space(data, check_paths=False)  # what plan and run read must load as written
-    summary = [f"machine: {hw.describe()}",
+    summary = [f"machine: {hw.describe()}", *defaulted,
                f"model: {model.name} ({model.n_routed_experts} routed experts per layer), TP{tp}",
-               f"kt-num-gpu-experts {e_low}..{e_high} step {e_step} (largest that fits: {top}; {at_base} at the baseline)",
+               f"kt-num-gpu-experts {e_low}..{e_high} step {e_step}, baseline {baseline['kt-num-gpu-experts']}: "
+               "the grid points at or below the largest that fits (kttune plan --set gives the same)",
+               f"  {top} at {top_at} (the space's loosest), {at_base} at the baseline's {base_at}",
                f"kt-cpuinfer {c_low}..{c_high} step {c_step} (physical cores {cpu.physical_cores} − {tp} GPU ranks = "
                f"{cpuinfer})",
                f"kt-threadpool-count {pools} (≤ {cpu.numa_nodes} NUMA node(s), dividing moe_intermediate_size)",

@@ -9,7 +9,7 @@ import yaml
 
 from tuner.config import SearchSpace
 from tuner.errors import ConfigError
-from tuner.feasibility import FeasibilityGate, FeasibilityReport, max_gpu_experts
+from tuner.feasibility import FeasibilityGate, FeasibilityReport
 
 
 def parse_sets(sets: Sequence[str]) -> dict[str, Any]:
@@ -55,31 +55,35 @@ def cpu_layout(gate: FeasibilityGate, flags: dict[str, Any]) -> str:
             f"{cpu.numa_nodes} NUMA node(s) of {node_cores} cores, AMX {'yes' if cpu.amx else 'no'}")
 
 
-def _plan(space: SearchSpace, sets: Sequence[str]) -> tuple[FeasibilityGate, dict[str, Any], FeasibilityReport, int]:
+def _plan(space: SearchSpace, sets: Sequence[str]) -> tuple[FeasibilityGate, dict[str, Any], FeasibilityReport,
+                                                             tuple[int, str]]:
     gate = FeasibilityGate.for_space(space)
     flags = gate.resolve_auto(plan_flags(space, sets))
-    report = gate.check(flags)
-    n_max = max_gpu_experts(gate.model, gate.hardware, flags, gate.workloads, margin_gb=gate.margin_gb)
-    return gate, flags, report, n_max
+    return gate, flags, gate.check(flags), gate.largest_gpu_experts(flags)
+
+
+def changeable_flags(space: SearchSpace) -> set[str]:
+    """What `--set` (and so the user, through the space) can change: tuned and fixed flags."""
+    return {p.flag for p in space.params} | set(space.server.args)
 
 
 def plan_data(space: SearchSpace, sets: Sequence[str]) -> dict[str, Any]:
     """`kttune plan --format json`: the verdict, per-GPU breakdown (GB), constraints (≤ 0 holds),
     the fix, the CPU layout and the largest kt-num-gpu-experts that fits."""
-    gate, flags, report, n_max = _plan(space, sets)
+    gate, flags, report, (n_max, bound_at) = _plan(space, sets)
     cpu = gate.hardware.cpu
     return {"title": report.title, "feasible": report.feasible, "binding": report.binding, "flags": flags,
             "gpu_memory_gb": report.breakdown_gb, "kv_capacity_tokens": report.kv_capacity_tokens,
             "kv_capacity_requests": report.kv_capacity_requests, "constraints": report.constraints,
             "soft_constraints": report.soft_constraints, "warnings": report.warnings,
-            "fix": report.fix_hint() if not report.feasible else "",
+            "fix": report.fix_hint(changeable_flags(space)) if not report.feasible else "",
             "cpu": {"physical_cores": cpu.physical_cores, "numa_nodes": cpu.numa_nodes,
                     "cores_per_node": list(cpu.cores_per_node), "amx": cpu.amx},
-            "max_gpu_experts": n_max, "hardware": gate.hardware.describe()}
+            "max_gpu_experts": n_max, "max_gpu_experts_at": bound_at, "hardware": gate.hardware.describe()}
 
 
 def plan_report(space: SearchSpace, sets: Sequence[str]) -> tuple[str, bool]:
-    gate, flags, report, n_max = _plan(space, sets)
-    lines = [report.explain().rstrip(), cpu_layout(gate, flags),
-             f"largest kt-num-gpu-experts that fits with these settings: {n_max}"]
+    gate, flags, report, (n_max, bound_at) = _plan(space, sets)
+    lines = [report.explain(changeable_flags(space)).rstrip(), cpu_layout(gate, flags),
+             f"largest kt-num-gpu-experts that fits with these settings: {n_max} (at {bound_at})"]
     return "\n".join(lines), report.feasible

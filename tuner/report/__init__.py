@@ -8,9 +8,11 @@ from tuner.report.data import compute_report
 from tuner.report.export import export_profile, parse_weights
 from tuner.report.html import write_report
 from tuner.report.outpath import check_out_dir, check_out_file
+from tuner.report.status import failure_lines
+from tuner.report.stored import space_change_note, stored_study_space
 from tuner.report.studies import get_trial, list_studies, render_studies, render_trial, storages_in, studies_json, trial_json
 from tuner.report.text import best_data, headline_metrics, print_best
-from tuner.report.units import fmt_metric, fmt_seconds
+from tuner.report.units import fmt_metric, fmt_seconds, text_console
 
 __all__ = [
     "best_data",
@@ -18,6 +20,7 @@ __all__ = [
     "check_out_file",
     "compute_report",
     "export_profile",
+    "failure_lines",
     "fmt_metric",
     "fmt_seconds",
     "get_trial",
@@ -29,8 +32,11 @@ __all__ = [
     "print_best",
     "render_studies",
     "render_trial",
+    "space_change_note",
     "storages_in",
+    "stored_study_space",
     "studies_json",
+    "text_console",
     "trial_json",
     "try_upload_trial_artifacts",
     "write_report",

@@ -110,3 +110,22 @@ def compare(space: SearchSpace, study: optuna.Study, baseline: FrozenTrial, best
         noise = 100.0 * NOISE_Z * sigma * math.sqrt(1.0 / len(b) + 1.0 / len(p))
         out.append(Comparison(key, mb, mp, higher_is_better(key), len(b), len(p), noise, key in objectives, slos.get(key)))
     return tuple(out)
+
+
+KEEP_BASELINE = "no significant gain over the baseline: keep it"
+
+
+def gain_verdict(rows: Sequence[Comparison]) -> tuple[bool, str]:
+    """Whether the pick is worth recommending over the baseline, and the line that says so: every
+    objective a gain beyond the noise, and no metric worse beyond the noise that no objective or
+    SLO watched (a latency the study never bounded). Otherwise the baseline stays, and the line
+    names what fell short. No comparison (no baseline measured): recommended, no line."""
+    objectives = [c for c in rows if c.objective]
+    if not objectives:
+        return True, ""
+    short = [f"{c.metric} {c.describe()}" for c in objectives if c.verdict != GAIN]
+    worse = [f"{c.metric} {c.describe()}" for c in rows if c.flagged]
+    if short or worse:
+        return False, f"{KEEP_BASELINE} ({'; '.join(short + worse)})"
+    gains = ", ".join(f"{c.metric} {c.change_pct:+.1f} %" for c in objectives if c.change_pct is not None)
+    return True, f"the pick beats the baseline beyond the run-to-run noise ({gains})"

@@ -12,7 +12,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial
 
 from tuner.config import SearchSpace, is_finite
-from tuner.report.comparison import Comparison, compare
+from tuner.report.comparison import Comparison, compare, gain_verdict
 from tuner.report.status import (
     FEASIBLE,
     VIOLATES,
@@ -75,6 +75,7 @@ class ReportData:
     violation_counts: dict[str, int]
     elapsed_s: float | None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    keep_baseline: str = ""  # why the pick is not recommended over the baseline; "" when it is
 
     @property
     def multi_objective(self) -> bool:
@@ -185,6 +186,11 @@ def compute_report(space: SearchSpace, study: optuna.Study) -> ReportData:
                      "every constraint, so it can measure lower than the baseline")
     if base is None:
         notes.append("no measured baseline trial (the space has no baseline, or it did not run)")
+    comparison = (compare(space, study, by_number[base.number], by_number[best_row.number])
+                  if base is not None and best_row is not None and base is not best_row else ())
+    recommend, verdict = gain_verdict(comparison) if len(objectives) == 1 else (True, "")
+    if verdict:
+        notes.insert(0, verdict)
     statuses: dict[str, int] = {}
     for r in rows:
         statuses[r.status] = statuses.get(r.status, 0) + 1
@@ -193,8 +199,7 @@ def compute_report(space: SearchSpace, study: optuna.Study) -> ReportData:
         choices={p.flag: tuple(p.choices) for p in space.params if p.choices is not None},
         slos=tuple(s.describe() for s in space.slos), trials=rows, front=tuple(t.number for t in front),
         recommended=recommended.number if recommended else None, baseline=base.number if base else None,
-        comparison=(compare(space, study, by_number[base.number], by_number[best_row.number])
-                    if base is not None and best_row is not None and base is not best_row else ()),
+        comparison=comparison, keep_baseline="" if recommend else verdict,
         importances=tuple(_importance(trials, o.key, o.direction, params) for o in objectives),
         status_counts=statuses, failure_counts=failure_counts(study), violation_counts=violation_counts(trials),
         elapsed_s=_elapsed(trials), notes=tuple(notes))

@@ -21,7 +21,7 @@ from tuner.selection import (
     pick_by_weights,
     repeat_groups,
 )
-from tuner.storage import load_study
+from tuner.storage import is_measured, load_study
 
 
 def parse_weights(text: str, objective_keys: Sequence[str]) -> dict[str, float]:
@@ -62,6 +62,9 @@ def pick_trial(study: optuna.Study, trial_number: int | None, *, space: SearchSp
             raise ConfigError(f"--trial: trial {trial_number} is {t.state.name}; pick a completed one")
         return t
     best = pick(study, space.confirm)
+    if not best and not any(is_measured(t) for t in study.get_trials(deepcopy=False)):
+        raise ConfigError(f"--study: study {study.study_name!r} has no measured trial to export; run `kttune run` "
+                          "(more launches) first; `kttune show N` says why a trial has no result")
     if not best:
         raise KttuneError(no_feasible_message(study))
     if weights:

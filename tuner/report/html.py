@@ -48,7 +48,7 @@ class _Raw(str):
 
 
 def _trial_cells(data: ReportData, r: TrialRow, keys: Sequence[str]) -> list[Any]:
-    label = f"{r.number}" + (" (baseline)" if r.baseline else "") + (" ★" if r.number == data.recommended else "")
+    label = f"{r.number}" + (" (baseline)" if r.baseline else "") + (" ★" if r.number == data.recommended and not data.keep_baseline else "")
     return [label, *(r.params.get(p, "") for p in data.params),
             *(fmt_metric(k, r.metrics[k]) if k in r.metrics else "" for k in keys)]
 
@@ -78,7 +78,8 @@ def render_html(data: ReportData, images: dict[str, bytes]) -> str:
         parts.append(_table(["trial", *data.params, *keys, *slo_keys],
                             [_trial_cells(data, data.row(n), [*keys, *slo_keys]) for n in shown]))
         parts.append('<p class="muted">★ = recommended: the best trial, or on a front the equal-weights pick '
-                     '(each objective rescaled to [0, 1] over the front).</p>')
+                     '(each objective rescaled to [0, 1] over the front); no star where it does not beat the baseline '
+                     'beyond the run-to-run noise.</p>')
     parts += _img(images, "pareto")
     if data.comparison and data.baseline is not None and data.recommended is not None:
         parts.append(f"<h2>Baseline (trial {data.baseline}) vs best (trial {data.recommended}), measured</h2>")

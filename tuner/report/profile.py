@@ -126,6 +126,9 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as `open` would create it: the server's user may need to read it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -8,8 +8,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import is_finite
-from tuner.outcome import PRUNED
-from tuner.storage import ATTR_DUPLICATE_OF, ATTR_REASON
+from tuner.outcome import PRUNED, decisive
+from tuner.storage import ATTR_DUPLICATE_OF, ATTR_MESSAGE, ATTR_REASON
 
 # Trial statuses as the report sees them.
 FEASIBLE = "feasible"  # measured, every constraint (SLOs included) met
@@ -46,6 +46,18 @@ def failure_counts(study: optuna.Study) -> dict[str, int]:
         if reason and t.user_attrs.get(ATTR_DUPLICATE_OF) is None:
             counts[reason] = counts.get(reason, 0) + 1
     return counts
+
+
+def failure_lines(study: optuna.Study, numbers: Sequence[int] | None = None) -> list[str]:
+    """"trial N: reason: the decisive line" for each failed trial (of `numbers` where given),
+    what a user reads first to know why a launch gave nothing."""
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        reason = t.user_attrs.get(ATTR_REASON)
+        if reason and (numbers is None or t.number in numbers) and t.user_attrs.get(ATTR_DUPLICATE_OF) is None:
+            line = decisive(str(t.user_attrs.get(ATTR_MESSAGE) or ""))
+            out.append(f"trial {t.number}: {reason}" + (f": {line}" if line else ""))
+    return out
 
 
 def violation_counts(trials: Sequence[FrozenTrial]) -> dict[str, int]:

@@ -23,6 +23,7 @@ from tuner.storage import (
     ATTR_DUPLICATE_OF,
     ATTR_LAUNCHED,
     ATTR_MESSAGE,
+    ATTR_PROBE_THRESHOLD,
     ATTR_REASON,
     ATTR_TIMINGS,
     ATTR_TRIAL_DIR,
@@ -142,6 +143,9 @@ def render_trial(study: optuna.Study, t: FrozenTrial, headline: Sequence[str], c
         head += f", {attrs[ATTR_REASON]}: {attrs.get(ATTR_MESSAGE, '')}"
     if attrs.get(ATTR_DUPLICATE_OF) is not None:
         head += f", same configuration as trial {attrs[ATTR_DUPLICATE_OF]}"
+    probe, bound = t.intermediate_values.get(0), attrs.get(ATTR_PROBE_THRESHOLD)
+    if probe is not None:
+        head += f"; probe {probe:.4g}" + ("" if bound is None else f" against the pruner's threshold {bound:.4g}")
     console.print(head, markup=False)
     table = Table("", "", box=None, show_header=False, pad_edge=False)
     for k, v in t.params.items():

@@ -12,9 +12,9 @@ from rich.table import Table
 
 from tuner.capacity import THIN_Z
 from tuner.config import ConfirmSpec, SearchSpace
-from tuner.report.comparison import compare
+from tuner.report.comparison import compare, gain_verdict
 from tuner.report.status import failure_counts, no_feasible_message
-from tuner.report.units import fmt_metric, fmt_number
+from tuner.report.units import fmt_metric, fmt_number, text_console
 from tuner.selection import (
     pick,
     pooled_noise,
@@ -44,7 +44,8 @@ def best_table(space: SearchSpace, study: optuna.Study) -> list[list[str]]:
 def best_data(space: SearchSpace, study: optuna.Study) -> dict[str, Any]:
     """`kttune best --format json`: the picked trial(s) with params, flags and metrics."""
     keys = [o.key for o in space.objectives]
-    return {"study": study.study_name, "objectives": keys,
+    recommended, verdict = baseline_verdict(space, study)
+    return {"study": study.study_name, "objectives": keys, "recommended": recommended, "verdict": verdict,
             "picked": [{"trial": t.number, "baseline": bool(t.user_attrs.get(ATTR_BASELINE)), "params": dict(t.params),
                         "values": dict(zip(keys, t.values or [])), "flags": t.user_attrs.get(ATTR_FLAGS, {}),
                         "metrics": metrics_of(t)} for t in pick(study, space.confirm)],
@@ -72,7 +73,7 @@ def _render(rows: list[list[str]]) -> Table:
 
 
 def print_best(space: SearchSpace, study_name: str, storage: str, *, console: Console | None = None) -> bool:
-    out = console or Console(highlight=False)
+    out = console or text_console()
     study = load_study(study_name, storage)
     trials = study.get_trials(deepcopy=False)
     launched = sum(1 for t in trials if t.user_attrs.get(ATTR_LAUNCHED))
@@ -87,6 +88,9 @@ def print_best(space: SearchSpace, study_name: str, storage: str, *, console: Co
     if len(rows[0]) == 1:
         out.print(no_feasible_message(study), markup=False)
         return False
+    verdict = baseline_verdict(space, study)[1]
+    if verdict:
+        out.print(f"verdict: {verdict}", markup=False)
     out.print(f"{title}:", markup=False)
     out.print(_render(rows))
     for line in [*certainty_lines(study, space.confirm), *comparison_lines(space, study),
@@ -124,13 +128,29 @@ def certainty_lines(study: optuna.Study, confirm: ConfirmSpec) -> list[str]:
     return out
 
 
-def comparison_lines(space: SearchSpace, study: optuna.Study) -> list[str | Table]:
-    """Baseline vs the pick on every workload's throughput and latency, with a noise verdict."""
+def _baseline_and_pick(space: SearchSpace, study: optuna.Study) -> tuple[FrozenTrial, FrozenTrial] | None:
+    """The measured baseline and the single pick, when they differ (else nothing to compare)."""
     picked = pick(study, space.confirm)
     base = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(ATTR_BASELINE)
                  and t.values is not None and metrics_of(t)), None)
     if len(picked) != 1 or base is None or base.number == picked[0].number:
+        return None
+    return base, picked[0]
+
+
+def baseline_verdict(space: SearchSpace, study: optuna.Study) -> tuple[bool, str]:
+    """(recommended, the line saying so) for the single pick against the baseline
+    (:func:`tuner.report.comparison.gain_verdict`); (True, "") with nothing to compare."""
+    pair = _baseline_and_pick(space, study)
+    return gain_verdict(compare(space, study, *pair)) if pair is not None else (True, "")
+
+
+def comparison_lines(space: SearchSpace, study: optuna.Study) -> list[str | Table]:
+    """Baseline vs the pick on every workload's throughput and latency, with a noise verdict."""
+    pair = _baseline_and_pick(space, study)
+    if pair is None:
         return []
+    base, picked = pair[0], [pair[1]]
     rows = compare(space, study, base, picked[0])
     if not rows:
         return []

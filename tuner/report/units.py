@@ -4,7 +4,10 @@ thousands separators, never `1.381e+04`. The kind of a metric comes from its nam
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
+
+from rich.console import Console
 
 from tuner.bench import MetricKind, metric_kind
 
@@ -60,3 +63,10 @@ def fmt_seconds(s: float | None) -> str:
     h, rem = divmod(n, 3600)
     m, sec = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+def text_console() -> Console:
+    """The console kttune prints reports on: tables fitted to the terminal (80 columns when
+    the output is not one), prose never wrapped into a pipe or a file, so `grep` and `tee` see
+    whole lines."""
+    return Console(highlight=False, soft_wrap=not sys.stdout.isatty())

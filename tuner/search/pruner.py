@@ -14,15 +14,23 @@ class BelowBestPruner(optuna.pruners.BasePruner):
     def __init__(self, ratio: float, min_trials: int = 2) -> None:
         self._ratio, self._min = ratio, min_trials
 
-    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        mine = trial.intermediate_values.get(0)
-        if mine is None or len(study.directions) != 1:
-            return False
+    def threshold(self, study: optuna.Study, number: int) -> float | None:
+        """The probe value trial `number` must reach (maximizing; not exceed when minimizing), or None
+        while fewer than `min_trials` others reported a probe."""
+        if len(study.directions) != 1:
+            return None
         others = [t.intermediate_values[0] for t in study.get_trials(deepcopy=False)
-                  if t.number != trial.number and 0 in t.intermediate_values
+                  if t.number != number and 0 in t.intermediate_values
                   and t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         if len(others) < self._min:
-            return False
+            return None
         if study.direction == optuna.study.StudyDirection.MAXIMIZE:
-            return mine < self._ratio * max(others)
-        return mine > min(others) / self._ratio
+            return self._ratio * max(others)
+        return min(others) / self._ratio
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        mine = trial.intermediate_values.get(0)
+        bound = self.threshold(study, trial.number)
+        if mine is None or bound is None:
+            return False
+        return mine < bound if study.direction == optuna.study.StudyDirection.MAXIMIZE else mine > bound

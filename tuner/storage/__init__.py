@@ -15,6 +15,7 @@ from tuner.storage.attrs import (
     ATTR_MEMORY,
     ATTR_MESSAGE,
     ATTR_PREDICTED_CONSTRAINTS,
+    ATTR_PROBE_THRESHOLD,
     ATTR_QUALITY,
     ATTR_REASON,
     ATTR_RECORDING_ERROR,
@@ -43,6 +44,7 @@ from tuner.storage.attrs import (
 )
 from tuner.storage.open import check_reachable, default_storage, load_study, make_storage, open_study, require_database
 from tuner.storage.record import record
+from tuner.storage.resume import space_record
 from tuner.storage.workers import (
     Heartbeat,
     beat_once,
@@ -70,6 +72,7 @@ __all__ = [
     "ATTR_MEMORY",
     "ATTR_MESSAGE",
     "ATTR_PREDICTED_CONSTRAINTS",
+    "ATTR_PROBE_THRESHOLD",
     "ATTR_EXPERT_DISTRIBUTION",
     "ATTR_QUALITY",
     "ATTR_RECORDING_ERROR",
@@ -89,6 +92,7 @@ __all__ = [
     "STUDY_ATTR_QUALITY_REF",
     "STUDY_ATTR_RECORDING_TRIAL",
     "STUDY_ATTR_SPACE",
+    "space_record",
     "STUDY_ATTR_SERVER",
     "STUDY_ATTR_WARM_STARTED",
     "beat_once",

@@ -40,6 +40,7 @@ ATTR_PREDICTED_CONSTRAINTS = "predicted_constraints"  # the feasibility predicti
 ATTR_QUALITY = "quality"  # tuner.trial.quality.QualityResult.to_attr()
 ATTR_EXPERT_DISTRIBUTION = "expert_distribution"  # the dump a recording launch wrote (a path)
 ATTR_RECORDING_ERROR = "recording_error"  # why a recording launch left no dump
+ATTR_PROBE_THRESHOLD = "probe_threshold"  # the probe value the pruner asked of the trial
 METRIC_PREFIX = "m:"  # m:<workload>.<metric>
 CONSTRAINT_PREFIX = "c:"  # constraints mirrored for optuna-dashboard, which shows user attrs
 # Study user attributes.

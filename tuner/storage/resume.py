@@ -28,7 +28,11 @@ def space_record(space: SearchSpace) -> dict[str, Any]:
     return {"name": space.name, "path": str(space.path) if space.path else None,
             "objectives": [o.key for o in space.objectives], "directions": list(space.directions),
             "params": {flag: json.loads(distribution_to_json(d)) for flag, d in space.distributions().items()},
-            "slos": [s.describe() for s in space.slos]}
+            "slos": [s.describe() for s in space.slos],
+            # The whole document (secrets redacted) and the folder its relative paths were read
+            # from: `kttune best|show|export|report|dashboard` read the study without the file.
+            "document": json.loads(json.dumps(space.redact(dict(space.document)), default=str)),
+            "base": str(space.base) if space.base else None}
 
 
 def resume_changes(stored: Mapping[str, Any], space: SearchSpace, study: optuna.Study,
