@@ -43,7 +43,7 @@ from benchmarks.fault_harness import (  # noqa: E402
 )
 
 __all__ = ["SLOW_START_S", "STALL_TIMEOUT_S", "START_TIMEOUT_S", "STUDY", "Case", "CaseResult", "Fault", "cases", "marked_processes",
-           "prepare", "run_case", "run_matrix"]
+           "prepare", "run_case", "run_matrix", "table"]
 TIME_SCALE = 0.005
 LEFT_AFTER_S = 10.0
 OK = Fault("none", None)
@@ -146,6 +146,10 @@ class CaseResult:
     teardown_s: list[float] = field(default_factory=list)
     _done: threading.Event = field(default_factory=threading.Event)
 
+    def settle(self, timeout_s: float = LEFT_AFTER_S + 30) -> bool:
+        """Wait until `left` is counted (LEFT_AFTER_S after the tuner died); False on timeout."""
+        return self._done.wait(timeout_s)
+
     @property
     def first_failure(self) -> str | None:
         return next((r for r in self.reasons if r != "ok"), None)
@@ -225,7 +229,7 @@ def _neighbour(work: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
 
 
 def run_case(case: Case, work: Path, *, seed: int = 0, timeout_s: float = 600) -> CaseResult:
-    """Run one case; its `left` count is filled LEFT_AFTER_S after the tuner died (`_done`)."""
+    """Run one case; its `left` count is filled LEFT_AFTER_S after the tuner died (`settle`)."""
     work.mkdir(parents=True, exist_ok=True)
     server, env, holder, sock = dict(case.server), {}, None, None
     if case.taken_port:
@@ -320,7 +324,7 @@ def run_matrix(work: Path, selected: Sequence[Case] | None = None, *, seed: int 
         log(f"{case.name}: {res.classification}, rc {res.rc}, {res.launches} launch(es), {res.wall_s:.0f} s")
         results.append(res)
     for res in results:
-        res._done.wait(LEFT_AFTER_S + 30)
+        res.settle()
     log(table(results))
     return results
 

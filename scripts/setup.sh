@@ -7,7 +7,7 @@ python="${PYTHON:-python3}"
 if [[ ! -x .venv/bin/python ]]; then
     "$python" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import tuner, optuna, pytest, tokenizers, matplotlib, sklearn, psycopg2, mypy, ruff' >/dev/null 2>&1; then
+if ! .venv/bin/python -c 'import tuner, optuna, pytest, xdist, tokenizers, matplotlib, sklearn, psycopg2, mypy, ruff' >/dev/null 2>&1; then
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e '.[test,report]'
 fi

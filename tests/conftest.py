@@ -2,8 +2,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from xdist.scheduler import LoadScopeScheduling
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,3 +43,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if e2e in Path(item.fspath).resolve().parents:
             item.add_marker(pytest.mark.e2e)
+
+
+# Modules whose tests share a costly module-scoped fixture (a study the simulator ran, the
+# bench client's --help): under pytest-xdist each runs on one worker, so it is built once.
+ONE_WORKER_MODULES = frozenset({"tests/test_cli.py", "tests/report/test_report.py", "tests/storage/test_resume.py",
+                                "tests/preflight/test_compat.py"})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> LoadScopeScheduling | None:
+    """`-n N` (pyproject's addopts): each test is its own unit of work, handed to whichever worker
+    is free, except that a module of ONE_WORKER_MODULES is one unit. (xdist's own `loadgroup`
+    does this by marks, but cannot group under pytest 9.2: pytest-xdist issue 1386.)"""
+    if config.getvalue("dist") != "load":
+        return None  # another --dist (loadfile, worksteal, ...) keeps xdist's own scheduler
+    missing = sorted(m for m in ONE_WORKER_MODULES if not (REPO / m).is_file())
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py: ONE_WORKER_MODULES names no module at {missing}; update it")
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in ONE_WORKER_MODULES else nodeid
+
+    return ModulesTogether(config, log)

@@ -7,17 +7,28 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import optuna
 import pytest
 
-from benchmarks.fault_matrix import START_TIMEOUT_S, STUDY, Fault, marked_processes, prepare, run_matrix
+from benchmarks.fault_matrix import (
+    START_TIMEOUT_S,
+    STUDY,
+    CaseResult,
+    Fault,
+    cases,
+    marked_processes,
+    prepare,
+    run_case,
+    table,
+)
 from tests.conftest import REPO, requires_bench_client
 from tuner.errors import TeardownError
 from tuner.machine.gpu import GpuInfo, visible_indices
@@ -38,38 +49,95 @@ def _kill_leftovers(tmp_path: Path):
             p.kill()
 
 
-def test_every_fault_is_classified_costs_what_it_should_and_leaves_nothing(tmp_path: Path) -> None:
-    lines: list[str] = []
-    results = run_matrix(tmp_path, log=lines.append)
-    report = "\n".join(lines)
-    assert [r.case.name for r in results if not r.ok] == [], report
-    assert all(r.left == [] for r in results), report  # nothing alive 10 s after any tuner died
-    by_name = {r.case.name: r for r in results}
+CASES = {case.name: case for case in cases()}
+
+
+def _check_segfault(res: CaseResult) -> None:
     # The decisive line of the server's log comes first, not the bench client's view.
-    assert by_name["native crash (segfault) at every start"].message == "Fatal Python error: Segmentation fault"
-    died = by_name["crash during the benchmark, every launch"].message
-    assert died.startswith("RuntimeError: CUDA error: an illegal memory access"), died
-    assert "kt-amx-weight-path" in by_name["unknown flag (compat check off)"].message
-    assert "last phase: KV cache allocated" in by_name["stall after the KV cache is allocated"].message
-    assert "/health never 200" in by_name["HTTP up, /health never 200"].message
-    # Stops name their cause; launches that never reached a server spend nothing.
-    stop = by_name["environment faults of three kinds in a row"].stderr_tail
-    assert "3 environment faults in a row (bench_no_result, port_in_use, unhealthy)" in stop, stop
-    assert "nothing measured" in by_name["stall after the KV cache is allocated"].stderr_tail
+    assert res.message == "Fatal Python error: Segmentation fault"
+
+
+def _check_crash_during_bench(res: CaseResult) -> None:
+    assert res.message.startswith("RuntimeError: CUDA error: an illegal memory access"), res.message
+
+
+def _check_unknown_flag(res: CaseResult) -> None:
+    assert "kt-amx-weight-path" in res.message
+
+
+def _check_stall_after_kv(res: CaseResult) -> None:
+    assert "last phase: KV cache allocated" in res.message
+    assert "nothing measured" in res.stderr_tail  # a launch that never measured spends nothing
+
+
+def _check_unhealthy(res: CaseResult) -> None:
+    assert "/health never 200" in res.message
+
+
+def _check_environment_stop(res: CaseResult) -> None:
+    # Stops name their cause.
+    assert "3 environment faults in a row (bench_no_result, port_in_use, unhealthy)" in res.stderr_tail, res.stderr_tail
+
+
+def _check_hang(res: CaseResult) -> None:
     # Stall detection ends a hang long before the start timeout (three hangs in one run).
-    assert by_name["hang at start, every launch"].wall_s < 3 * START_TIMEOUT_S
+    assert res.wall_s < 3 * START_TIMEOUT_S
+
+
+def _check_baseline(res: CaseResult) -> None:
     # The baseline (the first launch) is the output-quality reference of its study.
-    ref = optuna.load_study(study_name=STUDY, storage=by_name["none (baseline)"].storage).user_attrs.get(QUALITY_REF_ATTR)
+    ref = optuna.load_study(study_name=STUDY, storage=res.storage).user_attrs.get(QUALITY_REF_ATTR)
     assert ref and ref["problems"] == [None] * 4
+
+
+def _check_garbage(res: CaseResult) -> None:
     # Garbage output is the configuration's fault (infeasible for the sampler) and never benchmarked.
-    study = optuna.load_study(study_name=STUDY, storage=by_name["garbage output, every launch"].storage)
-    garbage = study.trials[0]
+    garbage = optuna.load_study(study_name=STUDY, storage=res.storage).trials[0]
     assert garbage.state == optuna.trial.TrialState.COMPLETE and garbage.constraints["launch_failed"] > 0
     quality = json.loads((Path(garbage.user_attrs[ATTR_TRIAL_DIR]) / "quality.json").read_text())
     assert not quality["ok"] and {r["problem"] for r in quality["replies"]} == {"low_diversity"}
     assert not (Path(garbage.user_attrs[ATTR_TRIAL_DIR]) / "bench-decode.jsonl").exists()
+
+
+def _check_neighbour(res: CaseResult) -> None:
     # The neighbour's memory on GPU 0 did not hold up our teardown on GPU 1.
-    assert by_name["neighbour's server holds GPU 0, ours runs on GPU 1"].teardown_s[0] < 10
+    assert res.teardown_s[0] < 10
+
+
+# What some rows must show beyond their classification; each name is a row of the matrix.
+CHECKS: dict[str, Callable[[CaseResult], None]] = {
+    "native crash (segfault) at every start": _check_segfault,
+    "crash during the benchmark, every launch": _check_crash_during_bench,
+    "unknown flag (compat check off)": _check_unknown_flag,
+    "stall after the KV cache is allocated": _check_stall_after_kv,
+    "HTTP up, /health never 200": _check_unhealthy,
+    "environment faults of three kinds in a row": _check_environment_stop,
+    "hang at start, every launch": _check_hang,
+    "none (baseline)": _check_baseline,
+    "garbage output, every launch": _check_garbage,
+    "neighbour's server holds GPU 0, ours runs on GPU 1": _check_neighbour,
+}
+
+
+def test_every_check_names_a_row_of_the_matrix() -> None:
+    assert set(CHECKS) <= set(CASES)
+
+
+def _case_id(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+# One `kttune run` per row, each its own test: under pytest-xdist the rows run side by side
+# (they mostly wait on servers, stall timeouts and the 10 s leftover check).
+@pytest.mark.parametrize("name", list(CASES), ids=[_case_id(n) for n in CASES])
+def test_a_fault_is_classified_costs_what_it_should_and_leaves_nothing(name: str, tmp_path: Path) -> None:
+    res = run_case(CASES[name], tmp_path)
+    assert res.settle(), "the processes left behind were never counted"
+    report = table([res]) + "\n" + res.stderr_tail
+    assert res.ok, report
+    assert res.left == [], report  # nothing alive 10 s after the tuner died
+    if name in CHECKS:
+        CHECKS[name](res)
 
 
 def _wait_for(cond, timeout_s: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:  # type: ignore[no-untyped-def]

@@ -247,7 +247,11 @@ def test_kt_shm_files_of_the_tree_are_removed(tmp_path: Path, launched: list[Ser
     while "FAKE shm=" not in h.log_path.read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert Path("/dev/shm", name).exists()
-    report = stop_server(h, term_timeout_s=2)
+    # Held open here as well: a teardown running meanwhile (another test of this run, another
+    # run on this host) must not take it for an orphan and remove it first; ours removes it as
+    # the tree's own.
+    with Path("/dev/shm", name).open("rb"):
+        report = stop_server(h, term_timeout_s=2)
     assert f"/dev/shm/{name}" in report.shm_removed
     assert not Path("/dev/shm", name).exists()
 
