@@ -10,6 +10,7 @@ from optuna.trial import TrialState
 
 from tests.search.test_sampler import sim_space
 from tuner import outcome as objective
+from tuner.capacity import launched_flags, memory_figures, memory_flags_text
 from tuner.config import ConfirmSpec, ProbeSpec, SearchSpace
 from tuner.loop.preview import dry_run
 from tuner.loop.run import RunOptions, run_study
@@ -19,7 +20,7 @@ from tuner.search.pruner import BelowBestPruner
 from tuner.search.remeasure import leader_to_recheck
 from tuner.selection import pick, pooled_noise, repeat_groups
 from tuner.sim.inprocess import InProcessRunner
-from tuner.storage.attrs import ATTR_CONFIRMATION_OF, ATTR_LAUNCHED, ATTR_REASON, ATTR_WARM_START
+from tuner.storage.attrs import ATTR_CONFIRMATION_OF, ATTR_LAUNCHED, ATTR_REASON, ATTR_RUNTIME_NEED_GB, ATTR_WARM_START
 from tuner.testing.probe import ProbeEmulator
 from tuner.trial.launch import TrialRun
 from tuner.trial.probe import probe_workload
@@ -271,3 +272,16 @@ def test_a_pick_found_by_an_fits_with_lower_activations_says_the_estimate_was_be
             ATTR_LAUNCHED: True, ATTR_MARGINAL: True, ATTR_SPARE_GB: -0.45}))
     notes = boundary_notes(study, ConfirmSpec())
     assert len(notes) == 1 and "0.45 GB short at the activation estimate" in notes[0] and "2 of 2" in notes[0]
+
+
+def test_the_loop_stores_the_model_s_figures_for_every_launch_the_first_included(tmp_path: Path) -> None:
+    study = _run(sim_space("qwen3-30b-a3b-1x4090-desktop"), tmp_path, 4, InProcessRunner(noise_sigma=0.025, seed=1),
+                 probe=False)
+    launched = [t for t in study.trials if t.user_attrs.get(ATTR_LAUNCHED)]
+    assert ATTR_RUNTIME_NEED_GB not in launched[0].user_attrs  # not anchored when it launched
+    figures = memory_figures(study)
+    for t in launched:
+        fig = figures[memory_flags_text(launched_flags(t))]
+        assert fig.need_gb is not None and fig.need_gb > 0 and fig.spare_gb is not None
+    first = next(g for g in repeat_groups(study) if g.first.number == launched[0].number)
+    assert first.start_spare is not None and first.low_start_spare is not None
