@@ -18,9 +18,9 @@ the selection rule reads a configuration's memory to spare on an average start a
 one; a launch that ran forwards at least as large (:func:`runs_at_least`) with less left after
 start-up (:func:`available_after_start_gb`) shows that much is enough.
 
-`capacities(study, objective)` gives, per configuration, the smallest pool its memory flags
-were seen with, the spread of pools across launches, and how many of those launches failed for
-memory; :class:`Capacity` judges a measured value at that smallest pool: a decode step's time
+`capacities(study, objective)` gives, per configuration, the smallest and the mean pool its memory
+flags were seen with, the spread of pools across launches, and how many of those launches failed
+for memory; :class:`Capacity` judges a measured value at the mean pool: a decode step's time
 does not shrink when it carries more requests, so throughput at a fraction λ of the batch is at
 least λ of the throughput (a lower bound, used only for rates).
 """
@@ -160,6 +160,7 @@ class Capacity:
     spread: float          # launch-to-launch sd of pools (tokens), pooled over memory flags seen twice
     launches: int          # launches with the same memory flags, any configuration, any fate
     memory_failures: int   # of them, failed for memory (start-up or run-time OOM, KV)
+    mean_pool: float | None = None  # the mean pool of those launches: what an average start gets
 
     @property
     def known(self) -> bool:
@@ -186,13 +187,15 @@ class Capacity:
         return self.varies and not self.holds
 
     def factor(self, i: int) -> float:
-        """Lower bound on (value at the worst pool) / (value of own run i): the share of run i's
-        batch the worst pool still holds; 1 when that batch fits the worst pool."""
+        """Lower bound on (value at the mean pool) / (value of own run i): the share of run i's
+        batch the pool of an average start still holds; 1 when that batch fits it. The mean, not
+        the smallest pool seen: the smallest falls with every launch, so a verdict on it would
+        depend on how often the flags were launched, not on what a fresh start gets."""
         pool = self.pools[i] if i < len(self.pools) else None
-        if not self.known or pool is None:
+        if not self.known or pool is None or self.mean_pool is None:
             return 1.0
         held = min(pool, self.need)  # type: ignore[type-var]
-        return min(1.0, self.worst / held) if held > 0 else 1.0  # type: ignore[operator]
+        return min(1.0, self.mean_pool / held) if held > 0 else 1.0
 
 
 def capacities(study: optuna.Study, workload: str | None, groups: Mapping[tuple[Any, ...], Sequence[FrozenTrial]]
@@ -214,7 +217,8 @@ def capacities(study: optuna.Study, workload: str | None, groups: Mapping[tuple[
         out[cfg] = Capacity(
             need=kv_need(ts[0], workload) if workload else None, pools=tuple(kv_pool(t) for t in ts),
             worst=min(pools) if pools else None, best=max(pools) if pools else None, spread=spread,
-            launches=len(same), memory_failures=sum(1 for t in same if is_memory_reason(t.user_attrs.get(ATTR_REASON))))
+            launches=len(same), memory_failures=sum(1 for t in same if is_memory_reason(t.user_attrs.get(ATTR_REASON))),
+            mean_pool=sum(pools) / len(pools) if pools else None)
     return out
 
 

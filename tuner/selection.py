@@ -84,7 +84,7 @@ class Repeats:
     values: tuple[float, ...]
     spare_gb: float | None = None  # least GPU memory to spare predicted for its launches
     capacity: Capacity | None = None  # its KV pool against the objective workload's need
-    judged: float | None = None  # its value at the worst pool its memory flags were seen with
+    judged: float | None = None  # its value at the mean pool its memory flags were seen with
     free_sd: float | None = None  # launch-to-launch sd of free memory before the weights (GB, the start-up draw)
     start_spare: float | None = None  # GB to spare at run time on an average start (:func:`_start_spares`)
     low_start_spare: float | None = None  # the same on a start THIN_Z sds short of the mean draw
@@ -95,8 +95,8 @@ class Repeats:
 
     @property
     def score(self) -> float:
-        """What the configuration is ranked by: the mean, judged at the worst observed KV pool
-        where the pool varied below the need (`tuner.capacity`)."""
+        """What the configuration is ranked by: the mean, judged at the mean KV pool of its memory
+        flags' launches where the pool varied below the need (`tuner.capacity`)."""
         return self.mean if self.judged is None else self.judged
 
     @property
