@@ -265,6 +265,13 @@ def pooled_noise(groups: Sequence[Repeats], prior: float, prior_weight: float = 
     return math.sqrt(ss / df)
 
 
+def standard_errors_behind(g: Repeats, top: Repeats, sigma: float) -> float:
+    """How many standard errors of the difference `g`'s score trails `top`'s by (log scale;
+    `sigma` the run-to-run noise, :func:`pooled_noise`; both scores > 0)."""
+    se = sigma * math.sqrt(1.0 / len(top.values) + 1.0 / len(g.values))
+    return (math.log(top.score) - math.log(g.score)) / se if se > 0 else math.inf
+
+
 def _only_capacity_differs(params: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
     return any(params.get(f) != than.get(f) for f in CAPACITY_FLAGS) and \
         all(params.get(k) == than.get(k) for k in set(params) | set(than) if k not in CAPACITY_FLAGS)
@@ -299,9 +306,7 @@ def pick_group(groups: Sequence[Repeats], prior_noise: float, z: float = TIE_Z) 
     sigma = pooled_noise(groups, prior_noise)
 
     def trails_by(g: Repeats) -> float:
-        """How many standard errors of the difference `g` trails `top` by."""
-        se = sigma * math.sqrt(1.0 / len(top.values) + 1.0 / len(g.values))
-        return (math.log(top.score) - math.log(g.score)) / se if se > 0 else math.inf
+        return standard_errors_behind(g, top, sigma)
 
     def holds(g: Repeats) -> bool:
         return g.capacity is None or g.capacity.holds
