@@ -192,9 +192,9 @@ class Capacity:
         the smallest pool seen: the smallest falls with every launch, so a verdict on it would
         depend on how often the flags were launched, not on what a fresh start gets."""
         pool = self.pools[i] if i < len(self.pools) else None
-        if not self.known or pool is None or self.mean_pool is None:
+        if self.need is None or pool is None or self.mean_pool is None:
             return 1.0
-        held = min(pool, self.need)  # type: ignore[type-var]
+        held = min(pool, self.need)
         return min(1.0, self.mean_pool / held) if held > 0 else 1.0
 
 

@@ -12,7 +12,6 @@ from tuner.config import ConfirmSpec
 from tuner.selection import pooled_noise, repeat_groups, standard_errors_behind, starting_reliably
 from tuner.storage import ATTR_CONFIRMATION_OF, ATTR_LAUNCHED
 
-
 # A finalist trailing the leader by this many standard errors of the difference or more is not
 # within a lucky run of it (one-sided, about 2 %): re-measuring either would not change the pick.
 CONTEST_Z = 2.0
