@@ -8,18 +8,7 @@ from typing import Any
 import optuna
 import pytest
 
-from tuner.capacity import (
-    THIN_Z,
-    MemoryFigures,
-    available_after_start_gb,
-    memory_figures,
-    memory_flags_text,
-    pool_capped,
-    runs_at_least,
-    start_draws,
-    start_free_gib,
-    store_memory_figures,
-)
+from tuner.capacity import THIN_Z, available_after_start_gb, pool_capped, runs_at_least, start_draws, start_free_gib
 from tuner.config import ConfirmSpec
 from tuner.machine import GIB
 from tuner.selection import pick, repeat_groups
@@ -34,8 +23,7 @@ from tuner.storage.attrs import (
     STUDY_ATTR_SPACE,
 )
 
-DIST = {"n": optuna.distributions.IntDistribution(0, 256), "chunk": optuna.distributions.IntDistribution(0, 8192),
-        "cpu": optuna.distributions.IntDistribution(1, 128)}
+DIST = {"n": optuna.distributions.IntDistribution(0, 256), "chunk": optuna.distributions.IntDistribution(0, 8192)}
 GB_PER_GIB = GIB / 1e9
 
 
@@ -48,14 +36,12 @@ def _study() -> optuna.Study:
 def _launch(study: optuna.Study, n: int, value: float, *, chunk: int = 1024, free: float = 40.0,
             avail: float | None = None, spare: float | None = None, pool: int | None = None, need: int | None = None,
             runtime_need: float | None = None, cap: int | None = None, mfs: float | None = None,
-            weights: float | None = None, pool_gib: float | None = None, reason: str | None = None,
-            cpu: int | None = None) -> None:
+            weights: float | None = None, pool_gib: float | None = None, reason: str | None = None) -> None:
     """One launched trial: `n` GPU experts at `chunk`; `free` GiB before the weights, `avail`
     GiB left once started; `pool` KV tokens against the decode workload's `need`; `spare` and
     `runtime_need` GB as the memory model predicted them; `cap` and `mfs` its max-total-tokens
-    and mem-fraction-static; `weights` and `pool_gib` the GiB its weights and KV pool took; `cpu`
-    its kt-cpuinfer (a CPU-side flag)."""
-    params = {"n": n, "chunk": chunk, **({} if cpu is None else {"cpu": cpu})}
+    and mem-fraction-static; `weights` and `pool_gib` the GiB its weights and KV pool took."""
+    params = {"n": n, "chunk": chunk}
     memory: dict[str, Any] = {"weight_begin_avail_gib": free}
     if avail is not None:
         memory["available_gpu_mem_gib"] = avail
@@ -70,8 +56,6 @@ def _launch(study: optuna.Study, n: int, value: float, *, chunk: int = 1024, fre
         flags["max-total-tokens"] = cap
     if mfs is not None:
         flags["mem-fraction-static"] = mfs
-    if cpu is not None:
-        flags["kt-cpuinfer"] = cpu
     attrs: dict[str, Any] = {ATTR_LAUNCHED: True, ATTR_FLAGS: flags, ATTR_MEMORY: memory, ATTR_REASON: reason}
     if spare is not None:
         attrs[ATTR_SPARE_GB] = spare
@@ -79,7 +63,7 @@ def _launch(study: optuna.Study, n: int, value: float, *, chunk: int = 1024, fre
         attrs[ATTR_KV_NEED] = {"decode": need}
     if runtime_need is not None:
         attrs[ATTR_RUNTIME_NEED_GB] = runtime_need
-    study.add_trial(optuna.trial.create_trial(params=params, distributions={k: DIST[k] for k in params}, values=[0.0 if reason else value],
+    study.add_trial(optuna.trial.create_trial(params=params, distributions=DIST, values=[0.0 if reason else value],
                                               user_attrs=attrs))
 
 
@@ -145,17 +129,16 @@ def test_a_launch_running_a_larger_chunk_with_less_left_shows_a_configuration_ha
     assert fast.start_spare == pytest.approx(0.5 * GB_PER_GIB) and fast.thin_start  # only its own spread of starts
 
 
-def test_a_result_that_rests_on_a_lucky_kv_pool_is_judged_at_the_mean_pool_seen() -> None:
+def test_a_result_that_rests_on_a_lucky_kv_pool_is_judged_at_the_worst_pool_seen() -> None:
     study = _study()
     _launch(study, 128, 100.0, pool=20000, need=14000)
-    _launch(study, 128, 70.0, pool=10000, need=14000)  # the same memory flags, unlucky start-ups
-    _launch(study, 128, 70.0, pool=10000, need=14000)
+    _launch(study, 128, 70.0, pool=10000, need=14000)  # the same memory flags, an unlucky start-up
     _launch(study, 120, 90.0, pool=30000, need=14000)
     _launch(study, 120, 90.0, pool=30000, need=14000)
     groups = {g.first.params["n"]: g for g in repeat_groups(study)}
     lucky = groups[128]
     assert lucky.capacity is not None and lucky.capacity.sensitive and lucky.capacity.worst == 10000
-    assert lucky.score == pytest.approx((100.0 * 40000 / 3 / 14000 + 70.0 + 70.0) / 3)  # the lucky run at the mean pool
+    assert lucky.score < lucky.mean  # the lucky run counts at the pool it may well get
     assert pick(study, ConfirmSpec())[0].params["n"] == 120
     single = _study()
     _launch(single, 128, 100.0, pool=20000, need=14000)
@@ -260,69 +243,3 @@ def test_kttune_best_says_what_an_average_and_a_short_start_leave_to_spare() -> 
     spare = next(line for line in lines if "to spare at run time" in line)
     assert f"{group.start_spare:.2f} GB" in spare and f"{group.low_start_spare:.2f} GB on one 2 sd short" in spare
     assert f"sd {group.free_sd:.2f} GB" in spare and "thin" in spare  # 2 GiB left, 0.5 GB needed, sd 0.8 GiB
-
-
-def _by_n(study: optuna.Study) -> dict[int, Any]:
-    return {g.first.params["n"]: g for g in repeat_groups(study)}
-
-
-def test_the_first_launch_is_judged_by_the_memory_model_as_it_stands_at_the_pick() -> None:
-    def study_of() -> optuna.Study:
-        study = _study()
-        # The first launch: the model was not anchored yet, so it stored no runtime need and no spare.
-        _launch(study, 128, 100.0, free=40.0, avail=3.0, cap=40000, pool=40000)
-        for free in (39.0, 41.0):
-            _launch(study, 120, 96.0, free=free, avail=free - 35.0, spare=3.0, runtime_need=0.5, cap=40000, pool=40000)
-        return study
-
-    study = study_of()
-    # Launches alone: it ran with 3 GiB left, which bounds its need but says nothing of a short start: unknown.
-    first = _by_n(study)[128]
-    assert first.start_spare is None and first.low_start_spare is None and not first.thin_start
-    assert pick(study, ConfirmSpec())[0].params["n"] == 128
-    # The model anchored since: its figures for the first launch's flags are those of any other launch.
-    store_memory_figures(study, lambda flags: MemoryFigures(need_gb=0.5, spare_gb=2.0 if flags["kt-num-gpu-experts"] == 128 else 3.0))
-    assert memory_figures(study)[memory_flags_text({"kt-num-gpu-experts": 128, "chunked-prefill-size": 1024,
-                                                    "max-total-tokens": 40000})] == MemoryFigures(0.5, 2.0)
-    first = _by_n(study)[128]
-    mean_free = 40.0  # the study's mean draw; the pool is capped, so all of a difference stays free
-    assert first.start_spare == pytest.approx(3.0 * GB_PER_GIB - 0.5)
-    assert first.low_start_spare == pytest.approx((3.0 + mean_free - 40.0) * GB_PER_GIB - THIN_Z * first.free_sd - 0.5)
-    assert first.spare_gb == 2.0 and not first.thin_start
-    assert pick(study, ConfirmSpec())[0].params["n"] == 128
-    # Where the model now says its forwards take nearly all it had left, it is thin like any other launch.
-    thin = study_of()
-    store_memory_figures(thin, lambda flags: MemoryFigures(need_gb=2.9, spare_gb=0.1))
-    groups = _by_n(thin)
-    assert groups[128].thin_start and not groups[120].thin_start
-    assert pick(thin, ConfirmSpec())[0].params["n"] == 120
-
-
-def test_launches_with_the_same_memory_flags_get_the_same_memory_verdict() -> None:
-    for figures in (None, MemoryFigures(need_gb=0.9, spare_gb=1.0)):
-        study = _study()
-        # Two configurations that differ only in kt-cpuinfer, launched at different draws; only the
-        # later launch stored the model's figures.
-        _launch(study, 128, 100.0, cpu=22, free=39.2, avail=1.6, cap=40000, pool=40000)
-        _launch(study, 128, 101.0, cpu=20, free=40.8, avail=3.2, spare=1.0, runtime_need=0.9, cap=40000, pool=40000)
-        for free in (39.5, 40.5):
-            _launch(study, 100, 80.0, cpu=22, free=free, avail=free - 33.0, spare=5.0, runtime_need=0.9, cap=40000, pool=40000)
-        if figures is not None:
-            store_memory_figures(study, lambda _flags, f=figures: f)  # type: ignore[misc]
-        a, b = (g for g in repeat_groups(study) if g.first.params["n"] == 128)
-        assert a.first.params["cpu"] != b.first.params["cpu"]
-        verdict = (a.spare_gb, a.start_spare, a.low_start_spare, a.thin_start)
-        assert verdict == (b.spare_gb, b.start_spare, b.low_start_spare, b.thin_start)
-        assert a.start_spare == pytest.approx(2.4 * GB_PER_GIB - 0.9)  # both launches, read at the mean draw of 40 GiB
-
-
-def test_a_study_with_no_memory_failure_keeps_its_measured_best_unless_a_repeat_contradicts_it() -> None:
-    study = _study()
-    _launch(study, 128, 100.0, chunk=2048, free=40.0, avail=4.0, pool=40000, need=20000)  # the first launch: no figures stored
-    for free in (39.0, 41.0, 40.0):
-        _launch(study, 120, 96.0, free=free, avail=free - 34.0, spare=3.0, runtime_need=0.5, pool=40000, need=20000)
-    assert pick(study, ConfirmSpec())[0].params["n"] == 128  # launches alone: nothing says it is short
-    store_memory_figures(study, lambda flags: MemoryFigures(need_gb=0.5 * flags["chunked-prefill-size"] / 1024, spare_gb=2.0))
-    assert pick(study, ConfirmSpec())[0].params["n"] == 128  # the model, anchored since, agrees
-    _launch(study, 128, 90.0, chunk=2048, free=40.5, avail=4.5, pool=40000, need=20000)  # a repeat measures it lower
-    assert pick(study, ConfirmSpec())[0].params["n"] == 120

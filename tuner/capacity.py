@@ -18,16 +18,16 @@ the selection rule reads a configuration's memory to spare on an average start a
 one; a launch that ran forwards at least as large (:func:`runs_at_least`) with less left after
 start-up (:func:`available_after_start_gb`) shows that much is enough.
 
-`capacities(study, objective)` gives, per configuration, the smallest and the mean pool its memory
-flags were seen with, the spread of pools across launches, and how many of those launches failed
-for memory; :class:`Capacity` judges a measured value at the mean pool: a decode step's time
+`capacities(study, objective)` gives, per configuration, the smallest pool its memory flags
+were seen with, the spread of pools across launches, and how many of those launches failed for
+memory; :class:`Capacity` judges a measured value at that smallest pool: a decode step's time
 does not shrink when it carries more requests, so throughput at a fraction λ of the batch is at
 least λ of the throughput (a lower bound, used only for rates).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,14 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.machine import GIB
 from tuner.outcome import is_memory_reason
-from tuner.storage import (
-    ATTR_FLAGS,
-    ATTR_KV_NEED,
-    ATTR_LAUNCHED,
-    ATTR_MEMORY,
-    ATTR_REASON,
-    STUDY_ATTR_MEMORY_FIGURES,
-)
+from tuner.storage import ATTR_FLAGS, ATTR_KV_NEED, ATTR_LAUNCHED, ATTR_MEMORY, ATTR_REASON
 
 # Flags that size CPU thread pools only: they never change GPU memory or the KV pool.
 CPU_SIDE_FLAGS = frozenset({"kt-cpuinfer", "kt-threadpool-count", "kt-max-deferred-experts-per-token"})
@@ -83,57 +76,8 @@ def pooled_sd(samples: Iterable[Sequence[float]]) -> tuple[float | None, int]:
 
 def memory_key(t: FrozenTrial) -> tuple[Any, ...]:
     """The launch's flags that can change its GPU memory (all but `CPU_SIDE_FLAGS`)."""
-    return _memory_key_of(launched_flags(t))
-
-
-def _memory_key_of(flags: Mapping[str, Any]) -> tuple[Any, ...]:
+    flags = launched_flags(t)
     return tuple(sorted((k, repr(v)) for k, v in flags.items() if k not in CPU_SIDE_FLAGS))
-
-
-def memory_flags_text(flags: Mapping[str, Any]) -> str:
-    """`flags`' memory flags as one string: the key of STUDY_ATTR_MEMORY_FIGURES."""
-    return " ".join(f"{k}={v}" for k, v in _memory_key_of(flags))
-
-
-@dataclass(frozen=True)
-class MemoryFigures:
-    """What the memory model says of one set of memory flags: GB its forwards take beyond
-    start-up (``need_gb``, :attr:`tuner.feasibility.FeasibilityReport.runtime_need_gb`) and GB it
-    predicts to spare without the safety margin (``spare_gb``); None where it cannot say (not
-    anchored on a launch yet)."""
-
-    need_gb: float | None = None
-    spare_gb: float | None = None
-
-
-def memory_figures(study: optuna.Study) -> dict[str, MemoryFigures]:
-    """The study's stored figures (:func:`store_memory_figures`) by :func:`memory_flags_text`."""
-    stored = study.user_attrs.get(STUDY_ATTR_MEMORY_FIGURES) or {}
-    return {k: MemoryFigures(_number(v.get("need_gb")), _number(v.get("spare_gb")))
-            for k, v in stored.items() if isinstance(v, Mapping)}
-
-
-def store_memory_figures(study: optuna.Study, figures: Callable[[Mapping[str, Any]], MemoryFigures]) -> None:
-    """Compute the figures of every launched set of memory flags with `figures` (the memory model
-    as it stands now) and store them where they changed: a figure the model could not give at a
-    launch (before it was anchored) is known from then on, and all launches of the same memory
-    flags are judged by the same one."""
-    flag_sets = {memory_flags_text(f): f for f in (launched_flags(t) for t in study.get_trials(deepcopy=False)
-                                                    if t.user_attrs.get(ATTR_LAUNCHED))}
-    out = {}
-    for key, flags in sorted(flag_sets.items()):
-        fig = figures(flags)
-        out[key] = {"need_gb": _rounded(fig.need_gb), "spare_gb": _rounded(fig.spare_gb)}
-    if out != study.user_attrs.get(STUDY_ATTR_MEMORY_FIGURES):
-        study.set_user_attr(STUDY_ATTR_MEMORY_FIGURES, out)
-
-
-def _number(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
-def _rounded(v: float | None) -> float | None:
-    return None if v is None else round(v, 3)
 
 
 def kv_pool(t: FrozenTrial) -> int | None:
@@ -160,7 +104,6 @@ class Capacity:
     spread: float          # launch-to-launch sd of pools (tokens), pooled over memory flags seen twice
     launches: int          # launches with the same memory flags, any configuration, any fate
     memory_failures: int   # of them, failed for memory (start-up or run-time OOM, KV)
-    mean_pool: float | None = None  # the mean pool of those launches: what an average start gets
 
     @property
     def known(self) -> bool:
@@ -187,15 +130,13 @@ class Capacity:
         return self.varies and not self.holds
 
     def factor(self, i: int) -> float:
-        """Lower bound on (value at the mean pool) / (value of own run i): the share of run i's
-        batch the pool of an average start still holds; 1 when that batch fits it. The mean, not
-        the smallest pool seen: the smallest falls with every launch, so a verdict on it would
-        depend on how often the flags were launched, not on what a fresh start gets."""
+        """Lower bound on (value at the worst pool) / (value of own run i): the share of run i's
+        batch the worst pool still holds; 1 when that batch fits the worst pool."""
         pool = self.pools[i] if i < len(self.pools) else None
-        if self.need is None or pool is None or self.mean_pool is None:
+        if not self.known or pool is None:
             return 1.0
-        held = min(pool, self.need)
-        return min(1.0, self.mean_pool / held) if held > 0 else 1.0
+        held = min(pool, self.need)  # type: ignore[type-var]
+        return min(1.0, self.worst / held) if held > 0 else 1.0  # type: ignore[operator]
 
 
 def capacities(study: optuna.Study, workload: str | None, groups: Mapping[tuple[Any, ...], Sequence[FrozenTrial]]
@@ -217,8 +158,7 @@ def capacities(study: optuna.Study, workload: str | None, groups: Mapping[tuple[
         out[cfg] = Capacity(
             need=kv_need(ts[0], workload) if workload else None, pools=tuple(kv_pool(t) for t in ts),
             worst=min(pools) if pools else None, best=max(pools) if pools else None, spread=spread,
-            launches=len(same), memory_failures=sum(1 for t in same if is_memory_reason(t.user_attrs.get(ATTR_REASON))),
-            mean_pool=sum(pools) / len(pools) if pools else None)
+            launches=len(same), memory_failures=sum(1 for t in same if is_memory_reason(t.user_attrs.get(ATTR_REASON))))
     return out
 
 

@@ -27,16 +27,12 @@ from tuner.bench import higher_is_better
 from tuner.capacity import (
     THIN_Z,
     Capacity,
-    MemoryFigures,
     StartDraws,
     available_after_start_gb,
     capacities,
     launched_flags,
     left_at_draw_gb,
     memory_failed_below,
-    memory_figures,
-    memory_flags_text,
-    memory_key,
     needs_at_least,
     runs_at_least,
     start_draws,
@@ -84,7 +80,7 @@ class Repeats:
     values: tuple[float, ...]
     spare_gb: float | None = None  # least GPU memory to spare predicted for its launches
     capacity: Capacity | None = None  # its KV pool against the objective workload's need
-    judged: float | None = None  # its value at the mean pool its memory flags were seen with
+    judged: float | None = None  # its value at the worst pool its memory flags were seen with
     free_sd: float | None = None  # launch-to-launch sd of free memory before the weights (GB, the start-up draw)
     start_spare: float | None = None  # GB to spare at run time on an average start (:func:`_start_spares`)
     low_start_spare: float | None = None  # the same on a start THIN_Z sds short of the mean draw
@@ -95,8 +91,8 @@ class Repeats:
 
     @property
     def score(self) -> float:
-        """What the configuration is ranked by: the mean, judged at the mean KV pool of its memory
-        flags' launches where the pool varied below the need (`tuner.capacity`)."""
+        """What the configuration is ranked by: the mean, judged at the worst observed KV pool
+        where the pool varied below the need (`tuner.capacity`)."""
         return self.mean if self.judged is None else self.judged
 
     @property
@@ -144,10 +140,7 @@ def repeat_groups(study: optuna.Study) -> list[Repeats]:
     objective = objective_keys(study)[0]
     workload, _, metric = objective.rpartition(".")
     caps = capacities(study, workload or None, groups)
-    draws, survived, figures = start_draws(study), _survived(study), memory_figures(study)
-    same_memory: dict[tuple[Any, ...], list[FrozenTrial]] = {}
-    for t in survived:
-        same_memory.setdefault(memory_key(t), []).append(t)
+    draws, survived = start_draws(study), _survived(study)
     bound = sign > 0 and higher_is_better(metric) is True  # the λ bound holds for rates
     out = []
     for key, ts in groups.items():
@@ -157,12 +150,7 @@ def repeat_groups(study: optuna.Study) -> list[Repeats]:
         judged = None
         if bound and cap.sensitive:
             judged = float(np.mean([v * cap.factor(i) for i, v in enumerate(values)]))
-        # The memory verdict is the memory flags': every launch of them, the model's figures for them now.
-        mine = same_memory.get(memory_key(ts[0])) or ts
-        fig = figures.get(memory_flags_text(launched_flags(ts[0]))) or MemoryFigures()
-        spare = fig.spare_gb if fig.spare_gb is not None else _least_spare(mine)
-        out.append(Repeats(ts[0], values, spare, cap, judged, draws.sd,
-                           *_start_spares(mine, survived, draws, fig.need_gb, spare)))
+        out.append(Repeats(ts[0], values, _least_spare(ts), cap, judged, draws.sd, *_start_spares(ts, survived, draws)))
     return sorted(out, key=lambda r: (-sign * r.score, r.first.number))
 
 
@@ -196,36 +184,29 @@ def _least_spare(trials: Sequence[FrozenTrial]) -> float | None:
     return min(spares) if spares else None
 
 
-def _start_spares(own: Sequence[FrozenTrial], survived: Sequence[FrozenTrial], draws: StartDraws,
-                  need_gb: float | None, spare_gb: float | None) -> tuple[float | None, float | None]:
-    """GB a set of memory flags has to spare at run time on an average start and on one THIN_Z
-    spreads short of the study's mean draw (`own`: its launches that finished their benchmarks):
-    what they leave free after such a start-up (:func:`tuner.capacity.left_at_draw_gb`, on
-    average) less what its forwards take. That is the memory model's figure (`need_gb` as the
-    model gives it now, else the largest stored at its launches), or less where launches show
+def _start_spares(own: Sequence[FrozenTrial], survived: Sequence[tuple[Mapping[str, Any], float]],
+                  draws: StartDraws) -> tuple[float | None, float | None]:
+    """GB a configuration has to spare at run time on an average start and on one THIN_Z
+    spreads short of the study's mean draw: what its own launches leave free after such a
+    start-up (:func:`tuner.capacity.left_at_draw_gb`, on average) less what its forwards take.
+    That is the memory model's figure (`ATTR_RUNTIME_NEED_GB`), or less where launches show
     it: no more than the least that any launch had left which ran forwards at least as large and
-    finished its benchmarks (`survived`). Without that figure: the model's predicted spare
-    (`spare_gb`), or more where launches show that much, and a short start losing all of its
-    shortfall. Launches alone give only a lower bound (what they left less the least a launch
-    that ran as large a forward had left): a bound that clears a short start is the figure;
-    one that does not says nothing, and both are None (unknown, not "no spare")."""
+    finished its benchmarks (`survived`: flags and GB left). Without those figures: the model's
+    predicted spare, or more where launches show that much, and a short start losing all of its
+    shortfall."""
     flags = launched_flags(own[0])
     mean, sd = draws.mean(flags), draws.sd
-    shown = [a for t in survived if runs_at_least(launched_flags(t), flags) and (a := available_after_start_gb(t)) is not None]
-    needs = [need_gb] if need_gb is not None else \
-        [float(t.user_attrs[ATTR_RUNTIME_NEED_GB]) for t in own if t.user_attrs.get(ATTR_RUNTIME_NEED_GB) is not None]
+    shown = [a for f, a in survived if runs_at_least(f, flags)]
+    needs = [float(t.user_attrs[ATTR_RUNTIME_NEED_GB]) for t in own if t.user_attrs.get(ATTR_RUNTIME_NEED_GB) is not None]
     if needs and shown and mean is not None and (average := _mean_left(own, mean)) is not None:
         need = min(max(needs), min(shown))
         low = None if sd is None else _mean_left(own, mean - THIN_Z * sd)
         return average - need, None if low is None else low - need
-    spare = spare_gb
+    spare = _least_spare(own)
     left = [a for a in map(available_after_start_gb, own) if a is not None]
     if left and shown:  # its own launches are among `survived`, unless they reported nothing
         shown_spare = sum(left) / len(left) - min(shown)
-        if spare is None:
-            low = None if sd is None else shown_spare - THIN_Z * sd
-            return (shown_spare, low) if low is not None and low >= 0 else (None, None)
-        spare = max(spare, shown_spare)
+        spare = shown_spare if spare is None else max(spare, shown_spare)
     return spare, None if spare is None or sd is None else spare - THIN_Z * sd
 
 
@@ -234,11 +215,16 @@ def _mean_left(own: Sequence[FrozenTrial], draw_gb: float) -> float | None:
     return sum(left) / len(left) if left else None
 
 
-def _survived(study: optuna.Study) -> list[FrozenTrial]:
-    """Every launch that finished its benchmarks (whatever became of other launches of its
-    configuration)."""
-    return [t for t in study.get_trials(deepcopy=False)
-            if t.state == TrialState.COMPLETE and t.user_attrs.get(ATTR_LAUNCHED) and not t.user_attrs.get(ATTR_REASON)]
+def _survived(study: optuna.Study) -> list[tuple[dict[str, Any], float]]:
+    """Flags and GB left after start-up of every launch that finished its benchmarks (whatever
+    became of other launches of its configuration)."""
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.COMPLETE and t.user_attrs.get(ATTR_LAUNCHED) and not t.user_attrs.get(ATTR_REASON):
+            left = available_after_start_gb(t)
+            if left is not None:
+                out.append((launched_flags(t), left))
+    return out
 
 
 def _less_capacity(params: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
@@ -263,13 +249,6 @@ def pooled_noise(groups: Sequence[Repeats], prior: float, prior_weight: float = 
             ss += sum((x - mean) ** 2 for x in logs)
             df += len(logs) - 1
     return math.sqrt(ss / df)
-
-
-def standard_errors_behind(g: Repeats, top: Repeats, sigma: float) -> float:
-    """How many standard errors of the difference `g`'s score trails `top`'s by (log scale;
-    `sigma` the run-to-run noise, :func:`pooled_noise`; both scores > 0)."""
-    se = sigma * math.sqrt(1.0 / len(top.values) + 1.0 / len(g.values))
-    return (math.log(top.score) - math.log(g.score)) / se if se > 0 else math.inf
 
 
 def _only_capacity_differs(params: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
@@ -306,7 +285,9 @@ def pick_group(groups: Sequence[Repeats], prior_noise: float, z: float = TIE_Z) 
     sigma = pooled_noise(groups, prior_noise)
 
     def trails_by(g: Repeats) -> float:
-        return standard_errors_behind(g, top, sigma)
+        """How many standard errors of the difference `g` trails `top` by."""
+        se = sigma * math.sqrt(1.0 / len(top.values) + 1.0 / len(g.values))
+        return (math.log(top.score) - math.log(g.score)) / se if se > 0 else math.inf
 
     def holds(g: Repeats) -> bool:
         return g.capacity is None or g.capacity.holds

@@ -138,9 +138,8 @@ class BenchSpec:
 
 @dataclass(frozen=True)
 class ConfirmSpec:
-    """Confirmation launches at the end of the budget: up to `runs` re-measurements of the
-    `finalists` best configurations, each spent only where it could change the pick
-    (`tuner.search.remeasure.next_confirmation`); runs None = 2 when the budget is ≥ 10, else 0."""
+    """Confirmation launches at the end of the budget: `runs` re-measurements of
+    the `finalists` best configurations; runs None = 2 when the budget is ≥ 10, else 0."""
 
     runs: int | None = None
     finalists: int = 2

@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuner.capacity import MemoryFigures
 from tuner.config import AUTO, ParamSpec, SearchSpace
 from tuner.feasibility.anchor import anchor_from_observed, calibrate_from_log
 from tuner.feasibility.calibration import MemoryCalibration, calibration_from_state
@@ -77,13 +76,6 @@ class FeasibilityGate:
         plan = resolve_launch(self.model, self.hardware, flags, self.workloads)
         running = plan.max_running if plan.max_running is not None else "unset"
         return n, f"chunked-prefill-size {plan.chunk}, max-running-requests {running}"
-
-    def memory_figures(self, flags: Mapping[str, Any]) -> MemoryFigures:
-        """What the memory model as it stands says `flags` need at run time and have to spare
-        (without the safety margin); both None until it is anchored."""
-        report = check(self.model, self.hardware, flags, self.workloads, margin_gb=self.margin_gb,
-                       calibration=self.calibration)
-        return MemoryFigures(report.runtime_need_gb, report.slack_without_margin_gb)
 
     def find_fitting(self, space: SearchSpace, *, samples: int = 256, seed: int = 0) -> FeasibilityReport:
         """Look for any configuration of the space that fits (baseline first, then random

@@ -23,7 +23,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner import outcome
 from tuner.bench import SGLANG_KT_MODULE, resolve_bench
-from tuner.capacity import store_memory_figures
 from tuner.config import SearchSpace
 from tuner.errors import ConfigError, KttuneError
 from tuner.feasibility import LOWER_ACTIVATION_SHARE, FeasibilityGate, FeasibilityReport, launch_flags
@@ -328,8 +327,7 @@ class _Loop:
 
     def _observe(self, log_text: str, flags: dict[str, Any], reason: str | None, report: FeasibilityReport | None,
                  marginal: bool, read_back: dict[str, Any]) -> None:
-        """Let the memory model learn from what the server reported; store what changed, and
-        what it now says of every launched set of memory flags (what the pick judges them by)."""
+        """Let the memory model learn from what the server reported; store what changed."""
         if self.gate is None:
             return
         before = self.gate.state()
@@ -340,7 +338,6 @@ class _Loop:
             self.stored_calibration = after
             if after["margin_gb"] != before["margin_gb"]:
                 self.log(f"  memory model was optimistic: margin now {after['margin_gb']:.1f} GB")
-        store_memory_figures(self.study, self.gate.memory_figures)
 
     def _stop_on_repeating_faults(self, trial: optuna.Trial, result: outcome.TrialOutcome) -> None:
         self.recent.append(result.reason)

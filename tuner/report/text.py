@@ -117,7 +117,7 @@ def certainty_lines(study: optuna.Study, confirm: ConfirmSpec) -> list[str]:
         pools = "" if cap.best == cap.worst else f" to {cap.best}"
         out.append(f"  KV pool {cap.worst}{pools} tokens over {cap.launches} launch(es) of these memory flags, "
                    f"need {cap.need} ({100 * (cap.margin or 0):+.0f} %)"
-                   + (f"; judged at the mean pool: {g.score:.4g}" if g.judged is not None else "")
+                   + (f"; judged at the smallest pool: {g.score:.4g}" if g.judged is not None else "")
                    + ("; thin: a fresh start may not hold the need" if not cap.holds else ""))
     if g.start_spare is not None and g.low_start_spare is not None and g.free_sd is not None:
         out.append(f"  {g.start_spare:.2f} GB to spare at run time on an average start, {g.low_start_spare:.2f} GB on one "

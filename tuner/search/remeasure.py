@@ -3,29 +3,25 @@ they are enqueued. A narrow leader is re-checked during the search (so the local
 not build on one lucky run); the finalists are confirmed in the budget's last launches."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import ConfirmSpec
-from tuner.selection import pooled_noise, repeat_groups, standard_errors_behind, starting_reliably
+from tuner.selection import pooled_noise, repeat_groups, starting_reliably
 from tuner.storage import ATTR_CONFIRMATION_OF, ATTR_LAUNCHED
-
-# A finalist trailing the leader by this many standard errors of the difference or more is not
-# within a lucky run of it (one-sided, about 2 %): re-measuring either would not change the pick.
-CONTEST_Z = 2.0
 
 
 def leader_to_recheck(study: optuna.Study, prior_noise: float, z: float = 1.0) -> FrozenTrial | None:
-    """Of the two best configurations that would start reliably (`starting_reliably`), the one
-    measured once, when the leader leads by less than `z` standard errors of the difference
-    (noise from :func:`pooled_noise`): the local search would otherwise build on one lucky run,
-    or drop the better configuration for one unlucky run. The leader first when both were
-    measured once. A leader whose result may depend on its KV pool's start-up draw
-    (`Repeats.eligible`) is re-launched whatever its lead. Single objective only."""
-    every = repeat_groups(study)
-    groups = starting_reliably(every)
+    """Of the two best configurations, the one measured once, when the leader leads by less
+    than `z` standard errors of the difference (noise from :func:`pooled_noise`): the local
+    search would otherwise build on one lucky run, or drop the better configuration for one
+    unlucky run. The leader first when both were measured once. A leader whose result may
+    depend on its KV pool's start-up draw (`Repeats.eligible`) is re-launched whatever its lead.
+    Single objective only."""
+    groups = repeat_groups(study)
     if groups and not groups[0].eligible:
         return groups[0].first
     if len(groups) < 2 or min(groups[0].score, groups[1].score) <= 0:
@@ -34,34 +30,25 @@ def leader_to_recheck(study: optuna.Study, prior_noise: float, z: float = 1.0) -
     once = [g for g in (top, runner) if len(g.values) == 1]
     if not once:
         return None
-    behind = standard_errors_behind(runner, top, pooled_noise(every, prior_noise))
-    return once[0].first if abs(behind) < z else None
+    sigma = pooled_noise(groups, prior_noise)
+    lead = abs(math.log(top.score) - math.log(runner.score))
+    se = sigma * math.sqrt(1.0 / len(top.values) + 1.0 / len(runner.values))
+    return once[0].first if lead < z * se else None
 
 
-def next_confirmation(study: optuna.Study, finalists: int, prior_noise: float) -> FrozenTrial | None:
-    """The best finalist measured only once, counting confirmations other workers have queued or
-    are running; the finalists are the top `finalists` by score of those that would start
-    reliably (`starting_reliably`) and trail the best of them by less than CONTEST_Z standard
-    errors. None while no other configuration is that close, or every finalist has a repeat: a
-    confirmation guards the pick against one lucky run, so where none could change the pick the
-    launch is better spent on the search."""
-    every = repeat_groups(study)
-    groups = starting_reliably(every)
-    if groups and not groups[0].eligible:  # its result may rest on its KV pool's draw: launch it again
-        return groups[0].first
-    if not groups or groups[0].score <= 0:
-        return None
-    sigma = pooled_noise(every, prior_noise)
-    groups = [g for g in groups if g.score > 0 and standard_errors_behind(g, groups[0], sigma) < CONTEST_Z]
-    if len(groups) < 2:
+def next_confirmation(study: optuna.Study, finalists: int) -> FrozenTrial | None:
+    """The finalist (top `finalists` by score, those that would not start reliably left out
+    where others are there) with the fewest measurements, counting
+    confirmations other workers have queued or are running; ties go to the better score."""
+    groups = starting_reliably(repeat_groups(study))[:finalists]
+    if not groups:
         return None
     pending: dict[int, int] = {}
     for t in study.get_trials(deepcopy=False):
         of = t.user_attrs.get(ATTR_CONFIRMATION_OF)
         if of is not None and not t.state.is_finished():
             pending[of] = pending.get(of, 0) + 1
-    once = [g for g in groups[:finalists] if len(g.values) + pending.get(g.first.number, 0) < 2]
-    return once[0].first if once else None
+    return min(groups, key=lambda g: len(g.values) + pending.get(g.first.number, 0)).first
 
 
 def _queue(study: optuna.Study, choose: Callable[[optuna.Study], FrozenTrial | None]) -> None:
@@ -77,10 +64,10 @@ def _queue(study: optuna.Study, choose: Callable[[optuna.Study], FrozenTrial | N
 
 def queue_remeasurement(study: optuna.Study, confirm: ConfirmSpec, *, confirming: bool, confirm_runs: int) -> None:
     """Enqueue the next re-measurement, if any: while `confirming` (the budget's last
-    `confirm_runs` launches) a finalist measured once (:func:`next_confirmation`); before that, a
-    leader that leads by less than the noise (when confirmations and re-checks are on)."""
+    `confirm_runs` launches) the finalist with the fewest measurements; before that, a leader
+    that leads by less than the noise (when confirmations and re-checks are on)."""
     if confirming:
-        _queue(study, lambda s: next_confirmation(s, confirm.finalists, confirm.noise))
+        _queue(study, lambda s: next_confirmation(s, confirm.finalists))
     elif confirm_runs and confirm.recheck:
         _queue(study, lambda s: leader_to_recheck(s, confirm.noise))
 

@@ -46,9 +46,6 @@ CONSTRAINT_PREFIX = "c:"  # constraints mirrored for optuna-dashboard, which sho
 # Study user attributes.
 STUDY_ATTR_SPACE = "kttune:space"
 STUDY_ATTR_CALIBRATION = "kttune:memory_calibration"  # tuner.feasibility.FeasibilityGate.state()
-# {memory flags (tuner.capacity.memory_flags_text): {"need_gb", "spare_gb"}} of every launched set of
-# memory flags, from the memory model as the latest launch left it (tuner.capacity.MemoryFigures)
-STUDY_ATTR_MEMORY_FIGURES = "kttune:memory_figures"
 STUDY_ATTR_WARM_STARTED = "kttune:warm_started"
 # The output-quality reference, from the first launched trial whose quality check passed.
 STUDY_ATTR_QUALITY_REF = "kttune:quality_reference"
