@@ -191,3 +191,11 @@ def test_a_brace_reference_to_no_flag_is_refused_with_the_field() -> None:
     data["server"]["args"]["kt-weight-path"] = "/w/kimi-pools{kt-threadpool}"
     with pytest.raises(ConfigError, match=r"server\.args\.kt-weight-path.*\{kt-threadpool\} names no flag of the space"):
         parse(data)
+
+
+def test_every_folder_a_braced_arg_can_name_is_listed_once() -> None:
+    data = raw()
+    data["server"]["args"]["kt-weight-path"] = "/w/p{kt-threadpool-count}-c{chunked-prefill-size}"
+    space = parse(data)
+    assert len(space.fixed_arg_values("kt-weight-path")) == 2 * 4  # pools [1, 2] x chunks [1024 .. 8192]
+    assert "/w/p2-c8192" in space.fixed_arg_values("kt-weight-path")

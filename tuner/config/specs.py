@@ -3,6 +3,7 @@ other packages key on (AUTO, CAPACITY_FLAGS). Parsing and validation are in
 :mod:`tuner.config.parse`; everything downstream works on `SearchSpace`."""
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Mapping
@@ -265,14 +266,13 @@ class SearchSpace:
         return merged
 
     def fixed_arg_values(self, flag: str) -> list[str]:
-        """Every value the fixed arg `flag` takes at launch: one per choice of a tuned flag it
-        names in braces (`fill_param_refs`), else the baseline's."""
+        """Every value the fixed arg `flag` takes at launch: one per combination of the choices of
+        the tuned flags it names in braces (`fill_param_refs`), the baseline's for the rest."""
         base = dict(self.baseline or {})
-        values = [self.launch_flags(base)[flag]]
-        for p in self.params:
-            if p.choices is not None and f"{{{p.flag}}}" in str(self.server.args[flag]):
-                values = [self.launch_flags({**base, p.flag: c})[flag] for c in p.choices]
-        return sorted({str(v) for v in values})
+        refs = set(PARAM_REF.findall(str(self.server.args[flag])))
+        varied = [p for p in self.params if p.flag in refs and p.choices is not None]
+        combos = itertools.product(*(p.choices or () for p in varied))  # one empty combination when none varies
+        return sorted({str(self.launch_flags({**base, **dict(zip((p.flag for p in varied), c))})[flag]) for c in combos})
 
     def unknown_param_ref(self) -> tuple[str, str] | None:
         """(fixed arg, name) of the first ``{name}`` in a fixed arg that names no flag of the space."""
